@@ -1,0 +1,403 @@
+"""EfficientNetV2 in plain PyTorch: the whole family as tables, numerically identical to timm's.
+
+Every variant below has timm's name, parameter count and state-dict key names, so a timm checkpoint
+loads as it is; `load_pretrained` also converts torchvision's efficientnet_v2_s/m/l.
+
+    python model.py                       # table of all variants: parameters, GMACs, sizes
+
+    from model import create_model, load_pretrained
+    net = create_model('efficientnetv2_rw_t', num_classes=1000, drop_rate=0.3, drop_path_rate=0.2)
+    load_pretrained(net, 'efficientnetv2_rw_t.pth')   # timm, torchvision or our own checkpoint
+
+Paper: Tan & Le, "EfficientNetV2: Smaller Models and Faster Training" (2021), Table 4.
+Imports only torch (and the standard library).
+"""
+import difflib
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# Architecture tables: one row per stage (the paper's Table 4 layout).
+#   block: 'cn' conv-BN-SiLU with residual (FusedMBConv of expansion 1, one conv)
+#          'er' FusedMBConv (k x k expand conv, 1x1 project conv)
+#          'ir' MBConv (1x1 expand, k x k depthwise, squeeze-excite, 1x1 project)
+#   repeats, kernel, stride (of the stage's first block), expand ratio, out channels, SE ratio
+
+#         block repeats kernel stride expand channels se
+V2_S = (('cn', 2, 3, 1, 1, 24, 0),
+        ('er', 4, 3, 2, 4, 48, 0),
+        ('er', 4, 3, 2, 4, 64, 0),
+        ('ir', 6, 3, 2, 4, 128, 0.25),
+        ('ir', 9, 3, 1, 6, 160, 0.25),
+        ('ir', 15, 3, 2, 6, 256, 0.25))
+# Ross Wightman's variant, drawn from the paper's figure before the official code was released.
+V2_RW_S = (('er', 2, 3, 1, 1, 24, 0),) + V2_S[1:5] + (('ir', 15, 3, 2, 6, 272, 0.25),)
+V2_M = (('cn', 3, 3, 1, 1, 24, 0),
+        ('er', 5, 3, 2, 4, 48, 0),
+        ('er', 5, 3, 2, 4, 80, 0),
+        ('ir', 7, 3, 2, 4, 160, 0.25),
+        ('ir', 14, 3, 1, 6, 176, 0.25),
+        ('ir', 18, 3, 2, 6, 304, 0.25),
+        ('ir', 5, 3, 1, 6, 512, 0.25))
+V2_L = (('cn', 4, 3, 1, 1, 32, 0),
+        ('er', 7, 3, 2, 4, 64, 0),
+        ('er', 7, 3, 2, 4, 96, 0),
+        ('ir', 10, 3, 2, 4, 192, 0.25),
+        ('ir', 19, 3, 1, 6, 224, 0.25),
+        ('ir', 25, 3, 2, 6, 384, 0.25),
+        ('ir', 7, 3, 1, 6, 640, 0.25))
+V2_XL = (('cn', 4, 3, 1, 1, 32, 0),
+         ('er', 8, 3, 2, 4, 64, 0),
+         ('er', 8, 3, 2, 4, 96, 0),
+         ('ir', 16, 3, 2, 4, 192, 0.25),
+         ('ir', 24, 3, 1, 6, 256, 0.25),
+         ('ir', 32, 3, 2, 6, 512, 0.25),
+         ('ir', 8, 3, 1, 6, 640, 0.25))
+V2_BASE = (('cn', 1, 3, 1, 1, 16, 0),
+           ('er', 2, 3, 2, 4, 32, 0),
+           ('er', 2, 3, 2, 4, 48, 0),
+           ('ir', 3, 3, 2, 4, 96, 0.25),
+           ('ir', 5, 3, 1, 6, 112, 0.25),
+           ('ir', 8, 3, 2, 6, 192, 0.25))
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TF_MEAN, TF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def _variant(table, stem, head, width=1.0, depth=1.0, tf=False, round_limit=0.9,
+             train_size=224, test_size=224, crop_pct=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    config = dict(train_size=train_size, test_size=test_size, crop_pct=crop_pct,
+                  interpolation='bicubic', mean=mean, std=std)
+    return dict(table=table, stem=stem, head=head, width=width, depth=depth, tf=tf,
+                round_limit=round_limit, config=config)
+
+
+# tf_*: ports of Google's weights, so BN eps 1e-3 and TensorFlow 'SAME' padding.
+# The b-series rounds channels without timm's "+8 if 10% below" correction (round_limit 0).
+_tf = dict(tf=True, mean=TF_MEAN, std=TF_STD)
+_base = dict(tf=True, round_limit=0.0)
+VARIANTS = {
+    'efficientnetv2_rw_t': _variant(V2_S, 24, 1280, 0.8, 0.9, train_size=224, test_size=288),
+    'efficientnetv2_rw_s': _variant(V2_RW_S, 24, 1792, train_size=288, test_size=384),
+    'efficientnetv2_rw_m': _variant(V2_RW_S, 24, 1792, 1.2, (1.2, 1.2, 1.2, 1.2, 1.6, 1.6),
+                                    train_size=320, test_size=416),
+    'efficientnetv2_s': _variant(V2_S, 24, 1280, train_size=288, test_size=384),
+    'efficientnetv2_m': _variant(V2_M, 24, 1280, train_size=320, test_size=416),
+    'efficientnetv2_l': _variant(V2_L, 32, 1280, train_size=384, test_size=480),
+    'efficientnetv2_xl': _variant(V2_XL, 32, 1280, train_size=384, test_size=512),
+    'tf_efficientnetv2_s': _variant(V2_S, 24, 1280, train_size=300, test_size=384, **_tf),
+    'tf_efficientnetv2_m': _variant(V2_M, 24, 1280, train_size=384, test_size=480, **_tf),
+    'tf_efficientnetv2_l': _variant(V2_L, 32, 1280, train_size=384, test_size=480, **_tf),
+    'tf_efficientnetv2_xl': _variant(V2_XL, 32, 1280, train_size=384, test_size=512, **_tf),
+    'tf_efficientnetv2_b0': _variant(V2_BASE, 32, 1280, 1.0, 1.0, train_size=192, test_size=224,
+                                     crop_pct=0.875, **_base),
+    'tf_efficientnetv2_b1': _variant(V2_BASE, 32, 1280, 1.0, 1.1, train_size=192, test_size=240,
+                                     crop_pct=0.882, **_base),
+    'tf_efficientnetv2_b2': _variant(V2_BASE, 32, 1280, 1.1, 1.2, train_size=208, test_size=260,
+                                     crop_pct=0.890, **_base),
+    'tf_efficientnetv2_b3': _variant(V2_BASE, 32, 1280, 1.2, 1.4, train_size=240, test_size=300,
+                                     crop_pct=0.904, **_base),
+}
+
+
+def make_divisible(channels, divisor=8, round_limit=0.9):
+    """timm's channel rounding: nearest multiple of 8, bumped up if that lost more than 10%."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < round_limit * channels else rounded
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow 'SAME' padding for strided convs: computed from the input size at run time,
+    with the odd extra pixel at the bottom/right (what Google's weights were trained with)."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s in zip(x.shape[-2:], self.kernel_size, self.stride):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads = [total // 2, total - total // 2] + pads  # F.pad wants the last dim first
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, 1, self.groups)
+
+
+def conv2d(in_chs, out_chs, kernel, stride=1, groups=1, tf_same=False):
+    if tf_same and stride > 1:  # stride 1 'SAME' equals symmetric padding for odd kernels
+        return Conv2dSame(in_chs, out_chs, kernel, stride, groups=groups, bias=False)
+    return nn.Conv2d(in_chs, out_chs, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch for whole samples, scale survivors by 1/keep."""
+
+    def __init__(self, rate=0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x):
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, chs, reduced_chs):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(chs, reduced_chs, 1)
+        self.conv_expand = nn.Conv2d(reduced_chs, chs, 1)
+
+    def forward(self, x):  # (N, C, H, W) -> same, each channel gated by a global summary
+        scale = self.conv_expand(F.silu(self.conv_reduce(x.mean((2, 3), keepdim=True))))
+        return x * scale.sigmoid()
+
+
+class ConvBlock(nn.Module):
+    """'cn': conv-BN-SiLU, residual when the shape allows."""
+
+    def __init__(self, in_chs, out_chs, kernel, stride, bn, tf_same, drop_path):
+        super().__init__()
+        self.conv = conv2d(in_chs, out_chs, kernel, stride, tf_same=tf_same)
+        self.bn1 = bn(out_chs)
+        self.has_skip = stride == 1 and in_chs == out_chs
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        out = F.silu(self.bn1(self.conv(x)))
+        return self.drop_path(out) + x if self.has_skip else out
+
+
+class FusedMBConv(nn.Module):
+    """'er': k x k conv to expand_ratio * in channels, BN, SiLU, 1x1 conv down, BN."""
+
+    def __init__(self, in_chs, out_chs, kernel, stride, expand_ratio, bn, tf_same, drop_path):
+        super().__init__()
+        mid_chs = make_divisible(in_chs * expand_ratio)
+        self.conv_exp = conv2d(in_chs, mid_chs, kernel, stride, tf_same=tf_same)
+        self.bn1 = bn(mid_chs)
+        self.conv_pwl = conv2d(mid_chs, out_chs, 1)
+        self.bn2 = bn(out_chs)
+        self.has_skip = stride == 1 and in_chs == out_chs
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        out = self.bn2(self.conv_pwl(F.silu(self.bn1(self.conv_exp(x)))))
+        return self.drop_path(out) + x if self.has_skip else out
+
+
+class MBConv(nn.Module):
+    """'ir': 1x1 expand, BN, SiLU, depthwise k x k, BN, SiLU, SE, 1x1 project, BN."""
+
+    def __init__(self, in_chs, out_chs, kernel, stride, expand_ratio, se_ratio, bn, tf_same,
+                 drop_path):
+        super().__init__()
+        mid_chs = make_divisible(in_chs * expand_ratio)
+        self.conv_pw = conv2d(in_chs, mid_chs, 1)
+        self.bn1 = bn(mid_chs)
+        self.conv_dw = conv2d(mid_chs, mid_chs, kernel, stride, groups=mid_chs, tf_same=tf_same)
+        self.bn2 = bn(mid_chs)
+        # The SE bottleneck width comes from the block *input*, as in the TF reference.
+        self.se = SqueezeExcite(mid_chs, round(in_chs * se_ratio))
+        self.conv_pwl = conv2d(mid_chs, out_chs, 1)
+        self.bn3 = bn(out_chs)
+        self.has_skip = stride == 1 and in_chs == out_chs
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        out = F.silu(self.bn1(self.conv_pw(x)))
+        out = self.se(F.silu(self.bn2(self.conv_dw(out))))
+        out = self.bn3(self.conv_pwl(out))
+        return self.drop_path(out) + x if self.has_skip else out
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+
+class EfficientNetV2(nn.Module):
+    """Stem conv (stride 2) -> stages from the table -> 1x1 head conv -> pool -> dropout -> linear."""
+
+    def __init__(self, table, stem, head, width=1.0, depth=1.0, tf=False, round_limit=0.9,
+                 num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, in_chans=3, config=None):
+        super().__init__()
+        bn = partial(nn.BatchNorm2d, eps=1e-3 if tf else 1e-5)
+        def chs(c):
+            return make_divisible(c * width, round_limit=round_limit)
+        depths = depth if isinstance(depth, (tuple, list)) else (depth,) * len(table)
+        repeats = [math.ceil(row[1] * d) for row, d in zip(table, depths)]
+        self.config = dict(config or {})
+        self.drop_rate = drop_rate
+
+        self.conv_stem = conv2d(in_chans, chs(stem), 3, 2, tf_same=tf)
+        self.bn1 = bn(chs(stem))
+        in_chs, index, stages = chs(stem), 0, []
+        for (kind, _, kernel, stride, expand, out, se), n in zip(table, repeats):
+            blocks = []
+            for i in range(n):
+                # Stochastic depth grows linearly with the block's index over the whole network.
+                args = dict(in_chs=in_chs, out_chs=chs(out), kernel=kernel, stride=stride if i == 0
+                            else 1, bn=bn, tf_same=tf, drop_path=drop_path_rate * index / sum(repeats))
+                if kind == 'cn':
+                    blocks.append(ConvBlock(**args))
+                elif kind == 'er':
+                    blocks.append(FusedMBConv(expand_ratio=expand, **args))
+                else:
+                    blocks.append(MBConv(expand_ratio=expand, se_ratio=se, **args))
+                in_chs, index = chs(out), index + 1
+            stages.append(nn.Sequential(*blocks))
+        self.blocks = nn.Sequential(*stages)
+        self.num_features = chs(head)
+        self.conv_head = conv2d(in_chs, self.num_features, 1)
+        self.bn2 = bn(self.num_features)
+        self.reset_classifier(num_classes)
+        self.apply(init_weights)
+
+    def reset_classifier(self, num_classes):
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        init_weights(self.classifier)
+
+    def forward_features(self, x):  # (N, 3, H, W) -> (N, num_features, H/32, W/32)
+        x = F.silu(self.bn1(self.conv_stem(x)))
+        x = self.blocks(x)
+        return F.silu(self.bn2(self.conv_head(x)))
+
+    def forward(self, x):  # (N, 3, H, W) -> (N, num_classes)
+        x = self.forward_features(x).mean((2, 3))
+        x = F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
+        return self.classifier(x)
+
+
+def init_weights(m):
+    """TF/timm init: conv ~ N(0, sqrt(2 / fan_out)), fan_out = k*k*out/groups; linear ~ U(+-1/sqrt(out))."""
+    if isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Linear):
+        bound = 1.0 / math.sqrt(m.weight.shape[0])
+        nn.init.uniform_(m.weight, -bound, bound)
+        nn.init.zeros_(m.bias)
+
+
+def list_models():
+    return sorted(VARIANTS)
+
+
+def create_model(name, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, **overrides):
+    """Build a variant by timm's name; `overrides` replace fields of its VARIANTS entry
+    (e.g. table=..., width=..., tf=...) for copy-and-modify experiments."""
+    if name not in VARIANTS:
+        close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(list_models())}"
+        raise ValueError(f"unknown model '{name}': {hint}")
+    spec = {**VARIANTS[name], **overrides}
+    return EfficientNetV2(num_classes=num_classes, drop_rate=drop_rate,
+                          drop_path_rate=drop_path_rate, **spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading weights: timm, torchvision, and this project's checkpoints
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says which key."""
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain Python types only, never code."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # unpickling errors, truncated files, foreign formats
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} as a weights-only file "
+                              f"(tensors and plain types): {first_line}") from None
+
+
+def _unwrap(checkpoint, use_ema):
+    """The model's state dict out of a bare dict, timm's wrapper or this project's checkpoint."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError("checkpoint is not a state dict")
+    keys = ('state_dict_ema', 'model_ema', 'state_dict', 'model') if use_ema else ('state_dict', 'model')
+    for key in keys:
+        if isinstance(checkpoint.get(key), dict) and checkpoint[key]:
+            checkpoint = checkpoint[key]
+            break
+    state = {}
+    for k, v in checkpoint.items():
+        for prefix in ('module.', '_orig_mod.'):  # DDP and torch.compile wrappers
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        state[k] = v
+    return state
+
+
+def _from_torchvision(state, model):
+    """torchvision's efficientnet_v2_* has our layout under other names, in the same order."""
+    ours = list(model.state_dict().items())
+    theirs = list(state.items())
+    if len(ours) != len(theirs):
+        raise CheckpointError(f"torchvision state dict has {len(theirs)} entries, the model has "
+                              f"{len(ours)}: not the same variant")
+    for m in model.modules():  # torchvision trains these models with TF's BN eps
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 1e-3
+    print("load_pretrained: converted torchvision weights; BatchNorm eps set to 1e-3")
+    return {k: v for (k, _), (_, v) in zip(ours, theirs)}
+
+
+def load_pretrained(model, path_or_state_dict, use_ema=True):
+    """Load timm, torchvision or own weights into `model` (EMA weights when present and use_ema).
+    Only a classifier of another shape is skipped (fine-tuning); any other mismatch raises."""
+    checkpoint = path_or_state_dict
+    if not isinstance(checkpoint, dict):
+        checkpoint = read_checkpoint(checkpoint)
+    state = _unwrap(checkpoint, use_ema)
+    if 'features.0.0.weight' in state:
+        state = _from_torchvision(state, model)
+    expected = model.state_dict()
+    for key in list(expected) + list(state):
+        if key not in state or key not in expected:
+            where = 'missing from the checkpoint' if key not in state else 'not in the model'
+            raise CheckpointError(f"checkpoint does not fit this model: key '{key}' {where}")
+    skipped = [k for k in state if k.startswith('classifier.') and state[k].shape != expected[k].shape]
+    for key in expected:
+        if key not in skipped and state[key].shape != expected[key].shape:
+            raise CheckpointError(f"checkpoint does not fit this model: '{key}' has shape "
+                                  f"{tuple(state[key].shape)}, the model {tuple(expected[key].shape)}")
+    if skipped:
+        print(f"load_pretrained: classifier left as initialised (checkpoint has "
+              f"{state['classifier.weight'].shape[0]} classes, model {model.num_classes})")
+        state.update({k: expected[k] for k in skipped})
+    model.load_state_dict(state)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+
+def count_macs(model, size):
+    """Multiply-accumulates of one forward pass, counted on the meta device (no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device('meta'), FlopCounterMode(display=False) as counter:
+        model.to('meta')(torch.empty(1, 3, size, size))
+    return counter.get_total_flops() / 2
+
+
+if __name__ == '__main__':
+    print(f"{'model':<24}{'params':>14}{'GMACs':>8}{'train':>7}{'test':>6}{'crop':>7}")
+    for name in list_models():
+        with torch.device('meta'):
+            net = create_model(name)
+        params = sum(p.numel() for p in net.parameters())
+        cfg = net.config
+        macs = count_macs(net, cfg['train_size']) / 1e9
+        print(f"{name:<24}{params:>14,}{macs:>8.2f}{cfg['train_size']:>7}{cfg['test_size']:>6}"
+              f"{cfg['crop_pct']:>7.3f}")
