@@ -1,0 +1,140 @@
+"""utils.py against timm, the oracle: RMSpropTF, the lr schedules, EMA, meters, atomic saves."""
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import utils
+
+timm = pytest.importorskip('timm')
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 5))
+
+
+def run_steps(net, optimizer, steps=20):
+    torch.manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    return net
+
+
+def test_rmsproptf_matches_timm_over_20_steps_with_weight_decay_groups():
+    from timm.optim import RMSpropTF as TimmRMSpropTF
+    ours, theirs = small_net(), small_net()
+    settings = dict(lr=0.01, weight_decay=1e-2)
+    run_steps(ours, utils.RMSpropTF(utils.param_groups(ours, settings['weight_decay']),
+                                    lr=settings['lr'], alpha=0.9, eps=1e-3, momentum=0.9))
+    run_steps(theirs, TimmRMSpropTF(utils.param_groups(theirs, settings['weight_decay']),
+                                    lr=settings['lr'], alpha=0.9, eps=1e-3, momentum=0.9))
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_create_optimizer_rmsproptf_is_timms_configuration():
+    from timm.optim import create_optimizer_v2
+    ours, theirs = small_net(), small_net()
+    run_steps(ours, utils.create_optimizer('rmsproptf', ours, 0.016, 1e-5, eps=1e-3))
+    run_steps(theirs, create_optimizer_v2(theirs, 'rmsproptf', lr=0.016, weight_decay=1e-5, eps=1e-3))
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_no_weight_decay_on_biases_and_1d_parameters():
+    groups = utils.param_groups(small_net(), 1e-5)
+    no_decay, decay = groups
+    assert no_decay['weight_decay'] == 0 and decay['weight_decay'] == 1e-5
+    assert all(p.ndim <= 1 for p in no_decay['params']) and all(p.ndim > 1 for p in decay['params'])
+    assert len(no_decay['params']) == 4  # conv bias, BN weight and bias, linear bias
+
+
+def timm_lrs(scheduler, epochs):
+    lrs = []
+    for epoch in range(epochs):
+        scheduler.step(epoch)
+        lrs.append(scheduler.optimizer.param_groups[0]['lr'])
+    return lrs
+
+
+def test_step_schedule_matches_timm_step_scheduler_with_warmup():
+    from timm.scheduler import StepLRScheduler
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.014)
+    # timm 0.5.4 (the seed) counted decay from epoch 0; timm >= 0.9 needs warmup_prefix=False for that
+    sched = StepLRScheduler(opt, decay_t=2.4, decay_rate=0.97, warmup_lr_init=4e-6, warmup_t=3,
+                            warmup_prefix=False)
+    expected = timm_lrs(sched, 40)
+    ours = [utils.learning_rate(e, 'step', 0.014, 40, 4e-6, 3, 2.4, 0.97, 1e-6) for e in range(40)]
+    assert ours == pytest.approx(expected, rel=1e-12)
+    assert ours[0] == 4e-6 and ours[3] == pytest.approx(0.014 * 0.97)  # 3 // 2.4 = 1 decay
+
+
+def test_cosine_schedule_matches_timm_cosine_scheduler():
+    from timm.scheduler import CosineLRScheduler
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.05)
+    sched = CosineLRScheduler(opt, t_initial=30, lr_min=1e-5, warmup_lr_init=1e-4, warmup_t=3)
+    expected = timm_lrs(sched, 30)
+    ours = [utils.learning_rate(e, 'cosine', 0.05, 30, 1e-4, 3, 0, 0, 1e-5) for e in range(30)]
+    assert ours == pytest.approx(expected, rel=1e-9)
+
+
+def test_ema_matches_timm_model_ema_every_step_including_bn_buffers():
+    from timm.utils import ModelEmaV2
+    net = small_net()
+    ours, theirs = utils.create_ema(net, 0.9), ModelEmaV2(net, decay=0.9)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    torch.manual_seed(2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        net(torch.randn(4, 3, 8, 8)).sum().backward()  # train mode: BN buffers move too
+        optimizer.step()
+        ours.update_parameters(net)
+        theirs.update(net)
+    for (name, a), b in zip(ours.module.state_dict().items(), theirs.module.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    first = copy.deepcopy(net.state_dict())
+    assert not torch.equal(ours.module.state_dict()['4.weight'], first['4.weight'])
+
+
+def test_ema_first_update_decays_instead_of_copying():
+    net = small_net()
+    ema = utils.create_ema(net, 0.5)
+    before = net[4].weight.detach().clone()
+    with torch.no_grad():
+        net[4].weight.add_(1.0)
+    ema.update_parameters(net)
+    torch.testing.assert_close(ema.module[4].weight, before + 0.5)
+
+
+def test_accuracy_counts_topk_hits():
+    output = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
+    target = torch.tensor([1, 2, 1])  # hit at 1, miss, hit at 2
+    assert utils.accuracy(output, target, topk=(1, 2)).tolist() == [1, 2]
+
+
+def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / 'last.pth.tar'
+    utils.atomic_save({'epoch': 1}, str(path))
+
+    def broken_save(obj, f):
+        f.write(b'half a checkpoint')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', broken_save)
+    with pytest.raises(OSError):
+        utils.atomic_save({'epoch': 2}, str(path))
+    assert torch.load(path, weights_only=True) == {'epoch': 1}
+    assert os.listdir(tmp_path) == ['last.pth.tar']
+
+
+def test_learning_rate_is_constant_lr_after_warmup_for_const():
+    assert utils.learning_rate(5, 'const', 0.1, 10, 0.0, 2, 0, 0, 0) == 0.1
+    assert math.isclose(utils.learning_rate(1, 'const', 0.1, 10, 0.0, 2, 0, 0, 0), 0.05)
