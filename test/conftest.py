@@ -1,6 +1,51 @@
-"""Tests import the project's top-level files (model, utils, data) from the repo root."""
+"""Shared test helpers: the repo root on sys.path, tiny generated image folders, CLI runs.
+
+Tests import the project's top-level files (model, utils, data) from the repo root and run
+train.py as users do, in a subprocess.
+"""
 import os
+import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+COLOURS = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 200, 40)]
+
+
+def make_image_folder(root, classes=2, train_per_class=8, val_per_class=3, size=(40, 48),
+                      fmt='JPEG', seed=0):
+    """DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg: noisy images of one colour per
+    class, so a model can learn them in a few steps."""
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    ext = {'JPEG': 'jpg', 'PNG': 'png'}[fmt]
+    for split, count in (('train', train_per_class), ('val', val_per_class)):
+        for c in range(classes):
+            folder = os.path.join(root, split, f'class_{c}')
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                pixels = np.array(COLOURS[c % len(COLOURS)], dtype=np.float32)
+                pixels = pixels + rng.normal(0, 30, size=(size[1], size[0], 3))
+                image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+                image.save(os.path.join(folder, f'{i}.{ext}'), fmt)
+    return str(root)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / 'data')
+
+
+def run_train(*args, timeout=600, check=True, env=None):
+    """python train.py ARGS in the repo root; returns the CompletedProcess (text output)."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *map(str, args)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result

@@ -1,0 +1,107 @@
+"""train.py end to end through its CLI: the seed's command, its log contract, evaluate, pretrained."""
+import csv
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+
+from conftest import run_train
+
+# The seed's command (REFERENCE §1), verbatim, with CPU-sized overrides appended (argparse: last wins).
+SEED_COMMAND = ('--model efficientnetv2_rw_t -b 256 --sched step --epochs 350 --decay-epochs 2.4 '
+                '--decay-rate .97 --opt rmsproptf --opt-eps .001 -j 8 --warmup-lr 4e-6 '
+                '--weight-decay 1e-5 --drop 0.3 --drop-connect 0.2 --aa rand-m9-mstd0.5 --lr .014 '
+                '--log-interval 1 --img-size 288 --apex-amp --model-ema --model-ema-decay 0.9999 '
+                '--mixup 0.2').split()
+CPU_OVERRIDES = '-b 4 --img-size 32 -j 0 --epochs 2'.split()
+
+# The seed's own parsers (test/train_*.sh), run by bash on the log.
+SEED_FPS = "grep -a 'Train:' {log} | awk 'END {{print}}' | awk -F \"/s\" '{{print $2}}' | awk '{{print $2}}'"
+SEED_LOSS = "grep Train: {log} | awk -F \"Loss: \" '{{print $NF}}' | awk -F \" \" '{{print $1}}'"
+SEED_ACC = "grep -a '*** Best metric: ' {log} | awk 'END {{print}}' | awk '{{print $4}}'"
+
+
+def shell(command):
+    return subprocess.run(['bash', '-c', command], capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope='module')
+def seed_run(tmp_path_factory):
+    """One 2-epoch run of the seed's command on a tiny JPEG folder, shared by the tests below."""
+    from conftest import make_image_folder
+    root = tmp_path_factory.mktemp('seed')
+    data_dir = make_image_folder(root / 'data', classes=2, train_per_class=8, val_per_class=3)
+    output = root / 'out'
+    result = run_train(data_dir, *SEED_COMMAND, *CPU_OVERRIDES, '--output', output)
+    log = root / 'train.log'
+    log.write_text(result.stdout)
+    return dict(data=data_dir, output=output, log=log, stdout=result.stdout, stderr=result.stderr)
+
+
+def test_seed_command_log_parses_with_the_seed_scripts_commands(seed_run):
+    fps = shell(SEED_FPS.format(log=seed_run['log']))
+    losses = shell(SEED_LOSS.format(log=seed_run['log'])).split()
+    accuracy = shell(SEED_ACC.format(log=seed_run['log']))
+    assert float(fps) > 0
+    assert len(losses) == 2 * 4  # 16 images / batch 4, every step logged (--log-interval 1)
+    assert all(float(loss) > 0 for loss in losses)
+    assert 0.0 <= float(accuracy) <= 100.0
+    assert '\r' not in seed_run['stdout'] and '\x1b' not in seed_run['stdout']
+
+
+def test_seed_command_train_lines_follow_timms_format(seed_run):
+    train_line = re.compile(
+        r"^Train: \d+ \[ *\d+/\d+ \( *\d+%\)\]  Loss: \S+ \(\S+\)  Time: \d+\.\d{3}s, +\d+\.\d\d/s  "
+        r"\(\d+\.\d{3}s, +\d+\.\d\d/s\)  LR: \d\.\d{3}e[-+]\d\d  Data: \d+\.\d{3} \(\d+\.\d{3}\)$")
+    lines = [line for line in seed_run['stdout'].splitlines() if line.startswith('Train:')]
+    assert lines and all(train_line.match(line) for line in lines), lines[:2]
+    assert 'apex is not available' in seed_run['stdout']  # --apex-amp falls back with a notice
+    assert re.search(r'^\*\*\* Best metric: \d+\.\d+ \(epoch \d+\)$', seed_run['stdout'], re.M)
+
+
+def test_seed_command_writes_summary_args_and_checkpoints(seed_run):
+    output = seed_run['output']
+    with open(output / 'summary.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [row['epoch'] for row in rows] == ['0', '1']
+    for column in ('train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'ema_top1', 'lr',
+                   'images_per_sec'):
+        assert all(float(row[column]) >= 0 for row in rows), column
+    assert (output / 'args.yaml').read_text().count('\n') > 40
+    checkpoint = torch.load(output / 'last.pth.tar', weights_only=True)
+    assert {'model', 'model_ema', 'optimizer', 'scaler', 'epoch', 'args'} <= set(checkpoint)
+    assert checkpoint['epoch'] == 2 and checkpoint['args']['lr'] == 0.014
+    assert (output / 'model_best.pth.tar').exists()
+
+
+def test_step_schedule_lr_per_epoch_is_the_seeds(seed_run):
+    with open(seed_run['output'] / 'summary.csv') as f:
+        lrs = [float(row['lr']) for row in csv.DictReader(f)]
+    warmup = 4e-6 + (0.014 - 4e-6) / 3
+    assert lrs == pytest.approx([4e-6, warmup], rel=1e-5)
+
+
+def test_evaluate_reproduces_the_logged_best_metric(seed_run):
+    best = float(shell(SEED_ACC.format(log=seed_run['log'])))
+    result = run_train(seed_run['data'], '--evaluate', '--resume',
+                       seed_run['output'] / 'model_best.pth.tar', '--img-size', '32', '-j', '0',
+                       '-b', '4')
+    ema_top1 = re.search(r'Evaluation \(EMA\): .*top1 (\d+\.\d+)', result.stdout).group(1)
+    assert float(ema_top1) == pytest.approx(best, abs=1e-3)
+
+
+def test_pretrained_timm_weights_load_with_a_new_classifier(tmp_path, image_folder):
+    timm = pytest.importorskip('timm')
+    weights = tmp_path / 'rw_t.pth'
+    torch.save(timm.create_model('efficientnetv2_rw_t').state_dict(), weights)
+    result = run_train(image_folder, '--pretrained', weights, '--perf-steps', '1', '-b', '4',
+                       '--img-size', '32', '-j', '0', '--output', tmp_path / 'out')
+    assert 'classifier left as initialised (checkpoint has 1000 classes, model 2)' in result.stdout
+
+
+def test_synthetic_dataset_runs_without_any_data(tmp_path):
+    result = run_train('--dataset', 'synthetic', '--perf-steps', '2', '-b', '2', '--img-size', '32',
+                       '-j', '0', '--output', tmp_path / 'out')
+    assert result.stdout.count('Train:') == 2
