@@ -12,6 +12,8 @@ loads as it is; `load_pretrained` also converts torchvision's efficientnet_v2_s/
 Paper: Tan & Le, "EfficientNetV2: Smaller Models and Faster Training" (2021), Table 4.
 Imports only torch (and the standard library).
 """
+import argparse
+import contextlib
 import difflib
 import math
 from functools import partial
@@ -254,7 +256,8 @@ class EfficientNetV2(nn.Module):
         self.conv_head = conv2d(in_chs, self.num_features, 1)
         self.bn2 = bn(self.num_features)
         self.reset_classifier(num_classes)
-        self.apply(init_weights)
+        if not self.conv_stem.weight.is_meta:  # a shape-only model has nothing to fill (python model.py)
+            self.apply(init_weights)
 
     def reset_classifier(self, num_classes):
         self.num_classes = num_classes
@@ -311,14 +314,27 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says which key."""
 
 
+# timm's train.py stores its arguments, an argparse.Namespace (a plain attribute bag), in every
+# checkpoint; allow that one class as timm does. torch < 2.5 has no allow-list and refuses them.
+_allow_globals = getattr(torch.serialization, 'safe_globals', lambda _: contextlib.nullcontext())
+
+
 def read_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain Python types only, never code."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with _allow_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:  # unpickling errors, truncated files, foreign formats
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        if lines[0].startswith('Weights only load failed'):  # torch names the refused callable
+            detail = next((line for line in lines if 'GLOBAL' in line), lines[-1])
+            raise CheckpointError(f"refused to load {path}: it holds Python objects beyond tensors and "
+                                  f"plain types, which unpickling could run as code ({detail.rstrip('.')}); "
+                                  f"load it with torch.load(weights_only=False) only if you trust its "
+                                  f"source") from None
+        first_line = lines[0]
         raise CheckpointError(f"cannot read checkpoint {path} as a weights-only file "
                               f"(tensors and plain types): {first_line}") from None
 
@@ -384,11 +400,23 @@ def load_pretrained(model, path_or_state_dict, use_ema=True):
 # ----------------------------------------------------------------------------------------------
 
 def count_macs(model, size):
-    """Multiply-accumulates of one forward pass, counted on the meta device (no compute)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.device('meta'), FlopCounterMode(display=False) as counter:
-        model.to('meta')(torch.empty(1, 3, size, size))
-    return counter.get_total_flops() / 2
+    """Multiply-accumulates of one forward pass at size x size: each conv and linear layer's output
+    elements times the inputs each of them sums (BN, SE gating and activations are not counted).
+    Meant for a model built on the meta device: shapes only, no compute, no memory."""
+    macs = []
+    def count(layer, inputs, output):
+        macs.append(output.numel() * layer.weight[0].numel())  # weight[0]: one output's inputs
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks = [layer.register_forward_hook(count) for layer in layers]
+    # Hooks in eval mode rather than FlopCounterMode: the counter's dispatch and batch-norm's training
+    # branch are slow on the meta device (the table took ~30 s, now ~10 s).
+    was_training = model.training
+    with torch.no_grad():
+        model.eval()(torch.empty(1, 3, size, size, device=model.conv_stem.weight.device))
+    model.train(was_training)
+    for hook in hooks:
+        hook.remove()
+    return sum(macs)
 
 
 if __name__ == '__main__':
