@@ -179,7 +179,8 @@ def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=
     'folder': DATA/train/<class>/**/*.jpg|jpeg|png and DATA/val/<class>/... (the seed's ImageFolder layout).
     'cifar10', 'cifar100': torchvision's python-format files under DATA (nothing is downloaded).
     'digits': scikit-learn's 1797 8x8 digits as RGB, a fixed stratified 80/20 split; no files needed.
-    'synthetic': random images (SyntheticImages), 12800 train and 1280 val.
+    'synthetic': random images (SyntheticImages), ImageNet's 1281167 train (so a throughput run of
+        --perf-steps at any batch size and world size stays inside one epoch) and 1280 val.
     """
     if dataset == 'folder':
         return _load_folder(_existing_path(dataset, data_path), strict_data)
@@ -190,7 +191,7 @@ def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=
     if dataset == 'synthetic':
         num_classes = num_classes or 1000
         classes = [f'class_{i}' for i in range(num_classes)]
-        return (SyntheticImages(12800, synthetic_size, num_classes),
+        return (SyntheticImages(1281167, synthetic_size, num_classes),
                 SyntheticImages(1280, synthetic_size, num_classes), classes)
     raise DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
 

@@ -7,13 +7,18 @@
         --log-interval 1 --img-size 288 --apex-amp --model-ema --model-ema-decay 0.9999 --mixup 0.2
     torchrun --nproc_per_node=8 train.py /data/imagenet ... --lr .112     # 1 node x 8 devices
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
-        train.py /data/imagenet ...                   # 2 nodes: run on each, node_rank 0 and 1
+        train.py /data/imagenet ... --lr .224         # 2 nodes: the same on HOST1 with --node_rank=1
     python -m torch.distributed.launch --nproc_per_node=8 train.py ...   # the seed's launcher
+    bash test/train_full_8p.sh --data_path=/data/imagenet    # the seed's scripts: see the README
 
-`-b` is per device; logged images/s are global. Rank 0 logs and writes checkpoints to --output.
+`-b` is per device and logged images/s are global; the seed's lr is .014 per 256 images. A launcher's
+environment (WORLD_SIZE) turns on distributed mode; --device auto picks cuda (nccl), npu (hccl, with
+torch_npu) or cpu (gloo). Rank 0 logs and writes checkpoints to --output (put it where every node can
+read it, to resume). When one process fails, all stop, and its error is printed once, with its rank.
 Bad input ends with a one-line `error:` message and exit status 2.
 """
 import argparse
+import glob
 import json
 import os
 import signal
@@ -41,8 +46,11 @@ TIMM_DEFAULTS = dict(batch_size=128, epochs=300, opt='sgd', lr=0.05, sched='cosi
 MIN_IMAGE_SIZE = 32       # the network's total stride
 AVERAGE_AFTER_STEP = 3    # leave warm-up steps out of the running images/s, as the seed's parser wants
 NONFINITE_LIMIT = 5       # consecutive non-finite losses before we stop
+SIGNAL_REPEAT_SECONDS = 2  # a second SIGTERM/SIGINT sooner than this repeats the first (a relay)
 # Fault injection for test/test_distributed.py: the process of this rank raises after its first step.
 FAIL_RANK = int(os.environ.get('EFFNET_FAIL_RANK', -1))
+# Fault injection for test/test_bad_input.py: these optimizer steps (1-based) get an infinite loss.
+INF_LOSS_STEPS = {int(step) for step in os.environ.get('EFFNET_INF_LOSS_STEPS', '').split(',') if step}
 
 
 def get_args_parser():
@@ -156,6 +164,10 @@ def resolve_args(args):
         raise utils.UsageError("--evaluate needs a checkpoint: give --resume PATH or --pretrained PATH")
     if args.resume == 'auto' and not args.output:
         raise utils.UsageError("--resume auto needs --output DIR (the run folder to continue)")
+    args.device = utils.device_type(args.device)  # 'auto' resolved, recorded in args.yaml
+    if args.sync_bn and args.device == 'cpu':
+        raise utils.UsageError("--sync-bn needs GPUs or NPUs: torch's SyncBatchNorm does not run on "
+                               "the CPU (BN statistics are still averaged across ranks before eval)")
     return args
 
 
@@ -179,9 +191,6 @@ def setup(args):
                               drop_path_rate=args.drop_path)
     if args.pretrained:
         models.load_pretrained(net, args.pretrained)
-    if args.sync_bn and device.type == 'cpu':
-        raise utils.UsageError("--sync-bn needs GPUs or NPUs: torch's SyncBatchNorm does not run on "
-                               "the CPU (BN statistics are still averaged across ranks before eval)")
     if args.sync_bn and world_size > 1:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -203,7 +212,8 @@ def setup(args):
         autocast=(lambda: torch.autocast(device.type, amp_dtype)) if amp else nullcontext,
         scaler=torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16),
         train_set=train_set, val_set=val_set, classes=classes, epoch=0, step=0, num_updates=0,
-        best_metric=None, best_epoch=None, loss_sum=0.0, loss_count=0, stop_signal=None,
+        best_metric=None, best_epoch=None, loss_sum=0.0, loss_count=0, bad_images=0,
+        nonfinite=torch.zeros((), device=device, dtype=torch.long), stop_signal=None,
         draw_curves=is_main)
 
 
@@ -299,21 +309,23 @@ def train_one_epoch(run, epoch, settings, loader, num_batches, start_batch):
                 module.eval()
     step_time, data_time = utils.AverageMeter(), utils.AverageMeter()
     images_per_sec = 0.0
-    loss_sum = torch.zeros((), device=run.device)  # summed on the device: no sync per step
-    nonfinite = torch.zeros((), device=run.device, dtype=torch.long)
-    bad_images, last_log, steps_since_log = 0, time.perf_counter(), 0
+    # Summed on the device (no sync per step), in float32 from the checkpoint's partial sum: a
+    # resumed epoch adds the same numbers in the same order as an uninterrupted one.
+    loss_sum = torch.tensor(run.loss_sum, device=run.device)
+    bad_images, last_log, steps_since_log = run.bad_images, time.perf_counter(), 0
     data_start = time.perf_counter()
     for batch_idx, (images, labels, bad) in enumerate(loader, start=start_batch):
         data_time.update(time.perf_counter() - data_start)
         bad_images += int(bad.sum())
-        loss = train_step(run, images, labels, mixup)
+        loss, skipped = train_step(run, images, labels, mixup)
         if run.rank == FAIL_RANK:
             raise RuntimeError(f"EFFNET_FAIL_RANK={FAIL_RANK}: failure injected after step {run.step + 1}")
         # The global batch's loss: every rank logs, sums and checks the same number, so all of
         # them stop together on a non-finite loss (an all-reduce of one number, no host sync).
         loss = utils.all_reduce_mean(loss.detach().float(), run.world_size)
         loss_sum += loss
-        nonfinite = (nonfinite + 1) * (~torch.isfinite(loss))
+        if not skipped:  # a step fp16's GradScaler skipped left the weights alone: it does not count
+            run.nonfinite = (run.nonfinite + 1) * (~torch.isfinite(loss))
         run.step, steps_since_log = batch_idx + 1, steps_since_log + 1
         last_batch = batch_idx == num_batches - 1
         perf_done = args.perf_steps and run.num_updates >= args.perf_steps
@@ -327,9 +339,8 @@ def train_one_epoch(run, epoch, settings, loader, num_batches, start_batch):
                 step_time.update(seconds, steps_in_interval)
             average = step_time.avg if step_time.count else seconds
             loss_now = loss.item()
-            check_finite(run, int(nonfinite))
             if log:
-                avg_loss = (run.loss_sum + float(loss_sum)) / (run.loss_count + batch_idx - start_batch + 1)
+                avg_loss = float(loss_sum) / (run.loss_count + batch_idx - start_batch + 1)
                 print(f"Train: {epoch} [{batch_idx:>4d}/{num_batches} "
                       f"({100.0 * batch_idx / max(num_batches - 1, 1):>3.0f}%)]  "
                       f"Loss: {loss_now:#.4g} ({avg_loss:#.3g})  "
@@ -338,19 +349,20 @@ def train_one_epoch(run, epoch, settings, loader, num_batches, start_batch):
                       f"LR: {run.optimizer.param_groups[0]['lr']:.3e}  "
                       f"Data: {data_time.val:.3f} ({data_time.avg:.3f})", flush=True)
             images_per_sec = global_batch / average
+            check_finite(run)
         if stop_requested(run, at_log_step=steps_since_log == 0):
             break
         if args.checkpoint_interval and run.step % args.checkpoint_interval == 0 and not last_batch:
-            save_mid_epoch(run, epoch, loss_sum, batch_idx - start_batch + 1)
+            save_mid_epoch(run, epoch, float(loss_sum), run.loss_count + batch_idx - start_batch + 1,
+                           bad_images)
         if perf_done:
             break
         data_start = time.perf_counter()
     steps = run.step - start_batch if run.step > start_batch else 0
-    check_finite(run, int(nonfinite))
-    total_loss = run.loss_sum + float(loss_sum)
+    check_finite(run)
     total_steps = run.loss_count + steps
-    return dict(train_loss=total_loss / max(total_steps, 1), images_per_sec=images_per_sec,
-                bad_images=bad_images, steps=steps, loss_sum=float(loss_sum))
+    return dict(train_loss=float(loss_sum) / max(total_steps, 1), images_per_sec=images_per_sec,
+                bad_images=bad_images, loss_sum=float(loss_sum), loss_count=total_steps)
 
 
 def train_step(run, images, labels, mixup):
@@ -367,6 +379,8 @@ def train_step(run, images, labels, mixup):
         loss = F.cross_entropy(output.float(), targets)
     else:
         loss = F.cross_entropy(output.float(), targets, label_smoothing=args.smoothing)
+    if run.num_updates + 1 in INF_LOSS_STEPS:
+        loss = loss * float('inf')
     run.optimizer.zero_grad(set_to_none=True)
     if args.apex_amp_used:
         from apex import amp as apex_amp
@@ -377,19 +391,27 @@ def train_step(run, images, labels, mixup):
     if args.clip_grad:
         run.scaler.unscale_(run.optimizer)
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.clip_grad)
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
     run.scaler.step(run.optimizer)
     run.scaler.update()
+    # fp16's GradScaler skips a step with non-finite gradients and halves its scale (it syncs to
+    # decide, so reading the scale costs nothing more); bf16 and fp32 have no scaler and no skips.
+    skipped = scale is not None and run.scaler.get_scale() < scale
     if run.ema is not None:
         run.ema.update_parameters(run.model)
     run.num_updates += 1
-    return loss
+    return loss, skipped
 
 
-def check_finite(run, streak):
+def check_finite(run):
+    """Stop after NONFINITE_LIMIT consecutive non-finite losses (the streak runs across epochs).
+    Returns whether the last step's loss was finite: checkpoints are only written when it was."""
+    streak = int(run.nonfinite)
     if streak >= NONFINITE_LIMIT:
         raise FloatingPointError(
             f"the loss was not finite for {streak} consecutive steps (epoch {run.epoch}, step "
             f"{run.step}); lower --lr or use --clip-grad; the last good checkpoint is kept")
+    return streak == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,45 +444,106 @@ def validate(run, net, loader, suffix=''):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints, summary, signals
 
-def checkpoint_state(run, epoch, step, loss_sum=0.0, loss_count=0):
-    """Everything that decides the rest of the run, as tensors and plain Python types."""
+def rank_states(run):
+    """What differs between ranks and decides their future, in rank order: random streams and,
+    with several processes, BatchNorm running statistics (DDP broadcasts rank 0's before each
+    forward, each rank then updates its copy with its own batch; the EMA's copies are never
+    broadcast). A collective: every rank calls it at a save."""
+    state = dict(rng=utils.rng_state())
+    if run.world_size == 1:
+        return [state]
+    state['buffers'] = {name: b.cpu() for name, b in run.model.named_buffers()}
+    if run.ema is not None:
+        state['ema_buffers'] = {name: b.cpu() for name, b in run.ema.module.named_buffers()}
+    states = [None] * run.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def checkpoint_state(run, epoch, step, ranks, loss_sum=0.0, loss_count=0, bad_images=0):
+    """Everything that decides the rest of the run, as tensors and plain Python types; `ranks` is
+    rank_states(). Mid-epoch (step > 0) it also holds the epoch so far: the float32 loss sum of
+    its `step` batches and the bad images met, so the epoch's summary row comes out the same."""
     return dict(
         model=run.model.state_dict(), model_ema=run.ema.module.state_dict() if run.ema else None,
         optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict(), epoch=epoch,
         step=step, num_updates=run.num_updates, best_metric=run.best_metric,
         best_epoch=run.best_epoch, loss_sum=loss_sum, loss_count=loss_count,
-        rng=utils.rng_state(), arch=run.args.model, num_classes=run.args.num_classes,
-        classes=list(run.classes), args=plain_args(run.args))
+        bad_images=bad_images, ranks=ranks, arch=run.args.model,
+        num_classes=run.args.num_classes, classes=list(run.classes), args=plain_args(run.args))
 
 
 def plain_args(args):
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
 
 
-def save_mid_epoch(run, epoch, loss_sum_tensor, steps_done):
+def save_mid_epoch(run, epoch, loss_sum, loss_count, bad_images):
+    # Every rank checks (the loss is all-reduced, so all of them stop together); after a
+    # non-finite loss the weights are not worth keeping and the last good checkpoint stays.
+    if not check_finite(run):
+        return
+    ranks = rank_states(run)
     if run.is_main:
-        state = checkpoint_state(run, epoch, run.step, run.loss_sum + float(loss_sum_tensor),
-                                 run.loss_count + steps_done)
+        state = checkpoint_state(run, epoch, run.step, ranks, loss_sum, loss_count, bad_images)
         utils.atomic_save(state, os.path.join(run.args.output, 'last.pth.tar'))
+
+
+# Flags that do not change what the run computes: they may differ on resume without a warning.
+RESUME_FREE_ARGS = {'data_dir', 'data_path', 'output', 'resume', 'workers', 'log_interval', 'device',
+                    'checkpoint_interval', 'checkpoint_hist', 'dist_timeout', 'local_rank',
+                    'evaluate', 'perf_steps', 'pretrained', 'strict_data', 'apex_amp_used',
+                    'img_size_given'}
+RESUME_KEYS = ('model', 'optimizer', 'scaler', 'epoch', 'step', 'num_updates', 'best_metric',
+               'best_epoch', 'loss_sum', 'loss_count', 'ranks', 'arch', 'num_classes')
 
 
 def load_resume(run, path):
     checkpoint = models.read_checkpoint(path)
-    if checkpoint.get('arch') != run.args.model or checkpoint.get('num_classes') != run.args.num_classes:
-        raise utils.UsageError(f"{path} holds {checkpoint.get('arch')} with {checkpoint.get('num_classes')} "
-                         f"classes, this run is {run.args.model} with {run.args.num_classes}")
+    missing = [key for key in RESUME_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else ['all']
+    if missing:
+        raise models.CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(missing[:3])}); "
+                                     f"to start from its weights use --pretrained {path}")
+    if checkpoint['arch'] != run.args.model or checkpoint['num_classes'] != run.args.num_classes:
+        raise utils.UsageError(f"{path} holds {checkpoint['arch']} with {checkpoint['num_classes']} "
+                               f"classes, this run is {run.args.model} with {run.args.num_classes}; "
+                               f"resume with --model {checkpoint['arch']} and the same data, or "
+                               f"choose another --output")
+    saved_args = checkpoint.get('args') or {}
+    if saved_args.get('opt', run.args.opt) != run.args.opt:
+        raise utils.UsageError(f"{path} holds {saved_args['opt']} optimizer state, this run uses "
+                               f"--opt {run.args.opt}; resume with --opt {saved_args['opt']}, or "
+                               f"start from its weights with --pretrained {path}")
+    changed = [f"{key} {value!r} (checkpoint: {saved_args[key]!r})"
+               for key, value in plain_args(run.args).items()
+               if key in saved_args and key not in RESUME_FREE_ARGS and saved_args[key] != value]
+    if changed and run.is_main:
+        print(f"warning: resuming with settings that differ from the checkpoint's, so the run will "
+              f"not match an uninterrupted one: {', '.join(changed)}", file=sys.stderr, flush=True)
     run.model.load_state_dict(checkpoint['model'])
     if run.ema is not None:
-        run.ema.module.load_state_dict(checkpoint['model_ema'] or checkpoint['model'])
+        run.ema.module.load_state_dict(checkpoint.get('model_ema') or checkpoint['model'])
     run.optimizer.load_state_dict(checkpoint['optimizer'])
-    run.scaler.load_state_dict(checkpoint['scaler'])
+    if checkpoint['scaler']:  # empty when saved without fp16: a new scaler starts afresh
+        run.scaler.load_state_dict(checkpoint['scaler'])
     run.epoch, run.step = checkpoint['epoch'], checkpoint['step']
     run.num_updates = checkpoint['num_updates']
     run.best_metric, run.best_epoch = checkpoint['best_metric'], checkpoint['best_epoch']
     run.loss_sum, run.loss_count = checkpoint['loss_sum'], checkpoint['loss_count']
-    utils.set_rng_state(checkpoint['rng'])  # rank 0's streams; the other ranks' were not saved:
-    if run.rank > 0:                         # they restart from their rank and position
-        torch.manual_seed(data.mix_seed(run.args.seed, run.rank, run.epoch, run.step))
+    run.bad_images = checkpoint.get('bad_images', 0)
+    ranks = checkpoint['ranks']
+    if len(ranks) == run.world_size:
+        mine = ranks[run.rank]
+        utils.set_rng_state(mine['rng'])
+        ema = run.ema.module if run.ema is not None else None
+        with torch.no_grad():  # several processes: this rank's own BatchNorm statistics
+            for module, key in ((run.model, 'buffers'), (ema, 'ema_buffers')):
+                if module is not None and key in mine:
+                    for name, buffer in module.named_buffers():
+                        buffer.copy_(mine[key][name])
+    else:  # another world size: rank 0 goes on with the saved streams, the others start new ones
+        utils.set_rng_state(ranks[0]['rng'])
+        if run.rank > 0:
+            torch.manual_seed(data.mix_seed(run.args.seed, run.rank, run.epoch, run.step))
     if run.is_main:
         print(f"Resumed from {path}: epoch {run.epoch}, step {run.step}", flush=True)
 
@@ -493,9 +576,19 @@ def draw_curves(run):
 
 
 def install_signal_handlers(run):
+    """SIGTERM / SIGINT ask for a stop at the end of the step, with a checkpoint. One request
+    often arrives twice within milliseconds (Ctrl-C reaches torchrun and its workers, and torchrun
+    relays it; Slurm signals every process of a job): repeats within SIGNAL_REPEAT_SECONDS are
+    that same request. A signal after that stops at once, without saving."""
+    run.signal_time = None
+
     def handler(signum, frame):
-        run.stop_signal = signum
-        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+        now = time.monotonic()
+        if run.signal_time is None:
+            run.stop_signal, run.signal_time = signum, now
+        elif now - run.signal_time > SIGNAL_REPEAT_SECONDS:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
 
@@ -533,6 +626,8 @@ def prepare_output(args, is_main):
             os.remove(probe)
         except OSError as e:
             raise utils.UsageError(f"cannot write to --output {args.output}: {e.strerror}") from None
+        for stale in glob.glob(os.path.join(glob.escape(args.output), '.*.tmp')):
+            os.remove(stale)  # a save cut off by a kill (utils.atomic_save's temporary files)
 
 
 def train(run):
@@ -567,6 +662,9 @@ def train(run):
         if args.perf_steps and run.num_updates >= args.perf_steps:
             return
         end_of_epoch(run, epoch, metrics, val_loader, lr)
+        if epoch + 1 < args.epochs and stop_requested(run, at_log_step=True):
+            # a signal during validation: the epoch's checkpoint is already written
+            return graceful_stop(run, epoch + 1)
     if run.is_main and run.best_metric is not None:
         print(f"*** Best metric: {run.best_metric} (epoch {run.best_epoch})", flush=True)
 
@@ -580,10 +678,12 @@ def end_of_epoch(run, epoch, metrics, val_loader, lr):
         utils.average_bn_stats(run.ema.module, run.world_size)
         ema_eval = validate(run, run.ema.module, val_loader, ' (EMA)')
     reported = ema_eval or evaluation  # timm reports the EMA's metric when there is one
-    run.step, run.loss_sum, run.loss_count = 0, 0.0, 0
-    is_best = run.best_metric is None or reported['top1'] > run.best_metric
+    run.step, run.loss_sum, run.loss_count, run.bad_images = 0, 0.0, 0, 0
+    finite = check_finite(run)  # after a non-finite loss: no checkpoint, no new best
+    is_best = finite and (run.best_metric is None or reported['top1'] > run.best_metric)
     if is_best:
         run.best_metric, run.best_epoch = reported['top1'], epoch
+    ranks = rank_states(run) if finite else None
     if not run.is_main:
         return
     row = dict(epoch=epoch, train_loss=f"{metrics['train_loss']:.6g}",
@@ -600,25 +700,38 @@ def end_of_epoch(run, epoch, metrics, val_loader, lr):
           + f"  skipped_images {row['bad_images']}", flush=True)
     write_summary(os.path.join(args.output, 'summary.csv'), row)
     draw_curves(run)
-    state = checkpoint_state(run, epoch + 1, 0)
-    utils.atomic_save(state, os.path.join(args.output, 'last.pth.tar'))
+    if not finite:
+        return
+    # last.pth.tar is written last: a kill before it resumes from the previous one and redoes
+    # this epoch, rewriting the files before it with the same bytes.
+    state = checkpoint_state(run, epoch + 1, 0, ranks)
     if is_best:
         utils.atomic_save(state, os.path.join(args.output, 'model_best.pth.tar'))
     if args.checkpoint_hist:
         utils.atomic_save(state, os.path.join(args.output, f'checkpoint-{epoch}.pth.tar'))
+    utils.atomic_save(state, os.path.join(args.output, 'last.pth.tar'))
+    if args.checkpoint_hist:
         old = os.path.join(args.output, f'checkpoint-{epoch - args.checkpoint_hist}.pth.tar')
         if os.path.exists(old):
             os.remove(old)
 
 
-def graceful_stop(run, epoch, metrics):
+def graceful_stop(run, epoch, metrics=None):
+    """After a SIGTERM / SIGINT: rank 0 saves the current step (metrics: the epoch so far), unless
+    the epoch-end checkpoint was just written (metrics None); every rank then returns."""
+    last = os.path.join(run.args.output, 'last.pth.tar')
+    finite = check_finite(run)
+    ranks = rank_states(run) if finite and metrics is not None else None
+    if run.is_main and ranks is not None:
+        state = checkpoint_state(run, epoch, run.step, ranks, metrics['loss_sum'],
+                                 metrics['loss_count'], metrics['bad_images'])
+        utils.atomic_save(state, last)
     if run.is_main:
-        state = checkpoint_state(run, epoch, run.step, run.loss_sum + metrics['loss_sum'],
-                                 run.loss_count + metrics['steps'])
-        utils.atomic_save(state, os.path.join(run.args.output, 'last.pth.tar'))
-        print(f"Stopped by signal {run.stop_signal} at epoch {epoch}, step {run.step}; "
-              f"checkpoint saved. Continue with: --output {run.args.output} --resume auto",
-              flush=True)
+        saved = (f"checkpoint saved to {last}" if finite else
+                 "the loss was not finite, so the last good checkpoint was kept")
+        print(f"Stopped by {signal.Signals(run.stop_signal).name} at epoch {epoch}, step {run.step}; "
+              f"{saved}. To continue, run the same command with --output {run.args.output} "
+              f"--resume auto", flush=True)
 
 
 def evaluate_only(run):
@@ -668,6 +781,10 @@ def main(argv=None):
             where = f' (rank {rank})' if world_size > 1 else ''
             print(f"error{where}: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # SIGINT before train() installs its handler (or while evaluating)
+        print(f"interrupted{f' (rank {rank})' if world_size > 1 else ''}: no training step had run, "
+              f"nothing to save", file=sys.stderr, flush=True)
+        sys.exit(130)
     except Exception as e:
         if world_size > 1 and utils.is_peer_failure(e):  # another rank failed and says why
             reason = one_line(e).split('] ', 1)[-1].split('. ')[0]  # gloo: "[file:line] What. Hint."

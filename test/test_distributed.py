@@ -1,0 +1,227 @@
+"""Many processes on one CPU (gloo): torchrun, torch.distributed.launch, two "nodes" on localhost,
+a failing rank, and the seed's launcher scripts with their CPU overrides.
+
+Runs are shared through module-scoped fixtures: one run serves several tests.
+
+Why 2 processes x batch b must match 1 process x batch 2b exactly (up to float rounding):
+- data: EpochBatchSampler gives rank r every world_size-th index of the epoch's permutation, so
+  the ranks' k-th batches together are the single process's k-th batch, and each image's
+  augmentation is seeded by (seed, epoch, index), not by the rank;
+- gradients: DDP averages the ranks' gradients of their mean losses over equal batches, which is
+  the gradient of the mean loss over the union; the logged loss is the same all-reduced mean;
+- BatchNorm is what would break it: in training mode each rank normalizes with its own batch's
+  statistics, and torch's SyncBatchNorm does not run on the CPU. --freeze-bn makes BN normalize
+  with its running statistics (a fine-tuning option), which do not depend on how the batch is
+  split. Drop rates are 0 and there is no mixup, cutmix or random erasing, whose draws would
+  differ per rank. SGD with gradient clipping keeps the un-normalized network from diverging;
+  the clipping norm is taken over the all-reduced gradients, so it is the same in both runs.
+"""
+import csv
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, make_image_folder, run_train
+
+ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+TINY = ['--img-size', '32', '-j', '0']
+# A recipe whose result does not depend on how a batch is split over processes (module docstring).
+EXACT = [*TINY, '--epochs', '2', '--log-interval', '1', '--freeze-bn', '--warmup-epochs', '0',
+         '--opt', 'sgd', '--lr', '0.01', '--clip-grad', '1', '--model-ema', '--model-ema-decay',
+         '0.5', '--seed', '3']
+TIMEOUT = 300
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher_args, train_args, env=None, check=True):
+    """python -m LAUNCHER ... train.py ARGS in the repo root -> CompletedProcess (+ .seconds)."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, '-m', *launcher_args, 'train.py', *map(str, train_args)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+                            env=dict(ENV, **(env or {})))
+    result.seconds = time.perf_counter() - start
+    if check and result.returncode != 0:
+        raise AssertionError(f"{launcher_args} failed ({result.returncode}):\n{result.stdout[-3000:]}"
+                             f"\n{result.stderr[-8000:]}")
+    return result
+
+
+def torchrun(processes, train_args, **kwargs):
+    return launch(['torch.distributed.run', f'--nproc_per_node={processes}',
+                   f'--master_port={free_port()}'], train_args, **kwargs)
+
+
+def losses(stdout):
+    return [float(x) for x in re.findall(r'^Train: .*?Loss: (\S+)', stdout, re.M)]
+
+
+def evaluation(stdout, label='Evaluation'):
+    found = re.search(rf'^{re.escape(label)}: loss (\S+)  top1 (\S+)  top5 (\S+)$', stdout, re.M)
+    return [float(x) for x in found.groups()]
+
+
+def summary(output):
+    with open(os.path.join(output, 'summary.csv')) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    """14 training images (not a multiple of 4 or 3), 7 validation images (prime)."""
+    return make_image_folder(tmp_path_factory.mktemp('dist') / 'data', classes=7, train_per_class=2,
+                             val_per_class=1)
+
+
+@pytest.fixture(scope='module')
+def one_process(data_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp('one') / 'run'
+    result = run_train(data_dir, *EXACT, '-b', '4', '--output', output, env={'OMP_NUM_THREADS': '1'})
+    return dict(output=str(output), stdout=result.stdout)
+
+
+@pytest.fixture(scope='module')
+def two_processes(data_dir, tmp_path_factory):
+    """The seed's launcher: torch.distributed.launch, which passes --local-rank=K."""
+    output = tmp_path_factory.mktemp('two') / 'run'
+    result = launch(['torch.distributed.launch', '--nproc_per_node=2', f'--master_port={free_port()}'],
+                    [data_dir, *EXACT, '-b', '2', '--output', output])
+    return dict(output=str(output), stdout=result.stdout)
+
+
+def test_two_processes_of_batch_b_train_like_one_process_of_batch_2b(one_process, two_processes):
+    expected = losses(one_process['stdout'])
+    assert len(expected) == 6  # 2 epochs x 3 steps, every step logged
+    assert losses(two_processes['stdout']) == pytest.approx(expected, rel=2e-3)
+    single = torch.load(os.path.join(one_process['output'], 'last.pth.tar'), weights_only=True)
+    double = torch.load(os.path.join(two_processes['output'], 'last.pth.tar'), weights_only=True)
+    for key in ('model', 'model_ema'):  # EMA kept alike on every rank, saved by rank 0
+        assert single[key].keys() == double[key].keys()
+        differ = [name for name, tensor in single[key].items()
+                  if not torch.allclose(double[key][name].double(), tensor.double(), rtol=1e-4, atol=1e-5)]
+        assert not differ, f'{key}: {differ[:5]}'
+
+
+def test_rank_0_alone_logs(two_processes):
+    assert len(re.findall(r'^Train: ', two_processes['stdout'], re.M)) == 6
+    assert len(re.findall(r'^Epoch \d+: ', two_processes['stdout'], re.M)) == 2
+    assert two_processes['stdout'].count('*** Best metric') == 1
+
+
+@pytest.fixture(scope='module')
+def two_nodes(data_dir, one_process):
+    """--evaluate of the one-process checkpoint on 3 processes over 2 "nodes" on localhost: two
+    torchrun agents, node 0 with 2 processes, node 1 with 1. -> (node 0 output, node 1 output)."""
+    checkpoint = os.path.join(one_process['output'], 'last.pth.tar')
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={node}',
+         f'--nproc_per_node={processes}', '--master_addr=127.0.0.1', f'--master_port={port}',
+         'train.py', data_dir, '--evaluate', '--resume', checkpoint, *TINY, '-b', '2'],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+        for node, processes in ((0, 2), (1, 1))]
+    outputs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    return outputs
+
+
+def test_distributed_validation_counts_every_image_once(one_process, two_processes, two_nodes):
+    """7 images on 1, 2 and 3 processes give the same loss and accuracies: the shards are 7,
+    4+3 and 3+2+2 images, none padded, and the sums are all-reduced."""
+    row = summary(one_process['output'])[-1]
+    expected = [float(row['eval_loss']), float(row['eval_top1']), float(row['eval_top5'])]
+    two_row = summary(two_processes['output'])[-1]  # validated on 2 ranks at the end of training
+    assert [float(two_row[k]) for k in ('eval_loss', 'eval_top1', 'eval_top5')] == pytest.approx(
+        expected, abs=1e-4)
+    assert evaluation(two_nodes[0]) == pytest.approx(expected, abs=1e-4)
+    assert evaluation(two_nodes[0], 'Evaluation (EMA)')[1] == pytest.approx(float(row['ema_top1']),
+                                                                          abs=1e-4)
+
+
+def test_two_nodes_on_localhost_run_one_job_logged_by_rank_0(two_nodes):
+    assert two_nodes[0].count('Evaluation:') == 1
+    assert 'Evaluation' not in two_nodes[1]  # rank 2 lives on node 1 and stays quiet
+
+
+def test_a_failing_rank_stops_the_run_with_its_error_said_once(data_dir, tmp_path):
+    result = torchrun(2, [data_dir, *TINY, '-b', '2', '--output', tmp_path / 'run'],
+                      env={'EFFNET_FAIL_RANK': '1'}, check=False)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert result.seconds < 120  # torchrun stops the other rank: no collective timeout, no hang
+    assert text.count('RuntimeError: EFFNET_FAIL_RANK=1: failure injected') == 1
+    assert re.search(r'^\[rank1\]: RuntimeError: EFFNET_FAIL_RANK=1: failure injected', text, re.M)
+    assert 'rank 0 stops: another rank failed' in text
+
+
+# ------------------------------------------------------------------------------------------------
+# The seed's launcher scripts, run from a copy of the repository (they write test/output/ there)
+
+@pytest.fixture(scope='module')
+def repo_copy(tmp_path_factory):
+    root = tmp_path_factory.mktemp('repo')
+    for name in ('train.py', 'model.py', 'data.py', 'utils.py'):
+        shutil.copy(os.path.join(ROOT, name), root)
+    shutil.copytree(os.path.join(ROOT, 'test'), root / 'test',
+                    ignore=shutil.ignore_patterns('output', '__pycache__', '*.py'))
+    return root
+
+
+def run_script(repo, script, *args, cwd=None, **env):
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH']  # python3 = this one
+    return subprocess.run(['bash', f'test/{script}' if cwd is None else script, *args],
+                          cwd=cwd or repo, capture_output=True, text=True, timeout=TIMEOUT,
+                          env=dict(ENV, PATH=path, DEVICE='cpu', **env))
+
+
+def final_value(stdout, label):
+    return re.search(rf'^{re.escape(label)} : (\S+)$', stdout, re.M).group(1)
+
+
+def case_log(repo, case_name):
+    with open(repo / 'test' / 'output' / '0' / f'{case_name}.log') as f:
+        return dict(line.split(' = ', 1) for line in f.read().splitlines())
+
+
+def test_performance_8p_script_runs_two_processes_on_synthetic_images(repo_copy):
+    result = run_script(repo_copy, 'train_performance_8p.sh', NPROC_PER_NODE='2',
+                        TRAIN_ARGS='-b 2 --img-size 32 -j 0 --perf-steps 2')
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert 'synthetic dataset' in result.stdout
+    assert float(final_value(result.stdout, 'Final Performance images/sec')) > 0
+    assert int(final_value(result.stdout, 'E2E Training Duration sec')) >= 0
+    log = case_log(repo_copy, 'EfficientNetV2_for_Pytorch_bs2_2p_perf')
+    assert log['Network'] == 'EfficientNetV2_for_Pytorch' and log['RankSize'] == '2'
+    assert log['BatchSize'] == '2' and log['DeviceType'] == os.uname().machine
+    for key in ('ActualFPS', 'TrainingTime', 'ActualLoss', 'E2ETrainingTime'):
+        float(log[key])
+    train_log = (repo_copy / 'test' / 'output' / '0' / 'train_0.log').read_text()
+    assert train_log.count('Train:') == 2
+
+
+def test_full_1p_script_trains_from_test_folder_and_reports_accuracy(repo_copy, data_dir):
+    result = run_script(repo_copy, 'train_full_1p.sh', f'--data_path={data_dir}', '--epochs=1',
+                        cwd=repo_copy / 'test', TRAIN_ARGS='-b 4 --img-size 32 -j 0')
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert 0 <= float(final_value(result.stdout, 'Final Train Accuracy')) <= 100
+    assert float(final_value(result.stdout, 'Final Performance images/sec')) > 0
+    log = case_log(repo_copy, 'EfficientNetV2_for_Pytorch_bs4_1p_acc')
+    assert log['RankSize'] == '1' and float(log['TrainAccuracy']) >= 0
+    assert float(log['TrainingTime']) > 0 and float(log['ActualLoss']) > 0
+
+
+def test_full_script_without_data_path_exits_1_with_the_seeds_message(repo_copy):
+    result = run_script(repo_copy, 'train_full_8p.sh')
+    assert result.returncode == 1
+    assert result.stdout.strip() == '[Error] para "data_path" must be confing'
