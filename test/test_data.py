@@ -411,7 +411,7 @@ def test_digits_are_1797_images_in_a_fixed_stratified_split(digits):
 
 def test_synthetic_images_skip_augmentation_but_take_the_transform_size():
     train_set, val_set, classes = data.load_datasets('synthetic', synthetic_size=16, num_classes=10)
-    assert (len(train_set), len(val_set), len(classes)) == (12800, 1280, 10) and classes[3] == 'class_3'
+    assert (len(train_set), len(val_set), len(classes)) == (1281167, 1280, 10) and classes[3] == 'class_3'
     image, label, bad_count = train_set[(70, 5)]
     assert image.shape == (3, 16, 16) and (label, bad_count) == (0, 0)
     assert torch.equal(image, train_set[6][0])  # a pool of 64, indexed modulo
