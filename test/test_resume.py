@@ -1,0 +1,256 @@
+"""Nothing lost: a run stopped by SIGKILL, SIGTERM or SIGINT and continued with --resume auto ends
+with the same weights, optimizer state and metrics, bit for bit, as a run that was never stopped;
+a kill during a checkpoint write leaves the previous checkpoint whole.
+
+Every run goes through train.py's command line in a subprocess and is stopped with a real signal.
+Three lineages of the same recipe share the module (about 3 minutes on 2 busy CPU cores):
+- reference: never interrupted (workers 0);
+- killed: SIGKILL at a random step, resumed; SIGKILL in the middle of a checkpoint write,
+  resumed to the end (workers 0);
+- signalled: SIGTERM (sent twice at once, as launchers relay it) at a random step, resumed;
+  SIGINT to the whole process group (what Ctrl-C in a terminal sends, DataLoader workers
+  included) at another, resumed to the end (workers 2: the worker count does not change the
+  numbers).
+The recipe draws from every random stream a step uses: RandomResizedCrop, flip and RandAugment
+(per-image seeds), mixup/cutmix, random erasing, dropout and drop path (the global torch RNG),
+with EMA, AdamW and a warm-up epoch, checkpointing every step.
+"""
+import csv
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, make_image_folder
+
+ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')  # bitwise needs a fixed thread count
+RECIPE = ['--model', 'tf_efficientnetv2_b0', '-b', '4', '--img-size', '32', '--epochs', '2',
+          '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '1', '--seed', '7',
+          '--aa', 'rand-m9-mstd0.5', '--mixup', '0.2', '--cutmix', '1.0', '--reprob', '0.25',
+          '--drop', '0.2', '--drop-path', '0.2', '--model-ema', '--model-ema-decay', '0.9',
+          '--log-interval', '1', '--checkpoint-interval', '1', '--checkpoint-hist', '1']
+STEPS = 2 * 4  # 2 epochs x (16 train images / batch 4)
+TIMEOUT = 300
+CHOOSE = random.Random(5)  # the interruption points: random, but the same on every run of the suite
+
+
+def command(data_dir, output, workers, *extra):
+    return [sys.executable, os.path.join(ROOT, 'train.py'), data_dir, *RECIPE, '-j', str(workers),
+            '--output', output, *extra]
+
+
+def run_to_end(data_dir, output, workers, *extra):
+    result = subprocess.run(command(data_dir, output, workers, *extra), cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
+    return result
+
+
+def run_and_interrupt(data_dir, output, workers, when, interrupt, *extra):
+    """Start a run, call when(line) on each stdout line until it returns True, then
+    interrupt(process); -> (return code, stdout, stderr) of the stopped run."""
+    process = subprocess.Popen(command(data_dir, output, workers, *extra), cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)  # its own process group, as in a terminal
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if when(line):
+                interrupt(process)
+                break
+        out, err = process.communicate(timeout=TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, ''.join(lines) + out, err
+
+
+def after_train_lines(count):
+    """A `when` for run_and_interrupt: true on the count-th 'Train:' line."""
+    seen = []
+
+    def when(line):
+        if line.startswith('Train:'):
+            seen.append(line)
+        return len(seen) == count
+    return when
+
+
+def sigterm_twice(process):
+    """One stop request delivered twice at once, as when a launcher relays it (torchrun, Slurm)."""
+    os.kill(process.pid, signal.SIGTERM)
+    os.kill(process.pid, signal.SIGTERM)
+
+
+def resumed_step(stdout):
+    """(epoch, step) from 'Resumed from ...: epoch E, step S'."""
+    line = next(line for line in stdout.splitlines() if line.startswith('Resumed from'))
+    epoch, step = line.rsplit(': ', 1)[1].split(', ')
+    return int(epoch.split()[1]), int(step.split()[1])
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def summary_rows(output):
+    with open(os.path.join(output, 'summary.csv')) as f:
+        return [{k: v for k, v in row.items() if k != 'images_per_sec'} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('resume') / 'data', classes=2,
+                             train_per_class=8, val_per_class=3)
+
+
+@pytest.fixture(scope='module')
+def reference(data_dir, tmp_path_factory):
+    """The uninterrupted run; started with --resume auto on an empty folder, which starts fresh."""
+    output = str(tmp_path_factory.mktemp('reference') / 'out')
+    result = run_to_end(data_dir, output, 0, '--resume', 'auto')
+    return dict(output=output, stdout=result.stdout)
+
+
+@pytest.fixture(scope='module')
+def killed(data_dir, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp('killed') / 'out')
+    kill_at = CHOOSE.randint(2, STEPS - 1)
+    print(f"SIGKILL after Train line {kill_at} of {STEPS}")
+    code, stdout, _ = run_and_interrupt(data_dir, output, 0, after_train_lines(kill_at),
+                                        lambda p: os.kill(p.pid, signal.SIGKILL))
+    assert code == -signal.SIGKILL
+    first = load(os.path.join(output, 'last.pth.tar'))
+
+    # Resume, and SIGKILL again while the first checkpoint after the resume is being written:
+    # the step's Train line is printed just before its save; the temporary file then grows for
+    # ~0.5 s (70 MB). Kill as soon as it holds data, then check it was left behind unrenamed.
+    def temporary_file_appears(line):
+        if not line.startswith('Train:'):
+            return False
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            partial = glob.glob(os.path.join(output, '.last.pth.tar.*.tmp'))
+            if partial and os.path.getsize(partial[0]) > 0:
+                return True
+            time.sleep(0.001)
+        raise AssertionError('no checkpoint write began within 60 s of a step')
+    code, stdout_2, _ = run_and_interrupt(data_dir, output, 0, temporary_file_appears,
+                                          lambda p: os.kill(p.pid, signal.SIGKILL), '--resume', 'auto')
+    assert code == -signal.SIGKILL
+    partial = glob.glob(os.path.join(output, '.last.pth.tar.*.tmp'))
+    after_write_kill = load(os.path.join(output, 'last.pth.tar'))  # weights_only: a whole file
+    result = run_to_end(data_dir, output, 0, '--resume', 'auto')
+    return dict(output=output, kill_at=kill_at, first=first, first_resume=stdout_2,
+                partial=partial, after_write_kill=after_write_kill, stdout=result.stdout,
+                leftovers=glob.glob(os.path.join(output, '.*.tmp')))
+
+
+@pytest.fixture(scope='module')
+def signalled(data_dir, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp('signalled') / 'out')
+    term_at = CHOOSE.randint(1, STEPS - 3)
+    print(f"SIGTERM after Train line {term_at} of {STEPS}")
+    term = run_and_interrupt(data_dir, output, 2, after_train_lines(term_at), sigterm_twice)
+    term_checkpoint = load(os.path.join(output, 'last.pth.tar'))
+    int_after = CHOOSE.randint(1, STEPS - 1 - (term_checkpoint['epoch'] * 4 + term_checkpoint['step']))
+    print(f"SIGINT to the process group after Train line {int_after} of the resumed run")
+    interrupt = run_and_interrupt(data_dir, output, 2, after_train_lines(int_after),
+                                  lambda p: os.killpg(p.pid, signal.SIGINT), '--resume', 'auto')
+    int_checkpoint = load(os.path.join(output, 'last.pth.tar'))
+    result = run_to_end(data_dir, output, 2, '--resume', 'auto')
+    return dict(output=output, term=term, term_checkpoint=term_checkpoint, interrupt=interrupt,
+                int_checkpoint=int_checkpoint, stdout=result.stdout)
+
+
+def assert_same_run(output, reference_output):
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-1.pth.tar'):
+        ours, theirs = load(os.path.join(output, name)), load(os.path.join(reference_output, name))
+        for key in ('model', 'model_ema'):
+            differ = [k for k in theirs[key] if not torch.equal(ours[key][k], theirs[key][k])]
+            assert not differ, f"{name} {key}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+        for index, state in theirs['optimizer']['state'].items():
+            for k, tensor in state.items():
+                assert torch.equal(ours['optimizer']['state'][index][k], tensor), (name, index, k)
+        for key in ('epoch', 'step', 'num_updates', 'best_metric', 'best_epoch'):
+            assert ours[key] == theirs[key], (name, key)
+    assert summary_rows(output) == summary_rows(reference_output)
+
+
+def test_resume_after_sigkill_at_a_random_step_matches_the_uninterrupted_run(killed, reference):
+    epoch, step = resumed_step(killed['first_resume'])
+    done = epoch * 4 + step  # the kill came after Train line kill_at: its step may not be saved yet
+    assert killed['kill_at'] - 1 <= done <= killed['kill_at'], (killed['kill_at'], epoch, step)
+    assert_same_run(killed['output'], reference['output'])
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(killed):
+    assert killed['partial'], 'the kill did not land during a write'
+    before, after = killed['first'], killed['after_write_kill']
+    assert (after['epoch'], after['step']) == (before['epoch'], before['step'])
+    assert all(torch.equal(after['model'][k], before['model'][k]) for k in before['model'])
+
+
+def test_a_resumed_run_clears_the_partial_files_of_a_killed_write(killed):
+    assert killed['leftovers'] == []
+
+
+def test_sigterm_saves_the_current_step_and_says_how_to_resume(signalled):
+    code, stdout, stderr = signalled['term']
+    assert code == 0, stderr[-2000:]
+    checkpoint = signalled['term_checkpoint']
+    message = [line for line in stdout.splitlines() if line.startswith('Stopped by SIGTERM')]
+    assert message, stdout[-1500:]
+    assert f"at epoch {checkpoint['epoch']}, step {checkpoint['step']}" in message[0]
+    assert '--resume auto' in message[0]
+    assert 'Traceback' not in stderr
+
+
+def test_sigint_to_the_process_group_with_workers_stops_cleanly(signalled):
+    code, stdout, stderr = signalled['interrupt']
+    assert code == 0, stderr[-2000:]
+    assert any(line.startswith('Stopped by SIGINT') for line in stdout.splitlines()), stdout[-1500:]
+    assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-2000:]
+    before, after = signalled['term_checkpoint'], signalled['int_checkpoint']
+    assert (after['epoch'], after['step']) > (before['epoch'], before['step'])
+
+
+def test_resume_after_sigterm_and_sigint_with_workers_matches_the_uninterrupted_run(signalled, reference):
+    assert_same_run(signalled['output'], reference['output'])
+
+
+def test_resume_auto_on_an_empty_folder_starts_fresh(reference):
+    assert 'Resumed from' not in reference['stdout']
+    assert reference['stdout'].count('Train:') == STEPS
+
+
+def test_checkpoints_are_plain_tensors_and_types_holding_all_that_decides_the_future(reference):
+    checkpoint = load(os.path.join(reference['output'], 'last.pth.tar'))  # weights_only=True
+    assert {'model', 'model_ema', 'optimizer', 'scaler', 'epoch', 'step', 'num_updates', 'ranks',
+            'best_metric', 'best_epoch', 'loss_sum', 'loss_count', 'args'} <= set(checkpoint)
+    assert (checkpoint['epoch'], checkpoint['step'], checkpoint['num_updates']) == (2, 0, STEPS)
+    assert {'torch', 'python'} <= set(checkpoint['ranks'][0]['rng'])
+
+
+def test_checkpoint_hist_keeps_the_last_k_epoch_files(reference):
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(reference['output'], '*.pth.tar')))
+    assert names == ['checkpoint-1.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+
+
+def test_resuming_with_other_flags_warns_which_differ(reference, data_dir, tmp_path):
+    """A finished run resumed with other flags: nothing left to train, only the warning."""
+    result = subprocess.run(command(data_dir, str(tmp_path / 'out'), 2, '--resume',
+                                    os.path.join(reference['output'], 'last.pth.tar'), '--lr', '2e-3'),
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warning = [line for line in result.stderr.splitlines() if line.startswith('warning: resuming')]
+    assert len(warning) == 1 and "lr 0.002 (checkpoint: 0.001)" in warning[0], result.stderr
+    assert 'workers' not in warning[0]  # -j 2, not 0: it does not change the numbers, not listed
