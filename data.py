@@ -775,8 +775,10 @@ def normalize(images_uint8, mean, std, *, channels_last=False):
     (255 std), on whatever device the images are."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = images_uint8.to(dtype=torch.float32, memory_format=memory_format)
-    mean = torch.tensor([255 * m for m in mean], device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor([255 * s for s in std], device=images.device).view(1, -1, 1, 1)
+    # Made on the CPU and sent without blocking: torch.tensor(..., device='cuda') waits for the GPU to
+    # finish all queued work (a host sync in every training step).
+    mean = torch.tensor([255 * m for m in mean]).view(1, -1, 1, 1).to(images.device, non_blocking=True)
+    std = torch.tensor([255 * s for s in std]).view(1, -1, 1, 1).to(images.device, non_blocking=True)
     return images.sub_(mean).div_(std)
 
 
@@ -803,7 +805,8 @@ def random_erase(images, prob):
         return images
     batch, _, height, width = images.shape
     boxes = [_erase_box(height, width) if float(torch.rand(())) <= prob else (0, 0, 0, 0) for _ in range(batch)]
-    top, left, box_height, box_width = torch.tensor(boxes, device=images.device).view(batch, 4, 1, 1).unbind(1)
+    boxes = torch.tensor(boxes).to(images.device, non_blocking=True)  # no host sync (see normalize)
+    top, left, box_height, box_width = boxes.view(batch, 4, 1, 1).unbind(1)
     rows = torch.arange(height, device=images.device).view(1, height, 1)
     columns = torch.arange(width, device=images.device).view(1, 1, width)
     in_box = (rows >= top) & (rows < top + box_height) & (columns >= left) & (columns < left + box_width)

@@ -155,7 +155,10 @@ class SqueezeExcite(nn.Module):
         self.conv_expand = nn.Conv2d(reduced_chs, chs, 1)
 
     def forward(self, x):  # (N, C, H, W) -> same, each channel gated by a global summary
-        scale = self.conv_expand(F.silu(self.conv_reduce(x.mean((2, 3), keepdim=True))))
+        # Sum, then divide the (N, C, 1, 1) result: the same numbers as mean() on the CPU, but
+        # mean's backward divides the full-size gradient, one more pass over the largest tensors.
+        pooled = x.sum((2, 3), keepdim=True).div(x.shape[2] * x.shape[3])
+        scale = self.conv_expand(F.silu(self.conv_reduce(pooled)))
         return x * scale.sigmoid()
 
 

@@ -35,12 +35,16 @@ import data
 import model as models
 import utils
 
-# The zero-setup demo: a recipe that reaches >= 95% top-1 on digits in ~2 minutes on 2 CPU cores.
-DEMO_DEFAULTS = dict(img_size=32, batch_size=64, epochs=15, opt='adamw', lr=2e-3, sched='cosine',
-                     warmup_epochs=1, weight_decay=0.05, min_lr=1e-5, scale=(0.5, 1.0), hflip=0.0,
-                     log_interval=10, workers=0, model_ema_decay=0.99, prog_min_size=16)
+# The zero-setup demo (python train.py): the smallest variant, AdamW, 10 epochs at 32 px. Measured
+# on this project's 2-core CPU it reaches ~97% top-1 on digits by epoch 5 and ~98% at the end.
+DEMO_DEFAULTS = dict(model='tf_efficientnetv2_b0', img_size=32, batch_size=64, epochs=10, opt='adamw',
+                     lr=2e-3, sched='cosine', warmup_epochs=0, weight_decay=0.05, min_lr=1e-5,
+                     scale=(0.5, 1.0), hflip=0.0, log_interval=10, workers=0, model_ema_decay=0.99,
+                     prog_min_size=24)
+# (--progressive starts the demo at 24 px, not 16: at such tiny sizes a network trained at 20 px was
+# at chance when evaluated at 32; its stages 26, 28, 30, 32 stay within RandomResizedCrop's zoom.)
 # timm 0.5.4's defaults for everything the user leaves unset on a real dataset.
-TIMM_DEFAULTS = dict(batch_size=128, epochs=300, opt='sgd', lr=0.05, sched='cosine',
+TIMM_DEFAULTS = dict(model='efficientnetv2_rw_t', batch_size=128, epochs=300, opt='sgd', lr=0.05, sched='cosine',
                      warmup_epochs=3, weight_decay=2e-5, min_lr=1e-6, scale=(0.08, 1.0), hflip=0.5,
                      log_interval=50, workers=4, model_ema_decay=0.9998, prog_min_size=128)
 MIN_IMAGE_SIZE = 32       # the network's total stride
@@ -60,7 +64,8 @@ def get_args_parser():
     p.add_argument('--data-path', '--data_path', '--data-dir', dest='data_path')
     p.add_argument('--dataset', choices=data.DATASETS,
                    help='default: folder when a data path is given, else the digits demo')
-    p.add_argument('--model', help='default: efficientnetv2_rw_t (the seed)')
+    p.add_argument('--model', help='default: efficientnetv2_rw_t (the seed); the digits demo: '
+                   'tf_efficientnetv2_b0')
     p.add_argument('--num-classes', type=int, help='default: from the data')
     p.add_argument('--pretrained', metavar='PATH', help='timm / torchvision / own weights to start from')
     p.add_argument('--img-size', type=int, help='train and eval size; default: the model\'s train size')
@@ -138,7 +143,6 @@ def resolve_args(args):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.model = args.model or 'efficientnetv2_rw_t'
     if args.model not in models.VARIANTS:
         try:
             models.create_model(args.model)
@@ -216,7 +220,11 @@ def setup(args):
             raise utils.UsageError("--compile does not work with apex's patched functions; use --amp")
         # Only the training forward/backward is compiled. `net` stays the plain module: EMA,
         # evaluation and checkpoints use it (no `_orig_mod.` in saved keys).
-        ddp = torch.compile(ddp)
+        # Static shapes: --progressive then recompiles once per stage, for its image size, rather
+        # than switching to a slower dynamic-shape graph at the first change of size.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                   args.prog_stages + 1)
+        ddp = torch.compile(ddp, dynamic=False)
     if rank > 0:  # same initial weights above; from here on dropout, drop path, mixup and random
         # erasing draw per rank (timm seeds seed + rank), or the ranks would repeat one another
         torch.manual_seed(data.mix_seed(args.seed, rank))
@@ -663,10 +671,11 @@ def train(run):
         if args.progressive and settings['stage'] != current_stage and run.is_main:
             first, last = settings['epochs']
             magnitude = 'off' if settings['magnitude'] is None else f"{settings['magnitude']:.2f}"
+            compiles = ", torch.compile compiles once for this size" if args.compile else ''
             print(f"Stage {settings['stage'] + 1}/{args.prog_stages}: epochs {first}-{last}, "
                   f"image size {settings['size']} (eval {args.eval_size}), "
                   f"RandAugment magnitude {magnitude}, mixup {settings['mixup']:.3f}, "
-                  f"dropout {settings['drop']:.3f}", flush=True)
+                  f"dropout {settings['drop']:.3f}{compiles}", flush=True)
         current_stage = settings['stage']
         lr = utils.learning_rate(epoch, args.sched, args.lr, args.epochs, args.warmup_lr,
                                  args.warmup_epochs, args.decay_epochs, args.decay_rate, args.min_lr)

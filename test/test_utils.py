@@ -49,6 +49,17 @@ def test_create_optimizer_rmsproptf_is_timms_configuration():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_rmsproptf_updates_in_cpu_chunks_exactly_as_in_one_piece():
+    whole, chunked = small_net(), small_net()
+    optimizers = [utils.RMSpropTF(utils.param_groups(net, 1e-2), lr=0.01, eps=1e-3, momentum=0.9)
+                  for net in (whole, chunked)]
+    optimizers[1].cpu_chunk_numel = 100  # every tensor of small_net alone, some pairs together
+    for net, optimizer in zip((whole, chunked), optimizers):
+        run_steps(net, optimizer, steps=5)
+    for a, b in zip(whole.parameters(), chunked.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_no_weight_decay_on_biases_and_1d_parameters():
     groups = utils.param_groups(small_net(), 1e-5)
     no_decay, decay = groups

@@ -1,0 +1,191 @@
+"""Use a trained checkpoint: classify image files, or export the network to ONNX.
+
+    python predict.py classify output/train/RUN/model_best.pth.tar photo.jpg photos/ [--topk 5] [--device auto]
+    python predict.py export output/train/RUN/model_best.pth.tar model.onnx [--size 288]
+
+Both take the checkpoint's EMA weights when it holds them, and the run's evaluation settings (size,
+crop_pct, interpolation, mean/std) from the arguments stored in it; --size overrides the size.
+`classify` prints one line per image (folders are searched recursively for .jpg/.jpeg/.png):
+    photos/cat.jpg  tabby 91.20%  tiger_cat 6.31%  Egyptian_cat 1.94%  lynx 0.21%  tiger 0.09%
+`export` writes one ONNX file taking normalized float images (N, 3, size, size), N free, giving
+logits (N, classes); class names, mean/std and the eval transform are stored as metadata. It runs
+the file with onnxruntime on random images, compares with PyTorch and prints the max difference
+(exit status 1 above 1e-3). onnx and onnxruntime are needed only there.
+A checkpoint of bare weights (timm, torchvision) needs --model NAME.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+import data
+import model as models
+import utils
+
+EXPORT_TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch in float32
+
+
+def load_model(path, model_name=None):
+    """-> (network in eval mode on the CPU, info dict: arch, classes, size, crop_pct, interpolation, mean, std)."""
+    checkpoint = models.read_checkpoint(path)
+    saved = checkpoint.get('args') or {}
+    arch = model_name or checkpoint.get('arch')
+    if arch is None:
+        raise utils.UsageError(f"{path} holds bare weights without a model name: give --model NAME")
+    if arch not in models.VARIANTS:
+        try:
+            models.create_model(arch)
+        except ValueError as e:  # names the close matches
+            raise utils.UsageError(str(e)) from None
+    num_classes = checkpoint.get('num_classes') or _classifier_rows(checkpoint)
+    net = models.create_model(arch, num_classes=num_classes)
+    models.load_pretrained(net, checkpoint, use_ema=True)
+    config = models.VARIANTS[arch]['config']
+    classes = checkpoint.get('classes') or [str(i) for i in range(num_classes)]
+    info = dict(arch=arch, classes=list(classes), ema=bool(checkpoint.get('model_ema')),
+                size=saved.get('eval_size') or saved.get('img_size') or config['test_size'],
+                crop_pct=saved.get('crop_pct') or config['crop_pct'],
+                interpolation=saved.get('interpolation') or config['interpolation'],
+                mean=tuple(saved.get('mean') or config['mean']), std=tuple(saved.get('std') or config['std']))
+    return net.eval(), info
+
+
+def _classifier_rows(checkpoint):
+    """The class count of bare weights: rows of the (possibly wrapped) classifier.weight."""
+    for state in (checkpoint, checkpoint.get('state_dict_ema'), checkpoint.get('state_dict')):
+        for key, value in (state or {}).items():
+            if key.endswith('classifier.weight'):
+                return value.shape[0]
+    raise utils.UsageError("cannot find the classifier in the checkpoint: is it an EfficientNetV2's?")
+
+
+# ----------------------------------------------------------------------------------------------
+# classify
+
+def image_paths(paths):
+    """Files as given; folders searched recursively (sorted) for the extensions train.py reads."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            for folder, subfolders, files in sorted(os.walk(path, followlinks=True)):
+                subfolders.sort()
+                found += [os.path.join(folder, name) for name in sorted(files)
+                          if name.lower().endswith(data.IMAGE_EXTENSIONS) and not name.startswith('.')]
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise utils.UsageError(f"{path} is neither an image file nor a folder")
+    if not found:
+        raise utils.UsageError(f"no images ({', '.join(data.IMAGE_EXTENSIONS)}) in {' '.join(paths)}")
+    return found
+
+
+@torch.no_grad()
+def classify(net, info, paths, topk=5, device=torch.device('cpu'), batch_size=32):
+    """Yield (path, [(class name, probability)] best first) per readable image; unreadable files
+    are reported on stderr and skipped."""
+    transform = data.eval_transform(info['size'], crop_pct=info['crop_pct'],
+                                    interpolation=info['interpolation'])
+    net = net.to(device)
+    topk = min(topk, len(info['classes']))
+    for start in range(0, len(paths), batch_size):
+        batch_paths, images = [], []
+        for path in paths[start:start + batch_size]:
+            try:
+                images.append(transform(data.read_image(path)))
+                batch_paths.append(path)
+            except data.UnreadableImage as error:
+                print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr, flush=True)
+        if not images:
+            continue
+        inputs = data.normalize(torch.stack(images).to(device), info['mean'], info['std'])
+        probabilities = net(inputs).float().softmax(dim=1)
+        values, indices = probabilities.topk(topk, dim=1)
+        for path, row_values, row_indices in zip(batch_paths, values.tolist(), indices.tolist()):
+            yield path, [(info['classes'][i], p) for i, p in zip(row_indices, row_values)]
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+def export_onnx(net, info, out_path, size=None, batch_size=2):
+    """Write the ONNX file (batch dimension free), run it with onnxruntime on random images and
+    return the max |difference| from PyTorch's logits."""
+    import onnx
+    import onnxruntime
+    size = size or info['size']
+    example = torch.randn(batch_size, 3, size, size)
+    batch = torch.export.Dim('batch', min=1)
+    program = torch.onnx.export(net, (example,), input_names=['images'], output_names=['logits'],
+                                dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
+                                verbose=False)
+    program.save(out_path)
+    onnx_model = onnx.load(out_path)
+    onnx.checker.check_model(onnx_model)
+    metadata = dict(arch=info['arch'], classes='\n'.join(info['classes']), size=str(size),
+                    crop_pct=str(info['crop_pct']), interpolation=info['interpolation'],
+                    mean=' '.join(map(str, info['mean'])), std=' '.join(map(str, info['std'])),
+                    weights='ema' if info['ema'] else 'model')
+    onnx.helper.set_model_props(onnx_model, metadata)
+    onnx.save(onnx_model, out_path)
+
+    images = torch.randn(batch_size + 1, 3, size, size)  # another batch size than the example's
+    session = onnxruntime.InferenceSession(out_path, providers=['CPUExecutionProvider'])
+    onnx_logits = torch.from_numpy(session.run(['logits'], {'images': images.numpy()})[0])
+    with torch.no_grad():
+        torch_logits = net(images)
+    return (onnx_logits - torch_logits).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split('\n', 2)[2])
+    commands = p.add_subparsers(dest='command', required=True)
+    c = commands.add_parser('classify', help='top-k classes of image files or folders')
+    c.add_argument('checkpoint')
+    c.add_argument('paths', nargs='+', metavar='PATH', help='image files or folders')
+    c.add_argument('--topk', type=int, default=5)
+    c.add_argument('--device', default='auto', choices=('auto', 'cuda', 'npu', 'cpu'))
+    c.add_argument('-b', '--batch-size', type=int, default=32)
+    e = commands.add_parser('export', help='ONNX file, checked with onnxruntime')
+    e.add_argument('checkpoint')
+    e.add_argument('output', metavar='OUT.onnx')
+    for sub in (c, e):
+        sub.add_argument('--size', type=int, help="input size; default: the run's eval size")
+        sub.add_argument('--model', help="model name, for checkpoints that don't store it")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        net, info = load_model(args.checkpoint, args.model)
+        info['size'] = args.size or info['size']
+        if args.command == 'classify':
+            if args.topk < 1 or args.batch_size < 1:
+                raise utils.UsageError("--topk and --batch-size must be positive")
+            device = utils.select_device(args.device, 0)
+            for path, top in classify(net, info, image_paths(args.paths), args.topk, device,
+                                      args.batch_size):
+                print(path + ''.join(f"  {name} {100 * p:.2f}%" for name, p in top), flush=True)
+        else:
+            difference = export_onnx(net, info, args.output, info['size'])
+            weights = 'EMA weights' if info['ema'] else 'weights'
+            print(f"exported {info['arch']} ({weights}, {len(info['classes'])} classes, input "
+                  f"N x 3 x {info['size']} x {info['size']}) to {args.output}")
+            print(f"onnxruntime vs PyTorch: max difference {difference:.3g}")
+            if difference > EXPORT_TOLERANCE:
+                print(f"error: the ONNX model differs from PyTorch by more than {EXPORT_TOLERANCE}",
+                      file=sys.stderr)
+                sys.exit(1)
+    except (utils.UsageError, data.DataError, models.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()
