@@ -250,18 +250,14 @@ def device_type(name):
 def select_device(name, local_rank):
     """This process's device: cuda:LOCAL_RANK, npu:LOCAL_RANK or the cpu (name as device_type)."""
     name = device_type(name)
-    if name == 'cuda':
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"process {local_rank} has no GPU: {torch.cuda.device_count()} "
-                               f"visible; start at most that many processes per node")
-        torch.cuda.set_device(local_rank)
-        return torch.device('cuda', local_rank)
-    if name == 'npu':
-        if local_rank >= torch.npu.device_count():
-            raise UsageError(f"process {local_rank} has no NPU: {torch.npu.device_count()} "
-                               f"visible; start at most that many processes per node")
-        torch.npu.set_device(local_rank)
-        return torch.device('npu', local_rank)
+    if name in ('cuda', 'npu'):
+        accelerator = getattr(torch, name)  # torch.cuda, or torch.npu once torch_npu is imported
+        if local_rank >= accelerator.device_count():
+            raise UsageError(f"process {local_rank} has no {'GPU' if name == 'cuda' else 'NPU'}: "
+                             f"{accelerator.device_count()} visible; start at most that many "
+                             f"processes per node")
+        accelerator.set_device(local_rank)
+        return torch.device(name, local_rank)
     return torch.device('cpu')
 
 
