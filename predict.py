@@ -115,7 +115,8 @@ def export_onnx(net, info, out_path, size=None, batch_size=2):
     import onnx
     import onnxruntime
     size = size or info['size']
-    example = torch.randn(batch_size, 3, size, size)
+    generator = torch.Generator().manual_seed(0)  # the same check, the same number, every time
+    example = torch.randn(batch_size, 3, size, size, generator=generator)
     batch = torch.export.Dim('batch', min=1)
     program = torch.onnx.export(net, (example,), input_names=['images'], output_names=['logits'],
                                 dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
@@ -130,7 +131,7 @@ def export_onnx(net, info, out_path, size=None, batch_size=2):
     onnx.helper.set_model_props(onnx_model, metadata)
     onnx.save(onnx_model, out_path)
 
-    images = torch.randn(batch_size + 1, 3, size, size)  # another batch size than the example's
+    images = torch.randn(batch_size + 1, 3, size, size, generator=generator)  # another batch size
     session = onnxruntime.InferenceSession(out_path, providers=['CPUExecutionProvider'])
     onnx_logits = torch.from_numpy(session.run(['logits'], {'images': images.numpy()})[0])
     with torch.no_grad():
@@ -174,9 +175,9 @@ def main(argv=None):
                 print(path + ''.join(f"  {name} {100 * p:.2f}%" for name, p in top), flush=True)
         else:
             difference = export_onnx(net, info, args.output, info['size'])
-            weights = 'EMA weights' if info['ema'] else 'weights'
-            print(f"exported {info['arch']} ({weights}, {len(info['classes'])} classes, input "
-                  f"N x 3 x {info['size']} x {info['size']}) to {args.output}")
+            weights = 'EMA weights' if info['ema'] else 'weights (the checkpoint has no EMA)'
+            print(f"exported {info['arch']} to {args.output}: input N x 3 x {info['size']} x "
+                  f"{info['size']}, {len(info['classes'])} classes, {weights}")
             print(f"onnxruntime vs PyTorch: max difference {difference:.3g}")
             if difference > EXPORT_TOLERANCE:
                 print(f"error: the ONNX model differs from PyTorch by more than {EXPORT_TOLERANCE}",

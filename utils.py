@@ -326,7 +326,7 @@ def default_channels_last(device):
 # canvas (no display needed), so training goes on without it.
 
 CURVE_PANELS = (  # panel title, then (summary.csv column, line style) drawn in it
-    ('loss', (('train_loss', '-'), ('eval_loss', '--'))),
+    ('loss (log scale)', (('train_loss', '-'), ('eval_loss', '--'))),
     ('top-1 (%)', (('eval_top1', '-'), ('ema_top1', '--'))),
     ('learning rate', (('lr', '-'),)),
     ('images/s', (('images_per_sec', '-'),)),
@@ -354,6 +354,7 @@ def plot_curves(run_dirs, out_path):
         ax.set_xlabel('epoch')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
+    axes[0].set_yscale('log')  # early losses (an eval loss of 30 at epoch 0) would flatten the rest
     for index, run_dir in enumerate(run_dirs):
         summary_path = os.path.join(run_dir, 'summary.csv')
         if not os.path.exists(summary_path):
