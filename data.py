@@ -412,12 +412,12 @@ def random_crop_box(height, width, scale, ratio):
 
 
 class TrainTransform:
-    """RandomResizedCrop -> horizontal flip -> RandAugment (timm's order). `size` and
+    """RandomResizedCrop -> horizontal flip -> RandAugment or colour jitter (timm's order). `size` and
     `rand_augment.magnitude` may be changed between epochs, or a new transform assigned to dataset.transform."""
 
-    def __init__(self, size, scale, ratio, hflip, rand_augment, interpolation):
+    def __init__(self, size, scale, ratio, hflip, rand_augment, interpolation, color_jitter=None):
         self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
-        self.rand_augment, self.interpolation = rand_augment, interpolation
+        self.rand_augment, self.interpolation, self.color_jitter = rand_augment, interpolation, color_jitter
 
     def __call__(self, image):
         top, left, height, width = random_crop_box(image.shape[-2], image.shape[-1], self.scale, self.ratio)
@@ -428,23 +428,30 @@ class TrainTransform:
             image = image.flip(-1)
         if self.rand_augment is not None:
             image = self.rand_augment(image)
+        if self.color_jitter is not None:
+            image = self.color_jitter(image)
         return image
 
     def __repr__(self):
         return (f'TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, '
-                f'interpolation={self.interpolation}, rand_augment={self.rand_augment})')
+                f'interpolation={self.interpolation}, rand_augment={self.rand_augment}, '
+                f'color_jitter={self.color_jitter})')
 
 
 def train_transform(size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, aa=None,
-                    interpolation='bicubic', mean=IMAGENET_MEAN):
+                    interpolation='bicubic', mean=IMAGENET_MEAN, color_jitter=0.0):
     """The training transform; `aa` is a timm RandAugment spec such as 'rand-m9-mstd0.5' (None: no RandAugment).
-    `mean` only sets the fill colour of RandAugment's geometric ops (timm: round(255 * mean))."""
+    `mean` only sets the fill colour of RandAugment's geometric ops (timm: round(255 * mean)).
+    `color_jitter`: brightness, contrast and saturation factors in [1 - c, 1 + c], only without RandAugment
+    (timm 0.5.4's --color-jitter, 0.4 by default in its train.py)."""
     _check_interpolation(interpolation)
-    rand_augment = None
+    rand_augment = jitter = None
     if aa:
         fill = tuple(min(255, round(255 * channel_mean)) for channel_mean in mean)
         rand_augment = RandAugment(**parse_rand_augment(aa), fill=fill, interpolation=interpolation)
-    return TrainTransform(size, tuple(scale), tuple(ratio), hflip, rand_augment, interpolation)
+    elif color_jitter:
+        jitter = v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter)
+    return TrainTransform(size, tuple(scale), tuple(ratio), hflip, rand_augment, interpolation, jitter)
 
 
 class EvalTransform:

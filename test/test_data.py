@@ -183,6 +183,24 @@ def test_train_transform_without_augmentation_matches_timm_resize():
     assert np.abs(to_numpy(ours) - expected).mean() < 1.0
 
 
+def test_colour_jitter_is_timms_and_only_without_rand_augment():
+    """timm 0.5.4 adds ColorJitter(c, c, c) to training when there is no --aa; the same factors here."""
+    from timm.data import create_transform
+    timm_jitter, = [t for t in create_transform(32, is_training=True, color_jitter=0.4).transforms
+                    if type(t).__name__ == 'ColorJitter']
+    ours = data.train_transform(32, color_jitter=0.4).color_jitter
+    for factor in ('brightness', 'contrast', 'saturation', 'hue'):
+        assert getattr(ours, factor) == getattr(timm_jitter, factor)
+    assert data.train_transform(32, color_jitter=0.4, aa='rand-m9').color_jitter is None
+    assert data.train_transform(32).color_jitter is None
+    image = to_tensor(natural_image(48, 48))
+    torch.manual_seed(0)
+    jittered = data.train_transform(32, scale=(1, 1), ratio=(1, 1), hflip=0, color_jitter=0.4)(image)
+    torch.manual_seed(0)
+    plain = data.train_transform(32, scale=(1, 1), ratio=(1, 1), hflip=0)(image)
+    assert jittered.dtype == torch.uint8 and not torch.equal(jittered, plain)
+
+
 def test_eval_transform_resizes_the_shorter_side_then_centre_crops_like_timm():
     from timm.data import create_transform
     pixels = natural_image(60, 90)

@@ -56,10 +56,11 @@ def test_v2_s_like_schedule_is_the_papers_four_stages():
 
 
 def test_digits_demo_schedule_rises_from_24_to_32_pixels():
-    args = resolved('--progressive')  # the demo's defaults: 10 epochs at 32 px, no RandAugment
-    assert stage_rows(args) == [(0, 2, 26, None, 0.0, 0.0), (3, 4, 28, None, 0.0, 0.0),
-                                (5, 7, 30, None, 0.0, 0.0), (8, 9, 32, None, 0.0, 0.0)]
-    assert args.eval_size == 32  # the demo chose its size: evaluate there, not at rw_t's 288
+    args = resolved('--progressive')  # the demo's defaults: 30 epochs (15 without --progressive), 32 px
+    assert stage_rows(args) == [(0, 7, 26, None, 0.0, 0.0), (8, 14, 28, None, 0.0, 0.0),
+                                (15, 22, 30, None, 0.0, 0.0), (23, 29, 32, None, 0.0, 0.0)]
+    assert args.eval_size == 32  # the demo chose its size: evaluate there, not at the model's test size
+    assert resolved().epochs == 15 and resolved('--progressive', '--epochs', '8').epochs == 8
 
 
 def test_minimums_above_the_final_values_are_capped_so_regularization_never_falls():
