@@ -27,7 +27,8 @@ the table is printed above it and everything, every window included, goes to --j
   RandomResizedCrop, flip, RandAugment --aa, collate, normalize). Ours: data.py's ImageFolder,
   train_transform, create_loader, normalize. timm: PIL decode, create_transform(is_training,
   use_prefetcher=True), fast_collate, normalize: timm 0.5.4's default loader. Each window starts a
-  fresh loader and leaves the first batch of every worker untimed (start-up); with 0 workers torch
+  fresh loader and leaves the first two batches of every worker untimed (start-up: a new process's
+  imports, lookup tables and first-touch memory, which train.py pays once an epoch); with 0 workers torch
   runs one thread, as in a DataLoader worker, so rows compare per core. Without --jpeg-dir, 64
   500x375 JPEGs are cut from scikit-learn's two sample photos. The summary's pipeline ratio is the
   geometric mean over the worker counts.
@@ -70,7 +71,8 @@ def get_args_parser():
                         "both; defaults: ours as train.py defaults, timm NCHW as the seed runs")
     p.add_argument('--compile', action='store_true', help='torch.compile the models (not the optimizer)')
     p.add_argument('--warmup', type=int, help='untimed steps first; default 3 on the CPU, else 10')
-    p.add_argument('--windows', type=int, default=5, help='timed windows per implementation')
+    p.add_argument('--windows', type=int, default=9,
+                   help='timed windows per implementation (with 5, pipeline rows moved 20%% between runs)')
     p.add_argument('--steps', type=int, help='steps per window; default 3 on the CPU, else 10')
     p.add_argument('--step', action=argparse.BooleanOptionalAction, default=True, help='bench the step')
     p.add_argument('--pipeline', action=argparse.BooleanOptionalAction, default=True,
@@ -80,7 +82,7 @@ def get_args_parser():
     p.add_argument('--jpeg-dir', help='DIR/train/<class>/*.jpg; made from sample photos if missing')
     p.add_argument('--pipeline-size', type=int, default=288)
     p.add_argument('--pipeline-batch', type=int, default=32)
-    p.add_argument('--pipeline-batches', type=int, default=8, help='timed batches per window')
+    p.add_argument('--pipeline-batches', type=int, default=16, help='timed batches per window')
     p.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--aa', default='rand-m9-mstd0.5', help='RandAugment spec of the pipeline')
     p.add_argument('--compare-timm', action='store_true')
@@ -352,7 +354,7 @@ def bench_pipeline(args):
         if not os.path.isdir(os.path.join(root, 'train')):
             make_jpeg_folder(root, seed=args.seed)
         files = data.load_datasets('folder', root)[0].samples
-        needed = (max(args.workers + [1]) + args.pipeline_batches) * args.pipeline_batch
+        needed = (untimed_batches(max(args.workers)) + args.pipeline_batches) * args.pipeline_batch
         samples = files * math.ceil(needed / len(files))  # every window reads distinct batches
         torch.set_num_threads(1)
         try:
@@ -362,14 +364,17 @@ def bench_pipeline(args):
     return rows
 
 
+def untimed_batches(workers):
+    return 2 * max(workers, 1)  # every worker delivers twice before the clock starts: start-up is not timed
+
+
 def bench_pipeline_workers(samples, args, workers):
     makers = dict(ours=our_batches, timm=timm_batches)
     seconds = {impl: [] for impl in args.impls}
     for window in range(args.windows):
         for impl in args.impls if window % 2 == 0 else args.impls[::-1]:
             batches = makers[impl](samples, args, workers)
-            # every worker delivers once before the clock starts: its start-up is not timed
-            seconds[impl].append(time_pipeline_window(batches, max(workers, 1),
+            seconds[impl].append(time_pipeline_window(batches, untimed_batches(workers),
                                                       args.pipeline_batches, args.device))
     name = f"pipeline img/s ({args.pipeline_size} px, {workers} worker{'s' * (workers != 1)})"
     return row(name, 'img/s', {impl: [1 / s for s in seconds[impl]] for impl in seconds})
