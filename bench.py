@@ -12,7 +12,7 @@ the table is printed above it and everything, every window included, goes to --j
 
 - step: one training step on synthetic data, as train.py takes it: forward (autocast unless
   --precision float32), label-smoothing loss, backward, RMSpropTF, EMA update. Ours: model.py,
-  utils.RMSpropTF, utils.create_ema, zero_grad before the forward. timm: timm.create_model, its
+  utils.RMSpropTF, utils.ModelEma, zero_grad before the forward. timm: timm.create_model, its
   RMSpropTF looping over tensors (timm 0.5.4, the seed; timm 1.0 picks foreach on CUDA) and
   ModelEmaV2, zero_grad after the forward (timm's train.py). --channels-last on/off/auto applies to
   both; `defaults` gives ours train.py's default for the device and timm NCHW (the seed's command).
@@ -127,7 +127,7 @@ def build_trainer(impl, args, images, labels):
         net = models.create_model(args.model, drop_rate=0.3, drop_path_rate=0.2)
         net = net.to(args.device, memory_format=memory_format(impl, args))
         optimizer = utils.create_optimizer('rmsproptf', net, 0.014, 1e-5, eps=1e-3)
-        ema = utils.create_ema(net, EMA_DECAY)
+        ema = utils.ModelEma(net, EMA_DECAY)
         update_ema = lambda: ema.update_parameters(net)  # noqa: E731
     else:
         import timm

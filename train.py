@@ -217,7 +217,7 @@ def setup(args):
     optimizer = utils.create_optimizer(args.opt, net, args.lr, args.weight_decay, args.momentum,
                                        args.opt_eps)
     amp, amp_dtype, optimizer, net = setup_precision(args, device, net, optimizer, is_main)
-    ema = utils.create_ema(net, args.model_ema_decay) if args.model_ema else None
+    ema = utils.ModelEma(net, args.model_ema_decay) if args.model_ema else None
     ddp = net
     if world_size > 1:
         ids = [device.index] if device.type in ('cuda', 'npu') else None
@@ -773,7 +773,7 @@ def evaluate_only(run):
         checkpoint = models.read_checkpoint(args.resume)
         models.load_pretrained(run.model, checkpoint, use_ema=False)
         if checkpoint.get('model_ema'):
-            run.ema = run.ema or utils.create_ema(run.model, 0.0)
+            run.ema = run.ema or utils.ModelEma(run.model, 0.0)
             run.ema.module.load_state_dict(checkpoint['model_ema'])
     loader = make_val_loader(run, args.eval_size)
     evaluation = validate(run, run.model, loader)

@@ -3,8 +3,9 @@ training curves.
 
     python utils.py plot output/train/RUN [RUN2 ...] [--out curves.png]   # redraw / overlay curves
 
-RMSpropTF and the step schedule are our own because timm's exact semantics differ from torch's
-(tested against timm in test/test_utils.py); everything else is torch's own machinery.
+RMSpropTF and the step schedule are our own because timm's exact semantics differ from torch's, and
+ModelEma because torch's AveragedModel syncs with the GPU every step (all tested against timm in
+test/test_utils.py); everything else is torch's own machinery.
 """
 import copy
 import math
@@ -153,9 +154,6 @@ class ModelEma(torch.nn.Module):
             torch._foreach_copy_(averaged, mixed)
 
 
-def create_ema(model, decay):
-    return ModelEma(model, decay)
-
 
 # ----------------------------------------------------------------------------------------------
 # Meters
@@ -185,14 +183,15 @@ def accuracy(output, target, topk=(1, 5)):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic writes, weights-only reads
 
-def atomic_save(obj, path):
-    """Write to a temporary file in the same folder, fsync, rename: a kill at any moment leaves
-    either the old file or the new one, never half of one."""
+def atomic_write(path, write):
+    """write(binary file) into a temporary file in the same folder, fsync, rename: a kill at any
+    moment leaves either the old file or the new one, never half of one. The temporary name,
+    .NAME.PID.tmp, is what train.py clears from --output as stale."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -204,6 +203,10 @@ def atomic_save(obj, path):
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def atomic_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def rng_state():
@@ -375,9 +378,7 @@ def plot_curves(run_dirs, out_path):
         if ax.lines:
             ax.legend(fontsize='small')
     fig.suptitle(', '.join(os.path.basename(os.path.normpath(d)) for d in run_dirs))
-    tmp = f"{out_path}.{os.getpid()}.tmp"  # a viewer never sees half a file
-    fig.savefig(tmp, dpi=100, format='png')
-    os.replace(tmp, out_path)
+    atomic_write(out_path, lambda f: fig.savefig(f, dpi=100, format='png'))  # never half a PNG
     return fig
 
 

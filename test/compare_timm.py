@@ -41,6 +41,8 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from train import AVERAGE_AFTER_STEP  # noqa: E402  both sides leave out the same first steps
 
 # The digits demo's recipe (train.py DEMO_DEFAULTS); optimizer, schedule and warm-up are fixed below.
 RECIPE = dict(model='tf_efficientnetv2_b0', img_size=32, batch_size=64, epochs=10,
@@ -202,7 +204,6 @@ SPEED_RECIPE = ['--model', 'efficientnetv2_rw_t', '--sched', 'step', '--decay-ep
                 '--opt', 'rmsproptf', '--opt-eps', '.001', '--warmup-lr', '4e-6', '--weight-decay', '1e-5',
                 '--drop', '0.3', '--drop-connect', '0.2', '--lr', '.014', '--model-ema',
                 '--model-ema-decay', '0.9999', '--mixup', '0.2', '-j', '0', '--log-interval', '1']
-AVERAGE_AFTER_STEP = 3  # train.py's: its running images/s leaves the first steps out
 
 
 def speed_ours(args, channels_last):
@@ -224,7 +225,7 @@ def speed_timm(args, channels_last):
     images at the final size, collated with mixup by FastCollateMixup and normalized in the loop (timm's
     prefetcher, which needs CUDA). -> images/s over the steps after the first AVERAGE_AFTER_STEP."""
     import timm
-    from timm.data import FastCollateMixup
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, FastCollateMixup
     from timm.loss import SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import StepLRScheduler
@@ -240,8 +241,8 @@ def speed_timm(args, channels_last):
     samples = [(pool[i % 64], i % 1000) for i in range(args.batch_size * args.steps)]
     collate = FastCollateMixup(mixup_alpha=0.2, label_smoothing=0.1, num_classes=1000)
     loader = torch.utils.data.DataLoader(samples, args.batch_size, collate_fn=collate, drop_last=True)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
     loss_fn = SoftTargetCrossEntropy()
     net.train()
     times, end = [], time.perf_counter()

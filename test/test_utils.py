@@ -100,7 +100,7 @@ def test_cosine_schedule_matches_timm_cosine_scheduler():
 def test_ema_matches_timm_model_ema_every_step_including_bn_buffers():
     from timm.utils import ModelEmaV2
     net = small_net()
-    ours, theirs = utils.create_ema(net, 0.9), ModelEmaV2(net, decay=0.9)
+    ours, theirs = utils.ModelEma(net, 0.9), ModelEmaV2(net, decay=0.9)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     torch.manual_seed(2)
     for _ in range(5):
@@ -118,7 +118,7 @@ def test_ema_matches_timm_model_ema_every_step_including_bn_buffers():
 
 def test_ema_first_update_decays_instead_of_copying():
     net = small_net()
-    ema = utils.create_ema(net, 0.5)
+    ema = utils.ModelEma(net, 0.5)
     before = net[4].weight.detach().clone()
     with torch.no_grad():
         net[4].weight.add_(1.0)
