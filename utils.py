@@ -1,5 +1,5 @@
-"""Small shared pieces for train.py: optimizer, lr schedule, EMA, meters, checkpoints, distributed,
-training curves.
+"""Small shared pieces for train.py: optimizer, lr schedule, EMA, mixed precision, the log lines,
+atomic writes, distributed helpers, training curves.
 
     python utils.py plot output/train/RUN [RUN2 ...] [--out curves.png]   # redraw / overlay curves
 
@@ -7,10 +7,13 @@ RMSpropTF and the step schedule are our own because timm's exact semantics diffe
 ModelEma because torch's AveragedModel syncs with the GPU every step (all tested against timm in
 test/test_utils.py); everything else is torch's own machinery.
 """
+import contextlib
 import copy
+import itertools
 import math
 import os
 import random
+import time
 
 import torch
 import torch.distributed as dist
@@ -156,7 +159,184 @@ class ModelEma(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Meters
+# Mixed precision
+
+class Precision:
+    """Mixed precision behind four calls, native or NVIDIA apex: autocast(), backward(loss),
+    step(optimizer, clip_grad) -> whether the step was skipped, state_dict()/load_state_dict()
+    (the loss scale, saved in checkpoints). Native: torch.autocast, with a GradScaler for float16
+    (it skips a step whose gradients are not finite and lowers its scale); bfloat16 and float32
+    need none. apex: O1, set up by create_precision (apex patches the model and optimizer)."""
+
+    def __init__(self, device_type, dtype=None, apex_optimizer=None):
+        self.device_type, self.dtype, self.apex_optimizer = device_type, dtype, apex_optimizer
+        native_fp16 = dtype == torch.float16 and apex_optimizer is None
+        self.scaler = torch.amp.GradScaler(device_type, enabled=native_fp16)
+
+    def autocast(self):
+        if self.dtype is None or self.apex_optimizer is not None:  # apex casts by itself
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, self.dtype)
+
+    def backward(self, loss):
+        if self.apex_optimizer is None:
+            self.scaler.scale(loss).backward()
+            return
+        from apex import amp
+        with amp.scale_loss(loss, self.apex_optimizer) as scaled_loss:
+            scaled_loss.backward()
+
+    def step(self, optimizer, clip_grad=None):
+        scale = self.loss_scale()
+        if clip_grad:  # on the true gradients: GradScaler unscales here, apex already has
+            if self.apex_optimizer is None:
+                self.scaler.unscale_(optimizer)
+            parameters = [p for group in optimizer.param_groups for p in group['params']]
+            torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        self.scaler.step(optimizer)  # a plain optimizer.step() when the scaler is disabled
+        self.scaler.update()
+        # A skipped step halves the scale; reading it costs no extra sync (the scaler synced to decide).
+        return scale is not None and self.loss_scale() < scale
+
+    def loss_scale(self):
+        if self.apex_optimizer is not None:
+            from apex import amp
+            return amp._amp_state.loss_scalers[0].loss_scale()
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None
+
+    def state_dict(self):
+        if self.apex_optimizer is not None:
+            from apex import amp
+            return amp.state_dict()  # {'loss_scaler0': {'loss_scale': ..., 'unskipped': ...}}
+        return self.scaler.state_dict()  # {} when disabled
+
+    def load_state_dict(self, state):
+        """Another kind's state (fp16 <-> apex, or none saved) is ignored: the scale starts afresh."""
+        if self.apex_optimizer is not None and 'loss_scaler0' in state:
+            from apex import amp
+            amp.load_state_dict(state)
+        elif self.scaler.is_enabled() and 'scale' in state:
+            self.scaler.load_state_dict(state)
+
+
+def create_precision(device, model, optimizer, amp=False, amp_dtype=None, apex=False, say=print):
+    """-> (Precision, model, optimizer). --apex-amp uses apex O1 where apex imports (on a GPU or
+    NPU) and native mixed precision otherwise, saying so; --amp is native. The default dtype is
+    float16 on accelerators and bfloat16 on the CPU."""
+    dtype = getattr(torch, amp_dtype or ('bfloat16' if device.type == 'cpu' else 'float16'))
+    if apex and device.type != 'cpu':
+        try:
+            from apex import amp as apex_amp
+        except ImportError:
+            pass
+        else:
+            model, optimizer = apex_amp.initialize(model, optimizer, opt_level='O1')
+            return Precision(device.type, dtype, apex_optimizer=optimizer), model, optimizer
+    if apex:
+        say(f"--apex-amp: NVIDIA apex is not available here; using native mixed precision "
+            f"({str(dtype).replace('torch.', '')})")
+    return Precision(device.type, dtype if amp or apex else None), model, optimizer
+
+
+# ----------------------------------------------------------------------------------------------
+# The log lines: timm's `Train:` and `Test:` formats, which the ModelZoo scripts parse
+
+AVERAGE_AFTER_STEP = 3  # warm-up steps left out of the running images/s, as the ModelZoo parser wants
+
+
+class TrainLogger:
+    """Times an epoch's steps and prints timm's `Train:` line at log steps: every `log_interval`-th
+    batch and the last one to run. Progress and the epoch's loss sum are read from `state` (run.py's
+    TrainState: `step` batches done, loss_sum, loss_count); the clock syncs the device only at log steps."""
+
+    def __init__(self, epoch, num_batches, last_batch, log_interval, state, device=torch.device('cpu')):
+        self.epoch, self.num_batches, self.last_batch = epoch, num_batches, last_batch
+        self.log_interval, self.state, self.device = log_interval, state, device
+        self.first_batch, self.images_per_sec = state.step, 0.0
+        self.step_time, self.data_time = AverageMeter(), AverageMeter()
+
+    def log_every(self, loader):
+        """The loader's batches up to last_batch, timing how long each took to arrive."""
+        self.last_log = data_start = time.perf_counter()
+        self.steps_since_log = 0
+        for batch in itertools.islice(loader, self.last_batch + 1 - self.first_batch):
+            self.data_time.update(time.perf_counter() - data_start)
+            yield batch
+            data_start = time.perf_counter()
+
+    def update(self, loss, batch_size, lr):
+        """After each step: prints the line at a log step; -> whether it was one."""
+        batch_idx, self.steps_since_log = self.state.step - 1, self.steps_since_log + 1
+        if batch_idx % self.log_interval and batch_idx != self.last_batch:
+            return False
+        synchronize(self.device)
+        now = time.perf_counter()
+        seconds, steps = (now - self.last_log) / self.steps_since_log, self.steps_since_log
+        self.last_log, self.steps_since_log = now, 0
+        if batch_idx - self.first_batch >= AVERAGE_AFTER_STEP:
+            self.step_time.update(seconds, steps)
+        average = self.step_time.avg if self.step_time.count else seconds
+        global_batch = batch_size * get_world_size()
+        self.images_per_sec = global_batch / average
+        loss_now = loss.item()
+        if is_main_process():
+            average_loss = float(self.state.loss_sum) / self.state.loss_count
+            print(f"Train: {self.epoch} [{batch_idx:>4d}/{self.num_batches} "
+                  f"({100.0 * batch_idx / max(self.num_batches - 1, 1):>3.0f}%)]  "
+                  f"Loss: {loss_now:#.4g} ({average_loss:#.3g})  "
+                  f"Time: {seconds:.3f}s, {global_batch / seconds:>7.2f}/s  "
+                  f"({average:.3f}s, {global_batch / average:>7.2f}/s)  "
+                  f"LR: {lr:.3e}  Data: {self.data_time.val:.3f} ({self.data_time.avg:.3f})", flush=True)
+        return True
+
+
+class EvalLogger:
+    """Sums of one validation pass over all ranks, and timm's `Test:` line: each value is the
+    batch's over all ranks, in brackets the average so far. Every rank iterates the same number of
+    batches (a shorter shard gets empty ones) for the per-batch all-reduce: the loss sum travels as
+    float32 and the counts as int32, never float64, which Ascend's HCCL does not reduce
+    (https://www.hiascend.com/document/detail/en/canncommercial/850/API/hcclapiref/hcclcpp_07_0020.html);
+    the running totals are Python numbers on the host."""
+
+    def __init__(self, log_interval, device, name='Test', is_main=True):
+        self.log_interval, self.device, self.name, self.is_main = log_interval, device, name, is_main
+        self.totals = dict(loss=0.0, top1=0, top5=0, count=0)
+        self.batch_time = AverageMeter()
+
+    def log_every(self, loader, empty_batch):
+        """The loader's batches, then `empty_batch` until this rank has had as many as the longest."""
+        self.num_batches = max_over_ranks(len(loader), self.device)
+        self.end = time.perf_counter()
+        batches = itertools.chain(loader, itertools.repeat(empty_batch))
+        for self.batch_idx, batch in zip(range(self.num_batches), batches):
+            yield batch
+
+    def update(self, loss_sum, hits, count):
+        """loss_sum: the batch's summed loss (a tensor); hits: its top-1 and top-5 counts (a tensor)."""
+        counts = torch.cat([hits, hits.new_tensor([count])]).int()
+        batch = dict(loss=all_reduce_sum(loss_sum.detach().float()).item(),
+                     **dict(zip(('top1', 'top5', 'count'), all_reduce_sum(counts).tolist())))
+        for key, value in batch.items():
+            self.totals[key] += value
+        self.batch_time.update(time.perf_counter() - self.end)
+        self.end = time.perf_counter()
+        if self.is_main and (self.batch_idx % self.log_interval == 0 or self.batch_idx == self.num_batches - 1):
+            now, average = self.averages(batch), self.averages(self.totals)
+            print(f"{self.name}: [{self.batch_idx:>4d}/{self.num_batches - 1}]  "
+                  f"Time: {self.batch_time.val:.3f} ({self.batch_time.avg:.3f})  "
+                  f"Loss: {now['loss']:>7.4f} ({average['loss']:>6.4f})  "
+                  f"Acc@1: {now['top1']:>7.4f} ({average['top1']:>7.4f})  "
+                  f"Acc@5: {now['top5']:>7.4f} ({average['top5']:>7.4f})", flush=True)
+
+    @staticmethod
+    def averages(sums):
+        count = max(sums['count'], 1)
+        return dict(loss=sums['loss'] / count, top1=100 * sums['top1'] / count, top5=100 * sums['top5'] / count)
+
+    def result(self):
+        """loss, top1, top5 over every validation image, each counted once."""
+        return self.averages(self.totals)
+
 
 class AverageMeter:
     def __init__(self):
@@ -270,6 +450,19 @@ def distributed_env():
             int(os.environ.get('LOCAL_RANK', 0)))
 
 
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process():
+    """Rank 0: the one that logs and writes files."""
+    return get_rank() == 0
+
+
 def init_distributed(device, timeout_minutes=30):
     """One process group over all ranks: nccl for GPUs, hccl for NPUs, gloo for CPUs. A collective
     that waits longer than the timeout fails (the launcher then stops every rank)."""
@@ -280,16 +473,26 @@ def init_distributed(device, timeout_minutes=30):
 
 
 def all_reduce_sum(tensor):
+    """In place over all ranks (nothing without a process group); returns the tensor."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def all_reduce_mean(tensor, world_size):
-    """The mean over ranks, as a new tensor (gloo has no AVG)."""
-    if world_size == 1:
+def mean_over_ranks(tensor):
+    """The mean over ranks, as a new tensor (gloo has no AVG); the tensor itself with one process."""
+    if get_world_size() == 1:
         return tensor
-    return all_reduce_sum(tensor.clone()) / world_size
+    return all_reduce_sum(tensor.clone()) / get_world_size()
+
+
+def max_over_ranks(number, device):
+    """The largest of an integer over all ranks (int32: every backend reduces it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return number
+    value = torch.tensor([number], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
 
 
 def is_peer_failure(error):
@@ -299,14 +502,28 @@ def is_peer_failure(error):
     return isinstance(error, dist.DistBackendError) or any(sign in str(error) for sign in signs)
 
 
-def average_bn_stats(model, world_size):
+def average_bn_stats(model):
     """timm's distribute_bn('reduce'): average BN running statistics over ranks before eval."""
-    if world_size == 1:
+    if get_world_size() == 1:
         return
     for name, buf in model.named_buffers():
         if 'running_mean' in name or 'running_var' in name:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            buf.div_(world_size)
+            buf.div_(get_world_size())
+
+
+def freeze_batchnorm(model):
+    """BatchNorm in eval mode inside a training model: it normalizes with its running statistics
+    and leaves them unchanged; its scale and shift still train (fine-tuning with small batches)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def destroy_distributed():
+    """After success only: with a rank gone, tearing the group down can block."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def synchronize(device):

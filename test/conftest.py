@@ -40,10 +40,17 @@ def image_folder(tmp_path):
     return make_image_folder(tmp_path / 'data')
 
 
-def run_train(*args, timeout=600, check=True, env=None):
+def train_command(*args, faults=()):
+    """python train.py ARGS, or with faults injected (test/faults.py) when `faults` are given."""
+    if faults:
+        return [sys.executable, os.path.join(ROOT, 'test', 'faults.py'), *faults, '--', *map(str, args)]
+    return [sys.executable, os.path.join(ROOT, 'train.py'), *map(str, args)]
+
+
+def run_train(*args, timeout=600, check=True, env=None, faults=()):
     """python train.py ARGS in the repo root; returns the CompletedProcess (text output)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *map(str, args)],
+    result = subprocess.run(train_command(*args, faults=faults),
                             cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n"

@@ -80,12 +80,12 @@ def test_a_loss_that_stays_non_finite_stops_the_run_and_keeps_the_last_good_chec
 
 
 def test_steps_skipped_by_the_fp16_grad_scaler_do_not_count_as_non_finite(tmp_path):
-    """EFFNET_INF_LOSS_STEPS (train.py's fault injection) makes steps 2-6 infinite: five in a row,
+    """test/faults.py makes steps 2-6 infinite: five in a row,
     the limit, but fp16's GradScaler skips each of them, so training goes on (fp16 on the CPU is
     slow: 6 steps of batch 2, no validation)."""
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=8, val_per_class=3)
     result = run_train(data_dir, *TINY, '-b', '2', '-j', '0', '--amp', '--amp-dtype', 'float16',
                        '--perf-steps', '6', '--log-interval', '1', '--output', tmp_path / 'out',
-                       env={'EFFNET_INF_LOSS_STEPS': '2,3,4,5,6'})
+                       faults=['--inf-loss-steps', '2,3,4,5,6'])
     losses = re.findall(r'^Train: .*?Loss: (\S+)', result.stdout, re.M)
     assert losses[1:] == ['inf'] * 5 and losses[0] != 'inf', losses

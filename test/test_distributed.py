@@ -48,10 +48,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch(launcher_args, train_args, env=None, check=True):
+def launch(launcher_args, train_args, env=None, check=True, script=('train.py',)):
     """python -m LAUNCHER ... train.py ARGS in the repo root -> CompletedProcess (+ .seconds)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, '-m', *launcher_args, 'train.py', *map(str, train_args)],
+    result = subprocess.run([sys.executable, '-m', *launcher_args, *script, *map(str, train_args)],
                             cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
                             env=dict(ENV, **(env or {})))
     result.seconds = time.perf_counter() - start
@@ -158,13 +158,13 @@ def test_two_nodes_on_localhost_run_one_job_logged_by_rank_0(two_nodes):
 
 
 def test_a_failing_rank_stops_the_run_with_its_error_said_once(data_dir, tmp_path):
-    result = torchrun(2, [data_dir, *TINY, '-b', '2', '--output', tmp_path / 'run'],
-                      env={'EFFNET_FAIL_RANK': '1'}, check=False)
+    result = torchrun(2, [data_dir, *TINY, '-b', '2', '--output', tmp_path / 'run'], check=False,
+                      script=('test/faults.py', '--fail-rank', '1', '--'))  # rank 1 raises after a step
     text = result.stdout + result.stderr
     assert result.returncode != 0
     assert result.seconds < 120  # torchrun stops the other rank: no collective timeout, no hang
-    assert text.count('RuntimeError: EFFNET_FAIL_RANK=1: failure injected') == 1
-    assert re.search(r'^\[rank1\]: RuntimeError: EFFNET_FAIL_RANK=1: failure injected', text, re.M)
+    assert text.count('RuntimeError: failure injected on rank 1') == 1
+    assert re.search(r'^\[rank1\]: RuntimeError: failure injected on rank 1', text, re.M)
     assert 'rank 0 stops: another rank failed' in text
 
 
@@ -174,7 +174,7 @@ def test_a_failing_rank_stops_the_run_with_its_error_said_once(data_dir, tmp_pat
 @pytest.fixture(scope='module')
 def repo_copy(tmp_path_factory):
     root = tmp_path_factory.mktemp('repo')
-    for name in ('train.py', 'model.py', 'data.py', 'utils.py'):
+    for name in ('train.py', 'run.py', 'model.py', 'data.py', 'utils.py'):
         shutil.copy(os.path.join(ROOT, name), root)
     shutil.copytree(os.path.join(ROOT, 'test'), root / 'test',
                     ignore=shutil.ignore_patterns('output', '__pycache__', '*.py'))
