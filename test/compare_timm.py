@@ -42,7 +42,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from train import AVERAGE_AFTER_STEP  # noqa: E402  both sides leave out the same first steps
+from utils import AVERAGE_AFTER_STEP  # noqa: E402  both sides leave out the same first steps (train.py too)
 
 # The digits demo's recipe (train.py DEMO_DEFAULTS); optimizer, schedule and warm-up are fixed below.
 RECIPE = dict(model='tf_efficientnetv2_b0', img_size=32, batch_size=64, epochs=10,
