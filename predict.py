@@ -2,9 +2,14 @@
 
     python predict.py classify output/train/RUN/model_best.pth.tar photo.jpg photos/ [--topk 5] [--device auto]
     python predict.py export output/train/RUN/model_best.pth.tar model.onnx [--size 288]
+    python predict.py classify --model efficientnetv2_rw_t photo.jpg photos/   # published ImageNet weights
+    python predict.py export --model efficientnetv2_rw_t model.onnx
 
 Both take the checkpoint's EMA weights when it holds them, and the run's evaluation settings (size,
 crop_pct, interpolation, mean/std) from the arguments stored in it; --size overrides the size.
+Without a checkpoint (classify: the first PATH is an image or a folder), --model NAME takes the
+variant's published ImageNet weights (model.published_weights: downloaded once into torch's hub
+cache, $TORCH_HOME/hub/checkpoints), their eval transform and ImageNet's class names.
 `classify` prints one line per image (folders are searched recursively for .jpg/.jpeg/.png):
     photos/cat.jpg  tabby 91.20%  tiger_cat 6.31%  Egyptian_cat 1.94%  lynx 0.21%  tiger 0.09%
 `export` writes one ONNX file taking normalized float images (N, 3, size, size), N free, giving
@@ -14,10 +19,12 @@ the file with onnxruntime on random images, compares with PyTorch and prints the
 A checkpoint of bare weights (timm, torchvision) needs --model NAME.
 """
 import argparse
+import contextlib
 import os
 import sys
 
 import torch
+import torchvision
 
 import data
 import model as models
@@ -49,6 +56,43 @@ def load_model(path, model_name=None):
                 interpolation=saved.get('interpolation') or config['interpolation'],
                 mean=tuple(saved.get('mean') or config['mean']), std=tuple(saved.get('std') or config['std']))
     return net.eval(), info
+
+
+def load_published(name):
+    """-> (network holding the variant's published ImageNet weights, in eval mode on the CPU; info
+    dict as load_model's, with the eval settings those weights were measured with)."""
+    try:
+        models.check_model_name(name)
+    except ValueError as e:  # names the close matches
+        raise utils.UsageError(str(e)) from None
+    config = models.published_config(name)  # CheckpointError, one line, for a variant without weights
+    net = models.load_pretrained(models.create_model(name), models.published_weights(name))
+    publisher, file = models.PUBLISHED_WEIGHTS[name][:2]
+    info = dict(arch=name, classes=imagenet_classes(), ema=False, published=f'{publisher}:{file}',
+                size=config['test_size'], crop_pct=config['crop_pct'],
+                interpolation=config['interpolation'], mean=config['mean'], std=config['std'])
+    return net.eval(), info
+
+
+def imagenet_classes():
+    """ImageNet-1k's class names in the order every published classifier uses (torchvision's list),
+    with spaces as underscores so each name stays one word in classify's lines."""
+    categories = torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1.meta['categories']
+    return [name.replace(' ', '_') for name in categories]
+
+
+def split_checkpoint(paths, model_name):
+    """classify's PATHs -> (checkpoint or None, images): the first is the checkpoint unless it is an
+    image or a folder; then --model NAME's published weights are used."""
+    first = paths[0]
+    if os.path.isdir(first) or first.lower().endswith(data.IMAGE_EXTENSIONS):
+        if model_name is None:
+            raise utils.UsageError("give a checkpoint before the images, or --model NAME to use that "
+                                   "variant's published ImageNet weights")
+        return None, paths
+    if len(paths) == 1:
+        raise utils.UsageError(f"no images given after the checkpoint {first}")
+    return first, paths[1:]
 
 
 def _classifier_rows(checkpoint):
@@ -127,7 +171,7 @@ def export_onnx(net, info, out_path, size=None, batch_size=2):
     metadata = dict(arch=info['arch'], classes='\n'.join(info['classes']), size=str(size),
                     crop_pct=str(info['crop_pct']), interpolation=info['interpolation'],
                     mean=' '.join(map(str, info['mean'])), std=' '.join(map(str, info['std'])),
-                    weights='ema' if info['ema'] else 'model')
+                    weights=info.get('published') or ('ema' if info['ema'] else 'model'))
     onnx.helper.set_model_props(onnx_model, metadata)
     onnx.save(onnx_model, out_path)
 
@@ -147,24 +191,33 @@ def get_args_parser():
                                 epilog=__doc__.split('\n', 2)[2])
     commands = p.add_subparsers(dest='command', required=True)
     c = commands.add_parser('classify', help='top-k classes of image files or folders')
-    c.add_argument('checkpoint')
-    c.add_argument('paths', nargs='+', metavar='PATH', help='image files or folders')
+    c.add_argument('paths', nargs='+', metavar='PATH',
+                   help='a checkpoint, then image files or folders (no checkpoint: --model NAME)')
     c.add_argument('--topk', type=int, default=5)
     c.add_argument('--device', default='auto', choices=('auto', 'cuda', 'npu', 'cpu'))
     c.add_argument('-b', '--batch-size', type=int, default=32)
     e = commands.add_parser('export', help='ONNX file, checked with onnxruntime')
-    e.add_argument('checkpoint')
+    e.add_argument('checkpoint', nargs='?', help='omitted: --model NAME with its published weights')
     e.add_argument('output', metavar='OUT.onnx')
     for sub in (c, e):
         sub.add_argument('--size', type=int, help="input size; default: the run's eval size")
-        sub.add_argument('--model', help="model name, for checkpoints that don't store it")
+        sub.add_argument('--model', help="model name, for checkpoints that don't store it; without a "
+                                         "checkpoint, the variant whose published ImageNet weights to use")
     return p
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
-        net, info = load_model(args.checkpoint, args.model)
+        if args.command == 'classify':
+            args.checkpoint, args.paths = split_checkpoint(args.paths, args.model)
+        if args.checkpoint is None and args.model is None:
+            raise utils.UsageError("give a checkpoint, or --model NAME for its published ImageNet weights")
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for results; loading notes go to stderr
+            if args.checkpoint is None:
+                net, info = load_published(args.model)
+            else:
+                net, info = load_model(args.checkpoint, args.model)
         info['size'] = args.size or info['size']
         if args.command == 'classify':
             if args.topk < 1 or args.batch_size < 1:
@@ -175,7 +228,10 @@ def main(argv=None):
                 print(path + ''.join(f"  {name} {100 * p:.2f}%" for name, p in top), flush=True)
         else:
             difference = export_onnx(net, info, args.output, info['size'])
-            weights = 'EMA weights' if info['ema'] else 'weights (the checkpoint has no EMA)'
+            if args.checkpoint is None:
+                weights = f"published weights {info['published']}"
+            else:
+                weights = 'EMA weights' if info['ema'] else 'weights (the checkpoint has no EMA)'
             print(f"exported {info['arch']} to {args.output}: input N x 3 x {info['size']} x "
                   f"{info['size']}, {len(info['classes'])} classes, {weights}")
             print(f"onnxruntime vs PyTorch: max difference {difference:.3g}")

@@ -283,12 +283,14 @@ def evaluate(model, model_ema, val_set, device, precision, args):
             model_ema.module.load_state_dict(checkpoint['model_ema'])
     loader = make_loader(val_set, data.eval_transform(args.eval_size, crop_pct=args.crop_pct,
                          interpolation=args.interpolation), eval_sampler(val_set, args), device, args)
-    nets = [('Evaluation', model)] + [('Evaluation (EMA)', model_ema.module)] * bool(model_ema and args.resume)
-    for name, net in nets:
-        result = validate(net, loader, device, precision, args, name[len('Evaluation'):])
+    nets = [('', model)]
+    if model_ema is not None and args.resume:
+        nets.append((' (EMA)', model_ema.module))
+    for suffix, net in nets:
+        result = validate(net, loader, device, precision, args, suffix)
         if utils.is_main_process():
-            print(f"{name}: loss {result['loss']:.4f}  top1 {result['top1']:.4f}  top5 {result['top5']:.4f}",
-                  flush=True)
+            print(f"Evaluation{suffix}: loss {result['loss']:.4f}  top1 {result['top1']:.4f}  "
+                  f"top5 {result['top5']:.4f}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,11 +313,14 @@ def resolve_args(args):
             models.create_model(args.model)
         except ValueError as e:  # names the close matches
             raise utils.UsageError(str(e)) from None
-    config = models.VARIANTS[args.model]['config']
+    # Published weights are evaluated and fine-tuned with the settings they were measured with.
+    published = args.pretrained is True
+    config = models.published_config(args.model) if published else models.VARIANTS[args.model]['config']
     args.img_size = args.img_size or config['train_size']
-    # Progressive learning trains up to the train size and evaluates at the variant's test size.
-    args.eval_size = args.eval_size or (config['test_size'] if args.progressive and not size_chosen
-                                        else args.img_size)
+    # Progressive learning trains up to the train size and evaluates at the test size, as does
+    # --evaluate --pretrained (to compare with the published top-1).
+    test_size = args.progressive or (args.evaluate and published)
+    args.eval_size = args.eval_size or (config['test_size'] if test_size and not size_chosen else args.img_size)
     for key in ('crop_pct', 'interpolation', 'mean', 'std'):
         if getattr(args, key) is None:
             setattr(args, key, config[key])
@@ -373,7 +378,7 @@ def build_model(args, device):
     model_without_ddp = models.create_model(args.model, num_classes=args.num_classes, drop_rate=args.drop,
                                             drop_path_rate=args.drop_path)
     if args.pretrained:
-        weights = models.published_weights(args.model) if args.pretrained is True else args.pretrained
+        weights = fetch_published_weights(args.model) if args.pretrained is True else args.pretrained
         models.load_pretrained(model_without_ddp, weights)
     if args.sync_bn and utils.get_world_size() > 1:
         model_without_ddp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
@@ -399,6 +404,16 @@ def build_model(args, device):
         # random erasing draw per rank (timm seeds seed + rank), or the ranks would repeat one another
         torch.manual_seed(data.mix_seed(args.seed, utils.get_rank()))
     return model_without_ddp, model, optimizer, precision, model_ema
+
+
+def fetch_published_weights(name):
+    """The variant's published weights, downloaded once per node: local rank 0 fetches them while
+    the others wait, then find them in the cache."""
+    local_rank = utils.distributed_env()[2]
+    if local_rank == 0:
+        path = models.published_weights(name)
+    utils.barrier()
+    return path if local_rank == 0 else models.published_weights(name, progress=False)
 
 
 def compile_model(model, precision, args):

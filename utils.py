@@ -472,6 +472,11 @@ def init_distributed(device, timeout_minutes=30):
                             device_id=device if device.type == 'cuda' else None)
 
 
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def all_reduce_sum(tensor):
     """In place over all ranks (nothing without a process group); returns the tensor."""
     if dist.is_available() and dist.is_initialized():

@@ -1,5 +1,5 @@
-"""train.py with faults injected, for the tests: it patches train.py's functions, then runs its main().
-train.py itself knows nothing of this.
+"""train.py with faults injected or watched, for the tests: it patches train.py's functions, then runs
+its main(). train.py itself knows nothing of this.
 
     python test/faults.py --inf-loss-steps 2,3,4 -- TRAIN_ARGS...        # those steps' losses are inf
     torchrun --nproc_per_node=2 test/faults.py --fail-rank 1 -- TRAIN_ARGS...   # rank 1 raises
@@ -7,11 +7,20 @@ train.py itself knows nothing of this.
 --inf-loss-steps N,M,...: this process's N-th, M-th ... training steps (1-based) get an infinite loss
 (train.train_loss is wrapped; validation does not call it).
 --fail-rank R: the process of rank R raises a RuntimeError after its first training step.
+--record-dtypes PREFIX: at exit, PREFIX.rankR.json lists the dtypes of every tensor made while
+validating (train.validate) and of every tensor given to a collective (all_reduce, all_gather).
 """
 import argparse
+import atexit
 import itertools
+import json
 import os
 import sys
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
@@ -38,17 +47,50 @@ def inject_failure(rank):
     train.train_step = train_step
 
 
+def record_dtypes(prefix):
+    seen = dict(validation=set(), collectives=set())
+
+    class RecordCreated(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            seen['validation'].update(str(t.dtype) for t in tree_leaves(result) if isinstance(t, torch.Tensor))
+            return result
+
+    validate = train.validate
+
+    def recorded_validate(*args, **kwargs):
+        with RecordCreated():
+            return validate(*args, **kwargs)
+    train.validate = recorded_validate
+
+    for module in (dist, dist.distributed_c10d):  # all_gather_object calls c10d's all_gather
+        for name in ('all_reduce', 'all_gather'):
+            def recorded(*args, _collective=getattr(module, name), **kwargs):
+                seen['collectives'].update(str(t.dtype) for t in tree_leaves(args) if isinstance(t, torch.Tensor))
+                return _collective(*args, **kwargs)
+            setattr(module, name, recorded)
+
+    def write():
+        with open(f"{prefix}.rank{os.environ.get('RANK', 0)}.json", 'w') as f:  # the group is gone by now
+            json.dump({key: sorted(value) for key, value in seen.items()}, f)
+    atexit.register(write)
+
+
 def main():
     split = sys.argv.index('--')
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--inf-loss-steps', type=lambda text: {int(step) for step in text.split(',')})
     parser.add_argument('--fail-rank', type=int)
-    faults = parser.parse_args(sys.argv[1:split])
+    parser.add_argument('--record-dtypes', metavar='PREFIX')
+    faults, launcher_args = parser.parse_known_args(sys.argv[1:split])  # torch.distributed.launch
+    # puts its --local-rank=K right after the script's name: it goes on to train.py
+    if faults.record_dtypes:
+        record_dtypes(faults.record_dtypes)
     if faults.inf_loss_steps:
         inject_infinite_losses(faults.inf_loss_steps)
     if faults.fail_rank is not None:
         inject_failure(faults.fail_rank)
-    train.main(sys.argv[split + 1:])
+    train.main(sys.argv[split + 1:] + launcher_args)
 
 
 if __name__ == '__main__':

@@ -20,6 +20,7 @@ Why 2 processes x batch b must match 1 process x batch 2b exactly (up to float r
   diverging run turns float-rounding differences into different numbers.
 """
 import csv
+import json
 import os
 import re
 import shutil
@@ -98,9 +99,11 @@ def one_process(data_dir, tmp_path_factory):
 def two_processes(data_dir, tmp_path_factory):
     """The seed's launcher: torch.distributed.launch, which passes --local-rank=K."""
     output = tmp_path_factory.mktemp('two') / 'run'
+    dtypes = output.parent / 'dtypes'  # test/faults.py only watches: which dtypes validation and collectives use
     result = launch(['torch.distributed.launch', '--nproc_per_node=2', f'--master_port={free_port()}'],
-                    [data_dir, *EXACT, '-b', '2', '--output', output])
-    return dict(output=str(output), stdout=result.stdout)
+                    [data_dir, *EXACT, '-b', '2', '--output', output],
+                    script=('test/faults.py', '--record-dtypes', dtypes, '--'))
+    return dict(output=str(output), stdout=result.stdout, dtypes=dtypes)
 
 
 def test_two_processes_of_batch_b_train_like_one_process_of_batch_2b(one_process, two_processes):
@@ -114,6 +117,36 @@ def test_two_processes_of_batch_b_train_like_one_process_of_batch_2b(one_process
         differ = [name for name, tensor in single[key].items()
                   if not torch.allclose(double[key][name].double(), tensor.double(), rtol=1e-4, atol=1e-5)]
         assert not differ, f'{key}: {differ[:5]}'
+
+
+# timm 0.5.4's validation line: each value is the batch's, in brackets the average so far.
+TEST_LINE = re.compile(r'^Test(?: \(EMA\))?: \[ *\d+/\d+\]  Time: \d+\.\d{3} \(\d+\.\d{3}\)  '
+                       r'Loss: +\d+\.\d{4} \( *\d+\.\d{4}\)  Acc@1: +\d+\.\d{4} \( *\d+\.\d{4}\)  '
+                       r'Acc@5: +\d+\.\d{4} \( *\d+\.\d{4}\)$')
+
+
+def untimed_test_lines(stdout):
+    """The Test lines without their timings."""
+    return [re.sub(r'Time: \S+ \(\S+\)', 'Time', line) for line in stdout.splitlines() if line.startswith('Test')]
+
+
+def test_test_lines_follow_timms_format_and_two_processes_print_one_process_numbers(one_process, two_processes):
+    """With 2 processes the values are over both ranks' images: the same batches of 4 as one process
+    of batch 4 (7 images: a batch of 4, then one of 3 split as 2 + 1), so the same lines."""
+    lines = [line for line in one_process['stdout'].splitlines() if line.startswith('Test')]
+    assert len(lines) == 2 * 2 * 2 and all(TEST_LINE.match(line) for line in lines), lines[:2]
+    assert untimed_test_lines(two_processes["stdout"]) == untimed_test_lines(one_process["stdout"])
+
+
+def test_validation_and_collectives_never_use_float64(two_processes):
+    """Ascend's HCCL reduces no float64 (utils.EvalLogger cites the table): validation makes none and
+    every all-reduce carries float32 or int32 (all_gather_object's own transport: uint8 and int64)."""
+    for rank in (0, 1):
+        with open(f"{two_processes['dtypes']}.rank{rank}.json") as f:
+            seen = json.load(f)
+        assert seen['validation'] and 'torch.float64' not in seen['validation'], seen
+        assert {'torch.float32', 'torch.int32'} <= set(seen['collectives']), seen
+        assert set(seen['collectives']) <= {'torch.float32', 'torch.int32', 'torch.uint8', 'torch.int64'}, seen
 
 
 def test_rank_0_alone_logs(two_processes):

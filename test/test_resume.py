@@ -27,7 +27,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, run_train
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')  # bitwise needs a fixed thread count
 RECIPE = ['--model', 'tf_efficientnetv2_b0', '-b', '4', '--img-size', '32', '--epochs', '2',
@@ -254,3 +254,21 @@ def test_resuming_with_other_flags_warns_which_differ(reference, data_dir, tmp_p
     warning = [line for line in result.stderr.splitlines() if line.startswith('warning: resuming')]
     assert len(warning) == 1 and "lr 0.002 (checkpoint: 0.001)" in warning[0], result.stderr
     assert 'workers' not in warning[0]  # -j 2, not 0: it does not change the numbers, not listed
+
+
+def test_resuming_an_fp16_run_restores_the_grad_scalers_loss_scale(tmp_path):
+    """Native float16 on the CPU: test/faults.py makes every step's loss infinite (2 steps an epoch), so
+    the GradScaler skips each and halves its scale: 65536 -> 16384 in the first run, whose checkpoint
+    holds that scale; the resumed run goes on from it to 4096 (a new scaler would end at 16384)."""
+    data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=4, val_per_class=1)
+    output = tmp_path / 'out'
+    args = [data_dir, '--model', 'tf_efficientnetv2_b0', '-b', '4', '--img-size', '32', '-j', '0',
+            '--amp', '--amp-dtype', 'float16', '--log-interval', '1', '--output', output]
+    run_train(*args, '--epochs', '1', faults=['--inf-loss-steps', '1,2'], env={'OMP_NUM_THREADS': '1'})
+    assert load(output / 'last.pth.tar')['scaler']['scale'] == 2.0 ** 14
+    result = run_train(*args, '--epochs', '2', '--resume', 'auto', faults=['--inf-loss-steps', '1,2'],
+                       env={'OMP_NUM_THREADS': '1'})
+    assert 'Resumed from' in result.stdout
+    final = load(output / 'last.pth.tar')
+    assert final['epoch'] == 2 and final['num_updates'] == 4
+    assert final['scaler']['scale'] == 2.0 ** 12

@@ -149,3 +149,52 @@ def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
 def test_learning_rate_is_constant_lr_after_warmup_for_const():
     assert utils.learning_rate(5, 'const', 0.1, 10, 0.0, 2, 0, 0, 0) == 0.1
     assert math.isclose(utils.learning_rate(1, 'const', 0.1, 10, 0.0, 2, 0, 0, 0), 0.05)
+
+
+def fp16_step(precision, net, optimizer, loss_factor=1.0, clip_grad=None):
+    optimizer.zero_grad()
+    with precision.autocast():
+        output = net(torch.randn(4, 3, 8, 8))
+    loss = nn.functional.cross_entropy(output.float(), torch.randint(0, 5, (4,))) * loss_factor
+    precision.backward(loss)
+    return precision.step(optimizer, clip_grad)
+
+
+def test_precision_fp16_skips_a_non_finite_step_halves_the_scale_and_saves_it():
+    """Native float16 (the GradScaler also runs on the CPU): an infinite loss is skipped, weights
+    untouched, the scale halves; state_dict/load_state_dict carry the scale into a new run."""
+    net = small_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    precision = utils.Precision('cpu', torch.float16)
+    assert fp16_step(precision, net, optimizer) is False
+    before = copy.deepcopy(list(net.parameters()))
+    assert fp16_step(precision, net, optimizer, loss_factor=float('inf')) is True
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert precision.loss_scale() == 2.0 ** 15
+    restored = utils.Precision('cpu', torch.float16)
+    restored.load_state_dict(precision.state_dict())
+    assert restored.loss_scale() == 2.0 ** 15
+    restored.load_state_dict({})  # a checkpoint saved without fp16: the scale starts afresh
+    assert restored.loss_scale() == 2.0 ** 15
+
+
+def test_precision_clips_the_unscaled_gradients_under_fp16():
+    net = small_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    precision = utils.Precision('cpu', torch.float16)
+    assert fp16_step(precision, net, optimizer, clip_grad=1e-3) is False
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()]))
+    assert norm == pytest.approx(1e-3, rel=1e-3)  # clipped once unscaled (scaled, it would end 65536x smaller)
+
+
+def test_precision_without_mixed_precision_is_a_plain_backward_and_step():
+    net, reference = small_net(), small_net()
+    precision = utils.Precision('cpu', None)
+    assert precision.state_dict() == {} and precision.loss_scale() is None
+    torch.manual_seed(3)
+    fp16_step(precision, net, torch.optim.SGD(net.parameters(), lr=0.1))
+    torch.manual_seed(3)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    nn.functional.cross_entropy(reference(torch.randn(4, 3, 8, 8)), torch.randint(0, 5, (4,))).backward()
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters()))
