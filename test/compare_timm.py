@@ -11,7 +11,7 @@ CosineLRScheduler stepped once per epoch, LabelSmoothingCrossEntropy, timm.utils
 final and best top-1 per seed and their mean, a last line `summary: ours X% timm Y% (...)`, and writes
 compare_timm.json into --out. Both sides run on the CPU with the same thread count.
 
-`speed` runs `train.py --dataset synthetic --perf-steps N` with the seed's command (RMSpropTF, step schedule,
+`speed` runs `train.py --dataset synthetic --perf-steps N` with the ModelZoo recipe's command (RMSpropTF, step schedule,
 EMA, mixup 0.2, dropout, drop path) and reads the images/s of its last Train: line; then timm 0.5.4's train loop
 over timm's model, RMSpropTF, ModelEmaV2, StepLRScheduler and FastCollateMixup on the same random uint8 images,
 timed over the same steps. Both layouts, sides alternated over --rounds, medians reported; the last line is
@@ -199,7 +199,7 @@ def report(args, rows):
 # ----------------------------------------------------------------------------------------------
 # speed: train.py --dataset synthetic against timm's parts in timm 0.5.4's train loop
 
-# The seed's command (README), less what a synthetic run skips (augmentation, validation).
+# The ModelZoo recipe's command (README), less what a synthetic run skips (augmentation, validation).
 SPEED_RECIPE = ['--model', 'efficientnetv2_rw_t', '--sched', 'step', '--decay-epochs', '2.4', '--decay-rate', '.97',
                 '--opt', 'rmsproptf', '--opt-eps', '.001', '--warmup-lr', '4e-6', '--weight-decay', '1e-5',
                 '--drop', '0.3', '--drop-connect', '0.2', '--lr', '.014', '--model-ema',
@@ -262,7 +262,7 @@ def speed_timm(args, channels_last):
 
 def speed(args):
     torch.set_num_threads(args.threads)
-    print(f'efficientnetv2_rw_t {args.img_size} px, batch {args.batch_size}, {args.steps} steps, the seed\'s '
+    print(f'efficientnetv2_rw_t {args.img_size} px, batch {args.batch_size}, {args.steps} steps, the ModelZoo recipe\'s '
           f'recipe, {args.threads} thread(s), {os.cpu_count()}-core CPU, torch {torch.__version__}')
     results = {}
     for round_ in range(args.rounds):  # alternated, so a change in machine load hits both sides
@@ -277,7 +277,7 @@ def speed(args):
               f'ours/timm {median["ours " + layout] / median["timm " + layout]:.2f}')
     out_of_the_box = median['ours channels_last'] / median['timm NCHW']
     print(f'summary: train.py synthetic ours/timm {out_of_the_box:.2f} out of the box (ours channels_last, '
-          f'timm NCHW as the seed runs it), {median["ours NCHW"] / median["timm NCHW"]:.2f} NCHW, '
+          f'timm NCHW as the ModelZoo recipe runs it), {median["ours NCHW"] / median["timm NCHW"]:.2f} NCHW, '
           f'{median["ours channels_last"] / median["timm channels_last"]:.2f} channels_last')
 
 

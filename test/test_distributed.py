@@ -1,5 +1,5 @@
 """Many processes on one CPU (gloo): torchrun, torch.distributed.launch, two "nodes" on localhost,
-a failing rank, and the seed's launcher scripts with their CPU overrides.
+a failing rank, and the ModelZoo's launcher scripts with their CPU overrides.
 
 Runs are shared through module-scoped fixtures: one run serves several tests.
 
@@ -97,7 +97,7 @@ def one_process(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def two_processes(data_dir, tmp_path_factory):
-    """The seed's launcher: torch.distributed.launch, which passes --local-rank=K."""
+    """The ModelZoo's launcher: torch.distributed.launch, which passes --local-rank=K."""
     output = tmp_path_factory.mktemp('two') / 'run'
     dtypes = output.parent / 'dtypes'  # test/faults.py only watches: which dtypes validation and collectives use
     result = launch(['torch.distributed.launch', '--nproc_per_node=2', f'--master_port={free_port()}'],
@@ -202,7 +202,7 @@ def test_a_failing_rank_stops_the_run_with_its_error_said_once(data_dir, tmp_pat
 
 
 # ------------------------------------------------------------------------------------------------
-# The seed's launcher scripts, run from a copy of the repository (they write test/output/ there)
+# The ModelZoo's launcher scripts, run from a copy of the repository (they write test/output/ there)
 
 @pytest.fixture(scope='module')
 def repo_copy(tmp_path_factory):
@@ -244,6 +244,8 @@ def test_performance_8p_script_runs_two_processes_on_synthetic_images(repo_copy)
         float(log[key])
     train_log = (repo_copy / 'test' / 'output' / '0' / 'train_0.log').read_text()
     assert train_log.count('Train:') == 2
+    assert f"Training log: {repo_copy / 'test' / 'output' / '0' / 'train_0.log'}" in result.stdout
+    assert re.search(r'^Train: 0 \[   0/', result.stdout, re.M)  # progress shown while it runs
 
 
 def test_full_1p_script_trains_from_test_folder_and_reports_accuracy(repo_copy, data_dir):
@@ -251,13 +253,14 @@ def test_full_1p_script_trains_from_test_folder_and_reports_accuracy(repo_copy, 
                         cwd=repo_copy / 'test', TRAIN_ARGS='-b 4 --img-size 32 -j 0')
     assert result.returncode == 0, result.stdout[-3000:]
     assert 0 <= float(final_value(result.stdout, 'Final Train Accuracy')) <= 100
+    assert re.search(r'^Epoch 0: train_loss ', result.stdout, re.M)  # the epoch's summary, as it came
     assert float(final_value(result.stdout, 'Final Performance images/sec')) > 0
     log = case_log(repo_copy, 'EfficientNetV2_for_Pytorch_bs4_1p_acc')
     assert log['RankSize'] == '1' and float(log['TrainAccuracy']) >= 0
     assert float(log['TrainingTime']) > 0 and float(log['ActualLoss']) > 0
 
 
-def test_full_script_without_data_path_exits_1_with_the_seeds_message(repo_copy):
+def test_full_script_without_data_path_exits_1_with_the_modelzoo_message(repo_copy):
     result = run_script(repo_copy, 'train_full_8p.sh')
     assert result.returncode == 1
     assert result.stdout.strip() == '[Error] para "data_path" must be confing'

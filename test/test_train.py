@@ -1,4 +1,4 @@
-"""train.py end to end through its CLI: the seed's command, its log contract, evaluate, pretrained."""
+"""train.py end to end through its CLI: the ModelZoo recipe's command, its log contract, evaluate, pretrained."""
 import csv
 import os
 import re
@@ -9,18 +9,18 @@ import torch
 
 from conftest import run_train
 
-# The seed's command (REFERENCE §1), verbatim, with CPU-sized overrides appended (argparse: last wins).
-SEED_COMMAND = ('--model efficientnetv2_rw_t -b 256 --sched step --epochs 350 --decay-epochs 2.4 '
+# The Ascend ModelZoo recipe's command (README), verbatim, with CPU-sized overrides appended (argparse: last wins).
+MODELZOO_COMMAND = ('--model efficientnetv2_rw_t -b 256 --sched step --epochs 350 --decay-epochs 2.4 '
                 '--decay-rate .97 --opt rmsproptf --opt-eps .001 -j 8 --warmup-lr 4e-6 '
                 '--weight-decay 1e-5 --drop 0.3 --drop-connect 0.2 --aa rand-m9-mstd0.5 --lr .014 '
                 '--log-interval 1 --img-size 288 --apex-amp --model-ema --model-ema-decay 0.9999 '
                 '--mixup 0.2').split()
 CPU_OVERRIDES = '-b 4 --img-size 32 -j 0 --epochs 2'.split()
 
-# The seed's own parsers (test/train_*.sh), run by bash on the log.
-SEED_FPS = "grep -a 'Train:' {log} | awk 'END {{print}}' | awk -F \"/s\" '{{print $2}}' | awk '{{print $2}}'"
-SEED_LOSS = "grep Train: {log} | awk -F \"Loss: \" '{{print $NF}}' | awk -F \" \" '{{print $1}}'"
-SEED_ACC = "grep -a '*** Best metric: ' {log} | awk 'END {{print}}' | awk '{{print $4}}'"
+# The ModelZoo's own parsers (test/train_*.sh), run by bash on the log.
+MODELZOO_FPS = "grep -a 'Train:' {log} | awk 'END {{print}}' | awk -F \"/s\" '{{print $2}}' | awk '{{print $2}}'"
+MODELZOO_LOSS = "grep Train: {log} | awk -F \"Loss: \" '{{print $NF}}' | awk -F \" \" '{{print $1}}'"
+MODELZOO_ACC = "grep -a '*** Best metric: ' {log} | awk 'END {{print}}' | awk '{{print $4}}'"
 
 
 def shell(command):
@@ -28,41 +28,41 @@ def shell(command):
 
 
 @pytest.fixture(scope='module')
-def seed_run(tmp_path_factory):
-    """One 2-epoch run of the seed's command on a tiny JPEG folder, shared by the tests below."""
+def modelzoo_run(tmp_path_factory):
+    """One 2-epoch run of the ModelZoo recipe's command on a tiny JPEG folder, shared by the tests below."""
     from conftest import make_image_folder
-    root = tmp_path_factory.mktemp('seed')
+    root = tmp_path_factory.mktemp('modelzoo')
     data_dir = make_image_folder(root / 'data', classes=2, train_per_class=8, val_per_class=3)
     output = root / 'out'
-    result = run_train(data_dir, *SEED_COMMAND, *CPU_OVERRIDES, '--output', output)
+    result = run_train(data_dir, *MODELZOO_COMMAND, *CPU_OVERRIDES, '--output', output)
     log = root / 'train.log'
     log.write_text(result.stdout)
     return dict(data=data_dir, output=output, log=log, stdout=result.stdout, stderr=result.stderr)
 
 
-def test_seed_command_log_parses_with_the_seed_scripts_commands(seed_run):
-    fps = shell(SEED_FPS.format(log=seed_run['log']))
-    losses = shell(SEED_LOSS.format(log=seed_run['log'])).split()
-    accuracy = shell(SEED_ACC.format(log=seed_run['log']))
+def test_modelzoo_command_log_parses_with_the_seed_scripts_commands(modelzoo_run):
+    fps = shell(MODELZOO_FPS.format(log=modelzoo_run['log']))
+    losses = shell(MODELZOO_LOSS.format(log=modelzoo_run['log'])).split()
+    accuracy = shell(MODELZOO_ACC.format(log=modelzoo_run['log']))
     assert float(fps) > 0
     assert len(losses) == 2 * 4  # 16 images / batch 4, every step logged (--log-interval 1)
     assert all(float(loss) > 0 for loss in losses)
     assert 0.0 <= float(accuracy) <= 100.0
-    assert '\r' not in seed_run['stdout'] and '\x1b' not in seed_run['stdout']
+    assert '\r' not in modelzoo_run['stdout'] and '\x1b' not in modelzoo_run['stdout']
 
 
-def test_seed_command_train_lines_follow_timms_format(seed_run):
+def test_modelzoo_command_train_lines_follow_timms_format(modelzoo_run):
     train_line = re.compile(
         r"^Train: \d+ \[ *\d+/\d+ \( *\d+%\)\]  Loss: \S+ \(\S+\)  Time: \d+\.\d{3}s, +\d+\.\d\d/s  "
         r"\(\d+\.\d{3}s, +\d+\.\d\d/s\)  LR: \d\.\d{3}e[-+]\d\d  Data: \d+\.\d{3} \(\d+\.\d{3}\)$")
-    lines = [line for line in seed_run['stdout'].splitlines() if line.startswith('Train:')]
+    lines = [line for line in modelzoo_run['stdout'].splitlines() if line.startswith('Train:')]
     assert lines and all(train_line.match(line) for line in lines), lines[:2]
-    assert 'apex is not available' in seed_run['stdout']  # --apex-amp falls back with a notice
-    assert re.search(r'^\*\*\* Best metric: \d+\.\d+ \(epoch \d+\)$', seed_run['stdout'], re.M)
+    assert 'apex is not available' in modelzoo_run['stdout']  # --apex-amp falls back with a notice
+    assert re.search(r'^\*\*\* Best metric: \d+\.\d+ \(epoch \d+\)$', modelzoo_run['stdout'], re.M)
 
 
-def test_seed_command_writes_summary_args_and_checkpoints(seed_run):
-    output = seed_run['output']
+def test_modelzoo_command_writes_summary_args_and_checkpoints(modelzoo_run):
+    output = modelzoo_run['output']
     with open(output / 'summary.csv') as f:
         rows = list(csv.DictReader(f))
     assert [row['epoch'] for row in rows] == ['0', '1']
@@ -76,17 +76,17 @@ def test_seed_command_writes_summary_args_and_checkpoints(seed_run):
     assert (output / 'model_best.pth.tar').exists()
 
 
-def test_step_schedule_lr_per_epoch_is_the_seeds(seed_run):
-    with open(seed_run['output'] / 'summary.csv') as f:
+def test_step_schedule_lr_per_epoch_is_the_modelzoo_recipes(modelzoo_run):
+    with open(modelzoo_run['output'] / 'summary.csv') as f:
         lrs = [float(row['lr']) for row in csv.DictReader(f)]
     warmup = 4e-6 + (0.014 - 4e-6) / 3
     assert lrs == pytest.approx([4e-6, warmup], rel=1e-5)
 
 
-def test_evaluate_reproduces_the_logged_best_metric(seed_run):
-    best = float(shell(SEED_ACC.format(log=seed_run['log'])))
-    result = run_train(seed_run['data'], '--evaluate', '--resume',
-                       seed_run['output'] / 'model_best.pth.tar', '--img-size', '32', '-j', '0',
+def test_evaluate_reproduces_the_logged_best_metric(modelzoo_run):
+    best = float(shell(MODELZOO_ACC.format(log=modelzoo_run['log'])))
+    result = run_train(modelzoo_run['data'], '--evaluate', '--resume',
+                       modelzoo_run['output'] / 'model_best.pth.tar', '--img-size', '32', '-j', '0',
                        '-b', '4')
     ema_top1 = re.search(r'Evaluation \(EMA\): .*top1 (\d+\.\d+)', result.stdout).group(1)
     assert float(ema_top1) == pytest.approx(best, abs=1e-3)

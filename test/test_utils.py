@@ -79,7 +79,7 @@ def timm_lrs(scheduler, epochs):
 def test_step_schedule_matches_timm_step_scheduler_with_warmup():
     from timm.scheduler import StepLRScheduler
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.014)
-    # timm 0.5.4 (the seed) counted decay from epoch 0; timm >= 0.9 needs warmup_prefix=False for that
+    # timm 0.5.4 (the ModelZoo recipe) counted decay from epoch 0; timm >= 0.9 needs warmup_prefix=False for that
     sched = StepLRScheduler(opt, decay_t=2.4, decay_rate=0.97, warmup_lr_init=4e-6, warmup_t=3,
                             warmup_prefix=False)
     expected = timm_lrs(sched, 40)

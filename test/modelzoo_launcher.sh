@@ -1,9 +1,12 @@
 #!/bin/bash
-# The body of the seed's four launchers (test/train_{full,performance}_{1p,8p}.sh), which source it:
-#     source seed_launcher.sh MODE PROCESSES LR "$@"      MODE: full | performance
-# It keeps the Ascend ModelZoo contract: --data_path=DIR and --epochs=N, a log at
-# test/output/$ASCEND_DEVICE_ID/train_$ASCEND_DEVICE_ID.log, the seed's grep/awk parsers, the
-# "Final ..." lines and the ${CaseName}.log summary that ModelZoo dashboards read.
+# The body of the Ascend ModelZoo recipe's four launchers (test/train_{full,performance}_{1p,8p}.sh),
+# which source it:
+#     source modelzoo_launcher.sh MODE PROCESSES LR "$@"      MODE: full | performance
+# It keeps the ModelZoo contract: --data_path=DIR and --epochs=N, a log at
+# test/output/$ASCEND_DEVICE_ID/train_$ASCEND_DEVICE_ID.log, the ModelZoo's grep/awk parsers, the
+# "Final ..." lines and the ${CaseName}.log summary that ModelZoo dashboards read. While it runs it
+# prints where the log is, the run's milestones (stages, epoch summaries, errors) and the latest
+# Train: line at most every PROGRESS_SECONDS (default 60).
 #
 # Environment overrides, so the scripts also run on a laptop CPU:
 #   NPROC_PER_NODE  processes (devices) on this node; default 1 or 8
@@ -15,7 +18,7 @@ lr=$3
 shift 3
 
 Network="EfficientNetV2_for_Pytorch"
-batch_size=256                      # per device, as the seed
+batch_size=256                      # per device, as the ModelZoo recipe
 data_path=""
 if [ "$mode" == "full" ]; then epochs=350; else epochs=1; fi
 
@@ -26,7 +29,7 @@ for para in "$@"; do
         epochs=${para#*=}
     fi
 done
-# -b in TRAIN_ARGS wins over the seed's 256; BatchSize and TrainingTime report the batch that ran.
+# -b in TRAIN_ARGS wins over the recipe's 256; BatchSize and TrainingTime report the batch that ran.
 previous=""
 for word in ${TRAIN_ARGS:-}; do
     case "$previous" in -b|--batch-size) batch_size=$word ;; esac
@@ -46,7 +49,7 @@ else
 fi
 
 # The repo root and test/ from where this file lies, so the scripts run from the repo root,
-# from test/ (the seed's two places) or from anywhere else.
+# from test/ (the ModelZoo's two places) or from anywhere else.
 test_path_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cur_path=$(dirname "$test_path_dir")
 cd "$cur_path" || exit 1
@@ -76,8 +79,20 @@ else
     launcher=(python3)
 fi
 
+# The run's milestones as they reach the log, and a Train: line at most every PROGRESS_SECONDS.
+progress() {
+    local last=-100000 line
+    while IFS= read -r line; do
+        case "$line" in
+            Train:*) if (( SECONDS - last >= ${PROGRESS_SECONDS:-60} )); then echo "$line"; last=$SECONDS; fi ;;
+            "Epoch "*|"Stage "*|"Resumed from"*|"*** Best"*|error*|warning*|Output:*|Stopped*) echo "$line" ;;
+        esac
+    done
+}
+
+echo "Training log: ${log}"
 start_time=$(date +%s)
-# The seed's command (REFERENCE.md §1); TRAIN_ARGS last, unquoted: one word per argument.
+# The ModelZoo recipe's command; TRAIN_ARGS last, unquoted: one word per argument.
 nohup "${launcher[@]}" train.py "${data_args[@]}" \
     --model efficientnetv2_rw_t \
     -b 256 \
@@ -104,8 +119,11 @@ nohup "${launcher[@]}" train.py "${data_args[@]}" \
     --device "${DEVICE:-auto}" \
     --output "${output_dir}/run" \
     ${TRAIN_ARGS:-} > "$log" 2>&1 &
-wait $!
+pid=$!
+tail -n +1 -F --pid=$pid "$log" 2> /dev/null | progress &
+wait $pid
 status=$?
+wait
 end_time=$(date +%s)
 e2e_time=$(( end_time - start_time ))
 
@@ -115,7 +133,7 @@ if [ $status -ne 0 ]; then
     echo "[Error] train.py exited with status ${status}; the whole log is ${log}"
     exit $status
 fi
-# The seed's parsers, verbatim: images/s is the running average of the last Train: line.
+# The ModelZoo's parsers, verbatim: images/s is the running average of the last Train: line.
 FPS=`grep -a 'Train:'  ${log}|awk 'END {print}'|awk -F "/s" '{print $2}'|awk '{print $2}'`
 if [ "$mode" == "full" ]; then
     train_accuracy=`grep -a '*** Best metric: ' ${log}|awk 'END {print}'|awk '{print $4}'`
