@@ -294,11 +294,12 @@ def make_jpeg_folder(root, count=64, seed=0):
 
 def our_batches(samples, args, workers):
     dataset = data.ImageFolder(samples)
-    dataset.transform = data.train_transform(args.pipeline_size, aa=args.aa, interpolation='bicubic')
+    dataset.transform = data.train_transform(args.pipeline_size, aa=args.aa, interpolation='bicubic',
+                                             mean=models.IMAGENET_MEAN)
     sampler = data.EpochBatchSampler(len(dataset), args.pipeline_batch, shuffle=True,
                                      seed=args.seed, drop_last=True)
     for images, _, _ in data.create_loader(dataset, sampler, workers=workers):
-        yield data.normalize(images.to(args.device), data.IMAGENET_MEAN, data.IMAGENET_STD)
+        yield data.normalize(images.to(args.device), models.IMAGENET_MEAN, models.IMAGENET_STD)
 
 
 class PilImages(torch.utils.data.Dataset):
@@ -326,8 +327,8 @@ def timm_batches(samples, args, workers):
     loader = torch.utils.data.DataLoader(
         PilImages(samples, transform), batch_size=args.pipeline_batch, shuffle=True, drop_last=True,
         num_workers=workers, collate_fn=fast_collate, prefetch_factor=2 if workers else None)
-    mean = torch.tensor([255 * m for m in data.IMAGENET_MEAN], device=args.device).view(1, 3, 1, 1)
-    std = torch.tensor([255 * s for s in data.IMAGENET_STD], device=args.device).view(1, 3, 1, 1)
+    mean = torch.tensor([255 * m for m in models.IMAGENET_MEAN], device=args.device).view(1, 3, 1, 1)
+    std = torch.tensor([255 * s for s in models.IMAGENET_STD], device=args.device).view(1, 3, 1, 1)
     for images, _ in loader:  # timm's PrefetchLoader: normalize on the device
         yield images.to(args.device).float().sub_(mean).div_(std)
 

@@ -1,28 +1,29 @@
 """Pixels to tensors: datasets, the epoch batch sampler, per-image transforms and per-batch augmentation.
 
     train_set, val_set, classes = load_datasets('folder', '/data/imagenet')   # DATA/{train,val}/<class>/*.jpg
-    train_set.transform = train_transform(288, aa='rand-m9-mstd0.5')
+    train_set.transform = train_transform(288, aa='rand-m9-mstd0.5', mean=model.IMAGENET_MEAN)
     sampler = EpochBatchSampler(len(train_set), 256, shuffle=True, drop_last=True, seed=42, rank=r, world_size=n)
     loader = create_loader(train_set, sampler, workers=8)
+    mix = MixupCutmix(mixup, cutmix, smoothing, num_classes) if mixup > 0 or cutmix > 0 else None
     for epoch in ...:
         sampler.set_epoch(epoch)
         for images, labels, bad_counts in loader:                          # uint8 (N,3,H,W) on the CPU
-            images = normalize(images.to(device), IMAGENET_MEAN, IMAGENET_STD)
-            images = random_erase(images, prob)                             # then mixup_cutmix(...)(images, labels)
+            images = random_erase(normalize(images.to(device), model.IMAGENET_MEAN, model.IMAGENET_STD), prob)
+            images, targets = mix(images, labels) if mix else (images, labels)
 
 1. Datasets: load_datasets() -> (train_set, val_set, classes). Items are (uint8 CHW image, label, bad_count).
-2. Sampling: EpochBatchSampler yields batches of (index, sample_seed), a pure function of (seed, epoch, rank,
-   world_size). Each item's augmentation runs on torch's RNG reseeded with its sample_seed, so an image's
-   augmentation depends only on (seed, epoch, index): not on the worker count, the world size or a resume.
+2. Sampling: EpochBatchSampler yields batches of (index, item seed), a pure function of (seed, epoch, rank,
+   world_size). Each item's augmentation runs on torch's RNG reseeded with mix_seed(seed, epoch, index), so it
+   depends only on (seed, epoch, index): not on the worker count, the world size or a resume.
 3. Per-image transforms (loader workers, CPU, uint8 in and out): train_transform (RandomResizedCrop, flip,
-   RandAugment) and eval_transform (resize, centre crop). Their meaning is timm 0.5.4's (the seed's recipe);
-   RandAugment's 15 ops reproduce timm's PIL ops on uint8 tensors, each done the cheapest way we measured.
-4. Per-batch, on the device: normalize, random_erase, mixup_cutmix (timm's prefetcher does the same on the GPU).
+   RandAugment) and eval_transform (resize, centre crop), as in the reference recipe (timm 0.5.4). RandAugment's
+   15 ops give timm's PIL results on uint8 tensors: torchvision's v2 op where it is exact and as fast, else ours.
+4. Per-batch, on the device: normalize, random_erase, MixupCutmix (timm's prefetcher does the same on the GPU).
 
-Measured per worker (one thread, a 500x375 JPEG -> 288 px, decode + crop + flip + RandAugment m9, ours and timm
-interleaved on the same busy 2-core CPU): 1.7x the images/s of timm's uint8 (prefetcher) pipeline, 1.9x of
-create_transform's default (which adds ToTensor + Normalize). The gain is in decoding (torchvision), the crop
-(uint8 tensor resize, 2-4x faster than PIL's) and the shears/translations; the other RandAugment ops cost about what PIL's do.
+Measured per worker (one thread, 500x375 JPEGs -> 288 px, decode + crop + flip + RandAugment m9, bench.py --no-step
+--compare-timm on a shared 2-core CPU): 1.6-2.0x the images/s of timm's uint8 (prefetcher) pipeline. The gain is in
+decoding (torchvision), the crop (uint8 tensor resize, 2-3x faster than PIL's), the shears and translations (one
+gather, 3-5x) and sharpness (~5x); the other RandAugment ops cost about what PIL's do.
 """
 import io
 import math
@@ -42,9 +43,6 @@ from torchvision.transforms import v2
 warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision',
                         category=DeprecationWarning)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 DATASETS = ('folder', 'cifar10', 'cifar100', 'digits', 'synthetic')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-cased
 
@@ -59,17 +57,17 @@ class DataError(ValueError):
 
 class ImageDataset(torch.utils.data.Dataset):
     """Base class. Subclasses give load(index) -> (uint8 CHW image, label, bad_count); this class adds the
-    seeded transform. Keys are (index, sample_seed) pairs from EpochBatchSampler, or plain ints (seed 0)."""
+    seeded transform. Keys are (index, item seed) pairs from EpochBatchSampler, or plain ints (seed 0)."""
     transform = None  # callable(uint8 CHW tensor) -> uint8 CHW tensor, or None; assign a new one to change it
 
     def __getitem__(self, key):
-        index, sample_seed = key if isinstance(key, tuple) else (key, 0)
+        index, item_seed = key if isinstance(key, tuple) else (key, 0)
         image, label, bad_count = self.load(index)
         if self.transform is not None:
             # fork_rng restores the caller's CPU RNG afterwards (workers=0 must not disturb the training loop).
             # default_generator.manual_seed, not torch.manual_seed: the latter also reseeds every CUDA device.
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(sample_seed)
+                torch.default_generator.manual_seed(item_seed)
                 image = self.transform(image)
         return image, label, bad_count
 
@@ -176,7 +174,7 @@ class SyntheticImages(ImageDataset):
 def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=224, num_classes=None):
     """-> (train_set, val_set, classes). See DATASETS; `num_classes` applies to 'synthetic' only (default 1000).
 
-    'folder': DATA/train/<class>/**/*.jpg|jpeg|png and DATA/val/<class>/... (the seed's ImageFolder layout).
+    'folder': DATA/train/<class>/**/*.jpg|jpeg|png and DATA/val/<class>/... (torchvision's ImageFolder layout).
     'cifar10', 'cifar100': torchvision's python-format files under DATA (nothing is downloaded).
     'digits': scikit-learn's 1797 8x8 digits as RGB, a fixed stratified 80/20 split; no files needed.
     'synthetic': random images (SyntheticImages), ImageNet's 1281167 train (so a throughput run of
@@ -305,13 +303,8 @@ def mix_seed(*values):
     return state >> 1
 
 
-def sample_seed(seed, epoch, index):
-    """The seed of one image's augmentation: the same whatever rank, world size or worker loads it."""
-    return mix_seed(seed, epoch, index)
-
-
 class EpochBatchSampler(torch.utils.data.Sampler):
-    """Batches of (index, sample_seed) for one rank, a pure function of (seed, epoch, rank, world_size).
+    """Batches of (index, item seed) for one rank, a pure function of (seed, epoch, rank, world_size).
 
     shuffle=True (training): one permutation per (seed, epoch), the same on every rank, padded by repeating its
     start to a multiple of world_size (like DistributedSampler, so ranks step in lockstep); rank r takes every
@@ -356,7 +349,8 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         indices = self.rank_indices()
         for batch in range(self.start_batch, len(self)):
             chunk = indices[batch * self.batch_size:(batch + 1) * self.batch_size]
-            yield [(index, sample_seed(self.seed, self.epoch, index)) for index in chunk]
+            # An item's seed is the same whatever rank, world size or worker loads it.
+            yield [(index, mix_seed(self.seed, self.epoch, index)) for index in chunk]
 
 
 def create_loader(dataset, batch_sampler, *, workers, pin_memory=False, persistent=False):
@@ -439,9 +433,10 @@ class TrainTransform:
 
 
 def train_transform(size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, aa=None,
-                    interpolation='bicubic', mean=IMAGENET_MEAN, color_jitter=0.0):
+                    interpolation='bicubic', mean=(0.5, 0.5, 0.5), color_jitter=0.0):
     """The training transform; `aa` is a timm RandAugment spec such as 'rand-m9-mstd0.5' (None: no RandAugment).
-    `mean` only sets the fill colour of RandAugment's geometric ops (timm: round(255 * mean)).
+    `mean`, the model's normalization mean, only sets the fill colour of RandAugment's geometric ops (timm:
+    round(255 * mean)); the default grey gives (128, 128, 128), timm RandAugment's fill when given no mean.
     `color_jitter`: brightness, contrast and saturation factors in [1 - c, 1 + c], only without RandAugment
     (timm 0.5.4's --color-jitter, 0.4 by default in its train.py)."""
     _check_interpolation(interpolation)
@@ -475,11 +470,8 @@ def eval_transform(size, *, crop_pct=1.0, interpolation='bicubic'):
 
 
 # RandAugment ---------------------------------------------------------------------------------------------------
-# timm's RandAugment (timm/data/auto_augment.py) runs PIL ops on PIL images; these are the same ops on uint8 CHW
-# tensors, matched to PIL's arithmetic (truncation, clamping, pixel centres), each implemented the cheapest way we
-# measured at 288 px: integer tensor ops and numpy lookup tables for the colour ops, one gather for the 1-D
-# shears and translations (PIL's generic 2-D bicubic resampler is ~6x slower), and PIL itself for rotation
-# (cheaper than torch's grid_sample).
+# timm's policy (timm/data/auto_augment.py) and PIL ops, on uint8 CHW tensors with PIL's arithmetic (truncation,
+# clamping, pixel centres).
 
 RAND_AUGMENT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
                     'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
@@ -592,9 +584,11 @@ def parse_rand_augment(spec):
     return options
 
 
-# Colour ops: uint8 in, uint8 out, PIL's integer arithmetic. Per-value maps are 256-entry lookup tables (numpy's
-# take is several times faster than torch indexing, which needs int64); elementwise work is done in place, since
-# allocating fresh 1 MB buffers (page faults) costs more here than the arithmetic.
+# The ops: uint8 CHW in and out, timm's PIL results (tests: colour ops bit-exact, geometric ops within 1). OPS uses
+# torchvision's v2 op where it is bit-exact and no slower (Invert, Posterize, Brightness), else a kernel below;
+# each kept kernel says why, with times per call on a 288 px photo, one thread. Per-value maps are 256-entry numpy
+# lookup tables (np.take is several times faster than torch indexing, which needs int64); elementwise work is in
+# place, since fresh 1 MB buffers cost more in page faults than the arithmetic.
 
 def _apply_lut(image, lut):
     """out = lut[image]; lut is a (256,) uint8 array, or (3, 256) for one table per channel."""
@@ -608,6 +602,7 @@ def _apply_lut(image, lut):
 _IDENTITY_LUT = np.arange(256, dtype=np.uint8)
 
 
+# kept: TF.autocontrast scales in float32, PIL's table in float64: off by 1 on up to 22% of values
 def auto_contrast(image):
     """PIL's ImageOps.autocontrast: stretch each channel so its min -> 0 and max -> 255."""
     luts = []
@@ -620,6 +615,7 @@ def auto_contrast(image):
     return _apply_lut(image, np.stack(luts))
 
 
+# kept: 1.3x faster than TF.equalize (0.56 vs 0.74 ms), which is PIL-exact too
 def equalize(image):
     """PIL's ImageOps.equalize: per channel, map values through the histogram's cumulative distribution."""
     luts = []
@@ -635,34 +631,15 @@ def equalize(image):
     return _apply_lut(image, np.stack(luts))
 
 
-def invert(image):
-    return 255 - image
-
-
-def posterize(image, bits):
-    """Keep the `bits` most significant bits (timm: 0 bits -> black, 8 -> unchanged)."""
-    return image if bits >= 8 else image & (0xFF << (8 - bits) & 0xFF)
-
-
+# kept: 1.6-1.9x faster than TF.solarize (0.20 vs 0.38 ms), which also refuses timm's threshold 256 (a no-op)
 def solarize(image, threshold):
     return _apply_lut(image, np.where(_IDENTITY_LUT < threshold, _IDENTITY_LUT, 255 - _IDENTITY_LUT))
 
 
+# kept: v2 has no SolarizeAdd
 def solarize_add(image, add, threshold=128):
     values = np.arange(256)
     return _apply_lut(image, np.where(values < threshold, np.minimum(values + add, 255), values).astype(np.uint8))
-
-
-def _blend_lut(degenerate, factor):
-    """PIL's Image.blend(constant degenerate, image, factor) per value: float32 math, truncated, clipped."""
-    degenerate, factor = np.float32(degenerate), np.float32(factor)
-    blended = degenerate + factor * (np.arange(256, dtype=np.float32) - degenerate)
-    return np.clip(blended, 0, 255).astype(np.uint8)
-
-
-def _blend(degenerate, pixels, factor):
-    """PIL's Image.blend(degenerate, image, factor), in place on the float32 copy `pixels` -> uint8."""
-    return pixels.sub_(degenerate).mul_(factor).add_(degenerate).clamp_(0, 255).to(torch.uint8)
 
 
 def _grey(image):
@@ -671,20 +648,23 @@ def _grey(image):
     return torch.from_numpy((red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16)
 
 
-def brightness(image, factor):
-    return _apply_lut(image, _blend_lut(0, factor))
-
-
+# kept: TF.adjust_contrast blends towards the unrounded mean of a float grey: off by 1 on up to 89% of values
 def contrast(image, factor):
+    """PIL's Image.blend(mean grey, image, factor): float32 math, truncated, clipped, as a lookup table."""
     grey = _grey(image)
-    mean = int(float(grey.sum()) / grey.numel() + 0.5)  # PIL: int(ImageStat.Stat(L).mean + 0.5)
-    return _apply_lut(image, _blend_lut(mean, factor))
+    mean = np.float32(int(float(grey.sum()) / grey.numel() + 0.5))  # PIL: int(ImageStat.Stat(L).mean + 0.5)
+    blended = mean + np.float32(factor) * (np.arange(256, dtype=np.float32) - mean)
+    return _apply_lut(image, np.clip(blended, 0, 255).astype(np.uint8))
 
 
+# kept: TF.adjust_saturation's float grey differs from PIL's fixed-point L: off by 1 on up to 47% of values
 def color(image, factor):
-    return _blend(_grey(image).float(), image.float(), factor)
+    """PIL's Image.blend(grey, image, factor), in place on a float32 copy."""
+    grey, pixels = _grey(image).float(), image.float()
+    return pixels.sub_(grey).mul_(factor).add_(grey).clamp_(0, 255).to(torch.uint8)
 
 
+# kept: TF.adjust_sharpness is off by 1 on 0.3% of values and 3-12x slower (its conv2d: 1.9-5.9 vs 0.5-0.7 ms)
 def sharpness(image, factor):
     """Blend with PIL's SMOOTH filter (3x3 ones with centre 5, / 13, rounded; the 1-pixel border unfiltered,
     where the blend is then the identity)."""
@@ -709,10 +689,11 @@ def _cubic_weights(frac):
                         frac + frac ** 2 - frac ** 3, -frac ** 2 + frac ** 3], dim=1)
 
 
+# kept: TF.affine on tensors has no bicubic; its bilinear is up to 137 off at the edges and 2x slower (1.8 vs 0.9 ms)
 def _shift_rows(image, shifts, fill, interpolation):
     """Output row y samples input row y at x + shifts[y]: PIL's affine transform for shear-x and translate-x.
     The shift is constant along a row, so each row needs one integer offset and one set of tap weights
-    (a gather and 4 multiply-adds: ~6x cheaper than PIL's generic 2-D bicubic resampler)."""
+    (a gather and 4 multiply-adds: 3-5x faster than PIL's generic 2-D bicubic resampler)."""
     channels, height, width = image.shape
     source = torch.arange(width) + 0.5 + shifts[:, None]  # each output pixel's source, PIL's coordinates
     outside = (source < 0) | (source >= width)
@@ -758,19 +739,19 @@ def translate_y_rel(image, fraction, fill, interpolation):
 _PIL_RESAMPLING = {'nearest': Image.NEAREST, 'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
 
 
+# kept: TF.rotate on tensors has no bicubic; its bilinear (as fast: 1.8 ms) is up to 138 off at the edges
 def rotate(image, degrees, fill, interpolation):
-    """PIL's Image.rotate: counter-clockwise about the centre, same size. Done by PIL itself: its 2-D
-    resampler beats torch's grid_sample here (bicubic 288 px: ~6 ms vs ~9 ms). Merging and splitting channel
-    planes is ~3x cheaper than transposing CHW <-> HWC."""
+    """PIL's Image.rotate: counter-clockwise about the centre, same size, by PIL itself. Merging and splitting
+    channel planes is ~3x cheaper than transposing CHW <-> HWC."""
     rgb = Image.merge('RGB', [Image.fromarray(channel) for channel in image.numpy()])
     rotated = rgb.rotate(degrees, resample=_PIL_RESAMPLING[interpolation], fillcolor=fill)
     return torch.from_numpy(np.stack([np.asarray(band) for band in rotated.split()]))
 
 
-OPS = {'AutoContrast': auto_contrast, 'Equalize': equalize, 'Invert': invert, 'Posterize': posterize,
+OPS = {'AutoContrast': auto_contrast, 'Equalize': equalize, 'Invert': TF.invert, 'Posterize': TF.posterize,
        'Solarize': solarize, 'SolarizeAdd': solarize_add, 'Color': color, 'Contrast': contrast,
-       'Brightness': brightness, 'Sharpness': sharpness, 'Rotate': rotate, 'ShearX': shear_x, 'ShearY': shear_y,
-       'TranslateXRel': translate_x_rel, 'TranslateYRel': translate_y_rel}
+       'Brightness': TF.adjust_brightness, 'Sharpness': sharpness, 'Rotate': rotate, 'ShearX': shear_x,
+       'ShearY': shear_y, 'TranslateXRel': translate_x_rel, 'TranslateYRel': translate_y_rel}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -823,21 +804,18 @@ def random_erase(images, prob):
 class MixupCutmix:
     """Mix each batch with itself rolled by one (torchvision's MixUp / CutMix, one picked at random per batch
     when both are on) and fold label smoothing into the soft targets: t * (1 - s) + s / K, which is exactly
-    timm's Mixup target (smoothing is affine, so smoothing then mixing = mixing then smoothing)."""
+    timm's Mixup target (smoothing is affine, so smoothing then mixing = mixing then smoothing).
+    Callable(images, int labels) -> (mixed images, soft targets); needs mixup > 0 or cutmix > 0."""
 
     def __init__(self, mixup, cutmix, smoothing, num_classes):
         mixers = [mixer(alpha=alpha, num_classes=num_classes)
                   for mixer, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if alpha > 0]
+        if not mixers:
+            raise ValueError(f'MixupCutmix needs mixup > 0 or cutmix > 0, got {mixup} and {cutmix}; '
+                             'use None for neither')
         self.mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
         self.smoothing, self.num_classes = smoothing, num_classes
 
     def __call__(self, images, labels):
         images, targets = self.mix(images, labels)
         return images, targets * (1 - self.smoothing) + self.smoothing / self.num_classes
-
-
-def mixup_cutmix(mixup, cutmix, smoothing, num_classes):
-    """callable(images, int labels) -> (mixed images, soft targets), or None when mixup == cutmix == 0."""
-    if mixup <= 0 and cutmix <= 0:
-        return None
-    return MixupCutmix(mixup, cutmix, smoothing, num_classes)

@@ -148,6 +148,8 @@ def main(argv=None):
         run.check_output(args)
     with run.one_line_errors():
         train(args)
+    if utils.is_main_process() and not args.evaluate:
+        print(f"Output: {args.output}", flush=True)
     utils.destroy_distributed()
 
 

@@ -112,7 +112,13 @@ CASES = {
     'new_run_into_a_folder_holding_a_run': (['{good}', '--output', '{existing}'], 'already holds a run'),
     'resume_auto_without_output': (['{good}', '--resume', 'auto'], '--resume auto needs --output'),
     'cuda_without_a_gpu': (['{good}', *RESUME, '--device', 'cuda'], 'no CUDA GPU is visible'),
+    # New runs: no folder may be left behind (NEW_RUNS), nor one in the default output/train/.
+    'missing_data_path_new_run': (['{root}/no_such_folder', '--output', '{root}/new_run_1'], 'does not exist'),
+    'missing_checkpoint_new_run': (['{good}', '--output', '{root}/new_run_2', '--resume', '{root}/nothing.pth'],
+                                   'checkpoint not found'),
+    'missing_data_path_default_output': (['{root}/no_such_folder'], 'does not exist'),
 }
+NEW_RUNS = ('new_run_1', 'new_run_2', 'fresh')
 
 
 def snapshot(folder):
@@ -128,9 +134,13 @@ def results(files):
         args = [arg.format(**files) for arg in CASES[case][0]]
         return case, subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *BASE, *args],
                                     cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    default_output = os.path.join(ROOT, 'output', 'train')
+    runs_before = set(os.listdir(default_output)) if os.path.isdir(default_output) else set()
     with ThreadPoolExecutor(4) as pool:
         done = dict(pool.map(run, CASES))
     done['existing folder'] = (before, snapshot(files['existing']))
+    done['default output'] = (runs_before, set(os.listdir(default_output)) if os.path.isdir(default_output)
+                              else set())
     return done
 
 
@@ -146,6 +156,13 @@ def test_bad_input_gives_one_error_line_and_exit_status_2(case, results):
 
 def test_bad_input_never_touches_the_checkpoints_in_output(results):
     before, after = results['existing folder']
+    assert after == before
+
+
+def test_bad_input_leaves_no_run_folder_behind(results, files):
+    for name in NEW_RUNS:
+        assert not os.path.exists(os.path.join(files['root'], name)), name
+    before, after = results['default output']
     assert after == before
 
 

@@ -62,27 +62,29 @@ def test_without_compare_timm_the_summary_says_na_and_timm_is_never_imported(tmp
 # ----------------------------------------------------------------------------------------------
 # train.py's speed switches, checked on the run it sets up (no training step: compiling is slow)
 
-def setup_run(tmp_path, *flags):
+def build(*flags):
+    """train.py's build_model on the CPU -> (args, model_without_ddp, model, model_ema)."""
     import train  # noqa: F401  (tests may import it; runtime files never do)
-    args = train.get_args_parser().parse_args(['--model', 'tf_efficientnetv2_b0', '--img-size', '32',
-                                               '--device', 'cpu', '--model-ema',
-                                               '--output', str(tmp_path), *flags])
-    train.resolve_args(args)
-    return train, train.setup(args)
+    args = train.resolve_args(train.get_args_parser().parse_args(
+        ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '--device', 'cpu', '--model-ema',
+         '--num-classes', '10', *flags]))
+    model_without_ddp, model, _, _, model_ema = train.build_model(args, torch.device('cpu'))
+    return args, model_without_ddp, model, model_ema
 
 
-def test_compile_wraps_only_the_training_forward_and_checkpoints_keep_plain_keys(tmp_path):
-    _, run = setup_run(tmp_path, '--compile')
-    assert isinstance(run.ddp, torch._dynamo.eval_frame.OptimizedModule)  # what train_step calls
-    assert run.ddp._orig_mod is run.model  # checkpoints, evaluation and the EMA use run.model
-    plain = models.create_model('tf_efficientnetv2_b0', num_classes=run.args.num_classes)
-    for saved in (run.model.state_dict(), run.ema.module.state_dict()):
+def test_compile_wraps_only_the_training_forward_and_checkpoints_keep_plain_keys():
+    _, model_without_ddp, model, model_ema = build('--compile')
+    assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)  # what train_step calls
+    assert model._orig_mod is model_without_ddp  # checkpoints, evaluation and the EMA use this one
+    plain = models.create_model('tf_efficientnetv2_b0', num_classes=10)
+    for saved in (model_without_ddp.state_dict(), model_ema.module.state_dict()):
         assert saved.keys() == plain.state_dict().keys()  # no '_orig_mod.' prefixes
 
 
-def test_channels_last_is_the_cpu_default_and_can_be_switched_off(tmp_path):
-    _, run = setup_run(tmp_path / 'default')
-    assert run.memory_format == torch.channels_last
-    assert run.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
-    _, run = setup_run(tmp_path / 'off', '--no-channels-last')
-    assert run.memory_format == torch.contiguous_format and run.args.channels_last is False
+def test_channels_last_is_the_cpu_default_and_can_be_switched_off():
+    args, model_without_ddp, _, _ = build()
+    assert args.channels_last is True
+    assert model_without_ddp.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    args, model_without_ddp, _, _ = build('--no-channels-last')
+    assert args.channels_last is False
+    assert not model_without_ddp.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)

@@ -14,6 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import model  # noqa: E402
 from data import DataError  # noqa: E402
 
 timm_aa = pytest.importorskip('timm.data.auto_augment')
@@ -162,6 +163,15 @@ def test_train_transform_gives_uint8_images_of_the_requested_size_even_from_tiny
         assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
     out = data.eval_transform(32, crop_pct=0.875)(image)
     assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+
+
+def test_rand_augment_fills_with_the_given_mean_like_timm_and_with_timms_grey_by_default():
+    from timm.data import create_transform
+    timm_rand_augment, = [t for t in create_transform(32, is_training=True, auto_augment='rand-m9').transforms
+                          if type(t).__name__ == 'RandAugment']  # mean: ImageNet's, timm's default
+    ours = data.train_transform(32, aa='rand-m9', mean=model.IMAGENET_MEAN).rand_augment
+    assert ours.fill == timm_rand_augment.ops[0].hparams['img_mean'] == (124, 116, 104)
+    assert data.train_transform(32, aa='rand-m9').rand_augment.fill == timm_aa._HPARAMS_DEFAULT['img_mean']
 
 
 def test_progressive_learning_can_change_the_size_and_magnitude_between_stages():
@@ -443,10 +453,10 @@ def test_synthetic_images_skip_augmentation_but_take_the_transform_size():
 
 def test_normalize_is_timms_prefetcher_normalisation_in_either_memory_format():
     images = torch.randint(0, 256, (2, 3, 5, 6), dtype=torch.uint8)
-    expected = (images.float() / 255 - torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        data.IMAGENET_STD).view(1, 3, 1, 1)
+    expected = (images.float() / 255 - torch.tensor(model.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+        model.IMAGENET_STD).view(1, 3, 1, 1)
     for channels_last in (False, True):
-        out = data.normalize(images, data.IMAGENET_MEAN, data.IMAGENET_STD, channels_last=channels_last)
+        out = data.normalize(images, model.IMAGENET_MEAN, model.IMAGENET_STD, channels_last=channels_last)
         assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-5)
         assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -478,7 +488,7 @@ def mixed_lambda(mixed, first, second):
 def test_mixup_mixes_each_image_with_its_neighbour_and_folds_smoothing_into_timms_targets():
     from timm.data.mixup import mixup_target
     torch.manual_seed(1)
-    mix = data.mixup_cutmix(mixup=0.8, cutmix=0.0, smoothing=0.1, num_classes=5)
+    mix = data.MixupCutmix(mixup=0.8, cutmix=0.0, smoothing=0.1, num_classes=5)
     images, labels = torch.rand(2, 3, 8, 8) + 1, torch.tensor([1, 3])
     mixed, targets = mix(images.clone(), labels)
     lam = mixed_lambda(mixed[0], images[0], images[1])
@@ -490,7 +500,7 @@ def test_mixup_mixes_each_image_with_its_neighbour_and_folds_smoothing_into_timm
 
 def test_cutmix_pastes_a_box_and_weights_targets_by_its_area():
     torch.manual_seed(2)
-    mix = data.mixup_cutmix(mixup=0.0, cutmix=1.0, smoothing=0.0, num_classes=4)
+    mix = data.MixupCutmix(mixup=0.0, cutmix=1.0, smoothing=0.0, num_classes=4)
     images, labels = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16)]), torch.tensor([0, 2])
     mixed, targets = mix(images.clone(), labels)
     pasted = float(mixed[0].mean())  # fraction of image 0 covered by image 1
@@ -498,10 +508,13 @@ def test_cutmix_pastes_a_box_and_weights_targets_by_its_area():
     assert torch.allclose(targets.sum(dim=1), torch.ones(2))
 
 
-def test_mixup_cutmix_is_none_when_both_are_off_and_picks_one_per_batch_when_both_are_on():
-    assert data.mixup_cutmix(0, 0, 0.1, 10) is None
+def test_mixup_cutmix_refuses_both_off_and_picks_one_per_batch_when_both_are_on():
+    """Both off means no mixer at all (callers hold None), never a mixer that silently does nothing."""
+    for mixup, cutmix in ((0, 0), (0.0, -1.0)):
+        with pytest.raises(ValueError, match='mixup > 0 or cutmix > 0'):
+            data.MixupCutmix(mixup, cutmix, 0.1, 10)
     torch.manual_seed(3)
-    mix = data.mixup_cutmix(0.2, 1.0, 0.0, 10)
+    mix = data.MixupCutmix(0.2, 1.0, 0.0, 10)
     images, labels = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)]), torch.tensor([0, 1])
     kinds = set()
     for _ in range(20):
