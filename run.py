@@ -351,7 +351,7 @@ def one_line_errors(alike_on_every_rank=False):
     where = f' (rank {rank})' if world_size > 1 else ''
     try:
         yield
-    except (utils.UsageError, data.DataError, models.CheckpointError, FloatingPointError) as e:
+    except (utils.UsageError, utils.DataError, models.CheckpointError, FloatingPointError) as e:
         if rank == 0 or not (alike_on_every_rank or isinstance(e, FloatingPointError)):
             print(f"error{where}: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)

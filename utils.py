@@ -23,6 +23,10 @@ class UsageError(ValueError):
     """Bad input from the command line or the machine: one line, exit status 2, no traceback."""
 
 
+class DataError(ValueError):
+    """Bad user input about data. The message is one line: what is wrong and how to fix it."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Optimizer
 

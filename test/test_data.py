@@ -1,4 +1,5 @@
-"""data.py as a specification: what the datasets, the sampler, the transforms and the batch augmentations promise.
+"""data.py and randaugment.py as a specification: what the datasets, the sampler, the transforms, RandAugment and
+the batch augmentations promise.
 
 timm (test-only) is the oracle for RandAugment's ops and spec grammar, the eval transform and the Mixup targets.
 Run: .venv/bin/python -m pytest test/test_data.py -q
@@ -15,6 +16,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import model  # noqa: E402
+import randaugment  # noqa: E402
 from data import DataError  # noqa: E402
 
 timm_aa = pytest.importorskip('timm.data.auto_augment')
@@ -55,7 +57,7 @@ def to_numpy(image):
     ('rand-m9-mstd101', dict(magnitude_std=float('inf'))),
 ])
 def test_parse_rand_augment_reads_timm_specs_with_timm_defaults(spec, expected):
-    options = data.parse_rand_augment(spec)
+    options = randaugment.parse_rand_augment(spec)
     for key, value in expected.items():
         assert options[key] == value, key
     timm_transform = timm_aa.rand_augment_transform(spec, {})
@@ -65,7 +67,7 @@ def test_parse_rand_augment_reads_timm_specs_with_timm_defaults(spec, expected):
     assert options['prob'] == timm_transform.ops[0].prob
     assert options['magnitude_max'] == (timm_transform.ops[0].magnitude_max or 10)
     assert [op.name for op in timm_transform.ops] == list(
-        data.RAND_AUGMENT_INCREASING_OPS if options['increasing'] else data.RAND_AUGMENT_OPS)
+        randaugment.RAND_AUGMENT_INCREASING_OPS if options['increasing'] else randaugment.RAND_AUGMENT_OPS)
 
 
 @pytest.mark.parametrize('spec, bad_part', [
@@ -74,14 +76,14 @@ def test_parse_rand_augment_reads_timm_specs_with_timm_defaults(spec, expected):
 ])
 def test_parse_rand_augment_rejects_bad_specs_with_a_one_line_error(spec, bad_part):
     with pytest.raises(DataError) as error:
-        data.parse_rand_augment(spec)
+        randaugment.parse_rand_augment(spec)
     message = str(error.value)
     assert '\n' not in message and bad_part in message and 'rand-m9-mstd0.5' in message
 
 
 def test_rand_augment_op_lists_are_timms():
-    assert list(data.RAND_AUGMENT_OPS) == timm_aa._RAND_TRANSFORMS
-    assert list(data.RAND_AUGMENT_INCREASING_OPS) == timm_aa._RAND_INCREASING_TRANSFORMS
+    assert list(randaugment.RAND_AUGMENT_OPS) == timm_aa._RAND_TRANSFORMS
+    assert list(randaugment.RAND_AUGMENT_INCREASING_OPS) == timm_aa._RAND_INCREASING_TRANSFORMS
 
 
 def timm_level_args(name, level, sign, monkeypatch):
@@ -91,14 +93,14 @@ def timm_level_args(name, level, sign, monkeypatch):
     return tuple(level_to_arg(level, {})) if level_to_arg else ()
 
 
-ALL_OP_NAMES = sorted(set(data.RAND_AUGMENT_OPS + data.RAND_AUGMENT_INCREASING_OPS))
+ALL_OP_NAMES = sorted(set(randaugment.RAND_AUGMENT_OPS + randaugment.RAND_AUGMENT_INCREASING_OPS))
 
 
 @pytest.mark.parametrize('name', ALL_OP_NAMES)
 def test_rand_augment_level_to_args_match_timm(name, monkeypatch):
     for level in (0, 2.4, 5, 7.3, 9, 10):
         for sign in (1, -1):
-            assert data.LEVEL_TO_ARGS[name](level, sign) == timm_level_args(name, level, sign, monkeypatch)
+            assert randaugment.LEVEL_TO_ARGS[name](level, sign) == timm_level_args(name, level, sign, monkeypatch)
 
 
 GEOMETRIC_CASES = [(name, interpolation) for name in ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
@@ -113,7 +115,7 @@ def test_rand_augment_ops_on_tensors_equal_timms_pil_ops(name, interpolation, mo
     pixels = natural_image()
     fill = (124, 116, 104)
     resample = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR, 'nearest': Image.NEAREST}[interpolation]
-    rand_augment = data.RandAugment(fill=fill, interpolation=interpolation)
+    rand_augment = randaugment.RandAugment(fill=fill, interpolation=interpolation)
     for level, sign in ((7.3, 1), (7.3, -1), (3, 1)):
         args = timm_level_args(name, level, sign, monkeypatch)
         expected = np.asarray(timm_aa.NAME_TO_OP[name](Image.fromarray(pixels), *args, fillcolor=fill,
@@ -127,9 +129,9 @@ def test_rand_augment_ops_on_tensors_equal_timms_pil_ops(name, interpolation, mo
 def test_rand_augment_draws_ops_with_replacement_each_applied_with_prob_half(monkeypatch):
     """timm: num_ops ops chosen with replacement, each applied with p 0.5 at level ~ N(m, mstd) clipped to 0..10."""
     applied = []
-    monkeypatch.setattr(data.RandAugment, 'apply', lambda self, name, image, level, sign: applied[-1].append(
+    monkeypatch.setattr(randaugment.RandAugment, 'apply', lambda self, name, image, level, sign: applied[-1].append(
         (name, level, sign)) or image)
-    rand_augment = data.RandAugment(**data.parse_rand_augment('rand-m9-mstd0.5'))
+    rand_augment = randaugment.RandAugment(**randaugment.parse_rand_augment('rand-m9-mstd0.5'))
     torch.manual_seed(0)
     for _ in range(3000):
         applied.append([])
@@ -138,7 +140,7 @@ def test_rand_augment_draws_ops_with_replacement_each_applied_with_prob_half(mon
     assert np.allclose(counts / 3000, [0.25, 0.5, 0.25], atol=0.03)
     assert any(len(ops) == 2 and ops[0][0] == ops[1][0] for ops in applied)  # with replacement
     names, levels, signs = zip(*[op for ops in applied for op in ops])
-    assert set(names) == set(data.RAND_AUGMENT_OPS)
+    assert set(names) == set(randaugment.RAND_AUGMENT_OPS)
     assert abs(np.mean(levels) - 9) < 0.05 and abs(np.std(levels) - 0.5) < 0.05 and max(levels) <= 10
     assert abs(np.mean(signs)) < 0.1
     rand_augment.magnitude = 5  # progressive learning changes it between stages

@@ -207,7 +207,7 @@ def test_a_failing_rank_stops_the_run_with_its_error_said_once(data_dir, tmp_pat
 @pytest.fixture(scope='module')
 def repo_copy(tmp_path_factory):
     root = tmp_path_factory.mktemp('repo')
-    for name in ('train.py', 'run.py', 'model.py', 'data.py', 'utils.py'):
+    for name in ('train.py', 'run.py', 'model.py', 'data.py', 'randaugment.py', 'utils.py'):
         shutil.copy(os.path.join(ROOT, name), root)
     shutil.copytree(os.path.join(ROOT, 'test'), root / 'test',
                     ignore=shutil.ignore_patterns('output', '__pycache__', '*.py'))

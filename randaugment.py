@@ -1,0 +1,300 @@
+"""timm's RandAugment on uint8 (3, H, W) tensors: its policy, its spec grammar and its 15 ops, giving
+timm 0.5.4's PIL results (the Ascend ModelZoo recipe's `--aa rand-m9-mstd0.5`). data.train_transform uses it.
+
+    rand_augment = RandAugment(**parse_rand_augment('rand-m9-mstd0.5'), fill=(124, 116, 104))
+    image = rand_augment(image)              # randomness from torch's global RNG (data.py seeds it per image)
+    image = rand_augment.apply('ShearX', image, level=9, sign=1)   # one op, no randomness
+
+The policy (op lists, level -> arguments, the 0.5 probability per op, magnitude noise) is timm's,
+tested against timm/data/auto_augment.py. Each op computes PIL's result with PIL's arithmetic
+(truncation, clamping, pixel centres; test/test_data.py: colour ops bit-exact, geometric ops within 1):
+torchvision's v2 op where it is exact and no slower, else a kernel here that says why it is kept.
+"""
+import math
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from utils import DataError
+
+RAND_AUGMENT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
+                    'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
+                    'TranslateYRel')
+RAND_AUGMENT_INCREASING_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
+                               'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
+                               'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY',
+                               'TranslateXRel', 'TranslateYRel')
+_GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+_PIL_RESAMPLING = {'nearest': Image.NEAREST, 'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
+
+
+def _enhance_factor(level, sign):  # 0.1 .. 1.9 as the level grows; 1.0 leaves the image alone
+    return (level / 10 * 1.8 + 0.1,)
+
+
+def _enhance_increasing_factor(level, sign):  # 1.0 -/+ up to 0.9: stronger either way as the level grows
+    return (max(0.1, 1.0 + sign * level / 10 * 0.9),)
+
+
+# timm's level -> op arguments, level on its 0..10 scale; `sign` is a fresh random +-1 per op application.
+LEVEL_TO_ARGS = {
+    'AutoContrast': lambda level, sign: (),
+    'Equalize': lambda level, sign: (),
+    'Invert': lambda level, sign: (),
+    'Rotate': lambda level, sign: (sign * level / 10 * 30,),                            # degrees
+    'Posterize': lambda level, sign: (int(level / 10 * 4),),                            # bits kept, 0..4
+    'PosterizeIncreasing': lambda level, sign: (4 - int(level / 10 * 4),),
+    'Solarize': lambda level, sign: (min(256, int(level / 10 * 256)),),                 # threshold
+    'SolarizeIncreasing': lambda level, sign: (256 - min(256, int(level / 10 * 256)),),
+    'SolarizeAdd': lambda level, sign: (min(128, int(level / 10 * 110)),),              # added below 128
+    'Color': _enhance_factor, 'ColorIncreasing': _enhance_increasing_factor,
+    'Contrast': _enhance_factor, 'ContrastIncreasing': _enhance_increasing_factor,
+    'Brightness': _enhance_factor, 'BrightnessIncreasing': _enhance_increasing_factor,
+    'Sharpness': _enhance_factor, 'SharpnessIncreasing': _enhance_increasing_factor,
+    'ShearX': lambda level, sign: (sign * level / 10 * 0.3,),                           # shear factor
+    'ShearY': lambda level, sign: (sign * level / 10 * 0.3,),
+    'TranslateXRel': lambda level, sign: (sign * level / 10 * 0.45,),                   # fraction of the size
+    'TranslateYRel': lambda level, sign: (sign * level / 10 * 0.45,),
+}
+
+
+class RandAugment:
+    """timm's RandAugment on uint8 CHW tensors: num_ops ops drawn with replacement, each applied with
+    probability `prob` at a level ~ N(magnitude, magnitude_std) clipped to [0, magnitude_max] (uniform on
+    [0, magnitude] when magnitude_std is infinite). `magnitude` may be changed between epochs."""
+
+    def __init__(self, magnitude=10, num_ops=2, magnitude_std=0.0, magnitude_max=10, prob=0.5, increasing=False,
+                 fill=(128, 128, 128), interpolation='bicubic'):
+        self.magnitude, self.num_ops, self.magnitude_std, self.magnitude_max = (magnitude, num_ops, magnitude_std,
+                                                                                magnitude_max)
+        self.prob, self.fill, self.interpolation = prob, tuple(fill), interpolation
+        if interpolation not in _PIL_RESAMPLING:
+            raise DataError(f'unknown interpolation {interpolation!r}; use one of {", ".join(_PIL_RESAMPLING)}')
+        self.op_names = RAND_AUGMENT_INCREASING_OPS if increasing else RAND_AUGMENT_OPS
+
+    def sample_level(self):
+        if self.magnitude_std == float('inf'):
+            level = float(torch.empty(()).uniform_(0, self.magnitude))
+        else:
+            level = self.magnitude + self.magnitude_std * float(torch.randn(()))
+        return max(0.0, min(level, self.magnitude_max))
+
+    def __call__(self, image):
+        for _ in range(self.num_ops):
+            name = self.op_names[int(torch.randint(len(self.op_names), ()))]
+            if float(torch.rand(())) > self.prob:
+                continue
+            sign = -1 if float(torch.rand(())) < 0.5 else 1
+            image = self.apply(name, image, self.sample_level(), sign)
+        return image
+
+    def apply(self, name, image, level, sign):
+        """One op at a given level and sign (no randomness): what the tests compare with timm."""
+        args = LEVEL_TO_ARGS[name](level, sign)
+        if name in _GEOMETRIC_OPS:
+            return OPS[name](image, *args, fill=self.fill, interpolation=self.interpolation)
+        return OPS[name.replace('Increasing', '')](image, *args)
+
+    def __repr__(self):
+        return (f'RandAugment(magnitude={self.magnitude}, num_ops={self.num_ops}, magnitude_std='
+                f'{self.magnitude_std}, magnitude_max={self.magnitude_max}, prob={self.prob}, '
+                f'increasing={self.op_names is RAND_AUGMENT_INCREASING_OPS})')
+
+
+def parse_rand_augment(spec):
+    """timm's RandAugment spec -> RandAugment keyword arguments. 'rand' then dash-separated sections:
+    m<magnitude> n<num_ops> mstd<std> (over 100: uniform) mmax<max level> p<prob> inc<0|1>; e.g. 'rand-m9-mstd0.5'.
+    Defaults are timm's: magnitude 10, 2 ops, std 0, max 10, prob 0.5, not increasing."""
+    example = "e.g. 'rand-m9-mstd0.5' (sections m, n, mstd, mmax, p, inc)"
+    sections = str(spec).split('-')
+    if sections[0] != 'rand':
+        raise DataError(f'RandAugment spec {spec!r} must start with "rand"; {example}')
+    options = dict(magnitude=10, num_ops=2, magnitude_std=0.0, magnitude_max=10, prob=0.5, increasing=False)
+    # Longest keys first, so 'mstd0.5' is not read as 'm' with value 'std0.5'.
+    parsers = {'mstd': ('magnitude_std', float), 'mmax': ('magnitude_max', float), 'inc': ('increasing', int),
+               'm': ('magnitude', float), 'n': ('num_ops', int), 'p': ('prob', float)}
+    for section in sections[1:]:
+        key = next((key for key in parsers if section.startswith(key)), None)
+        if key is None:
+            raise DataError(f'unknown section {section!r} in RandAugment spec {spec!r}; {example}')
+        name, parse = parsers[key]
+        try:
+            value = parse(section[len(key):])
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < 0 or (key == 'inc' and value > 1):
+            raise DataError(f'bad number in section {section!r} of RandAugment spec {spec!r}; {example}')
+        options[name] = value
+    options['increasing'] = bool(options['increasing'])
+    if options['magnitude_std'] > 100:  # timm's convention for "uniform in [0, magnitude]"
+        options['magnitude_std'] = float('inf')
+    return options
+
+
+# The ops: uint8 CHW in and out, timm's PIL results (tests: colour ops bit-exact, geometric ops within 1). OPS uses
+# torchvision's v2 op where it is bit-exact and no slower (Invert, Posterize, Brightness), else a kernel below;
+# each kept kernel says why, with times per call on a 288 px photo, one thread. Per-value maps are 256-entry numpy
+# lookup tables (np.take is several times faster than torch indexing, which needs int64); elementwise work is in
+# place, since fresh 1 MB buffers cost more in page faults than the arithmetic.
+
+def _apply_lut(image, lut):
+    """out = lut[image]; lut is a (256,) uint8 array, or (3, 256) for one table per channel."""
+    pixels = image.numpy()
+    if lut.ndim == 1:
+        return torch.from_numpy(np.take(lut, pixels, mode='clip'))  # 'clip': no bounds check (uint8 < 256)
+    return torch.from_numpy(np.stack([np.take(channel_lut, channel, mode='clip')
+                                      for channel_lut, channel in zip(lut, pixels)]))
+
+
+_IDENTITY_LUT = np.arange(256, dtype=np.uint8)
+
+
+# kept: TF.autocontrast scales in float32, PIL's table in float64: off by 1 on up to 22% of values
+def auto_contrast(image):
+    """PIL's ImageOps.autocontrast: stretch each channel so its min -> 0 and max -> 255."""
+    luts = []
+    for low, high in zip(image.amin(dim=(1, 2)).tolist(), image.amax(dim=(1, 2)).tolist()):
+        if high <= low:
+            luts.append(_IDENTITY_LUT)
+        else:
+            scale = 255.0 / (high - low)
+            luts.append(np.clip(np.trunc(np.arange(256) * scale - low * scale), 0, 255).astype(np.uint8))
+    return _apply_lut(image, np.stack(luts))
+
+
+# kept: 1.3x faster than TF.equalize (0.56 vs 0.74 ms), which is PIL-exact too
+def equalize(image):
+    """PIL's ImageOps.equalize: per channel, map values through the histogram's cumulative distribution."""
+    luts = []
+    for channel in image.numpy():
+        histogram = np.bincount(channel.ravel(), minlength=256)
+        present = histogram[histogram > 0]
+        step = (present.sum() - present[-1]) // 255 if len(present) > 1 else 0
+        if step == 0:
+            luts.append(_IDENTITY_LUT)
+        else:
+            darker = np.cumsum(histogram) - histogram  # pixels darker than each value
+            luts.append(np.minimum((step // 2 + darker) // step, 255).astype(np.uint8))
+    return _apply_lut(image, np.stack(luts))
+
+
+# kept: 1.6-1.9x faster than TF.solarize (0.20 vs 0.38 ms), which also refuses timm's threshold 256 (a no-op)
+def solarize(image, threshold):
+    return _apply_lut(image, np.where(_IDENTITY_LUT < threshold, _IDENTITY_LUT, 255 - _IDENTITY_LUT))
+
+
+# kept: v2 has no SolarizeAdd
+def solarize_add(image, add, threshold=128):
+    values = np.arange(256)
+    return _apply_lut(image, np.where(values < threshold, np.minimum(values + add, 255), values).astype(np.uint8))
+
+
+def _grey(image):
+    """PIL's RGB -> L conversion (ITU-R 601 weights in 16-bit fixed point), as an int32 (H, W) tensor."""
+    red, green, blue = image.numpy().astype(np.int32)
+    return torch.from_numpy((red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16)
+
+
+# kept: TF.adjust_contrast blends towards the unrounded mean of a float grey: off by 1 on up to 89% of values
+def contrast(image, factor):
+    """PIL's Image.blend(mean grey, image, factor): float32 math, truncated, clipped, as a lookup table."""
+    grey = _grey(image)
+    mean = np.float32(int(float(grey.sum()) / grey.numel() + 0.5))  # PIL: int(ImageStat.Stat(L).mean + 0.5)
+    blended = mean + np.float32(factor) * (np.arange(256, dtype=np.float32) - mean)
+    return _apply_lut(image, np.clip(blended, 0, 255).astype(np.uint8))
+
+
+# kept: TF.adjust_saturation's float grey differs from PIL's fixed-point L: off by 1 on up to 47% of values
+def color(image, factor):
+    """PIL's Image.blend(grey, image, factor), in place on a float32 copy."""
+    grey, pixels = _grey(image).float(), image.float()
+    return pixels.sub_(grey).mul_(factor).add_(grey).clamp_(0, 255).to(torch.uint8)
+
+
+# kept: TF.adjust_sharpness is off by 1 on 0.3% of values and 3-12x slower (its conv2d: 1.9-5.9 vs 0.5-0.7 ms)
+def sharpness(image, factor):
+    """Blend with PIL's SMOOTH filter (3x3 ones with centre 5, / 13, rounded; the 1-pixel border unfiltered,
+    where the blend is then the identity)."""
+    pixels = image.float()
+    vertical_sums = pixels[:, :-2] + pixels[:, 1:-1]
+    vertical_sums += pixels[:, 2:]
+    box = vertical_sums[:, :, :-2] + vertical_sums[:, :, 1:-1]
+    box += vertical_sums[:, :, 2:]
+    centre = pixels[:, 1:-1, 1:-1]  # a view: blending it in place blends `pixels`
+    smooth = box.add_(centre, alpha=4).div_(13).add_(0.5).floor_()
+    centre.sub_(smooth).mul_(factor).add_(smooth)
+    return pixels.clamp_(0, 255).to(torch.uint8)
+
+
+# Geometric ops: PIL's Image.transform(AFFINE) semantics. Output pixel (x, y) samples the input at the affine
+# image of its centre (x + 0.5, y + 0.5), in coordinates where pixel i spans [i, i + 1); a source outside the
+# image gives `fill`; interpolation neighbours outside it are clamped to the edge; PIL truncates the result.
+
+def _cubic_weights(frac):
+    """PIL's bicubic (a = -1, sharper than torch's a = -0.75) for neighbours at -1, 0, 1, 2 of offset frac."""
+    return torch.stack([-frac + 2 * frac ** 2 - frac ** 3, 1 - 2 * frac ** 2 + frac ** 3,
+                        frac + frac ** 2 - frac ** 3, -frac ** 2 + frac ** 3], dim=1)
+
+
+# kept: TF.affine on tensors has no bicubic; its bilinear is up to 137 off at the edges and 2x slower (1.8 vs 0.9 ms)
+def _shift_rows(image, shifts, fill, interpolation):
+    """Output row y samples input row y at x + shifts[y]: PIL's affine transform for shear-x and translate-x.
+    The shift is constant along a row, so each row needs one integer offset and one set of tap weights
+    (a gather and 4 multiply-adds: 3-5x faster than PIL's generic 2-D bicubic resampler)."""
+    channels, height, width = image.shape
+    source = torch.arange(width) + 0.5 + shifts[:, None]  # each output pixel's source, PIL's coordinates
+    outside = (source < 0) | (source >= width)
+    if interpolation == 'nearest':
+        index = source.floor_().long().clamp_(0, width - 1)
+        shifted = image.gather(2, index.expand(channels, -1, -1))
+    else:
+        frac = (shifts - shifts.floor()).float()
+        if interpolation == 'bilinear':
+            first_tap, weights = 0, torch.stack([1 - frac, frac], dim=1)
+        else:
+            first_tap, weights = -1, _cubic_weights(frac)
+        taps = weights.shape[1]
+        columns = torch.arange(width + taps - 1) + shifts.floor().long()[:, None] + first_tap
+        window = image.gather(2, columns.clamp_(0, width - 1).expand(channels, -1, -1)).float()
+        shifted = weights[:, 0, None] * window[:, :, :width]
+        for tap in range(1, taps):
+            shifted.addcmul_(weights[:, tap, None], window[:, :, tap:tap + width])
+        shifted = shifted.clamp_(0, 255).to(torch.uint8)
+    for channel, value in zip(shifted, fill):  # per channel: ~4x cheaper than a broadcast torch.where
+        channel.masked_fill_(outside, value)
+    return shifted
+
+
+def shear_x(image, factor, fill, interpolation):  # PIL: transform(AFFINE, (1, factor, 0, 0, 1, 0))
+    row_centres = torch.arange(image.shape[1], dtype=torch.float64) + 0.5
+    return _shift_rows(image, factor * row_centres, fill, interpolation)
+
+
+def shear_y(image, factor, fill, interpolation):  # PIL: transform(AFFINE, (1, 0, 0, factor, 1, 0))
+    return shear_x(image.transpose(1, 2), factor, fill, interpolation).transpose(1, 2)
+
+
+def translate_x_rel(image, fraction, fill, interpolation):  # PIL: (1, 0, fraction * width, 0, 1, 0)
+    shifts = torch.full((image.shape[1],), fraction * image.shape[2], dtype=torch.float64)
+    return _shift_rows(image, shifts, fill, interpolation)
+
+
+def translate_y_rel(image, fraction, fill, interpolation):
+    return translate_x_rel(image.transpose(1, 2), fraction, fill, interpolation).transpose(1, 2)
+
+
+# kept: TF.rotate on tensors has no bicubic; its bilinear (as fast: 1.8 ms) is up to 138 off at the edges
+def rotate(image, degrees, fill, interpolation):
+    """PIL's Image.rotate: counter-clockwise about the centre, same size, by PIL itself. Merging and splitting
+    channel planes is ~3x cheaper than transposing CHW <-> HWC."""
+    rgb = Image.merge('RGB', [Image.fromarray(channel) for channel in image.numpy()])
+    rotated = rgb.rotate(degrees, resample=_PIL_RESAMPLING[interpolation], fillcolor=fill)
+    return torch.from_numpy(np.stack([np.asarray(band) for band in rotated.split()]))
+
+
+OPS = {'AutoContrast': auto_contrast, 'Equalize': equalize, 'Invert': TF.invert, 'Posterize': TF.posterize,
+       'Solarize': solarize, 'SolarizeAdd': solarize_add, 'Color': color, 'Contrast': contrast,
+       'Brightness': TF.adjust_brightness, 'Sharpness': sharpness, 'Rotate': rotate, 'ShearX': shear_x,
+       'ShearY': shear_y, 'TranslateXRel': translate_x_rel, 'TranslateYRel': translate_y_rel}
