@@ -614,7 +614,7 @@ def count_macs(model, size):
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     hooks = [layer.register_forward_hook(count) for layer in layers]
     # Hooks in eval mode rather than FlopCounterMode: the counter's dispatch and batch-norm's training
-    # branch are slow on the meta device (the table took ~30 s, now ~10 s).
+    # branch are slow on the meta device (3x slower for the table).
     was_training = model.training
     with torch.no_grad():
         model.eval()(torch.empty(1, 3, size, size, device=model.conv_stem.weight.device))

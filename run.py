@@ -8,8 +8,9 @@ errors. Not a script: train.py calls it in these places only,
     checkpointer.stop_or_save(state, loss, skipped, at_log_step)    once per step
     checkpointer.end_epoch(state, ...), checkpointer.stop(state)
 
-and a copy of train.py without those lines is a plain loop that trains, validates and logs (its
-TrainState then only counts), but writes nothing and cannot resume.
+A copy of train.py without those lines (and `state.next_epoch()` where end_epoch was, which moved
+the state on) is a plain loop that trains, validates and logs, but writes nothing and cannot resume
+(checked by hand: such a copy trains the demo).
 
 Why a resumed run can match an uninterrupted one bit for bit: the data order and every image's
 augmentation are functions of (seed, epoch, index) (data.py) and the learning rate a function of

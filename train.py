@@ -177,12 +177,9 @@ def train(args):
         settings = stage_settings(args, epoch)
         if args.progressive and epoch in (first_epoch, settings['epochs'][0]) and utils.is_main_process():
             print(describe_stage(settings, args), flush=True)
-        lr = utils.learning_rate(epoch, args.sched, args.lr, args.epochs, args.warmup_lr, args.warmup_epochs,
-                                 args.decay_epochs, args.decay_rate, args.min_lr)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        loader = make_loader(train_set, train_transform(settings, args), train_sampler(train_set, args, epoch,
-                             state.step), device, args)
+        lr = set_learning_rate(optimizer, epoch, args)
+        loader = make_loader(train_set, train_transform(settings, args),
+                             train_sampler(train_set, args, epoch, start_batch=state.step), device, args)
         mixup = (data.MixupCutmix(settings['mixup'], args.cutmix, args.smoothing, args.num_classes)
                  if settings['mixup'] > 0 or args.cutmix > 0 else None)
         model_without_ddp.drop_rate = settings['drop']
@@ -255,8 +252,9 @@ def validate(model, loader, device, precision, args, log_suffix=''):
     processes; timm's `Test:` line, values over all ranks, every --log-interval batches."""
     model.eval()
     logger = utils.EvalLogger(args.log_interval, device, 'Test' + log_suffix, utils.is_main_process())
-    empty = (torch.zeros(0, 3, args.eval_size, args.eval_size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
-    for images, labels, *_ in logger.log_every(loader, empty):
+    empty_batch = (torch.zeros(0, 3, args.eval_size, args.eval_size, dtype=torch.uint8),
+                   torch.zeros(0, dtype=torch.long))
+    for images, labels, *_ in logger.log_every(loader, empty_batch):
         images, labels = to_device(images, device, args), labels.to(device)
         with precision.autocast():
             output = model(images)
@@ -459,6 +457,15 @@ def describe_stage(settings, args):
     return (f"Stage {settings['stage'] + 1}/{args.prog_stages}: epochs {first}-{last}, image size "
             f"{settings['size']} (eval {args.eval_size}), RandAugment magnitude {magnitude}, mixup "
             f"{settings['mixup']:.3f}, dropout {settings['drop']:.3f}{compiles}")
+
+
+def set_learning_rate(optimizer, epoch, args):
+    """timm's schedules change the lr once per epoch: a pure function of it, so resuming needs nothing more."""
+    lr = utils.learning_rate(epoch, args.sched, args.lr, args.epochs, args.warmup_lr, args.warmup_epochs,
+                             args.decay_epochs, args.decay_rate, args.min_lr)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    return lr
 
 
 def train_transform(settings, args):
