@@ -1,10 +1,11 @@
-"""Benchmark the training step and the input pipeline, ours against timm's (the seed), in one process.
+"""Benchmark the training step and the input pipeline, ours against timm's (the Ascend ModelZoo recipe's
+code), in one process.
 
     python bench.py                    # CPU: step at 96 px batch 16, pipeline at 288 px, workers 0 1 2
     python bench.py --compare-timm     # the same for timm's pieces, interleaved; ours/timm per row
     python bench.py --compare-timm --channels-last defaults   # each as it runs out of the box
     python bench.py --device cuda --img-size 288 -b 256 --precision bfloat16 --channels-last \
-        --no-pipeline --compare-timm [--compile]           # one GPU: what test/gpu_bench.sh runs
+        --no-pipeline --compare-timm [--compile]           # one GPU: what test/gpu_check.sh runs
     python bench.py --no-step --jpeg-dir /data/imagenet --workers 4 8 --compare-timm
 
 The last line is always `summary: step ours/timm X.XX, pipeline ours/timm Y.YY` (n/a without timm);
@@ -13,9 +14,9 @@ the table is printed above it and everything, every window included, goes to --j
 - step: one training step on synthetic data, as train.py takes it: forward (autocast unless
   --precision float32), label-smoothing loss, backward, RMSpropTF, EMA update. Ours: model.py,
   utils.RMSpropTF, utils.ModelEma, zero_grad before the forward. timm: timm.create_model, its
-  RMSpropTF looping over tensors (timm 0.5.4, the seed; timm 1.0 picks foreach on CUDA) and
+  RMSpropTF looping over tensors (timm 0.5.4, the ModelZoo's; timm 1.0 picks foreach on CUDA) and
   ModelEmaV2, zero_grad after the forward (timm's train.py). --channels-last on/off/auto applies to
-  both; `defaults` gives ours train.py's default for the device and timm NCHW (the seed's command).
+  both; `defaults` gives ours train.py's default for the device and timm NCHW (the ModelZoo's command).
   After --warmup steps (compilation included), images/s is the median of --windows timed windows;
   each window synchronizes the device before reading the clock, and windows of ours and timm
   alternate (ABBA) so a change in machine load hits both. The optimizer and EMA alone are timed alike.
@@ -68,7 +69,7 @@ def get_args_parser():
     p.add_argument('--channels-last', nargs='?', const='on', default='off',
                    choices=('off', 'on', 'auto', 'defaults'),
                    help="NHWC for both (bare flag: on); auto: train.py's choice for the device, for "
-                        "both; defaults: ours as train.py defaults, timm NCHW as the seed runs")
+                        "both; defaults: ours as train.py defaults, timm NCHW as the ModelZoo runs it")
     p.add_argument('--compile', action='store_true', help='torch.compile the models (not the optimizer)')
     p.add_argument('--warmup', type=int, help='untimed steps first; default 3 on the CPU, else 10')
     p.add_argument('--windows', type=int, default=9,

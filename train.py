@@ -421,7 +421,9 @@ def compile_model(model, precision, args):
     module (no `_orig_mod.` in saved keys). Static shapes: --progressive recompiles once per stage."""
     if precision.apex_optimizer is not None:
         raise utils.UsageError("--compile does not work with apex's patched functions; use --amp")
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, args.prog_stages + 1)
+    config = torch._dynamo.config
+    limit = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'  # torch < 2.7
+    setattr(config, limit, max(getattr(config, limit), args.prog_stages + 1))
     return torch.compile(model, dynamic=False)
 
 

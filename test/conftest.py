@@ -16,6 +16,11 @@ sys.path.insert(0, ROOT)
 COLOURS = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 200, 40)]
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU, skipped without one (test/test_cuda.py; '
+                                       'python -m pytest test -m cuda)')
+
+
 def make_image_folder(root, classes=2, train_per_class=8, val_per_class=3, size=(40, 48),
                       fmt='JPEG', seed=0):
     """DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg: noisy images of one colour per
