@@ -542,6 +542,12 @@ def synchronize(device):
         torch.npu.synchronize()
 
 
+def default_workers():
+    """timm's 4 loader processes per device, but not more than this device's share of the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return min(4, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+
+
 def default_channels_last(device):
     """The memory format train.py uses when --channels-last is not given: NHWC on CUDA (cuDNN's
     fast depthwise and bf16 kernels want it; +30% in timm's benchmarks) and on the CPU (oneDNN:
