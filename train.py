@@ -18,6 +18,7 @@ then the set-up. The run's machinery (checkpoints, exact resume, stop signals, s
 errors) lives in run.py behind the lines that call `run.` and `checkpointer.`: see its docstring.
 """
 import argparse
+import copy
 import os
 
 import torch
@@ -275,8 +276,7 @@ def evaluate(model, val_set, device, precision, args):
         checkpoint = models.read_checkpoint(args.resume)
         models.load_pretrained(model, checkpoint, use_ema=False)
         if checkpoint.get('model_ema'):
-            ema = utils.ModelEma(model, 0.0).module  # a copy, in eval mode
-            nets[' (EMA)'] = models.load_pretrained(ema, checkpoint, use_ema=True)
+            nets[' (EMA)'] = models.load_pretrained(copy.deepcopy(model), checkpoint, use_ema=True)
     loader = make_val_loader(val_set, device, args)
     for suffix, net in nets.items():
         result = validate(net, loader, device, precision, args, suffix)
