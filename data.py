@@ -1,19 +1,21 @@
 """Pixels to tensors: datasets, the epoch batch sampler, per-image transforms and per-batch augmentation.
 
     train_set, val_set, classes = load_datasets('folder', '/data/imagenet')   # DATA/{train,val}/<class>/*.jpg
-    train_set.transform = train_transform(288, aa='rand-m9-mstd0.5', mean=model.IMAGENET_MEAN)
     sampler = EpochBatchSampler(len(train_set), 256, shuffle=True, drop_last=True, seed=42, rank=r, world_size=n)
-    loader = create_loader(train_set, sampler, workers=8)
+    sampler.set_epoch(epoch)
+    transform = train_transform(288, aa='rand-m9-mstd0.5', mean=model.IMAGENET_MEAN)
+    loader = create_loader(transformed(train_set, transform), sampler, workers=8)
     mix = MixupCutmix(mixup, cutmix, smoothing, num_classes) if mixup > 0 or cutmix > 0 else None
-    for epoch in ...:
-        sampler.set_epoch(epoch)
-        for images, labels, bad_counts in loader:                          # uint8 (N,3,H,W) on the CPU
-            images = random_erase(normalize(images.to(device), model.IMAGENET_MEAN, model.IMAGENET_STD), prob)
-            images, targets = mix(images, labels) if mix else (images, labels)
+    for images, labels, bad_counts in loader:                              # uint8 (N,3,H,W) on the CPU
+        images = random_erase(normalize(images.to(device), model.IMAGENET_MEAN, model.IMAGENET_STD), prob)
+        images, targets = mix(images, labels) if mix else (images, labels)
 
-1. Datasets: load_datasets() -> (train_set, val_set, classes). Items are (uint8 CHW image, label, bad_count).
+1. Datasets: any map-style dataset of (image, label), the image a PIL image or a uint8 (C, H, W) tensor:
+   torchvision.datasets.*, your own, a Hugging Face split (rows {'image': ..., 'label': ...}). load_datasets()
+   gives the built-in ones (an image folder, CIFAR, the digits demo, synthetic images). Transformed wraps any of
+   them for the loader: (index, item seed) keys, uint8 RGB tensors, the seeded transform, a bad-image count.
 2. Sampling: EpochBatchSampler yields batches of (index, item seed), a pure function of (seed, epoch, rank,
-   world_size). Each item's augmentation runs on torch's RNG reseeded with mix_seed(seed, epoch, index), so it
+   world_size). Each item's transform runs on torch's RNG reseeded with mix_seed(seed, epoch, index), so it
    depends only on (seed, epoch, index): not on the worker count, the world size or a resume.
 3. Per-image transforms (loader workers, CPU, uint8 in and out): train_transform (RandomResizedCrop, flip,
    RandAugment or colour jitter) and eval_transform (resize, centre crop), as in the Ascend ModelZoo recipe
@@ -54,51 +56,97 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-cased
 # 1. Datasets
 # ----------------------------------------------------------------------------------------------------------------
 
-class ImageDataset(torch.utils.data.Dataset):
-    """Base class. Subclasses give load(index) -> (uint8 CHW image, label, bad_count); this class adds the
-    seeded transform. Keys are (index, item seed) pairs from EpochBatchSampler, or plain ints (seed 0)."""
-    transform = None  # callable(uint8 CHW tensor) -> uint8 CHW tensor, or None; assign a new one to change it
+class Transformed(torch.utils.data.Dataset):
+    """A dataset of (image, label) as the training loop loads it. Keys are (index, item seed) pairs from
+    EpochBatchSampler (a plain int: seed 0); items are (uint8 RGB (3, H, W) tensor, int label, bad_count), the
+    image passed through `transform` on torch's RNG seeded with the item's seed. The dataset's images may be PIL
+    images or uint8 (1 or 3, H, W) tensors; a third value in its items is the number of unreadable files
+    replaced to make that item (ImageFolder), else the count is 0."""
+
+    def __init__(self, dataset, transform=None):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
 
     def __getitem__(self, key):
         index, item_seed = key if isinstance(key, tuple) else (key, 0)
-        image, label, bad_count = self.load(index)
+        item = self.dataset[index]
+        if isinstance(item, dict):  # a Hugging Face datasets row
+            item = _row_image_and_label(item)
+        image, label, *bad_count = item
+        image = as_uint8_rgb(image)
         if self.transform is not None:
             # fork_rng restores the caller's CPU RNG afterwards (workers=0 must not disturb the training loop).
             # default_generator.manual_seed, not torch.manual_seed: the latter also reseeds every CUDA device.
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(item_seed)
                 image = self.transform(image)
-        return image, label, bad_count
+        return image, int(label), bad_count[0] if bad_count else 0
 
 
-class ImageFolder(ImageDataset):
-    """Image files listed as (path, label), decoded on access. Unreadable files are replaced by the next
-    readable one (bad_count 1, one warning per file) or, when strict, raise DataError."""
+def _row_image_and_label(row):
+    if 'image' not in row or 'label' not in row:
+        raise DataError(f"a Hugging Face dataset row needs 'image' and 'label' columns, this one has "
+                        f"{', '.join(row)}: rename them, e.g. split.rename_columns({{'img': 'image'}})")
+    return row['image'], row['label']
 
-    def __init__(self, samples, strict=False):
-        self.samples = samples
-        self.strict = strict
+
+def as_uint8_rgb(image):
+    """A PIL image or a uint8 (1 or 3, H, W) tensor -> uint8 (3, H, W) tensor."""
+    if isinstance(image, Image.Image):
+        return TF.pil_to_tensor(image if image.mode == 'RGB' else image.convert('RGB'))
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] in (1, 3):
+        return image.expand(3, -1, -1)
+    described = f'{image.dtype} tensor of shape {tuple(image.shape)}' if isinstance(image, torch.Tensor) else type(image)
+    raise DataError(f"a dataset gave an image as {described}; give PIL images or uint8 (3, H, W) tensors")
+
+
+def transformed(dataset, transform):
+    """The dataset as the loop loads it: Transformed(dataset, transform), except synthetic images, which are made
+    at the transform's size instead and not augmented (a throughput run measures the step, not the pipeline)."""
+    if isinstance(dataset, SyntheticImages):
+        return SyntheticImages(len(dataset), transform.size, dataset.num_classes)
+    return Transformed(dataset, transform)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Image files under `root`, given relative to it with their labels, as (uint8 image, label, bad_count),
+    decoded on access. An unreadable file is replaced by the next readable one (bad_count 1, one warning per file)
+    or, when strict, raises DataError.
+
+    The list is two numpy arrays (paths as fixed-width bytes, labels as int32), not Python objects: loader
+    workers read them without touching reference counts, so the forked pages stay shared instead of being
+    copied into every worker (README, "Data at ImageNet scale")."""
+
+    def __init__(self, root, paths, labels, strict=False):
+        self.root, self.strict = root, strict
+        self.paths = np.array([os.fsencode(path) for path in paths], dtype=np.bytes_)
+        self.labels = np.array(labels, dtype=np.int32)
         # Shared between loader workers, so each bad file is reported once per run, not once per worker/epoch.
-        self.known_unreadable = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
+        self.known_unreadable = torch.zeros(len(self.labels), dtype=torch.bool).share_memory_()
 
     def __len__(self):
-        return len(self.samples)
+        return len(self.labels)
 
-    def load(self, index):
-        for offset in range(len(self.samples)):
-            substitute = (index + offset) % len(self.samples)
+    def path(self, index):
+        return os.path.join(self.root, os.fsdecode(self.paths[index]))
+
+    def __getitem__(self, index):
+        for offset in range(len(self)):
+            substitute = (index + offset) % len(self)
             if self.known_unreadable[substitute]:
                 continue
-            path, label = self.samples[substitute]
+            path = self.path(substitute)
             try:
-                return read_image(path), label, int(offset > 0)
+                return read_image(path), int(self.labels[substitute]), int(offset > 0)
             except UnreadableImage as error:
                 if self.strict:
                     raise DataError(f'unreadable image {path}: {error}; '
                                     'replace or delete it (or allow skipping bad files)') from None
                 self.known_unreadable[substitute] = True
                 print(f'warning: skipping unreadable image {path}: {error}', file=sys.stderr, flush=True)
-        raise DataError(f'none of the {len(self.samples)} images (e.g. {self.samples[0][0]}) is readable; '
+        raise DataError(f'none of the {len(self)} images (e.g. {self.path(0)}) is readable; '
                         'check the files are JPEG or PNG images')
 
 
@@ -129,53 +177,32 @@ def read_image(path):
         raise UnreadableImage(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
 
 
-class InMemoryImages(ImageDataset):
-    """A uint8 (N, 3, H, W) tensor and its labels (CIFAR, digits)."""
-
-    def __init__(self, images, labels):
-        self.images = images
-        self.labels = [int(label) for label in labels]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def load(self, index):
-        return self.images[index], self.labels[index], 0
-
-
-class SyntheticImages(ImageDataset):
-    """Random uint8 images made in memory, for throughput runs: a pool of 64, indexed modulo.
-
-    Augmentation is skipped: the images are made at the final size, so a benchmark measures the training step,
-    not the input pipeline. The size is honoured though: a transform with a `size` attribute (train_transform,
-    eval_transform) gets images of that size, so progressive learning's size schedule still applies."""
+class SyntheticImages(torch.utils.data.Dataset):
+    """Random uint8 images made in memory, for throughput runs: a pool of 64 at `image_size`, indexed modulo.
+    The loop does not augment them (see `transformed`), so a benchmark measures the training step, not the input
+    pipeline; progressive learning's sizes still apply."""
     pool_size = 64
 
     def __init__(self, length, image_size, num_classes):
         self.length, self.image_size, self.num_classes = length, image_size, num_classes
-        self.pools = {image_size: self.make_pool(image_size)}  # made now, so forked workers share it
-
-    def make_pool(self, size):
-        generator = torch.Generator().manual_seed(size)
-        return torch.randint(0, 256, (self.pool_size, 3, size, size), dtype=torch.uint8, generator=generator)
+        generator = torch.Generator().manual_seed(image_size)
+        self.pool = torch.randint(0, 256, (self.pool_size, 3, image_size, image_size), dtype=torch.uint8,
+                                  generator=generator)
 
     def __len__(self):
         return self.length
 
     def __getitem__(self, key):
         index = key[0] if isinstance(key, tuple) else key
-        size = getattr(self.transform, 'size', self.image_size)
-        if size not in self.pools:
-            self.pools[size] = self.make_pool(size)
-        return self.pools[size][index % self.pool_size], index % self.num_classes, 0
+        return self.pool[index % self.pool_size], index % self.num_classes, 0
 
 
 def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=224, num_classes=None):
     """-> (train_set, val_set, classes). See DATASETS; `num_classes` applies to 'synthetic' only (default 1000).
 
     'folder': DATA/train/<class>/**/*.jpg|jpeg|png and DATA/val/<class>/... (torchvision's ImageFolder layout).
-    'cifar10', 'cifar100': torchvision's python-format files under DATA (nothing is downloaded).
-    'digits': scikit-learn's 1797 8x8 digits as RGB, a fixed stratified 80/20 split; no files needed.
+    'cifar10', 'cifar100': torchvision's datasets on their python-format files under DATA (nothing is downloaded).
+    'digits': scikit-learn's 1797 8x8 digits as uint8 tensors, a fixed stratified 80/20 split; no files needed.
     'synthetic': random images (SyntheticImages), ImageNet's 1281167 train (so a throughput run of
         --perf-steps at any batch size and world size stays inside one epoch) and 1280 val.
     """
@@ -208,58 +235,60 @@ def _existing_path(dataset, data_path):
 
 
 def _load_folder(root, strict):
-    split_classes, split_samples = {}, {}
+    split_classes, split_sets = {}, {}
     for split in ('train', 'val'):
         folder = os.path.join(root, split)
         if not os.path.isdir(folder):
             raise DataError(f'no {split}/ folder in {root}; expected {root}/train/<class>/*.jpg and '
                             f'{root}/val/<class>/*.jpg')
-        split_classes[split], split_samples[split] = _scan_class_folders(folder)
+        split_classes[split], paths, labels = _scan_class_folders(folder)
+        split_sets[split] = ImageFolder(folder, paths, labels, strict)
     train_classes, val_classes = split_classes['train'], split_classes['val']
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
         raise DataError(f'train/ and val/ in {root} hold different classes (only in train: {only_train or "-"}; '
                         f'only in val: {only_val or "-"}); give both the same class folders')
-    return (ImageFolder(split_samples['train'], strict), ImageFolder(split_samples['val'], strict),
-            train_classes)
+    return split_sets['train'], split_sets['val'], train_classes
 
 
 def _scan_class_folders(folder):
-    """-> (sorted class names, [(path, label)]) for folder/<class>/**/<image>; hidden entries are ignored."""
+    """-> (sorted class names, paths relative to folder, labels) for folder/<class>/**/<image>; hidden entries
+    are ignored."""
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith('.'))
     if not classes:
         raise DataError(f'{folder} has no class folders; expected {folder}/<class>/*.jpg')
-    samples = []
+    paths, labels = [], []
     for label, name in enumerate(classes):
-        paths = sorted(_image_files(os.path.join(folder, name)))
-        if not paths:
+        found = find_images(os.path.join(folder, name))
+        if not found:
             raise DataError(f'class folder {os.path.join(folder, name)} has no images '
                             f'({", ".join(IMAGE_EXTENSIONS)}); add images or remove the folder')
-        samples += [(path, label) for path in paths]
-    return classes, samples
+        paths += [path[len(folder) + 1:] for path in found]
+        labels += [label] * len(found)
+    return classes, paths, labels
 
 
-def _image_files(folder):
+def find_images(folder):
+    """Sorted paths of the images (IMAGE_EXTENSIONS) under folder, searched recursively; hidden entries skipped."""
+    found = []
     for directory, subdirectories, files in os.walk(folder, followlinks=True):
         subdirectories[:] = [name for name in subdirectories if not name.startswith('.')]
-        for name in files:
-            if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS):
-                yield os.path.join(directory, name)
+        found += [os.path.join(directory, name) for name in files
+                  if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
 
 
 def _load_cifar(dataset, root):
     from torchvision.datasets import CIFAR10, CIFAR100
     cifar = CIFAR10 if dataset == 'cifar10' else CIFAR100
     try:
-        splits = [cifar(root, train=train, download=False) for train in (True, False)]
+        train_set, val_set = [cifar(root, train=train, download=False) for train in (True, False)]
     except RuntimeError:  # torchvision: 'Dataset not found or corrupted'
         raise DataError(f'no {dataset} files under {root} (expected {os.path.join(root, cifar.base_folder)}); '
                         f'fetch them once with torchvision.datasets.{cifar.__name__}({root!r}, download=True)'
                         ) from None
-    sets = [InMemoryImages(torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(), split.targets)
-            for split in splits]
-    return sets[0], sets[1], list(splits[0].classes)
+    return train_set, val_set, list(train_set.classes)
 
 
 def _load_digits():
@@ -267,9 +296,10 @@ def _load_digits():
     digits = load_digits()
     grey = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # values 0..16 -> 0..255
     images = torch.from_numpy(grey)[:, None].expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(digits.target)
     train_indices, val_indices = stratified_split(digits.target, val_fraction=0.2, seed=0)
-    return (InMemoryImages(images[train_indices], digits.target[train_indices]),
-            InMemoryImages(images[val_indices], digits.target[val_indices]), [str(d) for d in range(10)])
+    return (torch.utils.data.TensorDataset(images[train_indices], labels[train_indices]),
+            torch.utils.data.TensorDataset(images[val_indices], labels[val_indices]), [str(d) for d in range(10)])
 
 
 def stratified_split(labels, val_fraction, seed):
@@ -352,29 +382,27 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             yield [(index, mix_seed(self.seed, self.epoch, index)) for index in chunk]
 
 
-def create_loader(dataset, batch_sampler, *, workers, pin_memory=False, persistent=False):
+def create_loader(dataset, batch_sampler, *, workers, pin_memory=False):
     """A DataLoader over the sampler's batches; items collate to (uint8 images, int64 labels, int64 bad_counts).
 
     It owns a torch.Generator, so starting an epoch's iterator does not draw from the global RNG (bitwise
-    resume). Workers copy dataset.transform when they start: after changing the transform, persistent workers
-    keep the old one, so make a new loader then (progressive learning does that once per stage)."""
+    resume). Workers copy the dataset (and its transform) when they start: train.py makes a new loader each
+    epoch, so progressive learning's new sizes reach them."""
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
-        persistent_workers=persistent and workers > 0, prefetch_factor=2 if workers > 0 else None,
-        generator=torch.Generator())
+        prefetch_factor=2 if workers > 0 else None, generator=torch.Generator())
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Per-image transforms: uint8 (3, H, W) tensor in and out, randomness from torch's global RNG only
 # ----------------------------------------------------------------------------------------------------------------
 
-_INTERPOLATIONS = {'bicubic': TF.InterpolationMode.BICUBIC, 'bilinear': TF.InterpolationMode.BILINEAR,
-                   'nearest': TF.InterpolationMode.NEAREST}
+INTERPOLATIONS = ('bilinear', 'bicubic')  # the modes timm's configs use; names of torchvision's InterpolationMode
 
 
 def _check_interpolation(name):
-    if name not in _INTERPOLATIONS:
-        raise DataError(f'unknown interpolation {name!r}; use one of {", ".join(_INTERPOLATIONS)}')
+    if name not in INTERPOLATIONS:
+        raise DataError(f'unknown interpolation {name!r}; use one of {", ".join(INTERPOLATIONS)}')
     return name
 
 
@@ -416,7 +444,7 @@ class TrainTransform:
         top, left, height, width = random_crop_box(image.shape[-2], image.shape[-1], self.scale, self.ratio)
         # Resizing the uint8 tensor (torchvision's SIMD path, antialiased like PIL) is ~2x faster than PIL.
         image = TF.resized_crop(image, top, left, height, width, [self.size, self.size],
-                                interpolation=_INTERPOLATIONS[self.interpolation], antialias=True)
+                                interpolation=TF.InterpolationMode(self.interpolation), antialias=True)
         if self.hflip > 0 and float(torch.rand(())) < self.hflip:
             image = image.flip(-1)
         if self.rand_augment is not None:
@@ -456,7 +484,7 @@ class EvalTransform:
         self.resize_to = math.floor(size / crop_pct)
 
     def __call__(self, image):
-        image = TF.resize(image, [self.resize_to], interpolation=_INTERPOLATIONS[self.interpolation],
+        image = TF.resize(image, [self.resize_to], interpolation=TF.InterpolationMode(self.interpolation),
                           antialias=True)
         return TF.center_crop(image, [self.size, self.size])
 

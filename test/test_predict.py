@@ -50,8 +50,8 @@ def overfit(tmp_path_factory):
     data_dir = make_image_folder(root / 'data', classes=2, train_per_class=16, val_per_class=3)
     size, config = 32, models.VARIANTS[ARCH]['config']
     train_set, _, classes = data.load_datasets('folder', data_dir)
-    train_set.transform = data.eval_transform(size, crop_pct=config['crop_pct'],
-                                              interpolation=config['interpolation'])
+    train_set = data.Transformed(train_set, data.eval_transform(size, crop_pct=config['crop_pct'],
+                                                                interpolation=config['interpolation']))
     images, labels, _ = zip(*(train_set[i] for i in range(len(train_set))))
     images, labels = data.normalize(torch.stack(images), config['mean'], config['std']), torch.tensor(labels)
     torch.manual_seed(0)
