@@ -5,17 +5,18 @@ code), in one process.
     python bench.py --compare-timm     # the same for timm's pieces, interleaved; ours/timm per row
     python bench.py --compare-timm --channels-last defaults   # each as it runs out of the box
     python bench.py --device cuda --img-size 288 -b 256 --precision bfloat16 --channels-last \
-        --no-pipeline --compare-timm [--compile]           # one GPU: what test/gpu_check.sh runs
+        --no-pipeline --compare-timm [--compile]           # one GPU: what tools/gpu_check.sh runs
     python bench.py --no-step --jpeg-dir /data/imagenet --workers 4 8 --compare-timm
 
 The last line is always `summary: step ours/timm X.XX, pipeline ours/timm Y.YY` (n/a without timm);
 the table is printed above it and everything, every window included, goes to --json.
 
-- step: one training step on synthetic data, as train.py takes it: forward (autocast unless
-  --precision float32), label-smoothing loss, backward, RMSpropTF, EMA update. Ours: model.py,
-  utils.RMSpropTF, utils.ModelEma, zero_grad before the forward. timm: timm.create_model, its
-  RMSpropTF looping over tensors (timm 0.5.4, the ModelZoo's; timm 1.0 picks foreach on CUDA) and
-  ModelEmaV2, zero_grad after the forward (timm's train.py). --channels-last on/off/auto applies to
+- step: one training step on a synthetic uint8 batch already on the device: normalize, forward
+  (autocast unless --precision float32), label-smoothing loss, backward, RMSpropTF, EMA update.
+  Ours: train.py's own train_step over the parts train.py builds (build_model, create_optimizer,
+  utils.create_precision, utils.ModelEma) with the ModelZoo recipe's flags. timm: timm.create_model,
+  its RMSpropTF looping over tensors (timm 0.5.4, the ModelZoo's; timm 1.0 picks foreach on CUDA) and
+  ModelEmaV2, normalization as its prefetcher does it, zero_grad after the forward (timm's train.py). --channels-last on/off/auto applies to
   both; `defaults` gives ours train.py's default for the device and timm NCHW (the ModelZoo's command).
   After --warmup steps (compilation included), images/s is the median of --windows timed windows;
   each window synchronizes the device before reading the clock, and windows of ours and timm
@@ -124,50 +125,68 @@ def memory_format(impl, args):
 def build_trainer(impl, args, images, labels):
     """-> dict of closures: 'step' (one training step), 'optimizer' and 'ema' (those parts alone)."""
     torch.manual_seed(args.seed)
-    if impl == 'ours':
-        net = models.create_model(args.model, drop_rate=0.3, drop_path_rate=0.2)
-        net = net.to(args.device, memory_format=memory_format(impl, args))
-        optimizer = utils.create_optimizer('rmsproptf', net, 0.014, 1e-5, eps=1e-3)
-        ema = utils.ModelEma(net, EMA_DECAY)
-        update_ema = lambda: ema.update_parameters(net)  # noqa: E731
-    else:
-        import timm
-        from timm.optim import create_optimizer_v2
-        from timm.utils import ModelEmaV2
-        net = timm.create_model(args.model, drop_rate=0.3, drop_path_rate=0.2)
-        net = net.to(args.device, memory_format=memory_format(impl, args))
-        optimizer = create_optimizer_v2(net, 'rmsproptf', lr=0.014, weight_decay=1e-5, eps=1e-3,
-                                        foreach=False)  # timm 0.5.4's loop over tensors
-        ema = ModelEmaV2(net, decay=EMA_DECAY)
-        update_ema = lambda: ema.update(net)  # noqa: E731
-    net.train()
+    return our_trainer(args, images, labels) if impl == 'ours' else timm_trainer(args, images, labels)
+
+
+def our_trainer(args, images, labels):
+    """train.py's own parts and its train_step (one micro-batch), with the ModelZoo recipe's flags."""
+    import train
+    flags = ['--dataset', 'synthetic', '--model', args.model, '--img-size', str(args.img_size),
+             '-b', str(args.batch_size), '--num-classes', '1000', '--opt', 'rmsproptf', '--opt-eps', '1e-3',
+             '--lr', '0.014', '--weight-decay', '1e-5', '--drop', '0.3', '--drop-path', '0.2', '--model-ema',
+             '--model-ema-decay', str(EMA_DECAY), '--smoothing', str(LABEL_SMOOTHING),
+             '--device', args.device.type, '--channels-last' if args.nhwc['ours'] else '--no-channels-last']
+    flags += ['--amp', '--amp-dtype', args.precision] if args.precision != 'float32' else []
+    flags += ['--compile'] if args.compile else []
+    recipe = train.resolve_args(train.get_args_parser().parse_args(flags))
+    net = train.build_model(recipe, args.device)
+    optimizer, _ = train.create_optimizer(net, recipe, steps_per_epoch=1)
+    precision, net, optimizer = utils.create_precision(args.device, net, optimizer, recipe.amp, recipe.amp_dtype)
+    ema = utils.ModelEma(net, recipe.model_ema_decay)
+    model = train.distribute(net, args.device, precision, recipe)  # compiled with --compile
+    batch = [(images, labels, torch.zeros_like(labels))]
+    step = lambda: train.train_step(model, optimizer, precision, batch, args.device, recipe, ema)  # noqa: E731
+    return dict(step=step, optimizer=optimizer.step, ema=lambda: ema.update_parameters(net))
+
+
+def timm_trainer(args, images, labels):
+    """timm's parts in timm 0.5.4's train loop: its RMSpropTF looping over tensors, ModelEmaV2, the batch
+    normalized on the device as its prefetcher does, zero_grad after the forward."""
+    import timm
+    from timm.optim import create_optimizer_v2
+    from timm.utils import ModelEmaV2
+    net = timm.create_model(args.model, drop_rate=0.3, drop_path_rate=0.2)
+    net = net.to(args.device, memory_format=memory_format('timm', args)).train()
+    optimizer = create_optimizer_v2(net, 'rmsproptf', lr=0.014, weight_decay=1e-5, eps=1e-3,
+                                    foreach=False)  # timm 0.5.4's loop over tensors
+    ema = ModelEmaV2(net, decay=EMA_DECAY)
     forward = torch.compile(net) if args.compile else net
     dtype = getattr(torch, args.precision)
     autocast = (lambda: torch.autocast(args.device.type, dtype)) if dtype != torch.float32 else nullcontext
     scaler = torch.amp.GradScaler(args.device.type, enabled=dtype == torch.float16)
+    mean = torch.tensor([255 * m for m in models.IMAGENET_MEAN], device=args.device).view(1, 3, 1, 1)
+    std = torch.tensor([255 * s for s in models.IMAGENET_STD], device=args.device).view(1, 3, 1, 1)
 
     def step():
-        if impl == 'ours':  # train.py: last step's gradients freed before this forward's activations
-            optimizer.zero_grad(set_to_none=True)
+        normalized = images.to(dtype=torch.float32, memory_format=memory_format('timm', args)).sub_(mean).div_(std)
         with autocast():
-            output = forward(images)
+            output = forward(normalized)
         loss = F.cross_entropy(output.float(), labels, label_smoothing=LABEL_SMOOTHING)
-        if impl == 'timm':  # timm's train.py: after the forward
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # timm's train.py: after the forward
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        update_ema()
-    return dict(step=step, optimizer=optimizer.step, ema=update_ema)
+        ema.update(net)
+    return dict(step=step, optimizer=optimizer.step, ema=lambda: ema.update(net))
 
 
 def synthetic_batch(impl, args):
-    """A normalized float batch in the implementation's memory format, and its labels."""
+    """A batch of random uint8 images on the device, as the loader hands them over, and its labels."""
     generator = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator)
+    images = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8,
+                           generator=generator)
     labels = torch.randint(0, 1000, (args.batch_size,), generator=generator)
-    images = images.to(args.device, memory_format=memory_format(impl, args))
-    return images, labels.to(args.device)
+    return images.to(args.device), labels.to(args.device)
 
 
 def build_and_warm_up(impl, args, images, labels, steps=None):
@@ -294,12 +313,14 @@ def make_jpeg_folder(root, count=64, seed=0):
 
 
 def our_batches(samples, args, workers):
-    dataset = data.ImageFolder(samples)
-    dataset.transform = data.train_transform(args.pipeline_size, aa=args.aa, interpolation='bicubic',
-                                             mean=models.IMAGENET_MEAN)
+    root = os.path.commonpath([path for path, _ in samples])
+    dataset = data.ImageFolder(root, [os.path.relpath(path, root) for path, _ in samples],
+                               [label for _, label in samples])
+    transform = data.train_transform(args.pipeline_size, aa=args.aa, interpolation='bicubic',
+                                     mean=models.IMAGENET_MEAN)
     sampler = data.EpochBatchSampler(len(dataset), args.pipeline_batch, shuffle=True,
                                      seed=args.seed, drop_last=True)
-    for images, _, _ in data.create_loader(dataset, sampler, workers=workers):
+    for images, _, _ in data.create_loader(data.Transformed(dataset, transform), sampler, workers=workers):
         yield data.normalize(images.to(args.device), models.IMAGENET_MEAN, models.IMAGENET_STD)
 
 
@@ -355,7 +376,8 @@ def bench_pipeline(args):
     with folder as root:
         if not os.path.isdir(os.path.join(root, 'train')):
             make_jpeg_folder(root, seed=args.seed)
-        files = data.load_datasets('folder', root)[0].samples
+        found = data.load_datasets('folder', root)[0]
+        files = [(found.path(index), int(found.labels[index])) for index in range(len(found))]
         needed = (untimed_batches(max(args.workers)) + args.pipeline_batches) * args.pipeline_batch
         samples = files * math.ceil(needed / len(files))  # every window reads distinct batches
         torch.set_num_threads(1)

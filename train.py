@@ -7,19 +7,25 @@
         --weight-decay 1e-5 --drop 0.3 --drop-connect 0.2 --aa rand-m9-mstd0.5 --lr .014 \
         --log-interval 1 --img-size 288 --apex-amp --model-ema --model-ema-decay 0.9999 --mixup 0.2
     torchrun --nproc_per_node=8 train.py /data/imagenet ... --lr .112     # 1 node x 8 devices
+    torchrun --nproc_per_node=2 train.py /data/imagenet ... --grad-accum-steps 4 --lr-base .014
+                                                  # the 8-device batch (8 x 256) on 2 devices, lr from it
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
         train.py /data/imagenet ... --lr .224         # 2 nodes: the same on HOST1 with --node_rank=1
     python -m torch.distributed.launch --nproc_per_node=8 train.py ...   # the ModelZoo's launcher
     bash test/train_full_8p.sh --data_path=/data/imagenet    # the ModelZoo's scripts (README)
 
 `-b` is per device and logged images/s are global; a launcher's WORLD_SIZE turns on distributed mode.
-Top to bottom: the flags, main(), train() (the epoch loop), train_one_epoch, train_step, validate,
-then the set-up. The run's machinery (checkpoints, exact resume, stop signals, summary.csv, one-line
-errors) lives in run.py behind the lines that call `run.` and `checkpointer.`: see its docstring.
+Top to bottom: the flags; the three places a copy changes first: datasets(), create_optimizer() (with
+its schedule) and train_loss(); main(), train() (the epoch loop), train_one_epoch, train_step,
+validate; then the set-up. Checkpoints, exact resume, stop signals, the non-finite guard and one-line
+errors live in run.py; the log lines in utils.py.
 """
 import argparse
+import contextlib
 import copy
+import functools
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +34,7 @@ import data
 import model as models
 import run
 import utils
+import weights
 
 # The zero-setup demo (python train.py), measured in the README: 96-98% top-1 (10 epochs: 95.8%).
 DEMO_DEFAULTS = dict(model='tf_efficientnetv2_b0', img_size=32, batch_size=64, epochs=15, opt='adamw',
@@ -63,8 +70,7 @@ def get_args_parser():
     p.add_argument('--eval-size', type=int,
                    help='validation size (default: --img-size; with --progressive the test size)')
     p.add_argument('--crop-pct', type=float, help="eval resize = size / crop_pct (default: the variant's)")
-    p.add_argument('--interpolation', choices=('bilinear', 'bicubic'),
-                   help="resize interpolation (default: the variant's)")
+    p.add_argument('--interpolation', choices=data.INTERPOLATIONS, help="resize interpolation (default: the variant's)")
     p.add_argument('--mean', type=float, nargs=3, help="normalization (default: the variant's)")
     p.add_argument('--std', type=float, nargs=3, help="normalization (default: the variant's)")
     p.add_argument('--scale', type=float, nargs=2, help=f'RandomResizedCrop area range {default("scale")}')
@@ -82,14 +88,21 @@ def get_args_parser():
     p.add_argument('--drop-path', '--drop-connect', dest='drop_path', type=float, default=0.0,
                    help='stochastic depth rate of the last block')
     p.add_argument('-b', '--batch-size', type=int, help=f'per device {default("batch_size")}')
+    p.add_argument('--grad-accum-steps', type=int, default=1,
+                   help='micro-batches of -b per optimizer step: global batch = b x devices x this')
     p.add_argument('--epochs', type=int, help=f'epochs to train {default("epochs")}')
     p.add_argument('--opt', choices=('rmsproptf', 'sgd', 'adamw'), help=f'sgd is Nesterov {default("opt")}')
     p.add_argument('--opt-eps', type=float, help='optimizer epsilon (default: 1e-10 for rmsproptf, 1e-8 for adamw)')
     p.add_argument('--momentum', type=float, default=0.9, help='rmsproptf and sgd')
     p.add_argument('--weight-decay', type=float, help=f'none on biases and BN {default("weight_decay")}')
     p.add_argument('--clip-grad', type=float, help='max gradient norm (default: no clipping)')
-    p.add_argument('--sched', choices=('step', 'cosine', 'const'), help=f'lr per epoch {default("sched")}')
-    p.add_argument('--lr', type=float, help=f'learning rate, not scaled with the batch {default("lr")}')
+    p.add_argument('--sched', choices=utils.SCHEDULES, help=f'lr per epoch {default("sched")}')
+    p.add_argument('--lr', type=float, help=f'learning rate, as given {default("lr")}')
+    p.add_argument('--lr-base', type=float,
+                   help='instead of --lr: the lr for a global batch of --lr-base-size, scaled to this run\'s')
+    p.add_argument('--lr-base-size', type=int, default=256, help='the global batch --lr-base is given for')
+    p.add_argument('--lr-base-scale', choices=('linear', 'sqrt'),
+                   help='how --lr-base scales with the global batch (default: sqrt for adamw, else linear)')
     p.add_argument('--warmup-lr', type=float, default=1e-4, help='lr of the first warm-up epoch')
     p.add_argument('--warmup-epochs', type=int,
                    help=f'epochs of linear warm-up from --warmup-lr {default("warmup_epochs")}')
@@ -139,6 +152,46 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# ----------------------------------------------------------------------------------------------
+# The three places a copy of this recipe changes first: the data, the optimizer, the loss
+
+def datasets(args):
+    """-> (train_set, val_set, class names). Any map-style datasets of (image, label) fit here, the image a
+    PIL image or a uint8 tensor (torchvision.datasets.*, your own, a Hugging Face split): the loop wraps them
+    in data.Transformed, which adds this recipe's per-image seeded augmentation."""
+    return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
+                              synthetic_size=args.img_size, num_classes=args.num_classes)
+
+
+def create_optimizer(model, args, steps_per_epoch):
+    """-> (optimizer, lr scheduler stepped after every optimizer step). timm's parameter groups (no weight
+    decay on biases and BatchNorm) and its schedules, which change the lr once per epoch (utils.py)."""
+    groups = utils.param_groups(model, args.weight_decay)
+    if args.opt == 'rmsproptf':  # TensorFlow's RMSprop as timm has it (utils.py says how it differs from torch's)
+        optimizer = utils.RMSpropTF(groups, lr=args.lr, alpha=0.9, momentum=args.momentum,
+                                     eps=1e-10 if args.opt_eps is None else args.opt_eps)
+    elif args.opt == 'sgd':  # timm's 'sgd' is Nesterov momentum
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0,
+                                    foreach=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=1e-8 if args.opt_eps is None else args.opt_eps,
+                                      foreach=True)
+    scheduler = utils.TimmSchedule(optimizer, steps_per_epoch, args.sched, args.epochs, args.warmup_lr,
+                                   args.warmup_epochs, args.decay_epochs, args.decay_rate, args.min_lr)
+    return optimizer, scheduler
+
+
+def train_loss(output, targets, args):
+    """timm's: soft-target cross entropy after mixup/cutmix (their targets hold the smoothing), else
+    label-smoothing cross entropy; in float32 whatever the autocast dtype. validate() reports plain cross
+    entropy whatever this returns (timm's eval loss): after a change the two loss curves differ in kind."""
+    smoothing = 0.0 if targets.ndim == 2 else args.smoothing
+    return F.cross_entropy(output.float(), targets, label_smoothing=smoothing)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+
 def main(argv=None):
     with run.one_line_errors(alike_on_every_rank=True):
         args = resolve_args(get_args_parser().parse_args(argv))
@@ -151,95 +204,120 @@ def main(argv=None):
 
 
 def train(args):
-    """Set up, then the epoch loop: train, validate, save."""
+    """Set up, then the epoch loop: train, validate, report, save."""
     device = setup_processes(args)
-    train_set, val_set, classes = data.load_datasets(
-        args.dataset, args.data_path, strict_data=args.strict_data, synthetic_size=args.img_size,
-        num_classes=args.num_classes)
+    train_set, val_set, classes = datasets(args)
     args.num_classes = args.num_classes or len(classes)
-    model_without_ddp, model, optimizer, precision, model_ema = build_model(args, device)
+    steps_per_epoch = len(train_sampler(train_set, args)) // args.grad_accum_steps
+    model_without_ddp = build_model(args, device)
+    optimizer, scheduler = create_optimizer(model_without_ddp, args, steps_per_epoch)
+    precision, model_without_ddp, optimizer = utils.create_precision(
+        device, model_without_ddp, optimizer, args.amp, args.amp_dtype, args.apex_amp, say=say)
+    model_ema = utils.ModelEma(model_without_ddp, args.model_ema_decay) if args.model_ema else None
+    model = distribute(model_without_ddp, device, precision, args)
     if args.evaluate:
         return evaluate(model_without_ddp, val_set, device, precision, args)
-    state = run.TrainState()
-    checkpointer = run.Checkpointer(args, classes, model_without_ddp, optimizer, precision, model_ema,
-                                    len(train_sampler(train_set, args)), utils.get_rank(),
-                                    utils.get_world_size(), device)
+    state = run.TrainState()  # what a checkpoint holds besides these parts: epoch, step, best metric ...
+    parts = dict(model=model_without_ddp, optimizer=optimizer, scheduler=scheduler, scaler=precision,
+                 model_ema=model_ema.module if model_ema else None)
     if args.resume:
-        checkpointer.resume(args.resume, state)
+        run.load_checkpoint(args.resume, parts, state, args)
     run.create_output(args, utils.is_main_process())
+    say(describe_run(args, model_without_ddp, train_set, val_set, device, steps_per_epoch, optimizer, scheduler))
+    save = functools.partial(run.save_checkpoint, args.output, parts=parts, state=state, meta=dict(
+        arch=args.model, num_classes=args.num_classes, classes=list(classes), args=run.plain_args(args)))
+    stop, guard = run.StopSignals(device), run.NonFiniteGuard(device)
+    epoch_logger = utils.EpochLogger(args.output, utils.is_main_process())
     val_loader = make_val_loader(val_set, device, args)
     first_epoch = state.epoch
     for epoch in range(first_epoch, args.epochs):
         settings = stage_settings(args, epoch)
-        if args.progressive and epoch in (first_epoch, settings['epochs'][0]) and utils.is_main_process():
-            print(describe_stage(settings, args), flush=True)
-        lr = set_learning_rate(optimizer, epoch, args)
-        loader = make_loader(train_set, train_transform(settings, args),
-                             train_sampler(train_set, args, epoch, start_batch=state.step), device, args)
+        if args.progressive and epoch in (first_epoch, settings['epochs'][0]):
+            say(describe_stage(settings, args))
+        sampler = train_sampler(train_set, args, epoch, start_batch=state.step * args.grad_accum_steps)
+        loader = make_loader(train_set, train_transform(settings, args), sampler, device, args)
         mixup = (data.MixupCutmix(settings['mixup'], args.cutmix, args.smoothing, args.num_classes)
                  if settings['mixup'] > 0 or args.cutmix > 0 else None)
         model_without_ddp.drop_rate = settings['drop']
-        images_per_sec = train_one_epoch(model, optimizer, precision, loader, device, epoch, args, state,
-                                         checkpointer, model_ema, mixup)
-        if checkpointer.stop_signal:
-            return checkpointer.stop(state)
-        if args.perf_steps and state.num_updates >= args.perf_steps:
-            return
-        train_loss = float(state.loss_sum) / max(state.loss_count, 1)
+        lr = optimizer.param_groups[0]['lr']
+        images_per_sec = train_one_epoch(model, optimizer, scheduler, precision, loader, device, args, state,
+                                         model_ema, mixup, guard, stop, save)
+        if stop.signal or (args.perf_steps and state.num_updates >= args.perf_steps):
+            return run.stopped(stop, guard, state, save, args.output) if stop.signal else None
         evaluation, ema_evaluation = evaluate_epoch(model_without_ddp, model_ema, val_loader, device, precision,
                                                     args)
-        checkpointer.end_epoch(state, train_loss, images_per_sec, lr, evaluation, ema_evaluation)
-        if epoch + 1 < args.epochs and checkpointer.stop_requested():  # a signal during validation
-            return checkpointer.stop(state, saved=True)
-    if utils.is_main_process() and state.best_metric is not None:
-        print(f"*** Best metric: {state.best_metric} (epoch {state.best_epoch})", flush=True)
+        finite = guard.check(state)  # after a non-finite loss: no new best metric, no checkpoint
+        epoch_logger.log(epoch, float(state.loss_sum) / max(state.loss_count, 1), evaluation, ema_evaluation,
+                         lr, images_per_sec, state.bad_images)
+        is_best = state.finish_epoch((ema_evaluation or evaluation)['top1'], finite)
+        if finite:
+            save(run.epoch_checkpoint_names(epoch, is_best, args.checkpoint_hist))
+            if args.checkpoint_hist:
+                run.remove_epoch_checkpoint(args.output, epoch - args.checkpoint_hist)
+        if epoch + 1 < args.epochs and stop.requested():  # a signal during validation
+            return run.stopped(stop, guard, state, save, args.output, saved=True)
+    if state.best_metric is not None:
+        say(f"*** Best metric: {state.best_metric} (epoch {state.best_epoch})")
 
 
-def train_one_epoch(model, optimizer, precision, loader, device, epoch, args, state, checkpointer,
-                    model_ema=None, mixup=None):
-    """One epoch from batch state.step (0 unless resumed mid-epoch), timm's `Train:` line every
-    --log-interval steps; -> the epoch's images/s."""
+def train_one_epoch(model, optimizer, scheduler, precision, loader, device, args, state, model_ema, mixup,
+                    guard, stop, save):
+    """The epoch from optimizer step state.step (0 unless resumed mid-epoch), timm's `Train:` line every
+    --log-interval steps, a checkpoint every --checkpoint-interval steps; -> the epoch's images/s."""
     model.train()
     if args.freeze_bn:
         utils.freeze_batchnorm(model)
-    num_batches = len(loader.batch_sampler)
-    last_batch = num_batches - 1
+    num_steps = len(loader.batch_sampler) // args.grad_accum_steps
+    last_step = num_steps - 1
     if args.perf_steps:  # the ModelZoo's throughput runs stop after --perf-steps steps
-        last_batch = min(last_batch, state.step + args.perf_steps - state.num_updates - 1)
-    logger = utils.TrainLogger(epoch, num_batches, last_batch, args.log_interval, state, device)
-    for images, labels, bad_images in logger.log_every(loader):
-        loss, skipped = train_step(model, optimizer, precision, images, labels, device, args, model_ema, mixup)
-        state.count_step(loss, bad_images)
-        at_log_step = logger.update(loss, images.shape[0], optimizer.param_groups[0]['lr'])
-        if checkpointer.stop_or_save(state, loss, skipped, at_log_step):
+        last_step = min(last_step, state.step + args.perf_steps - state.num_updates - 1)
+    logger = utils.TrainLogger(state.epoch, num_steps, last_step, args.log_interval, state, device)
+    for batches in logger.log_every(loader, args.grad_accum_steps):
+        loss, skipped = train_step(model, optimizer, precision, batches, device, args, model_ema, mixup)
+        state.count_step(loss, bad_images=sum(int(bad.sum()) for *_, bad in batches))
+        at_log_step = logger.update(loss, sum(len(labels) for _, labels, _ in batches),
+                                    optimizer.param_groups[0]['lr'])
+        scheduler.step()
+        guard.update(loss, skipped)
+        if at_log_step:
+            guard.check(state)  # raises after too many non-finite losses in a row
+        if stop.requested(at_log_step):
             break
+        if args.checkpoint_interval and state.step % args.checkpoint_interval == 0 and state.step < num_steps \
+                and guard.check(state):
+            save(['last.pth.tar'])
     return logger.images_per_sec
 
 
-def train_step(model, optimizer, precision, images, labels, device, args, model_ema=None, mixup=None):
-    """Forward, loss, backward, optimizer step, EMA update; -> (the global batch's mean loss, whether
-    fp16's GradScaler skipped the step). Every rank gets the same loss (one all-reduce, no sync)."""
+def train_step(model, optimizer, precision, batches, device, args, model_ema=None, mixup=None):
+    """One optimizer step over --grad-accum-steps micro-batches of (uint8 images, labels, bad counts):
+    forward, loss, backward each; optimizer step; EMA update. -> (the global batch's mean loss, whether fp16's
+    GradScaler skipped the step). Every rank gets the same loss (one all-reduce, no sync)."""
     optimizer.zero_grad(set_to_none=True)  # frees the last step's gradients before the activations
-    images, labels = to_device(images, device, args), labels.to(device, non_blocking=True)
-    targets = labels
-    if mixup is not None:
-        images, targets = mixup(images, labels)
-    if args.reprob > 0:
-        images = data.random_erase(images, args.reprob)
-    with precision.autocast():
-        output = model(images)
-    loss = train_loss(output, targets, args.smoothing)
-    precision.backward(loss)
+    losses = []
+    for index, (images, labels, _) in enumerate(batches):
+        images, labels = to_device(images, device, args), labels.to(device, non_blocking=True)
+        targets = labels
+        if mixup is not None:
+            images, targets = mixup(images, labels)
+        if args.reprob > 0:
+            images = data.random_erase(images, args.reprob)
+        with gradients_stay_local(model, accumulating=index < len(batches) - 1):
+            with precision.autocast():
+                output = model(images)
+            loss = train_loss(output, targets, args)
+            precision.backward(loss / len(batches))  # the step's gradient: the mean over its micro-batches
+        losses.append(loss.detach().float())
     skipped = precision.step(optimizer, args.clip_grad)
     if model_ema is not None:
         model_ema.update_parameters(model)
-    return utils.mean_over_ranks(loss.detach().float()), skipped
+    return utils.mean_over_ranks(torch.stack(losses).mean()), skipped
 
 
-def train_loss(output, targets, smoothing):
-    """timm's: soft-target cross entropy after mixup/cutmix (their targets hold the smoothing), else
-    label-smoothing cross entropy; in float32 whatever the autocast dtype."""
-    return F.cross_entropy(output.float(), targets, label_smoothing=0.0 if targets.ndim == 2 else smoothing)
+def gradients_stay_local(model, accumulating):
+    """DDP all-reduces the gradients in every backward; on the micro-batches before a step's last that would
+    be wasted, so there they stay local (DDP's no_sync: its forward decides, so it spans the forward)."""
+    return model.no_sync() if accumulating and hasattr(model, 'no_sync') else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -273,16 +351,15 @@ def evaluate(model, val_set, device, precision, args):
     """--evaluate: validate the weights of --pretrained, or of --resume (and its EMA, if it has one)."""
     nets = {'': model}
     if args.resume:
-        checkpoint = models.read_checkpoint(args.resume)
+        checkpoint = weights.read_checkpoint(args.resume)
         models.load_pretrained(model, checkpoint, use_ema=False)
         if checkpoint.get('model_ema'):
-            nets[' (EMA)'] = models.load_pretrained(copy.deepcopy(model), checkpoint, use_ema=True)
+            nets[' (EMA)'] = copy.deepcopy(model)
+            models.load_pretrained(nets[' (EMA)'], checkpoint, use_ema=True)
     loader = make_val_loader(val_set, device, args)
     for suffix, net in nets.items():
         result = validate(net, loader, device, precision, args, suffix)
-        if utils.is_main_process():
-            print(f"Evaluation{suffix}: loss {result['loss']:.4f}  top1 {result['top1']:.4f}  "
-                  f"top5 {result['top5']:.4f}", flush=True)
+        say(f"Evaluation{suffix}: loss {result['loss']:.4f}  top1 {result['top1']:.4f}  top5 {result['top5']:.4f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,18 +370,18 @@ def resolve_args(args):
     args.data_path = args.data_path or args.data_dir
     if args.dataset is None:
         args.dataset = 'folder' if args.data_path else 'digits'
+    if args.lr is not None and args.lr_base is not None:
+        raise utils.UsageError(f"give --lr or --lr-base, not both (--lr {args.lr}, --lr-base {args.lr_base})")
     defaults = DEMO_DEFAULTS if args.dataset == 'digits' else {**TIMM_DEFAULTS, 'workers': utils.default_workers()}
     if args.dataset == 'digits' and args.progressive:
         defaults = {**defaults, **DEMO_PROGRESSIVE}
+    if args.lr_base is not None:
+        defaults = {key: value for key, value in defaults.items() if key != 'lr'}
     size_chosen = args.img_size is not None or 'img_size' in defaults
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.model not in models.VARIANTS:
-        try:
-            models.create_model(args.model)
-        except ValueError as e:  # names the close matches
-            raise utils.UsageError(str(e)) from None
+    check_model_name(args.model)
     # Published weights are evaluated and fine-tuned with the settings they were measured with.
     published = args.pretrained is True
     config = models.published_config(args.model) if published else models.VARIANTS[args.model]['config']
@@ -316,15 +393,34 @@ def resolve_args(args):
     for key in ('crop_pct', 'interpolation', 'mean', 'std'):
         if getattr(args, key) is None:
             setattr(args, key, config[key])
+    if args.lr_base is not None:
+        args.lr_base_scale = args.lr_base_scale or ('sqrt' if args.opt == 'adamw' else 'linear')  # timm 1.x's
+        ratio = global_batch(args) / args.lr_base_size
+        args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == 'sqrt' else ratio)
     args.device = utils.device_type(args.device)  # 'auto' resolved: the same answer on every rank
     check_args(args)
     return args
 
 
+def global_batch(args):
+    """Images per optimizer step over all processes (the launcher's WORLD_SIZE: known before they meet)."""
+    return args.batch_size * utils.distributed_env()[1] * args.grad_accum_steps
+
+
+def check_model_name(name):
+    try:
+        models.check_model_name(name)
+    except ValueError as e:  # names the close matches
+        raise utils.UsageError(str(e)) from None
+
+
 def check_args(args):
-    for name in ('batch_size', 'epochs', 'workers', 'log_interval', 'prog_stages'):
+    for name in ('batch_size', 'grad_accum_steps', 'epochs', 'workers', 'log_interval', 'prog_stages',
+                 'lr_base_size'):
         if getattr(args, name) < (0 if name == 'workers' else 1):
             raise utils.UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise utils.UsageError(f"the learning rate must be positive, got {args.lr}")
     for name in ('img_size', 'eval_size'):
         if getattr(args, name) < MIN_IMAGE_SIZE:
             raise utils.UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below the minimum "
@@ -348,6 +444,30 @@ def check_args(args):
                                "CPU (BN statistics are still averaged across ranks before eval)")
 
 
+def say(message):
+    """Rank 0 prints (it alone logs)."""
+    if utils.is_main_process():
+        print(message, flush=True)
+
+
+def describe_run(args, model, train_set, val_set, device, steps_per_epoch, optimizer, scheduler):
+    """The run in two lines (rank 0), and a warning when the warm-up never ends."""
+    world_size = utils.get_world_size()
+    lr = f"lr {args.lr:.4g}" + (f" (--lr-base {args.lr_base:g} per {args.lr_base_size} images, {args.lr_base_scale})"
+                                if args.lr_base is not None else '')
+    accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ''
+    if utils.is_main_process() and 0 < args.epochs <= args.warmup_epochs:
+        print(f"warning: the warm-up (--warmup-epochs {args.warmup_epochs}) covers the whole run (--epochs "
+              f"{args.epochs}): the lr rises from --warmup-lr {args.warmup_lr:g} and never reaches {args.lr:g}; "
+              f"give --warmup-epochs 0, or fewer than --epochs", file=sys.stderr, flush=True)
+    return (f"Training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
+            f"{args.data_path or args.dataset}: {len(train_set)} train / {len(val_set)} val images "
+            f"({type(train_set).__name__}), {args.num_classes} classes; {device.type}, {world_size} process"
+            f"{'es' * (world_size > 1)}\n{args.epochs} epoch{'s' * (args.epochs != 1)} of {steps_per_epoch} steps, batch {global_batch(args)} "
+            f"({args.batch_size} per process{accumulated}), {lr}, {type(optimizer).__name__}, "
+            f"{getattr(scheduler, 'sched', type(scheduler).__name__)} schedule")
+
+
 def setup_processes(args):
     """This process's device and, under a launcher, the process group; seeds the initialization."""
     rank, world_size, local_rank = utils.distributed_env()
@@ -359,27 +479,25 @@ def setup_processes(args):
 
 
 def build_model(args, device):
-    """-> (model_without_ddp, model, optimizer, precision, model_ema): `model_without_ddp` is what
-    checkpoints and the EMA hold; `model` trains (DDP with several processes, compiled with --compile)."""
-    model_without_ddp = models.create_model(args.model, num_classes=args.num_classes, drop_rate=args.drop,
-                                            drop_path_rate=args.drop_path)
+    """The network on its device, from --pretrained weights if given: what checkpoints and the EMA hold."""
+    model = models.create_model(args.model, num_classes=args.num_classes, drop_rate=args.drop,
+                                drop_path_rate=args.drop_path)
     if args.pretrained:
-        weights = fetch_published_weights(args.model) if args.pretrained is True else args.pretrained
-        models.load_pretrained(model_without_ddp, weights)
+        path = fetch_published_weights(args.model) if args.pretrained is True else args.pretrained
+        models.load_pretrained(model, weights.read_checkpoint(path))
     if args.sync_bn and utils.get_world_size() > 1:
-        model_without_ddp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last is None:
         args.channels_last = utils.default_channels_last(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model_without_ddp.to(device, memory_format=memory_format)
+    model.to(device, memory_format=memory_format)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once (timm too)
-    optimizer = utils.create_optimizer(args.opt, model_without_ddp, args.lr, args.weight_decay, args.momentum,
-                                       args.opt_eps)
-    say = print if utils.is_main_process() else (lambda *_: None)
-    precision, model_without_ddp, optimizer = utils.create_precision(
-        device, model_without_ddp, optimizer, args.amp, args.amp_dtype, args.apex_amp, say=say)
-    model_ema = utils.ModelEma(model_without_ddp, args.model_ema_decay) if args.model_ema else None
+    return model
+
+
+def distribute(model_without_ddp, device, precision, args):
+    """The module that trains: DDP with several processes, compiled with --compile."""
     model = model_without_ddp
     if utils.get_world_size() > 1:
         ids = [device.index] if device.type in ('cuda', 'npu') else None
@@ -389,7 +507,7 @@ def build_model(args, device):
     if utils.get_rank() > 0:  # the same initial weights above; from here on dropout, drop path, mixup and
         # random erasing draw per rank (timm seeds seed + rank), or the ranks would repeat one another
         torch.manual_seed(data.mix_seed(args.seed, utils.get_rank()))
-    return model_without_ddp, model, optimizer, precision, model_ema
+    return model
 
 
 def fetch_published_weights(name):
@@ -397,9 +515,9 @@ def fetch_published_weights(name):
     the others wait, then find them in the cache."""
     local_rank = utils.distributed_env()[2]
     if local_rank == 0:
-        path = models.published_weights(name)
+        path = weights.published_weights(name)
     utils.barrier()
-    return path if local_rank == 0 else models.published_weights(name, progress=False)
+    return path if local_rank == 0 else weights.published_weights(name, progress=False)
 
 
 def compile_model(model, precision, args):
@@ -447,15 +565,6 @@ def describe_stage(settings, args):
             f"{settings['mixup']:.3f}, dropout {settings['drop']:.3f}{compiles}")
 
 
-def set_learning_rate(optimizer, epoch, args):
-    """timm's schedules change the lr once per epoch: a pure function of it, so resuming needs nothing more."""
-    lr = utils.learning_rate(epoch, args.sched, args.lr, args.epochs, args.warmup_lr, args.warmup_epochs,
-                             args.decay_epochs, args.decay_rate, args.min_lr)
-    for group in optimizer.param_groups:
-        group['lr'] = lr
-    return lr
-
-
 def train_transform(settings, args):
     transform = data.train_transform(
         settings['size'], scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, aa=args.aa,
@@ -481,8 +590,8 @@ def make_val_loader(dataset, device, args):
 
 
 def make_loader(dataset, transform, sampler, device, args):
-    dataset.transform = transform
-    return data.create_loader(dataset, sampler, workers=args.workers, pin_memory=device.type == 'cuda')
+    return data.create_loader(data.transformed(dataset, transform), sampler, workers=args.workers,
+                              pin_memory=device.type == 'cuda')
 
 
 def to_device(images, device, args):

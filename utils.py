@@ -97,24 +97,16 @@ def param_groups(model, weight_decay):
     return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=weight_decay)]
 
 
-def create_optimizer(name, model, lr, weight_decay, momentum=0.9, eps=None):
-    groups = param_groups(model, weight_decay)
-    if name == 'rmsproptf':
-        return RMSpropTF(groups, lr=lr, alpha=0.9, eps=1e-10 if eps is None else eps,
-                         momentum=momentum)
-    if name == 'sgd':  # timm's 'sgd' is Nesterov momentum
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, foreach=True)
-    if name == 'adamw':
-        return torch.optim.AdamW(groups, lr=lr, eps=1e-8 if eps is None else eps, foreach=True)
-    raise UsageError(f"unknown optimizer '{name}': choose rmsproptf, sgd or adamw")
-
-
 # ----------------------------------------------------------------------------------------------
-# Learning-rate schedule: a pure function of the epoch (timm changes the lr once per epoch),
-# so resuming needs nothing but the epoch.
+# Learning-rate schedules: timm's change the lr once per epoch, a pure function of the epoch.
+
+SCHEDULES = ('step', 'cosine', 'const')
+
 
 def learning_rate(epoch, sched, lr, epochs, warmup_lr, warmup_epochs, decay_epochs, decay_rate,
                   min_lr):
+    if sched not in SCHEDULES:
+        raise UsageError(f"unknown schedule '{sched}': choose {', '.join(SCHEDULES)}")
     if epoch < warmup_epochs:
         return warmup_lr + epoch * (lr - warmup_lr) / warmup_epochs
     if sched == 'step':
@@ -124,6 +116,20 @@ def learning_rate(epoch, sched, lr, epochs, warmup_lr, warmup_epochs, decay_epoc
             return min_lr
         return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
     return lr  # 'const'
+
+
+class TimmSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """timm's schedule as a torch scheduler, stepped after every optimizer step: the lr of step s is
+    learning_rate(s // steps_per_epoch, ...) for the first group, and that times its own ratio for any
+    group created with another lr (per-group learning rates are kept)."""
+
+    def __init__(self, optimizer, steps_per_epoch, sched, epochs, warmup_lr, warmup_epochs, decay_epochs,
+                 decay_rate, min_lr):
+        lr, self.sched = optimizer.param_groups[0]['lr'], sched
+        schedule = dict(sched=sched, lr=lr, epochs=epochs, warmup_lr=warmup_lr, warmup_epochs=warmup_epochs,
+                        decay_epochs=decay_epochs, decay_rate=decay_rate, min_lr=min_lr)
+        learning_rate(0, **schedule)  # an unknown name fails here, not at the first step
+        super().__init__(optimizer, lambda step: learning_rate(step // steps_per_epoch, **schedule) / lr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,23 +255,28 @@ AVERAGE_AFTER_STEP = 3  # warm-up steps left out of the running images/s, as the
 
 
 class TrainLogger:
-    """Times an epoch's steps and prints timm's `Train:` line at log steps: every `log_interval`-th
-    batch and the last one to run. Progress and the epoch's loss sum are read from `state` (run.py's
-    TrainState: `step` batches done, loss_sum, loss_count); the clock syncs the device only at log steps."""
+    """Times an epoch's optimizer steps and prints timm's `Train:` line at log steps: every `log_interval`-th
+    step and the last one to run. Progress and the epoch's loss sum are read from `state` (run.py's
+    TrainState: `step` steps done, loss_sum, loss_count); the clock syncs the device only at log steps."""
 
-    def __init__(self, epoch, num_batches, last_batch, log_interval, state, device=torch.device('cpu')):
-        self.epoch, self.num_batches, self.last_batch = epoch, num_batches, last_batch
+    def __init__(self, epoch, num_steps, last_step, log_interval, state, device=torch.device('cpu')):
+        self.epoch, self.num_batches, self.last_batch = epoch, num_steps, last_step
         self.log_interval, self.state, self.device = log_interval, state, device
         self.first_batch, self.images_per_sec = state.step, 0.0
         self.step_time, self.data_time = AverageMeter(), AverageMeter()
 
-    def log_every(self, loader):
-        """The loader's batches up to last_batch, timing how long each took to arrive."""
+    def log_every(self, loader, micro_batches=1):
+        """The loader's batches in lists of `micro_batches` (one optimizer step each) up to last_step,
+        timing how long each list took to arrive."""
         self.last_log = data_start = time.perf_counter()
         self.steps_since_log = 0
-        for batch in itertools.islice(loader, self.last_batch + 1 - self.first_batch):
+        batches = iter(loader)
+        for _ in range(self.last_batch + 1 - self.first_batch):
+            step_batches = list(itertools.islice(batches, micro_batches))
+            if len(step_batches) < micro_batches:
+                return
             self.data_time.update(time.perf_counter() - data_start)
-            yield batch
+            yield step_batches
             data_start = time.perf_counter()
 
     def update(self, loss, batch_size, lr):
@@ -340,6 +351,51 @@ class EvalLogger:
     def result(self):
         """loss, top1, top5 over every validation image, each counted once."""
         return self.averages(self.totals)
+
+
+class EpochLogger:
+    """The end of each epoch on rank 0: the `Epoch` line, its summary.csv row and curves.png redrawn.
+    A rerun epoch (a resumed run redoing a cut-off one) replaces its row, so the file reads as one run."""
+
+    def __init__(self, output, is_main=True):
+        self.output, self.is_main, self.draw_curves = output, is_main, is_main
+
+    def log(self, epoch, train_loss, evaluation, ema_evaluation, lr, images_per_sec, bad_images):
+        if not self.is_main:
+            return
+        row = dict(epoch=epoch, train_loss=f"{train_loss:.6g}", eval_loss=f"{evaluation['loss']:.6g}",
+                   eval_top1=f"{evaluation['top1']:.4f}", eval_top5=f"{evaluation['top5']:.4f}",
+                   ema_top1=f"{ema_evaluation['top1']:.4f}" if ema_evaluation else '',
+                   ema_top5=f"{ema_evaluation['top5']:.4f}" if ema_evaluation else '',
+                   lr=f"{lr:.6g}", images_per_sec=f"{images_per_sec:.2f}", bad_images=bad_images)
+        print(f"Epoch {epoch}: train_loss {row['train_loss']}  eval_loss {row['eval_loss']}  "
+              f"top1 {row['eval_top1']}  top5 {row['eval_top5']}"
+              + (f"  ema_top1 {row['ema_top1']}" if ema_evaluation else '')
+              + f"  lr {row['lr']}  images/s {row['images_per_sec']}  skipped_images {bad_images}", flush=True)
+        write_summary(os.path.join(self.output, 'summary.csv'), row)
+        self.draw()
+
+    def draw(self):
+        """curves.png next to summary.csv (said once if matplotlib is missing)."""
+        if not self.draw_curves:
+            return
+        try:
+            plot_curves([self.output], os.path.join(self.output, 'curves.png'))
+        except ImportError:
+            self.draw_curves = False
+            print("matplotlib is not installed: no curves.png is drawn (pip install matplotlib; "
+                  "python utils.py plot DIR draws it later)", flush=True)
+
+
+def write_summary(path, row):
+    """Append the epoch's row; rows of this epoch or later (from a run that was cut off and resumed)
+    are replaced, so the file always reads as one uninterrupted run."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f.read().splitlines()[1:] if line and int(line.split(',')[0]) < row['epoch']]
+    lines = [','.join(row), *rows, ','.join(str(value) for value in row.values())]
+    atomic_write(path, lambda f: f.write(('\n'.join(lines) + '\n').encode()))
 
 
 class AverageMeter:

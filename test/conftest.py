@@ -13,6 +13,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# What a copy of the recipe takes (README, "What to copy"): train.py and the files it imports.
+RUNTIME_FILES = ('train.py', 'model.py', 'data.py', 'randaugment.py', 'utils.py', 'run.py', 'weights.py')
 COLOURS = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 200, 40)]
 
 
@@ -46,9 +48,9 @@ def image_folder(tmp_path):
 
 
 def train_command(*args, faults=()):
-    """python train.py ARGS, or with faults injected (test/faults.py) when `faults` are given."""
+    """python train.py ARGS, or with faults injected (tools/faults.py) when `faults` are given."""
     if faults:
-        return [sys.executable, os.path.join(ROOT, 'test', 'faults.py'), *faults, '--', *map(str, args)]
+        return [sys.executable, os.path.join(ROOT, 'tools', 'faults.py'), *faults, '--', *map(str, args)]
     return [sys.executable, os.path.join(ROOT, 'train.py'), *map(str, args)]
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model as models
+import utils
 
 SUMMARY = re.compile(r'summary: step ours/timm (\d+\.\d\d), pipeline ours/timm (\d+\.\d\d)')
 TINY = ['--device', 'cpu', '--img-size', '32', '-b', '2', '--steps', '1', '--warmup', '1',
@@ -63,12 +64,15 @@ def test_without_compare_timm_the_summary_says_na_and_timm_is_never_imported(tmp
 # train.py's speed switches, checked on the run it sets up (no training step: compiling is slow)
 
 def build(*flags):
-    """train.py's build_model on the CPU -> (args, model_without_ddp, model, model_ema)."""
+    """train.py's set-up on the CPU (build_model, distribute) -> (args, model_without_ddp, model, model_ema)."""
     import train  # noqa: F401  (tests may import it; runtime files never do)
     args = train.resolve_args(train.get_args_parser().parse_args(
         ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '--device', 'cpu', '--model-ema',
          '--num-classes', '10', *flags]))
-    model_without_ddp, model, _, _, model_ema = train.build_model(args, torch.device('cpu'))
+    model_without_ddp = train.build_model(args, torch.device('cpu'))
+    precision = utils.Precision('cpu')
+    model_ema = utils.ModelEma(model_without_ddp, 0.99)
+    model = train.distribute(model_without_ddp, torch.device('cpu'), precision, args)
     return args, model_without_ddp, model, model_ema
 
 

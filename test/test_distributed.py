@@ -32,7 +32,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder, run_train
+from conftest import ROOT, RUNTIME_FILES, make_image_folder, run_train
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
 TINY = ['--img-size', '32', '-j', '0']
@@ -99,10 +99,10 @@ def one_process(data_dir, tmp_path_factory):
 def two_processes(data_dir, tmp_path_factory):
     """The ModelZoo's launcher: torch.distributed.launch, which passes --local-rank=K."""
     output = tmp_path_factory.mktemp('two') / 'run'
-    dtypes = output.parent / 'dtypes'  # test/faults.py only watches: which dtypes validation and collectives use
+    dtypes = output.parent / 'dtypes'  # tools/faults.py only watches: which dtypes validation and collectives use
     result = launch(['torch.distributed.launch', '--nproc_per_node=2', f'--master_port={free_port()}'],
                     [data_dir, *EXACT, '-b', '2', '--output', output],
-                    script=('test/faults.py', '--record-dtypes', dtypes, '--'))
+                    script=('tools/faults.py', '--record-dtypes', dtypes, '--'))
     return dict(output=str(output), stdout=result.stdout, dtypes=dtypes)
 
 
@@ -192,7 +192,7 @@ def test_two_nodes_on_localhost_run_one_job_logged_by_rank_0(two_nodes):
 
 def test_a_failing_rank_stops_the_run_with_its_error_said_once(data_dir, tmp_path):
     result = torchrun(2, [data_dir, *TINY, '-b', '2', '--output', tmp_path / 'run'], check=False,
-                      script=('test/faults.py', '--fail-rank', '1', '--'))  # rank 1 raises after a step
+                      script=('tools/faults.py', '--fail-rank', '1', '--'))  # rank 1 raises after a step
     text = result.stdout + result.stderr
     assert result.returncode != 0
     assert result.seconds < 120  # torchrun stops the other rank: no collective timeout, no hang
@@ -207,7 +207,7 @@ def test_a_failing_rank_stops_the_run_with_its_error_said_once(data_dir, tmp_pat
 @pytest.fixture(scope='module')
 def repo_copy(tmp_path_factory):
     root = tmp_path_factory.mktemp('repo')
-    for name in ('train.py', 'run.py', 'model.py', 'data.py', 'randaugment.py', 'utils.py'):
+    for name in RUNTIME_FILES:
         shutil.copy(os.path.join(ROOT, name), root)
     shutil.copytree(os.path.join(ROOT, 'test'), root / 'test',
                     ignore=shutil.ignore_patterns('output', '__pycache__', '*.py'))

@@ -42,8 +42,12 @@ def test_rmsproptf_matches_timm_over_20_steps_with_weight_decay_groups():
 
 def test_create_optimizer_rmsproptf_is_timms_configuration():
     from timm.optim import create_optimizer_v2
+    import train
     ours, theirs = small_net(), small_net()
-    run_steps(ours, utils.create_optimizer('rmsproptf', ours, 0.016, 1e-5, eps=1e-3))
+    args = train.get_args_parser().parse_args(['--opt', 'rmsproptf', '--lr', '0.016', '--weight-decay', '1e-5',
+                                               '--opt-eps', '1e-3', '--sched', 'step', '--epochs', '3',
+                                               '--warmup-epochs', '0'])
+    run_steps(ours, train.create_optimizer(ours, args, steps_per_epoch=100)[0])
     run_steps(theirs, create_optimizer_v2(theirs, 'rmsproptf', lr=0.016, weight_decay=1e-5, eps=1e-3))
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -144,6 +148,30 @@ def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
         utils.atomic_save({'epoch': 2}, str(path))
     assert torch.load(path, weights_only=True) == {'epoch': 1}
     assert os.listdir(tmp_path) == ['last.pth.tar']
+
+
+def test_the_per_epoch_schedule_as_a_torch_scheduler_steps_per_step_and_keeps_group_ratios():
+    """utils.TimmSchedule: stepped after every optimizer step, the lr moves at epoch boundaries only, to
+    learning_rate(epoch); a group created with another lr keeps its ratio (not overwritten)."""
+    net = small_net()
+    optimizer = torch.optim.SGD([dict(params=net[0].parameters()), dict(params=net[4].parameters(), lr=0.007)],
+                                lr=0.014)
+    scheduler = utils.TimmSchedule(optimizer, 3, 'step', 10, 4e-6, 2, 2.4, 0.97, 0.0)
+    seen = []
+    for _ in range(3 * 6):
+        seen.append([group['lr'] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    for step, (first, second) in enumerate(seen):
+        expected = utils.learning_rate(step // 3, 'step', 0.014, 10, 4e-6, 2, 2.4, 0.97, 0.0)
+        assert first == pytest.approx(expected, rel=1e-12) and second == pytest.approx(expected / 2, rel=1e-12)
+
+
+def test_an_unknown_schedule_name_is_an_error_not_a_constant_lr():
+    with pytest.raises(utils.UsageError, match="unknown schedule 'onecycle'"):
+        utils.learning_rate(0, 'onecycle', 0.1, 10, 0.0, 0, 0, 0, 0)
+    with pytest.raises(utils.UsageError):
+        utils.TimmSchedule(torch.optim.SGD(small_net().parameters(), lr=0.1), 5, 'linear', 10, 0, 0, 0, 0, 0)
 
 
 def test_learning_rate_is_constant_lr_after_warmup_for_const():
