@@ -80,7 +80,7 @@ def test_a_loss_that_stays_non_finite_stops_the_run_and_keeps_the_last_good_chec
 
 
 def test_steps_skipped_by_the_fp16_grad_scaler_do_not_count_as_non_finite(tmp_path):
-    """test/faults.py makes steps 2-6 infinite: five in a row,
+    """tools/faults.py makes steps 2-6 infinite: five in a row,
     the limit, but fp16's GradScaler skips each of them, so training goes on (fp16 on the CPU is
     slow: 6 steps of batch 2, no validation)."""
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=8, val_per_class=3)

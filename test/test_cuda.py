@@ -4,11 +4,11 @@ torchrun (nccl with 2 GPUs), exact validation counts, and SIGTERM + --resume aut
     python -m pytest test -q -m cuda                 # these tests only; on one H100/H200 estimated at
                                                      # 1-1.5 minutes (the compiled run is the longest)
     python -m pytest test/test_cuda.py -q -rs        # without a CUDA GPU: all skipped, with the reason
-    bash test/gpu_check.sh                           # these tests, then the throughput measurements
+    bash tools/gpu_check.sh                           # these tests, then the throughput measurements
 
 Every test carries the `cuda` marker (registered in conftest.py) and skips where
 torch.cuda.is_available() is False, so the plain suite passes on a CPU. Runs go through train.py's
-command line in a subprocess, as users start it (test/faults.py where a fault is injected), on
+command line in a subprocess, as users start it (tools/faults.py where a fault is injected), on
 tf_efficientnetv2_b0 at 32 px, batch 4, tiny generated image folders. The runs that depend on no
 other are started together when the module's first test begins (the `runs` fixture): each is tiny,
 so one GPU runs them side by side and the file takes about as long as its slowest run.
@@ -267,7 +267,7 @@ def test_training_gradients_on_cuda_match_the_cpu_in_float32():
 # Mixed precision
 
 def test_fp16_steps_the_grad_scaler_skips_do_not_count_as_non_finite(runs):
-    """Steps 2-7 get an infinite loss (test/faults.py): six in a row, over run.py's limit of five.
+    """Steps 2-7 get an infinite loss (tools/faults.py): six in a row, over run.py's limit of five.
     fp16's GradScaler skips each of them (halving its scale), so they are not counted and the
     epoch runs to its end, validates and saves finite weights."""
     run = runs['fp16_inf']

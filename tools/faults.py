@@ -1,8 +1,8 @@
 """train.py with faults injected or watched, for the tests: it patches train.py's functions, then runs
 its main(). train.py itself knows nothing of this.
 
-    python test/faults.py --inf-loss-steps 2,3,4 -- TRAIN_ARGS...        # those steps' losses are inf
-    torchrun --nproc_per_node=2 test/faults.py --fail-rank 1 -- TRAIN_ARGS...   # rank 1 raises
+    python tools/faults.py --inf-loss-steps 2,3,4 -- TRAIN_ARGS...        # those steps' losses are inf
+    torchrun --nproc_per_node=2 tools/faults.py --fail-rank 1 -- TRAIN_ARGS...   # rank 1 raises
 
 --inf-loss-steps N,M,...: this process's N-th, M-th ... training steps (1-based) get an infinite loss
 (train.train_loss is wrapped; validation does not call it).

@@ -1,9 +1,9 @@
-"""The engine of test/gpu_check.sh: where the project stands on one CUDA GPU, in one command of at
-most 8 minutes, with one summary table at the end (JSON and every stage's log in test/output/gpu_check/).
+"""The engine of tools/gpu_check.sh: where the project stands on one CUDA GPU, in one command of at
+most 8 minutes, with one summary table at the end (JSON and every stage's log in output/gpu_check/).
 
-    bash test/gpu_check.sh                 # on a machine with a CUDA GPU (the entry point)
-    bash test/gpu_check.sh --smoke         # every stage at toy sizes on whatever device is here, CPU too
-    python test/gpu_check.py [--smoke] [--budget SECONDS]
+    bash tools/gpu_check.sh                 # on a machine with a CUDA GPU (the entry point)
+    bash tools/gpu_check.sh --smoke         # every stage at toy sizes on whatever device is here, CPU too
+    python tools/gpu_check.py [--smoke] [--budget SECONDS]
 
 Stages, in the order they run; the seconds are each stage's budget on an H100/H200 (480 in all;
 estimates from the project's reference numbers, not yet measured on a GPU):
@@ -43,7 +43,7 @@ import xml.etree.ElementTree as ElementTree
 from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUTPUT = os.path.join(ROOT, 'test', 'output', 'gpu_check')
+OUTPUT = os.path.join(ROOT, 'output', 'gpu_check')
 PYTHON = sys.executable
 
 BUDGET_SECONDS = 8 * 60

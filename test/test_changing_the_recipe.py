@@ -1,0 +1,170 @@
+"""Copy and modify, kept true: the README's "Changing the recipe" section shows the three changes people make
+first (the loss, the optimizer with its schedule, the dataset) as diffs of train.py. Each applies with
+`git apply` to a fresh copy of the files the README's "What to copy" lists, and `python train.py --epochs 1`
+then trains. A torchvision dataset and a user's own dataset of (PIL image, label) plug in the same way and
+keep what makes the recipe exact: a run killed mid-epoch and resumed ends bit for bit as an uninterrupted one.
+"""
+import csv
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, RUNTIME_FILES
+
+ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')  # bitwise needs a fixed thread count
+TIMEOUT = 300
+
+
+def readme_section(title):
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        text = f.read()
+    start = text.index(f'\n## {title}\n')
+    end = text.find('\n## ', start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def readme_diffs():
+    """{first line of the diff's explanation: diff} for the ```diff blocks of 'Changing the recipe'."""
+    return re.findall(r'```diff\n(.*?)```', readme_section('Changing the recipe'), re.S)
+
+
+def fresh_copy(folder):
+    """The files a copy takes, as the README lists them, and nothing else."""
+    listed = re.findall(r'^- `(\w+\.py)`', readme_section('What to copy'), re.M)
+    assert sorted(listed) == sorted(RUNTIME_FILES)
+    folder.mkdir()
+    for name in listed:
+        shutil.copy(os.path.join(ROOT, name), folder)
+    return folder
+
+
+def train(copy, *args):
+    result = subprocess.run([sys.executable, 'train.py', *map(str, args)], cwd=copy, env=ENV, capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
+    return result.stdout
+
+
+def train_lines(stdout, epoch=0):
+    """(loss, lr) of each `Train:` line of the epoch."""
+    return [(float(loss), float(lr)) for loss, lr in
+            re.findall(rf'^Train: {epoch} .*Loss: (\S+) .*LR: (\S+)', stdout, re.M)]
+
+
+@pytest.fixture(scope='module')
+def unchanged(tmp_path_factory):
+    """The copy as it is, one epoch of the demo: the baseline each change is seen against."""
+    copy = fresh_copy(tmp_path_factory.mktemp('unchanged') / 'project')
+    return train(copy, '--epochs', '1', '--output', copy / 'run')
+
+
+def test_the_readme_shows_the_three_changes_as_diffs_of_train_py():
+    diffs = readme_diffs()
+    assert len(diffs) == 3
+    assert all(diff.startswith('--- a/train.py\n+++ b/train.py\n') for diff in diffs)
+
+
+@pytest.mark.parametrize('index, change', [(0, 'loss'), (1, 'optimizer'), (2, 'dataset')])
+def test_each_readme_diff_applies_to_a_fresh_copy_and_trains_an_epoch(index, change, unchanged, tmp_path):
+    copy = fresh_copy(tmp_path / 'project')
+    subprocess.run(['git', 'apply', '-'], input=readme_diffs()[index], cwd=copy, text=True, check=True,
+                   capture_output=True)
+    stdout = train(copy, '--epochs', '1', '--output', copy / 'run')
+    assert re.search(r'^Epoch 0: train_loss \S+  eval_loss', stdout, re.M)
+    assert (copy / 'run' / 'last.pth.tar').exists() and (copy / 'run' / 'summary.csv').exists()
+    if change == 'loss':  # the focal loss weighs every image by (1 - p)^2 < 1: below cross entropy from step 0
+        assert train_lines(stdout)[0][0] < train_lines(unchanged)[0][0]
+    if change == 'optimizer':  # OneCycle moves the lr at every step; timm's schedules once an epoch
+        assert len({lr for _, lr in train_lines(stdout)}) == len(train_lines(stdout)) > 2
+        assert len({lr for _, lr in train_lines(unchanged)}) == 1
+        assert 'SGD, OneCycleLR schedule' in stdout
+    if change == 'dataset':
+        assert '640 train / 160 val images (FakeData), 10 classes' in stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Other datasets keep exact resume
+
+LOADED_DATASETS = '''    return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
+                              synthetic_size=args.img_size, num_classes=args.num_classes)
+'''
+USER_DATASET = '''"""A user's dataset as torchvision's tutorials write one: (PIL image, label), here drawn per index."""
+import random
+
+import torch
+from PIL import Image, ImageDraw
+
+
+class Shapes(torch.utils.data.Dataset):
+    """A disc (label 0) or a square (label 1) of a random colour and place on a grey background."""
+
+    def __init__(self, size, seed):
+        self.size, self.seed = size, seed
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        rng = random.Random(self.seed * 100003 + index)
+        label = index % 2
+        image = Image.new('RGB', (40, 40), (128, 128, 128))
+        left, top, width = rng.randint(0, 15), rng.randint(0, 15), rng.randint(12, 24)
+        colour = tuple(rng.randint(0, 255) for _ in range(3))
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if label == 0 else draw.rectangle)((left, top, left + width, top + width), fill=colour)
+        return image, label
+'''
+DATASETS = {
+    'torchvision FakeData': '''    import torchvision
+    train_set = torchvision.datasets.FakeData(size=96, image_size=(3, 40, 40), num_classes=3)
+    val_set = torchvision.datasets.FakeData(size=24, image_size=(3, 40, 40), num_classes=3, random_offset=96)
+    return train_set, val_set, ['a', 'b', 'c']
+''',
+    "a user's Dataset of (PIL image, label)": '''    import shapes
+    return shapes.Shapes(96, seed=0), shapes.Shapes(24, seed=1), ['disc', 'square']
+''',
+}
+RECIPE = ['--epochs', '2', '-b', '16', '--log-interval', '1', '--checkpoint-interval', '1', '--aa', 'rand-m9',
+          '--mixup', '0.2', '--drop-path', '0.1', '--model-ema']
+
+
+def copy_with_dataset(folder, body):
+    copy = fresh_copy(folder)
+    (copy / 'shapes.py').write_text(USER_DATASET)
+    source = (copy / 'train.py').read_text()
+    assert LOADED_DATASETS in source
+    (copy / 'train.py').write_text(source.replace(LOADED_DATASETS, body))
+    return copy
+
+
+@pytest.mark.parametrize('dataset', DATASETS)
+def test_other_datasets_resume_bitwise_after_a_kill_mid_epoch(dataset, tmp_path):
+    copy = copy_with_dataset(tmp_path / 'project', DATASETS[dataset])
+    train(copy, *RECIPE, '--output', 'whole')
+    process = subprocess.Popen([sys.executable, 'train.py', *RECIPE, '--output', 'cut'], cwd=copy, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # 6 steps an epoch; killed after a checkpoint in the second epoch
+        if line.startswith('Train: 1 [   2/'):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=TIMEOUT)
+    assert process.returncode == -signal.SIGKILL
+    resumed = train(copy, *RECIPE, '--output', 'cut', '--resume', 'auto')
+    assert 'Resumed from' in resumed and 'epoch 1, step ' in resumed
+    whole, cut = (torch.load(copy / run / 'last.pth.tar', weights_only=True) for run in ('whole', 'cut'))
+    for part in ('model', 'model_ema'):
+        assert all(torch.equal(whole[part][key], cut[part][key]) for key in whole[part]), part
+    assert summary(copy / 'whole') == summary(copy / 'cut')
+
+
+def summary(run):
+    """summary.csv's rows without the images/s column (a timing)."""
+    with open(run / 'summary.csv') as f:
+        return [{key: value for key, value in row.items() if key != 'images_per_sec'} for row in csv.DictReader(f)]
