@@ -27,7 +27,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder, run_train
+from conftest import ROOT, make_image_folder, run_train, train_command
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')  # bitwise needs a fixed thread count
 RECIPE = ['--model', 'tf_efficientnetv2_b0', '-b', '4', '--img-size', '32', '--epochs', '2',
@@ -272,3 +272,25 @@ def test_resuming_an_fp16_run_restores_the_grad_scalers_loss_scale(tmp_path):
     final = load(output / 'last.pth.tar')
     assert final['epoch'] == 2 and final['num_updates'] == 4
     assert final['scaler']['scale'] == 2.0 ** 12
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradient accumulation: a step is --grad-accum-steps micro-batches; a run killed between two of them
+# resumes from the last step's checkpoint and ends bit for bit as the uninterrupted run.
+
+ACCUMULATING = ['--grad-accum-steps', '2', '-b', '2']  # after RECIPE's -b 4: 2 micro-batches of 2 per step
+
+
+def test_an_accumulating_run_killed_between_micro_batches_resumes_bitwise(data_dir, tmp_path):
+    whole, cut = str(tmp_path / 'whole'), str(tmp_path / 'cut')
+    reference = run_to_end(data_dir, whole, 0, *ACCUMULATING)
+    assert reference.stdout.count('Train:') == STEPS  # optimizer steps: 16 images / (2 x 2) per epoch
+    assert 'batch 4 (2 per process x 2 accumulated)' in reference.stdout
+    kill = subprocess.run(train_command(data_dir, *RECIPE, *ACCUMULATING, '-j', '0', '--output', cut,
+                                        faults=['--kill-at-loss', '12']),  # micro-batch 2 of step 6
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert kill.returncode == -signal.SIGKILL and kill.stdout.count('Train:') == 5
+    assert load(os.path.join(cut, 'last.pth.tar'))['num_updates'] == 5
+    resumed = run_to_end(data_dir, cut, 0, *ACCUMULATING, '--resume', 'auto')
+    assert resumed_step(resumed.stdout) == (1, 1)
+    assert_same_run(cut, whole)

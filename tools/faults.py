@@ -6,6 +6,8 @@ its main(). train.py itself knows nothing of this.
 
 --inf-loss-steps N,M,...: this process's N-th, M-th ... training steps (1-based) get an infinite loss
 (train.train_loss is wrapped; validation does not call it).
+--kill-at-loss N: the process SIGKILLs itself at its N-th loss computation (train.train_loss runs once per
+micro-batch: with --grad-accum-steps 2 an even N dies between a step's two micro-batches).
 --fail-rank R: the process of rank R raises a RuntimeError after its first training step.
 --record-dtypes PREFIX: at exit, PREFIX.rankR.json lists the dtypes of every tensor made while
 validating (train.validate) and of every tensor given to a collective (all_reduce, all_gather).
@@ -15,6 +17,7 @@ import atexit
 import itertools
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -33,6 +36,16 @@ def inject_infinite_losses(steps):
     def train_loss(*args, **kwargs):
         loss = original(*args, **kwargs)
         return loss * float('inf') if next(calls) in steps else loss
+    train.train_loss = train_loss
+
+
+def kill_at_loss(count):
+    original, calls = train.train_loss, itertools.count(1)
+
+    def train_loss(*args, **kwargs):
+        if next(calls) == count:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
     train.train_loss = train_loss
 
 
@@ -80,6 +93,7 @@ def main():
     split = sys.argv.index('--')
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--inf-loss-steps', type=lambda text: {int(step) for step in text.split(',')})
+    parser.add_argument('--kill-at-loss', type=int)
     parser.add_argument('--fail-rank', type=int)
     parser.add_argument('--record-dtypes', metavar='PREFIX')
     faults, launcher_args = parser.parse_known_args(sys.argv[1:split])  # torch.distributed.launch
@@ -88,6 +102,8 @@ def main():
         record_dtypes(faults.record_dtypes)
     if faults.inf_loss_steps:
         inject_infinite_losses(faults.inf_loss_steps)
+    if faults.kill_at_loss:
+        kill_at_loss(faults.kill_at_loss)
     if faults.fail_rank is not None:
         inject_failure(faults.fail_rank)
     train.main(sys.argv[split + 1:] + launcher_args)
