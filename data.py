@@ -48,7 +48,7 @@ from utils import DataError
 warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision',
                         category=DeprecationWarning)
 
-DATASETS = ('folder', 'cifar10', 'cifar100', 'digits', 'synthetic')
+DATASETS = ('folder', 'hf', 'cifar10', 'cifar100', 'digits', 'synthetic')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-cased
 
 
@@ -201,6 +201,7 @@ def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=
     """-> (train_set, val_set, classes). See DATASETS; `num_classes` applies to 'synthetic' only (default 1000).
 
     'folder': DATA/train/<class>/**/*.jpg|jpeg|png and DATA/val/<class>/... (torchvision's ImageFolder layout).
+    'hf': a Hugging Face dataset under DATA (see _load_hugging_face); needs the datasets package.
     'cifar10', 'cifar100': torchvision's datasets on their python-format files under DATA (nothing is downloaded).
     'digits': scikit-learn's 1797 8x8 digits as uint8 tensors, a fixed stratified 80/20 split; no files needed.
     'synthetic': random images (SyntheticImages), ImageNet's 1281167 train (so a throughput run of
@@ -208,6 +209,8 @@ def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=
     """
     if dataset == 'folder':
         return _load_folder(_existing_path(dataset, data_path), strict_data)
+    if dataset == 'hf':
+        return _load_hugging_face(_existing_path(dataset, data_path))
     if dataset in ('cifar10', 'cifar100'):
         return _load_cifar(dataset, _existing_path(dataset, data_path))
     if dataset == 'digits':
@@ -221,6 +224,7 @@ def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=
 
 
 _DATA_PATH_HINTS = {'folder': 'the folder holding train/<class>/ and val/<class>/',
+                    'hf': "a dataset saved with datasets' save_to_disk, or a folder of the hub's parquet files",
                     'cifar10': "the folder holding torchvision's cifar-10-batches-py/",
                     'cifar100': "the folder holding torchvision's cifar-100-python/"}
 
@@ -277,6 +281,37 @@ def find_images(folder):
         found += [os.path.join(directory, name) for name in files
                   if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found)
+
+
+def _load_hugging_face(root):
+    """A Hugging Face dataset with train and validation (or val) splits, an image column and a class-label
+    column: saved with DatasetDict.save_to_disk, or the hub's layout of parquet files (data/train-*.parquet,
+    data/validation-*.parquet, converted once to Arrow files in the datasets cache). Rows are read from
+    memory-mapped Arrow files, so loader workers share them; images decode on access."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError('--dataset hf needs the datasets package: pip install datasets') from None
+    datasets.disable_progress_bars()  # logs are plain lines
+    try:
+        is_saved = os.path.exists(os.path.join(root, 'dataset_dict.json'))
+        splits = datasets.load_from_disk(root) if is_saved else datasets.load_dataset(root)
+    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise DataError(f'cannot read {root} as a Hugging Face dataset: {str(error).splitlines()[0]}') from None
+    val_name = next((name for name in ('validation', 'val') if name in splits), None)
+    if 'train' not in splits or val_name is None:
+        raise DataError(f'{root} has the splits {", ".join(splits)}; train.py needs train and validation (or val)')
+    features = splits['train'].features
+    image_column = next((name for name, kind in features.items() if isinstance(kind, datasets.Image)), None)
+    label_column = next((name for name, kind in features.items() if isinstance(kind, datasets.ClassLabel)), None)
+    if image_column is None or label_column is None:
+        columns = ', '.join(f'{name} ({type(kind).__name__})' for name, kind in features.items())
+        raise DataError(f'{root} needs an image column and a class-label column (datasets.Image, '
+                        f'datasets.ClassLabel); its columns are {columns}')
+    renames = {old: new for old, new in ((image_column, 'image'), (label_column, 'label')) if old != new}
+    train_set, val_set = (splits[name].select_columns([image_column, label_column]).rename_columns(renames)
+                          for name in ('train', val_name))
+    return train_set, val_set, list(features[label_column].names)
 
 
 def _load_cifar(dataset, root):

@@ -36,7 +36,7 @@ SIGNAL_REPEAT_SECONDS = 2  # a SIGTERM/SIGINT this soon after the first is the s
 # Flags that do not change what the run computes: they may differ on resume without a warning.
 RESUME_FREE_ARGS = {'data_dir', 'data_path', 'output', 'resume', 'workers', 'log_interval', 'device',
                     'checkpoint_interval', 'checkpoint_hist', 'dist_timeout', 'local_rank', 'evaluate',
-                    'perf_steps', 'pretrained', 'strict_data'}
+                    'perf_steps', 'pretrained', 'strict_data', 'log_tensorboard'}
 
 
 @dataclass

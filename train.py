@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import importlib.util
 import os
 import sys
 
@@ -127,6 +128,8 @@ def get_args_parser():
                                                       'the cores per device; the demo: 0)')
     p.add_argument('--seed', type=int, default=42, help='data order, augmentation and initialization')
     p.add_argument('--log-interval', type=int, help=f'steps between log lines {default("log_interval")}')
+    p.add_argument('--log-tensorboard', action='store_true',
+                   help='also write TensorBoard scalars into --output (pip install tensorboard)')
     p.add_argument('--perf-steps', type=int, default=0, help='stop after N steps, no validation (0: off)')
     p.add_argument('--output', help='run folder (default: output/train/<time>-<model>-<size>)')
     p.add_argument('--resume', metavar='PATH|auto', help="continue from a checkpoint; auto: --output's "
@@ -228,6 +231,8 @@ def train(args):
         arch=args.model, num_classes=args.num_classes, classes=list(classes), args=run.plain_args(args)))
     stop, guard = run.StopSignals(device), run.NonFiniteGuard(device)
     epoch_logger = utils.EpochLogger(args.output, utils.is_main_process())
+    if args.log_tensorboard and utils.is_main_process():
+        utils.open_tensorboard(args.output, first_step=state.num_updates)
     val_loader = make_val_loader(val_set, device, args)
     first_epoch = state.epoch
     for epoch in range(first_epoch, args.epochs):
@@ -248,7 +253,7 @@ def train(args):
                                                     args)
         finite = guard.check(state)  # after a non-finite loss: no new best metric, no checkpoint
         epoch_logger.log(epoch, float(state.loss_sum) / max(state.loss_count, 1), evaluation, ema_evaluation,
-                         lr, images_per_sec, state.bad_images)
+                         lr, images_per_sec, state.bad_images, step=state.num_updates)
         is_best = state.finish_epoch((ema_evaluation or evaluation)['top1'], finite)
         if finite:
             save(run.epoch_checkpoint_names(epoch, is_best, args.checkpoint_hist))
@@ -439,6 +444,8 @@ def check_args(args):
         raise utils.UsageError("--evaluate needs weights: give --resume PATH or --pretrained [PATH]")
     if args.resume == 'auto' and not args.output:
         raise utils.UsageError("--resume auto needs --output DIR (the run folder to continue)")
+    if args.log_tensorboard and importlib.util.find_spec('tensorboard') is None:
+        raise utils.UsageError("--log-tensorboard needs the tensorboard package: pip install tensorboard")
     if args.sync_bn and args.device == 'cpu':
         raise utils.UsageError("--sync-bn needs GPUs or NPUs: torch's SyncBatchNorm does not run on the "
                                "CPU (BN statistics are still averaged across ranks before eval)")

@@ -294,6 +294,7 @@ class TrainLogger:
         global_batch = batch_size * get_world_size()
         self.images_per_sec = global_batch / average
         loss_now = loss.item()
+        log_scalars(self.state.num_updates, 'train', loss=loss_now, lr=lr, images_per_sec=self.images_per_sec)
         if is_main_process():
             average_loss = float(self.state.loss_sum) / self.state.loss_count
             print(f"Train: {self.epoch} [{batch_idx:>4d}/{self.num_batches} "
@@ -360,9 +361,14 @@ class EpochLogger:
     def __init__(self, output, is_main=True):
         self.output, self.is_main, self.draw_curves = output, is_main, is_main
 
-    def log(self, epoch, train_loss, evaluation, ema_evaluation, lr, images_per_sec, bad_images):
+    def log(self, epoch, train_loss, evaluation, ema_evaluation, lr, images_per_sec, bad_images, step=None):
+        """`step`: the optimizer steps so far, where TensorBoard draws the epoch's evaluation."""
         if not self.is_main:
             return
+        log_scalars(step, 'eval', **evaluation)
+        log_scalars(step, 'eval_ema', **(ema_evaluation or {}))
+        if _tensorboard is not None:
+            _tensorboard.flush()
         row = dict(epoch=epoch, train_loss=f"{train_loss:.6g}", eval_loss=f"{evaluation['loss']:.6g}",
                    eval_top1=f"{evaluation['top1']:.4f}", eval_top5=f"{evaluation['top5']:.4f}",
                    ema_top1=f"{ema_evaluation['top1']:.4f}" if ema_evaluation else '',
@@ -396,6 +402,27 @@ def write_summary(path, row):
             rows = [line for line in f.read().splitlines()[1:] if line and int(line.split(',')[0]) < row['epoch']]
     lines = [','.join(row), *rows, ','.join(str(value) for value in row.values())]
     atomic_write(path, lambda f: f.write(('\n'.join(lines) + '\n').encode()))
+
+
+# A live view of long runs: TensorBoard scalars (--log-tensorboard) beside summary.csv, from rank 0
+
+_tensorboard = None
+
+
+def open_tensorboard(folder, first_step=0):
+    """From now on log_scalars writes TensorBoard event files into `folder` (`tensorboard --logdir
+    output/train` shows every run). A resumed run purges what an earlier one wrote from its first step
+    on, so redone steps are not drawn twice. The tensorboard package is needed (train.py checks first)."""
+    global _tensorboard
+    from torch.utils.tensorboard import SummaryWriter
+    _tensorboard = SummaryWriter(folder, purge_step=first_step or None, flush_secs=30)
+
+
+def log_scalars(step, group, **scalars):
+    """Each value as the scalar GROUP/NAME at `step`, when TensorBoard is open."""
+    if _tensorboard is not None and is_main_process():
+        for name, value in scalars.items():
+            _tensorboard.add_scalar(f'{group}/{name}', value, step)
 
 
 class AverageMeter:

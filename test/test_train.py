@@ -15,7 +15,7 @@ MODELZOO_COMMAND = ('--model efficientnetv2_rw_t -b 256 --sched step --epochs 35
                 '--weight-decay 1e-5 --drop 0.3 --drop-connect 0.2 --aa rand-m9-mstd0.5 --lr .014 '
                 '--log-interval 1 --img-size 288 --apex-amp --model-ema --model-ema-decay 0.9999 '
                 '--mixup 0.2').split()
-CPU_OVERRIDES = '-b 4 --img-size 32 -j 0 --epochs 2'.split()
+CPU_OVERRIDES = '-b 4 --img-size 32 -j 0 --epochs 2 --log-tensorboard'.split()  # and the live view
 
 # The ModelZoo's own parsers (test/train_*.sh), run by bash on the log.
 MODELZOO_FPS = "grep -a 'Train:' {log} | awk 'END {{print}}' | awk -F \"/s\" '{{print $2}}' | awk '{{print $2}}'"
@@ -105,3 +105,49 @@ def test_synthetic_dataset_runs_without_any_data(tmp_path):
     result = run_train('--dataset', 'synthetic', '--perf-steps', '2', '-b', '2', '--img-size', '32',
                        '-j', '0', '--output', tmp_path / 'out')
     assert result.stdout.count('Train:') == 2
+
+
+def test_tensorboard_holds_train_scalars_at_log_steps_and_evaluations_at_epoch_ends(modelzoo_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(modelzoo_run['output']))
+    events.Reload()
+    scalars = {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()['scalars']}
+    train_lines = re.findall(r'^Train: .*Loss: (\S+) .*LR: (\S+)', modelzoo_run['stdout'], re.M)
+    assert [step for step, _ in scalars['train/loss']] == list(range(1, 9))  # --log-interval 1, 2 x 4 steps
+    assert [f"{value:#.4g}" for _, value in scalars['train/loss']] == [loss for loss, _ in train_lines]
+    assert [f"{value:.3e}" for _, value in scalars['train/lr']] == [lr for _, lr in train_lines]
+    assert len(scalars['train/images_per_sec']) == 8 and all(value > 0 for _, value in scalars['train/images_per_sec'])
+    with open(modelzoo_run['output'] / 'summary.csv') as f:
+        rows = list(csv.DictReader(f))
+    for prefix, column in (('eval', 'eval'), ('eval_ema', 'ema')):
+        assert [step for step, _ in scalars[f'{prefix}/top1']] == [4, 8]  # at each epoch's end
+        assert [f"{value:.4f}" for _, value in scalars[f'{prefix}/top1']] == [row[f'{column}_top1'] for row in rows]
+        assert len(scalars[f'{prefix}/loss']) == len(scalars[f'{prefix}/top5']) == 2
+
+
+def test_log_tensorboard_without_the_package_is_a_one_line_error(monkeypatch):
+    import importlib.util
+    import train
+    import utils
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'tensorboard' else
+                        real_find_spec(name, *a))
+    with pytest.raises(utils.UsageError, match='pip install tensorboard'):
+        train.resolve_args(train.get_args_parser().parse_args(['--log-tensorboard']))
+
+
+def test_the_demos_first_lines_say_the_model_the_data_the_device_and_the_epochs(tmp_path):
+    result = run_train('--perf-steps', '1', '--output', tmp_path / 'out')
+    first = result.stdout.splitlines()[:3]
+    assert first[0] == f"Output: {tmp_path / 'out'}"
+    assert first[1].startswith('Training tf_efficientnetv2_b0 (5.87M parameters) on digits: 1438 train / 359 val')
+    assert first[1].endswith('10 classes; cpu, 1 process')
+    assert first[2].startswith('15 epochs of 22 steps, batch 64 (64 per process), lr 0.002, AdamW, cosine schedule')
+    assert 'warning' not in result.stderr
+
+
+def test_a_short_run_on_a_folder_warns_that_the_warm_up_covers_it(tmp_path, image_folder):
+    result = run_train(image_folder, '--epochs', '1', '--model', 'tf_efficientnetv2_b0', '--img-size', '32',
+                       '-b', '4', '-j', '0', '--perf-steps', '1', '--output', tmp_path / 'out')
+    assert result.stderr.count('warning: the warm-up (--warmup-epochs 3) covers the whole run (--epochs 1)') == 1
+    assert 'give --warmup-epochs 0' in result.stderr
