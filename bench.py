@@ -106,6 +106,12 @@ def resolve_args(args):
     auto = utils.default_channels_last(args.device)
     ours = {'off': False, 'on': True, 'auto': auto, 'defaults': auto}[args.channels_last]
     args.nhwc = dict(ours=ours, timm=ours if args.channels_last != 'defaults' else False)
+    if args.compare_timm:
+        try:
+            import timm  # noqa: F401
+        except ImportError:
+            raise SystemExit("error: --compare-timm needs timm: pip install timm (or pip install -r "
+                             "requirements-test.txt)") from None
     args.impls = ('ours', 'timm') if args.compare_timm else ('ours',)
     return args
 

@@ -35,13 +35,15 @@ import warnings
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
 
-from randaugment import RandAugment, parse_rand_augment
-from utils import DataError
+from utils import DataError, check_torchvision
+check_torchvision()  # before torchvision's imports: a torch/torchvision mismatch is said in one line
+import torchvision.transforms.v2.functional as TF  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.io import ImageReadMode, decode_image  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
+
+from randaugment import RandAugment, parse_rand_augment  # noqa: E402
 
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec) and warns on every call. They are still
 # the fastest JPEG/PNG path in this environment; read_image falls back to PIL for anything they refuse.
@@ -327,7 +329,11 @@ def _load_cifar(dataset, root):
 
 
 def _load_digits():
-    from sklearn.datasets import load_digits  # imported here: only this demo dataset needs scikit-learn
+    try:
+        from sklearn.datasets import load_digits  # imported here: only this demo dataset needs scikit-learn
+    except ImportError:
+        raise DataError('the digits demo needs scikit-learn: pip install scikit-learn (or pip install -r '
+                        'requirements.txt)') from None
     digits = load_digits()
     grey = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # values 0..16 -> 0..255
     images = torch.from_numpy(grey)[:, None].expand(-1, 3, -1, -1).contiguous()

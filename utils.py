@@ -13,10 +13,24 @@ import itertools
 import math
 import os
 import random
+import sys
 import time
 
 import torch
 import torch.distributed as dist
+
+
+def check_torchvision():
+    """Ends the program with one line when torchvision was built for another torch than this one (its
+    operators fail to register: 'operator torchvision::nms does not exist'); call it before importing it."""
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as error:
+        from importlib.metadata import version
+        print(f"error: torchvision {version('torchvision')} does not work with torch {torch.__version__} "
+              f"({str(error).splitlines()[0]}); install a matching pair from one index, e.g. "
+              f"pip install --force-reinstall torch torchvision", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 class UsageError(ValueError):

@@ -178,3 +178,31 @@ def test_more_processes_on_a_node_than_gpus_is_a_usage_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     with pytest.raises(utils.UsageError, match='process 2 has no GPU: 2 visible'):
         utils.select_device('cuda', local_rank=2)
+
+
+def broken_package(tmp_path, name, error):
+    """A folder for PYTHONPATH whose package `name` raises `error` when imported."""
+    (tmp_path / name).mkdir()
+    (tmp_path / name / '__init__.py').write_text(f"raise {error}\n")
+    return dict(ENV, PYTHONPATH=str(tmp_path))
+
+
+@pytest.mark.parametrize('package, error, message', [
+    ('torchvision', "RuntimeError('operator torchvision::nms does not exist')",  # built for another torch
+     'error: torchvision '),
+    ('sklearn', "ImportError('No module named sklearn')", 'error: the digits demo needs scikit-learn: pip install'),
+])
+def test_a_missing_or_mismatched_package_is_one_error_line_naming_the_fix(package, error, message, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--output', tmp_path / 'out'],
+                            cwd=ROOT, env=broken_package(tmp_path, package, error), capture_output=True, text=True,
+                            timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+    assert 'pip install' in lines[0] and not (tmp_path / 'out').exists()
+
+
+def test_bench_compare_timm_without_timm_says_how_to_install_it(monkeypatch, capsys):
+    import bench
+    monkeypatch.setitem(sys.modules, 'timm', None)
+    with pytest.raises(SystemExit, match='--compare-timm needs timm: pip install timm'):
+        bench.main(['--compare-timm', '--no-pipeline', '--device', 'cpu'])
