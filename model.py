@@ -309,12 +309,12 @@ def list_models():
     return sorted(VARIANTS)
 
 
-def check_model_name(name):
-    """ValueError naming the closest variants when `name` is not one of VARIANTS."""
+def check_model_name(name, error=ValueError):
+    """`error` naming the closest variants unless `name` is one of VARIANTS (callers pass their own)."""
     if name not in VARIANTS:
         close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(list_models())}"
-        raise ValueError(f"unknown model '{name}': {hint}")
+        raise error(f"unknown model '{name}': {hint}")
 
 
 def create_model(name, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, **overrides):

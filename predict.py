@@ -40,11 +40,7 @@ def load_model(path, model_name=None):
     arch = model_name or checkpoint.get('arch')
     if arch is None:
         raise utils.UsageError(f"{path} holds bare weights without a model name: give --model NAME")
-    if arch not in models.VARIANTS:
-        try:
-            models.create_model(arch)
-        except ValueError as e:  # names the close matches
-            raise utils.UsageError(str(e)) from None
+    models.check_model_name(arch, error=utils.UsageError)
     num_classes = checkpoint.get('num_classes') or _classifier_rows(checkpoint)
     net = models.create_model(arch, num_classes=num_classes)
     models.load_pretrained(net, checkpoint, use_ema=True)
@@ -61,10 +57,7 @@ def load_model(path, model_name=None):
 def load_published(name):
     """-> (network holding the variant's published ImageNet weights, in eval mode on the CPU; info
     dict as load_model's, with the eval settings those weights were measured with)."""
-    try:
-        models.check_model_name(name)
-    except ValueError as e:  # names the close matches
-        raise utils.UsageError(str(e)) from None
+    models.check_model_name(name, error=utils.UsageError)
     config = models.published_config(name)  # CheckpointError, one line, for a variant without weights
     net = models.load_pretrained(models.create_model(name), models.published_weights(name))
     publisher, file = models.PUBLISHED_WEIGHTS[name][:2]

@@ -300,11 +300,7 @@ def resolve_args(args):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.model not in models.VARIANTS:
-        try:
-            models.create_model(args.model)
-        except ValueError as e:  # names the close matches
-            raise utils.UsageError(str(e)) from None
+    models.check_model_name(args.model, error=utils.UsageError)
     # Published weights are evaluated and fine-tuned with the settings they were measured with.
     published = args.pretrained is True
     config = models.published_config(args.model) if published else models.VARIANTS[args.model]['config']

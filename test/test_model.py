@@ -379,6 +379,12 @@ def test_unknown_variant_name_is_an_error_that_suggests_close_names():
     with pytest.raises(ValueError, match='efficientnetv2_rw_t'):
         create_model('efficientnetv2_rwt')
 
+    class UsageError(ValueError):  # a caller's own error: train.py and predict.py pass utils.UsageError
+        pass
+    with pytest.raises(UsageError, match="unknown model 'efficientnetv2_rwt': did you mean efficientnetv2_rw_t"):
+        model.check_model_name('efficientnetv2_rwt', error=UsageError)
+    model.check_model_name('efficientnetv2_rw_t', error=UsageError)  # a known name passes
+
 
 def test_reset_classifier_replaces_the_head_and_zero_classes_give_pooled_features():
     torch.manual_seed(0)
