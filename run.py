@@ -33,6 +33,7 @@ import torch.distributed as dist
 import data
 import model as models
 import utils
+import weights
 
 NONFINITE_LIMIT = 5        # consecutive non-finite losses before the run stops
 SIGNAL_REPEAT_SECONDS = 2  # a SIGTERM/SIGINT this soon after the first is the same request, relayed
@@ -240,7 +241,7 @@ class Checkpointer:
     def resume(self, path, state):
         """Continue from a checkpoint of train.py (of this version or earlier ones): modules,
         optimizer, loss scale, TrainState, and this rank's random and BatchNorm states."""
-        checkpoint = models.read_checkpoint(path)
+        checkpoint = weights.read_checkpoint(path)
         self.check_resumable(path, checkpoint)
         self.model.load_state_dict(checkpoint['model'])
         if self.model_ema is not None:

@@ -28,6 +28,7 @@ import data
 import model as models
 import run
 import utils
+import weights
 
 # The zero-setup demo (python train.py), measured in the README: 96-98% top-1 (10 epochs: 95.8%).
 DEMO_DEFAULTS = dict(model='tf_efficientnetv2_b0', img_size=32, batch_size=64, epochs=15, opt='adamw',
@@ -273,10 +274,10 @@ def evaluate(model, val_set, device, precision, args):
     """--evaluate: validate the weights of --pretrained, or of --resume (and its EMA, if it has one)."""
     nets = {'': model}
     if args.resume:
-        checkpoint = models.read_checkpoint(args.resume)
-        models.load_pretrained(model, checkpoint, use_ema=False)
+        checkpoint = weights.read_checkpoint(args.resume)
+        load_weights(model, checkpoint, use_ema=False)
         if checkpoint.get('model_ema'):
-            nets[' (EMA)'] = models.load_pretrained(copy.deepcopy(model), checkpoint, use_ema=True)
+            nets[' (EMA)'] = load_weights(copy.deepcopy(model), checkpoint)
     loader = make_val_loader(val_set, device, args)
     for suffix, net in nets.items():
         result = validate(net, loader, device, precision, args, suffix)
@@ -360,8 +361,8 @@ def build_model(args, device):
     model_without_ddp = models.create_model(args.model, num_classes=args.num_classes, drop_rate=args.drop,
                                             drop_path_rate=args.drop_path)
     if args.pretrained:
-        weights = fetch_published_weights(args.model) if args.pretrained is True else args.pretrained
-        models.load_pretrained(model_without_ddp, weights)
+        path = fetch_published_weights(args.model) if args.pretrained is True else args.pretrained
+        load_weights(model_without_ddp, weights.read_checkpoint(path))
     if args.sync_bn and utils.get_world_size() > 1:
         model_without_ddp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
     if args.channels_last is None:
@@ -393,9 +394,17 @@ def fetch_published_weights(name):
     the others wait, then find them in the cache."""
     local_rank = utils.distributed_env()[2]
     if local_rank == 0:
-        path = models.published_weights(name)
+        path = weights.published_weights(name)
     utils.barrier()
-    return path if local_rank == 0 else models.published_weights(name, progress=False)
+    return path if local_rank == 0 else weights.published_weights(name, progress=False)
+
+
+def load_weights(net, checkpoint, use_ema=True):
+    """models.load_pretrained; rank 0 says its notes (a torchvision conversion, a new classifier)."""
+    for note in models.load_pretrained(net, checkpoint, use_ema):
+        if utils.is_main_process():
+            print(note, flush=True)
+    return net
 
 
 def compile_model(model, precision, args):
