@@ -1,32 +1,19 @@
 """EfficientNetV2 in plain PyTorch: the whole family as tables, numerically identical to timm's.
 
-Every variant below has timm's name, parameter count and state-dict key names, so a timm checkpoint
-loads as it is (.pth or .safetensors); `load_pretrained` also converts torchvision's efficientnet_v2_s/m/l.
-`published_weights` downloads a variant's ImageNet weights from timm's hub or torchvision, once.
+Every variant has timm's name, parameter count and state-dict keys, so timm's weights load as they
+are; `load_pretrained` also converts torchvision's efficientnet_v2_s/m/l. `PUBLISHED_WEIGHTS` says
+where each variant's ImageNet weights come from; weights.py reads checkpoint files and downloads them.
 
     python model.py                       # table of all variants: parameters, GMACs, sizes, top-1
 
-    from model import create_model, load_pretrained, published_weights, published_config
     net = create_model('efficientnetv2_rw_t', num_classes=1000, drop_rate=0.3, drop_path_rate=0.2)
-    load_pretrained(net, 'efficientnetv2_rw_t.pth')   # timm, torchvision or our own checkpoint
-    load_pretrained(net, published_weights('efficientnetv2_rw_t'))  # ImageNet weights, downloaded once
-    published_config('efficientnetv2_rw_t')           # the eval settings those weights were measured with
+    load_pretrained(net, weights.read_checkpoint(weights.published_weights('efficientnetv2_rw_t')))
+    published_config('efficientnetv2_rw_t')   # the eval settings those weights were measured with
 
-Paper: Tan & Le, "EfficientNetV2: Smaller Models and Faster Training" (2021), Table 4.
-Imports only torch (and the standard library).
+Paper: Tan & Le, "EfficientNetV2: Smaller Models and Faster Training" (2021), Table 4. Imports only torch.
 """
-import argparse
-import contextlib
 import difflib
-import hashlib
-import http.client
-import json
 import math
-import os
-import re
-import sys
-import urllib.request
-import uuid
 from functools import partial
 
 import torch
@@ -309,12 +296,12 @@ def list_models():
     return sorted(VARIANTS)
 
 
-def check_model_name(name):
-    """ValueError naming the closest variants when `name` is not one of VARIANTS."""
+def check_model_name(name, error=ValueError):
+    """`error` naming the closest variants unless `name` is one of VARIANTS (callers pass their own)."""
     if name not in VARIANTS:
         close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(list_models())}"
-        raise ValueError(f"unknown model '{name}': {hint}")
+        raise error(f"unknown model '{name}': {hint}")
 
 
 def create_model(name, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, **overrides):
@@ -333,79 +320,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says which key."""
 
 
-# timm's train.py stores its arguments, an argparse.Namespace (a plain attribute bag), in every
-# checkpoint; allow that one class as timm does. torch < 2.5 has no allow-list and refuses them.
-_allow_globals = getattr(torch.serialization, 'safe_globals', lambda _: contextlib.nullcontext())
-
-
-def read_checkpoint(path):
-    """torch.load with weights_only=True: tensors and plain Python types only, never code.
-    A .safetensors file (timm's hub) is read by `read_safetensors`."""
-    if str(path).endswith('.safetensors'):
-        return read_safetensors(path)
-    try:
-        with _allow_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # unpickling errors, truncated files, foreign formats
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        if lines[0].startswith('Weights only load failed'):  # torch names the refused callable
-            detail = next((line for line in lines if 'GLOBAL' in line), lines[-1])
-            raise CheckpointError(f"refused to load {path}: it holds Python objects beyond tensors and "
-                                  f"plain types, which unpickling could run as code ({detail.rstrip('.')}); "
-                                  f"load it with torch.load(weights_only=False) only if you trust its "
-                                  f"source") from None
-        first_line = lines[0]
-        raise CheckpointError(f"cannot read checkpoint {path} as a weights-only file "
-                              f"(tensors and plain types): {first_line}") from None
-
-
-# The safetensors format, read here without the safetensors package (a test-only oracle): torch
-# itself has no reader.
-SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16,
-                      'BF16': torch.bfloat16, 'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16,
-                      'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
-
-
-def read_safetensors(path):
-    """{name: tensor} from a .safetensors file: an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets: [start, end]}}, then the tensors' little-endian bytes."""
-    try:
-        with open(path, 'rb') as f:
-            header_size = int.from_bytes(f.read(8), 'little')
-            if not 0 < header_size <= os.path.getsize(path) - 8:
-                raise ValueError(f"header length {header_size} does not fit the file")
-            header = json.loads(f.read(header_size))
-            header.pop('__metadata__', None)
-            return {name: _read_tensor(f, 8 + header_size, name, entry) for name, entry in header.items()}
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:  # bad JSON or entries
-        raise CheckpointError(f"cannot read {path} as a safetensors file: {e}") from None
-
-
-def _read_tensor(f, data_start, name, entry):
-    """One tensor, read into a bytearray of its own (CPython aligns it to 16 bytes) that it then uses
-    as its memory. Assumes a little-endian machine (x86, ARM), as the file's bytes are."""
-    if entry['dtype'] not in SAFETENSORS_DTYPES:
-        raise ValueError(f"'{name}' has dtype {entry['dtype']}, not one of {', '.join(SAFETENSORS_DTYPES)}")
-    dtype, shape, (start, end) = SAFETENSORS_DTYPES[entry['dtype']], entry['shape'], entry['data_offsets']
-    file_size = os.fstat(f.fileno()).st_size
-    if end - start != math.prod(shape) * dtype.itemsize or not 0 <= start <= end <= file_size - data_start:
-        raise ValueError(f"'{name}' has bytes {start}..{end} of the data for shape {shape} {entry['dtype']}")
-    if start == end:
-        return torch.empty(shape, dtype=dtype)
-    raw = bytearray(end - start)
-    f.seek(data_start + start)
-    f.readinto(raw)
-    return torch.frombuffer(raw, dtype=dtype).reshape(shape)
-
-
 def _unwrap(checkpoint, use_ema):
     """The model's state dict out of a bare dict, timm's wrapper or this project's checkpoint."""
     if not isinstance(checkpoint, dict):
-        raise CheckpointError("checkpoint is not a state dict")
+        raise CheckpointError(f"checkpoint is a {type(checkpoint).__name__}, not a state dict")
     keys = ('state_dict_ema', 'model_ema', 'state_dict', 'model') if use_ema else ('state_dict', 'model')
     for key in keys:
         if isinstance(checkpoint.get(key), dict) and checkpoint[key]:
@@ -429,19 +347,17 @@ def _from_torchvision(state, model):
     for m in model.modules():  # torchvision trains these models with TF's BN eps
         if isinstance(m, nn.BatchNorm2d):
             m.eps = 1e-3
-    print("load_pretrained: converted torchvision weights; BatchNorm eps set to 1e-3")
     return {k: v for (k, _), (_, v) in zip(ours, theirs)}
 
 
-def load_pretrained(model, path_or_state_dict, use_ema=True):
-    """Load timm, torchvision or own weights into `model` (EMA weights when present and use_ema).
-    Only a classifier of another shape is skipped (fine-tuning); any other mismatch raises."""
-    checkpoint = path_or_state_dict
-    if not isinstance(checkpoint, dict):
-        checkpoint = read_checkpoint(checkpoint)
-    state = _unwrap(checkpoint, use_ema)
+def load_pretrained(model, checkpoint, use_ema=True):
+    """Load timm, torchvision or own weights (a state dict, or a checkpoint dict holding one, its EMA
+    weights when present and use_ema; weights.read_checkpoint reads files) into `model`, in place. Only
+    a classifier of another shape is skipped (fine-tuning); any other mismatch raises. -> notes to log."""
+    state, notes = _unwrap(checkpoint, use_ema), []
     if 'features.0.0.weight' in state:
         state = _from_torchvision(state, model)
+        notes.append("converted torchvision weights; BatchNorm eps set to 1e-3")
     expected = model.state_dict()
     for key in expected:  # published files may omit these counters; torch itself then loads 0
         if key.endswith('num_batches_tracked') and key not in state:
@@ -456,23 +372,18 @@ def load_pretrained(model, path_or_state_dict, use_ema=True):
             raise CheckpointError(f"checkpoint does not fit this model: '{key}' has shape "
                                   f"{tuple(state[key].shape)}, the model {tuple(expected[key].shape)}")
     if skipped:
-        print(f"load_pretrained: classifier left as initialised (checkpoint has "
-              f"{state['classifier.weight'].shape[0]} classes, model {model.num_classes})")
+        notes.append(f"classifier left as initialised (checkpoint has {state['classifier.weight'].shape[0]} "
+                     f"classes, model {model.num_classes})")
         state.update({k: expected[k] for k in skipped})
     model.load_state_dict(state)
-    return model
+    return notes
 
 
 # ----------------------------------------------------------------------------------------------
 # Published ImageNet-1k weights: who publishes each variant's, the ImageNet top-1 they reach at the
 # eval size, and the eval settings that differ from the variant's config above (torchvision measured
 # its weights with its own transform; timm's match the config). Top-1 from timm's results-imagenet.csv
-# and torchvision's docs. `published_weights(name)` downloads the file once into torch's hub cache.
-#   timm:        {HF_ENDPOINT or https://huggingface.co}/timm/<id>/resolve/main/model.safetensors
-#   torchvision: https://download.pytorch.org/models/<file>, the file named with its SHA-256 prefix
-HF_HUB = 'https://huggingface.co'
-TORCHVISION_MODELS = 'https://download.pytorch.org/models'
-
+# and torchvision's docs. weights.published_weights(name) downloads the file once.
 #                         publisher      id (timm) or file (torchvision)      top-1   eval config overrides
 PUBLISHED_WEIGHTS = {
     'efficientnetv2_rw_t':  ('timm',        'efficientnetv2_rw_t.ra2_in1k',       82.354, {}),
@@ -496,110 +407,14 @@ PUBLISHED_WEIGHTS = {
 }
 
 
-def _published(name):
-    """The variant's PUBLISHED_WEIGHTS row; CheckpointError when it has none."""
+def published_config(name):
+    """The variant's eval config (test_size, crop_pct, interpolation, mean, std) with the overrides its
+    published weights need, to reach the table's top-1. CheckpointError for a variant without them."""
     check_model_name(name)
     if PUBLISHED_WEIGHTS.get(name) is None:
         raise CheckpointError(f"{name} has no published ImageNet weights: train it from scratch, or "
                               f"start from a variant that has them (python model.py lists them)")
-    return PUBLISHED_WEIGHTS[name]
-
-
-def published_config(name):
-    """The variant's eval config (test_size, crop_pct, interpolation, mean, std) with the overrides its
-    published weights need: evaluate and fine-tune them with these to reach the table's top-1."""
-    return {**VARIANTS[name]['config'], **_published(name)[3]}
-
-
-def published_weights(name, progress=True):
-    """Local path of the variant's published ImageNet weights: downloaded on the first call into
-    torch.hub.get_dir()/checkpoints/ (checked against the SHA-256 its publisher states), the cached
-    file afterwards without touching the network. CheckpointError, one line, for a variant without
-    weights or a failed download; a ValueError for an unknown name."""
-    publisher, file, _, _ = _published(name)
-    if publisher == 'timm':  # every timm file is called model.safetensors: cache it under its hub id
-        hub = os.environ.get('HF_ENDPOINT', HF_HUB).rstrip('/')  # the usual setting for a mirror
-        url = f'{hub}/timm/{file}/resolve/main/model.safetensors'
-        cached, sha256_prefix = file + '.safetensors', None  # the hub states the SHA-256 as it answers
-    else:  # torchvision's own file name, so a file torchvision already downloaded is reused
-        url, cached = f'{TORCHVISION_MODELS}/{file}', file
-        sha256_prefix = re.search(r'-([0-9a-f]{8,})\.', file).group(1)
-    path = os.path.join(torch.hub.get_dir(), 'checkpoints', cached)
-    if not os.path.exists(path):
-        _download(url, path, sha256_prefix, progress)
-    return path
-
-
-def _download(url, path, sha256_prefix=None, progress=True):
-    """url -> path, all or nothing: written to a temporary file next to `path`, checked (length, and
-    SHA-256 against `sha256_prefix` or the one Hugging Face states), then renamed into place. The
-    temporary file is removed on any failure, Ctrl-C included. Failures: CheckpointError, one line."""
-    temporary = f'{path}.{uuid.uuid4().hex}.partial'
-    redirects = _RecordRedirects()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        request = urllib.request.Request(url, headers={'User-Agent': 'efficientnetv2-model.py'})
-        with urllib.request.build_opener(redirects).open(request, timeout=60) as response, \
-                open(temporary, 'xb') as out:
-            headers = redirects.headers + [response.headers]
-            size = response.headers.get('Content-Length', '')
-            size = int(size) if size.isdigit() else None
-            received, sha256 = _copy(response, out, size, url, progress)
-        if size is not None and received != size:
-            raise CheckpointError(f"download of {url} ended after {received} of {size} bytes; nothing "
-                                  f"was kept in {os.path.dirname(path)}: try again")
-        expected = sha256_prefix or _stated_sha256(headers)
-        if expected and not sha256.startswith(expected):
-            raise CheckpointError(f"{url} does not match its published SHA-256 (expected {expected[:16]}, "
-                                  f"got {sha256[:16]}); nothing was kept: try again, or check the mirror")
-        os.replace(temporary, path)
-        if progress:
-            print(f"saved {path}", file=sys.stderr)
-    except (OSError, http.client.HTTPException) as e:  # URLError and HTTPError are OSErrors
-        reason = f'HTTP {e.code} {e.reason}' if hasattr(e, 'code') else getattr(e, 'reason', None) or e
-        raise CheckpointError(f"cannot download {url} to {path} ({reason}): copy that file there by "
-                              f"hand, or give a local copy (train.py --pretrained PATH, predict.py's "
-                              f"checkpoint argument)") from None
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def _copy(response, out, size, url, progress):
-    """Stream the body to `out` in 1 MiB pieces -> (bytes, SHA-256 hex); a plain line per 10% on stderr."""
-    sha256, received, reported = hashlib.sha256(), 0, 0
-    if progress:
-        print(f"downloading {url} ({size / 1e6:.1f} MB)" if size else f"downloading {url}", file=sys.stderr)
-    while chunk := response.read(1 << 20):
-        out.write(chunk)
-        sha256.update(chunk)
-        received += len(chunk)
-        if progress and size and received * 10 // size > reported:
-            reported = received * 10 // size
-            print(f"  {10 * reported}% ({received / 1e6:.1f} MB)", file=sys.stderr, flush=True)
-    return received, sha256.hexdigest()
-
-
-class _RecordRedirects(urllib.request.HTTPRedirectHandler):
-    """Keeps each redirect's headers: Hugging Face states the file's SHA-256 on its redirect to the CDN."""
-
-    def __init__(self):
-        self.headers = []
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        self.headers.append(headers)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _stated_sha256(headers):
-    """The SHA-256 Hugging Face states for a large (LFS) file in X-Linked-Etag, on its redirect to the
-    CDN (where huggingface_hub reads it). Plain ETags are not taken: a CDN's are no file hash, and files
-    kept in git carry a git SHA-1. None when no answer states one: then only the length is checked."""
-    for answer in headers:
-        etag = (answer.get('X-Linked-Etag') or '').removeprefix('W/').strip('"')
-        if re.fullmatch(r'[0-9a-f]{64}', etag):
-            return etag
-    return None
+    return {**VARIANTS[name]['config'], **PUBLISHED_WEIGHTS[name][3]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,8 +426,7 @@ def count_macs(model, size):
     macs = []
     def count(layer, inputs, output):
         macs.append(output.numel() * layer.weight[0].numel())  # weight[0]: one output's inputs
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks = [layer.register_forward_hook(count) for layer in layers]
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     # Hooks in eval mode rather than FlopCounterMode: the counter's dispatch and batch-norm's training
     # branch are slow on the meta device (3x slower for the table).
     was_training = model.training
@@ -629,10 +443,8 @@ if __name__ == '__main__':
     for name in list_models():
         with torch.device('meta'):
             net = create_model(name)
-        params = sum(p.numel() for p in net.parameters())
-        cfg = net.config
+        cfg, row, params = net.config, PUBLISHED_WEIGHTS[name], sum(p.numel() for p in net.parameters())
         macs = count_macs(net, cfg['train_size']) / 1e9
-        row = PUBLISHED_WEIGHTS[name]
         top1 = f"{row[2]:.3f} @{published_config(name)['test_size']} ({row[0]})" if row else 'none'
         print(f"{name:<24}{params:>14,}{macs:>8.2f}{cfg['train_size']:>7}{cfg['test_size']:>6}"
               f"{cfg['crop_pct']:>7.3f}   {top1}")

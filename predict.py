@@ -8,8 +8,8 @@
 Both take the checkpoint's EMA weights when it holds them, and the run's evaluation settings (size,
 crop_pct, interpolation, mean/std) from the arguments stored in it; --size overrides the size.
 Without a checkpoint (classify: the first PATH is an image or a folder), --model NAME takes the
-variant's published ImageNet weights (model.published_weights: downloaded once into torch's hub
-cache, $TORCH_HOME/hub/checkpoints), their eval transform and ImageNet's class names.
+variant's published ImageNet weights (weights.published_weights: downloaded once into Hugging Face's
+or torch's cache), their eval transform and ImageNet's class names. Notes go to stderr.
 `classify` prints one line per image (folders are searched recursively for .jpg/.jpeg/.png):
     photos/cat.jpg  tabby 91.20%  tiger_cat 6.31%  Egyptian_cat 1.94%  lynx 0.21%  tiger 0.09%
 `export` writes one ONNX file taking normalized float images (N, 3, size, size), N free, giving
@@ -19,7 +19,6 @@ the file with onnxruntime on random images, compares with PyTorch and prints the
 A checkpoint of bare weights (timm, torchvision) needs --model NAME.
 """
 import argparse
-import contextlib
 import os
 import sys
 
@@ -29,25 +28,23 @@ import torchvision
 import data
 import model as models
 import utils
+import weights
 
 EXPORT_TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch in float32
 
 
 def load_model(path, model_name=None):
     """-> (network in eval mode on the CPU, info dict: arch, classes, size, crop_pct, interpolation, mean, std)."""
-    checkpoint = models.read_checkpoint(path)
+    checkpoint = weights.read_checkpoint(path)
     saved = checkpoint.get('args') or {}
     arch = model_name or checkpoint.get('arch')
     if arch is None:
         raise utils.UsageError(f"{path} holds bare weights without a model name: give --model NAME")
-    if arch not in models.VARIANTS:
-        try:
-            models.create_model(arch)
-        except ValueError as e:  # names the close matches
-            raise utils.UsageError(str(e)) from None
+    models.check_model_name(arch, error=utils.UsageError)
     num_classes = checkpoint.get('num_classes') or _classifier_rows(checkpoint)
     net = models.create_model(arch, num_classes=num_classes)
-    models.load_pretrained(net, checkpoint, use_ema=True)
+    for note in models.load_pretrained(net, checkpoint, use_ema=True):
+        print(note, file=sys.stderr)  # stdout is for results
     config = models.VARIANTS[arch]['config']
     classes = checkpoint.get('classes') or [str(i) for i in range(num_classes)]
     info = dict(arch=arch, classes=list(classes), ema=bool(checkpoint.get('model_ema')),
@@ -61,12 +58,11 @@ def load_model(path, model_name=None):
 def load_published(name):
     """-> (network holding the variant's published ImageNet weights, in eval mode on the CPU; info
     dict as load_model's, with the eval settings those weights were measured with)."""
-    try:
-        models.check_model_name(name)
-    except ValueError as e:  # names the close matches
-        raise utils.UsageError(str(e)) from None
+    models.check_model_name(name, error=utils.UsageError)
     config = models.published_config(name)  # CheckpointError, one line, for a variant without weights
-    net = models.load_pretrained(models.create_model(name), models.published_weights(name))
+    net = models.create_model(name)
+    for note in models.load_pretrained(net, weights.read_checkpoint(weights.published_weights(name))):
+        print(note, file=sys.stderr)  # stdout is for results
     publisher, file = models.PUBLISHED_WEIGHTS[name][:2]
     info = dict(arch=name, classes=imagenet_classes(), ema=False, published=f'{publisher}:{file}',
                 size=config['test_size'], crop_pct=config['crop_pct'],
@@ -213,11 +209,10 @@ def main(argv=None):
             args.checkpoint, args.paths = split_checkpoint(args.paths, args.model)
         if args.checkpoint is None and args.model is None:
             raise utils.UsageError("give a checkpoint, or --model NAME for its published ImageNet weights")
-        with contextlib.redirect_stdout(sys.stderr):  # stdout is for results; loading notes go to stderr
-            if args.checkpoint is None:
-                net, info = load_published(args.model)
-            else:
-                net, info = load_model(args.checkpoint, args.model)
+        if args.checkpoint is None:
+            net, info = load_published(args.model)
+        else:
+            net, info = load_model(args.checkpoint, args.model)
         info['size'] = args.size or info['size']
         if args.command == 'classify':
             if args.topk < 1 or args.batch_size < 1:
@@ -229,11 +224,11 @@ def main(argv=None):
         else:
             difference = export_onnx(net, info, args.output, info['size'])
             if args.checkpoint is None:
-                weights = f"published weights {info['published']}"
+                held = f"published weights {info['published']}"
             else:
-                weights = 'EMA weights' if info['ema'] else 'weights (the checkpoint has no EMA)'
+                held = 'EMA weights' if info['ema'] else 'weights (the checkpoint has no EMA)'
             print(f"exported {info['arch']} to {args.output}: input N x 3 x {info['size']} x "
-                  f"{info['size']}, {len(info['classes'])} classes, {weights}")
+                  f"{info['size']}, {len(info['classes'])} classes, {held}")
             print(f"onnxruntime vs PyTorch: max difference {difference:.3g}")
             if difference > EXPORT_TOLERANCE:
                 print(f"error: the ONNX model differs from PyTorch by more than {EXPORT_TOLERANCE}",

@@ -357,10 +357,9 @@ def evaluate(model, val_set, device, precision, args):
     nets = {'': model}
     if args.resume:
         checkpoint = weights.read_checkpoint(args.resume)
-        models.load_pretrained(model, checkpoint, use_ema=False)
+        load_weights(model, checkpoint, use_ema=False)
         if checkpoint.get('model_ema'):
-            nets[' (EMA)'] = copy.deepcopy(model)
-            models.load_pretrained(nets[' (EMA)'], checkpoint, use_ema=True)
+            nets[' (EMA)'] = load_weights(copy.deepcopy(model), checkpoint)
     loader = make_val_loader(val_set, device, args)
     for suffix, net in nets.items():
         result = validate(net, loader, device, precision, args, suffix)
@@ -386,7 +385,7 @@ def resolve_args(args):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    check_model_name(args.model)
+    models.check_model_name(args.model, error=utils.UsageError)
     # Published weights are evaluated and fine-tuned with the settings they were measured with.
     published = args.pretrained is True
     config = models.published_config(args.model) if published else models.VARIANTS[args.model]['config']
@@ -410,13 +409,6 @@ def resolve_args(args):
 def global_batch(args):
     """Images per optimizer step over all processes (the launcher's WORLD_SIZE: known before they meet)."""
     return args.batch_size * utils.distributed_env()[1] * args.grad_accum_steps
-
-
-def check_model_name(name):
-    try:
-        models.check_model_name(name)
-    except ValueError as e:  # names the close matches
-        raise utils.UsageError(str(e)) from None
 
 
 def check_args(args):
@@ -491,7 +483,7 @@ def build_model(args, device):
                                 drop_path_rate=args.drop_path)
     if args.pretrained:
         path = fetch_published_weights(args.model) if args.pretrained is True else args.pretrained
-        models.load_pretrained(model, weights.read_checkpoint(path))
+        load_weights(model, weights.read_checkpoint(path))
     if args.sync_bn and utils.get_world_size() > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last is None:
@@ -525,6 +517,13 @@ def fetch_published_weights(name):
         path = weights.published_weights(name)
     utils.barrier()
     return path if local_rank == 0 else weights.published_weights(name, progress=False)
+
+
+def load_weights(net, checkpoint, use_ema=True):
+    """models.load_pretrained; rank 0 says its notes (a torchvision conversion, a new classifier)."""
+    for note in models.load_pretrained(net, checkpoint, use_ema):
+        say(note)
+    return net
 
 
 def compile_model(model, precision, args):

@@ -1,2 +1,183 @@
-"""(temporary) reading checkpoint files and published weights."""
-from model import read_checkpoint, published_weights  # noqa: F401
+"""Checkpoint files and published weights: reading them without running their code, downloading once.
+
+    import model, weights
+    net = model.create_model('efficientnetv2_rw_t')
+    model.load_pretrained(net, weights.read_checkpoint('output/train/RUN/model_best.pth.tar'))  # or .safetensors
+    model.load_pretrained(net, weights.read_checkpoint(weights.published_weights('efficientnetv2_rw_t')))
+
+`published_weights` fetches the file model.PUBLISHED_WEIGHTS names, with its publisher's own client:
+  timm's        huggingface_hub.hf_hub_download('timm/<id>', 'model.safetensors') into Hugging Face's
+                cache ($HF_HOME/hub, default ~/.cache/huggingface/hub, shared with timm and transformers;
+                HF_ENDPOINT selects a mirror, HF_HUB_OFFLINE=1 keeps it off the network)
+  torchvision's torch.hub.download_url_to_file into $TORCH_HOME/hub/checkpoints (torchvision's own file
+                name, so a file torchvision downloaded is reused)
+Once a file is cached the network is not asked again. A download is all or nothing: the SHA-256 its
+publisher states is checked, and a failed, cut, interrupted or corrupt download leaves no file in the
+cache and ends in one CheckpointError line naming the URL, the cache and the way out (a local copy:
+train.py --pretrained PATH, predict.py's checkpoint argument). huggingface_hub is imported only then.
+"""
+import argparse
+import contextlib
+import hashlib
+import http.client
+import logging
+import os
+import re
+import sys
+
+import safetensors
+import safetensors.torch
+import torch
+
+import model as models
+
+TORCHVISION_MODELS = 'https://download.pytorch.org/models'  # the tests serve their own folder instead
+LOCAL_COPY = "give a local copy instead (train.py --pretrained PATH, predict.py's checkpoint argument)"
+
+# timm's train.py stores its arguments, an argparse.Namespace (a plain attribute bag), in every
+# checkpoint; allow that one class as timm does. torch < 2.5 has no allow-list and refuses them.
+_allow_globals = getattr(torch.serialization, 'safe_globals', lambda _: contextlib.nullcontext())
+
+
+def read_checkpoint(path):
+    """A checkpoint file's dict, tensors and plain Python types only, never code: torch.load with
+    weights_only=True, or the safetensors package for a .safetensors file (timm's hub). A missing,
+    broken or unsafe file is a CheckpointError of one line."""
+    if str(path).endswith('.safetensors'):
+        return _read_safetensors(path)
+    try:
+        with _allow_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise models.CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # unpickling errors, truncated files, foreign formats
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        if lines[0].startswith('Weights only load failed'):  # torch names the refused callable
+            detail = next((line for line in lines if 'GLOBAL' in line), lines[-1])
+            raise models.CheckpointError(
+                f"refused to load {path}: it holds Python objects beyond tensors and plain types, which "
+                f"unpickling could run as code ({detail.rstrip('.')}); load it with "
+                f"torch.load(weights_only=False) only if you trust its source") from None
+        raise models.CheckpointError(f"cannot read checkpoint {path} as a weights-only file "
+                                     f"(tensors and plain types): {lines[0]}") from None
+
+
+def _read_safetensors(path):
+    """The safetensors package: tensors only, nothing in the file can run."""
+    try:
+        return safetensors.torch.load_file(path)
+    except FileNotFoundError:
+        raise models.CheckpointError(f"checkpoint not found: {path}") from None
+    except (safetensors.SafetensorError, OSError) as e:
+        raise models.CheckpointError(f"cannot read {path} as a safetensors file: {_first_line(e)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Published weights
+
+def published_weights(name, progress=True):
+    """Local path of the variant's published ImageNet weights: the cached file, without asking the
+    network, or else downloaded now (`progress`: a line on stderr when saved, torch.hub's bar on a
+    terminal; huggingface_hub draws its own there). A variant without weights or a failed download is
+    a CheckpointError of one line; an unknown name a ValueError."""
+    models.published_config(name)  # checks the name, and that the variant has published weights
+    publisher, file = models.PUBLISHED_WEIGHTS[name][:2]
+    if publisher == 'timm':
+        return _from_hugging_face(f'timm/{file}', 'model.safetensors', progress)
+    return _from_torchvision(file, progress)
+
+
+def _from_hugging_face(repo, filename, progress):
+    """hf_hub_download, plus what this project promises beyond it: no request at all once the file is
+    cached (it asks the hub for the newest revision on every call), the SHA-256 check, one-line errors."""
+    import huggingface_hub  # here, not at the top: its imports take a second that reading files does not need
+    cached = huggingface_hub.try_to_load_from_cache(repo, filename)
+    if isinstance(cached, str):  # else None, or a marker that the hub once answered "no such file"
+        return cached
+    url, cache = huggingface_hub.hf_hub_url(repo, filename), huggingface_hub.constants.HF_HUB_CACHE
+    hub_log = logging.getLogger('huggingface_hub')
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)  # no notices while it retries (23 s for a host that is down): one line
+    try:
+        path = huggingface_hub.hf_hub_download(repo, filename)
+    except Exception as e:  # its own errors, OSErrors, and its HTTP client's exceptions (a cut transfer)
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+        reason = 'HF_HUB_OFFLINE is set and the file is not cached' if offline else _reason(e)
+        raise models.CheckpointError(f"cannot download {url} into {cache} ({reason}): {LOCAL_COPY}") from None
+    finally:
+        hub_log.setLevel(level)
+    _check_sha256(path, url, cache)
+    if progress:
+        print(f"downloaded {url} to {path}", file=sys.stderr, flush=True)
+    return path
+
+
+def _check_sha256(path, url, cache):
+    """huggingface_hub checks a download's length, not its content. The hub states a large (LFS) file's
+    SHA-256 in X-Linked-Etag and the cache names the file's blob after it: compare, and remove the blob
+    and its snapshot link unless they match (also when interrupted), so nothing corrupt stays cached.
+    Not checked: files kept in git (named by a SHA-1) and caches without links (Windows, by default)."""
+    blob = os.path.realpath(path)
+    expected = os.path.basename(blob)
+    if not re.fullmatch(r'[0-9a-f]{64}', expected):
+        return
+    try:
+        actual = _sha256(blob)
+        if actual != expected:
+            raise models.CheckpointError(
+                f"{url} does not match the SHA-256 the hub states (expected {expected[:16]}, got "
+                f"{actual[:16]}); nothing was kept in {cache}: try again, or check the mirror")
+    except BaseException:
+        for leftover in (path, blob):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
+        raise
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _from_torchvision(file, progress):
+    """torch.hub's downloader, as torchvision's loader uses it: the file named with its SHA-256 prefix
+    is checked against it, written to a temporary file and renamed into place only when it matches."""
+    url = f'{TORCHVISION_MODELS}/{file}'
+    folder = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    path = os.path.join(folder, file)
+    if os.path.exists(path):
+        return path
+    sha256_prefix = re.search(r'-([0-9a-f]{8,})\.', file).group(1)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        # torch.hub's bar only on a terminal: its carriage returns do not belong in a log file
+        torch.hub.download_url_to_file(url, path, sha256_prefix, progress=progress and sys.stderr.isatty())
+    except RuntimeError:  # torch.hub's "invalid hash value"
+        raise models.CheckpointError(f"{url} does not match the SHA-256 prefix in its name (expected "
+                                     f"{sha256_prefix}); nothing was kept in {folder}: try again") from None
+    except (OSError, http.client.HTTPException) as e:  # urllib's URLError and HTTPError are OSErrors
+        raise models.CheckpointError(f"cannot download {url} to {path} ({_reason(e)}): copy that file there "
+                                     f"by hand, or {LOCAL_COPY}") from None
+    if progress:
+        print(f"downloaded {url} to {path}", file=sys.stderr, flush=True)
+    return path
+
+
+def _reason(error):
+    """Why a download failed, in a few words: the HTTP status, or the innermost error's first line."""
+    while error.__cause__ is not None:  # huggingface_hub wraps the cause (LocalEntryNotFoundError)
+        error = error.__cause__
+    response = getattr(error, 'response', None)  # huggingface_hub's HTTP errors (httpx's or requests')
+    if response is not None:
+        return f"HTTP {response.status_code} {getattr(response, 'reason_phrase', None) or response.reason}"
+    if isinstance(getattr(error, 'code', None), int):  # urllib's HTTPError
+        return f"HTTP {error.code} {error.reason}"
+    return _first_line(getattr(error, 'reason', None) or error)
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

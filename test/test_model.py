@@ -23,6 +23,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model  # noqa: E402
+import weights  # noqa: E402
 from model import CheckpointError, create_model, list_models, load_pretrained  # noqa: E402
 
 SQUARE = (64, 64)
@@ -86,7 +87,13 @@ def loaded_from(state_dict, name, **kwargs):
     come from the checkpoint (and the XL variants skip seconds of init)."""
     with torch.device('meta'):
         net = create_model(name, **kwargs)
-    return load_pretrained(net.to_empty(device='cpu'), state_dict)
+    return loaded(net.to_empty(device='cpu'), state_dict)
+
+
+def loaded(net, checkpoint, **kwargs):
+    """`net` after load_pretrained, which loads in place and returns its notes."""
+    load_pretrained(net, checkpoint, **kwargs)
+    return net
 
 
 def assert_same(ours, theirs, rtol=1e-5):
@@ -169,11 +176,14 @@ def test_stochastic_depth_and_dropout_draw_the_same_samples_as_timm_given_the_sa
 @pytest.mark.parametrize('tv_name, name', [('efficientnet_v2_s', 'efficientnetv2_s'),
                                            ('efficientnet_v2_m', 'efficientnetv2_m'),
                                            ('efficientnet_v2_l', 'efficientnetv2_l')])
-def test_torchvision_weights_load_and_give_torchvision_outputs(tv_name, name, capsys):
+def test_torchvision_weights_load_and_give_torchvision_outputs(tv_name, name):
     torch.manual_seed(0)
     reference = calibrate_batchnorm(getattr(torchvision.models, tv_name)(weights=None))
-    ours = loaded_from(reference.state_dict(), name).eval()
-    assert 'eps' in capsys.readouterr().out  # says it changed BN eps to torchvision's 1e-3
+    with torch.device('meta'):
+        ours = create_model(name).to_empty(device='cpu')
+    notes = load_pretrained(ours, reference.state_dict())
+    assert len(notes) == 1 and 'eps' in notes[0]  # says it changed BN eps to torchvision's 1e-3
+    ours.eval()
     assert {m.eps for m in ours.modules() if isinstance(m, nn.BatchNorm2d)} == {1e-3}
     with torch.no_grad():
         x = images(SQUARE)  # non-tf padding is symmetric in both, so one size says it all
@@ -284,11 +294,12 @@ def assert_holds(net, state_dict):
 ], ids=['bare', 'state_dict', 'state_dict_ema', 'model', 'module.', '_orig_mod.'])
 def test_timm_weights_load_from_every_usual_wrapper(wrap, b0_weights, tmp_path):
     net = create_model('tf_efficientnetv2_b0')
-    assert_holds(load_pretrained(net, wrap(b0_weights)), b0_weights)
+    assert load_pretrained(net, wrap(b0_weights)) == []  # nothing to note
+    assert_holds(net, b0_weights)
     path = tmp_path / 'checkpoint.pth'  # and from a file, read weights-only
     torch.save(wrap(b0_weights), path)
     net = create_model('tf_efficientnetv2_b0')
-    assert_holds(load_pretrained(net, str(path)), b0_weights)
+    assert_holds(loaded(net, weights.read_checkpoint(str(path))), b0_weights)
 
 
 def test_a_timm_train_py_checkpoint_loads_its_ema_weights(b0_weights, tmp_path):
@@ -302,15 +313,15 @@ def test_a_timm_train_py_checkpoint_loads_its_ema_weights(b0_weights, tmp_path):
         reference, torch.optim.SGD(reference.parameters(), lr=0.1), model_ema=ema,
         args=argparse.Namespace(model='tf_efficientnetv2_b0', lr=0.1), checkpoint_dir=str(tmp_path))
     saver.save_checkpoint(epoch=0, metric=50.0)
-    net = load_pretrained(create_model('tf_efficientnetv2_b0'), str(tmp_path / 'last.pth.tar'))
+    net = loaded(create_model('tf_efficientnetv2_b0'), weights.read_checkpoint(tmp_path / 'last.pth.tar'))
     assert_holds(net, b0_weights)
 
 
 def test_ema_weights_are_preferred_unless_use_ema_is_false(b0_weights):
     plain = create_model('tf_efficientnetv2_b0').state_dict()
     checkpoint = {'state_dict': plain, 'state_dict_ema': b0_weights}
-    assert_holds(load_pretrained(create_model('tf_efficientnetv2_b0'), checkpoint), b0_weights)
-    net = load_pretrained(create_model('tf_efficientnetv2_b0'), checkpoint, use_ema=False)
+    assert_holds(loaded(create_model('tf_efficientnetv2_b0'), checkpoint), b0_weights)
+    net = loaded(create_model('tf_efficientnetv2_b0'), checkpoint, use_ema=False)
     assert_holds(net, plain)
 
 
@@ -329,9 +340,11 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     path = tmp_path / 'notes.txt'
     path.write_text('not a checkpoint\n')
     with pytest.raises(CheckpointError):
-        load_pretrained(create_model('tf_efficientnetv2_b0'), str(path))
+        weights.read_checkpoint(str(path))
     with pytest.raises(CheckpointError):
-        load_pretrained(create_model('tf_efficientnetv2_b0'), str(tmp_path / 'missing.pth'))
+        weights.read_checkpoint(str(tmp_path / 'missing.pth'))
+    with pytest.raises(CheckpointError, match='not a state dict'):  # a path where the dict belongs
+        load_pretrained(create_model('tf_efficientnetv2_b0'), str(path))
 
 
 class MakesDirectoryWhenUnpickled:
@@ -349,7 +362,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(b0_weigh
     path = tmp_path / 'evil.pth'
     torch.save({'state_dict': b0_weights, 'payload': MakesDirectoryWhenUnpickled(str(marker))}, path)
     with pytest.raises(CheckpointError):
-        load_pretrained(create_model('tf_efficientnetv2_b0'), str(path))
+        weights.read_checkpoint(str(path))
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: a full unpickle runs it
     assert marker.exists()
@@ -357,14 +370,12 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(b0_weigh
 
 @pytest.mark.parametrize('checkpoint_classes, model_classes', [(10, 1000), (1000, 10)])
 def test_a_classifier_of_another_size_is_left_as_initialised_and_reported_in_one_line(
-        checkpoint_classes, model_classes, capsys):
+        checkpoint_classes, model_classes):
     state_dict = timm_reference('tf_efficientnetv2_b0', num_classes=checkpoint_classes).state_dict()
     net = create_model('tf_efficientnetv2_b0', num_classes=model_classes)
     classifier = {k: v.clone() for k, v in net.classifier.state_dict().items()}
-    capsys.readouterr()
-    load_pretrained(net, state_dict)
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and 'classifier' in lines[0], lines
+    notes = load_pretrained(net, state_dict)
+    assert len(notes) == 1 and 'classifier' in notes[0] and '\n' not in notes[0], notes
     for key, value in net.state_dict().items():
         if key.startswith('classifier.'):
             assert torch.equal(value, classifier[key.removeprefix('classifier.')]), key
@@ -378,6 +389,12 @@ def test_a_classifier_of_another_size_is_left_as_initialised_and_reported_in_one
 def test_unknown_variant_name_is_an_error_that_suggests_close_names():
     with pytest.raises(ValueError, match='efficientnetv2_rw_t'):
         create_model('efficientnetv2_rwt')
+
+    class UsageError(ValueError):  # a caller's own error: train.py and predict.py pass utils.UsageError
+        pass
+    with pytest.raises(UsageError, match="unknown model 'efficientnetv2_rwt': did you mean efficientnetv2_rw_t"):
+        model.check_model_name('efficientnetv2_rwt', error=UsageError)
+    model.check_model_name('efficientnetv2_rw_t', error=UsageError)  # a known name passes
 
 
 def test_reset_classifier_replaces_the_head_and_zero_classes_give_pooled_features():
