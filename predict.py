@@ -15,7 +15,7 @@ or torch's cache), their eval transform and ImageNet's class names. Notes go to 
 `export` writes one ONNX file taking normalized float images (N, 3, size, size), N free, giving
 logits (N, classes); class names, mean/std and the eval transform are stored as metadata. It runs
 the file with onnxruntime on random images, compares with PyTorch and prints the max difference
-(exit status 1 above 1e-3). onnx and onnxruntime are needed only there.
+(exit status 1 above 1e-3). It needs onnx, onnxscript and onnxruntime (pip install onnx onnxscript onnxruntime).
 A checkpoint of bare weights (timm, torchvision) needs --model NAME.
 """
 import argparse
@@ -23,9 +23,8 @@ import os
 import sys
 
 import torch
-import torchvision
 
-import data
+import data  # first: it checks that torchvision fits this torch (utils.check_torchvision)
 import model as models
 import utils
 import weights
@@ -73,6 +72,7 @@ def load_published(name):
 def imagenet_classes():
     """ImageNet-1k's class names in the order every published classifier uses (torchvision's list),
     with spaces as underscores so each name stays one word in classify's lines."""
+    import torchvision
     categories = torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1.meta['categories']
     return [name.replace(' ', '_') for name in categories]
 
@@ -104,14 +104,11 @@ def _classifier_rows(checkpoint):
 # classify
 
 def image_paths(paths):
-    """Files as given; folders searched recursively (sorted) for the extensions train.py reads."""
+    """Files as given; folders searched recursively for the extensions train.py reads (data.find_images)."""
     found = []
     for path in paths:
         if os.path.isdir(path):
-            for folder, subfolders, files in sorted(os.walk(path, followlinks=True)):
-                subfolders.sort()
-                found += [os.path.join(folder, name) for name in sorted(files)
-                          if name.lower().endswith(data.IMAGE_EXTENSIONS) and not name.startswith('.')]
+            found += data.find_images(path)
         elif os.path.isfile(path):
             found.append(path)
         else:
@@ -152,8 +149,13 @@ def classify(net, info, paths, topk=5, device=torch.device('cpu'), batch_size=32
 def export_onnx(net, info, out_path, size=None, batch_size=2):
     """Write the ONNX file (batch dimension free), run it with onnxruntime on random images and
     return the max |difference| from PyTorch's logits."""
-    import onnx
-    import onnxruntime
+    try:
+        import onnx
+        import onnxruntime
+        import onnxscript  # noqa: F401  (torch.onnx.export's dynamo exporter needs it)
+    except ImportError:
+        raise utils.UsageError("export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript "
+                               "onnxruntime") from None
     size = size or info['size']
     generator = torch.Generator().manual_seed(0)  # the same check, the same number, every time
     example = torch.randn(batch_size, 3, size, size, generator=generator)
@@ -204,7 +206,7 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    try:
+    with utils.one_line_errors():
         if args.command == 'classify':
             args.checkpoint, args.paths = split_checkpoint(args.paths, args.model)
         if args.checkpoint is None and args.model is None:
@@ -234,9 +236,6 @@ def main(argv=None):
                 print(f"error: the ONNX model differs from PyTorch by more than {EXPORT_TOLERANCE}",
                       file=sys.stderr)
                 sys.exit(1)
-    except (utils.UsageError, data.DataError, models.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -6,14 +6,12 @@
     stop = run.StopSignals(device); stop.requested(at_log_step)        SIGTERM / SIGINT: stop with a checkpoint
     guard = run.NonFiniteGuard(device); guard.update(loss, skipped); guard.check(state)
     run.check_output(args), run.create_output(args, is_main)           the run folder and args.yaml
-    with run.one_line_errors(): ...                  bad input ends with `error: ...` and exit status 2
 
 Why a resumed run can match an uninterrupted one bit for bit: the data order and every image's
 augmentation are functions of (seed, epoch, index) (data.py) and the learning rate a function of
 the step (the scheduler's state is saved too); a checkpoint holds all the rest, as tensors and plain
 types: the parts' state dicts, the TrainState, and per rank the RNG states and BatchNorm statistics.
 """
-import contextlib
 import glob
 import json
 import os
@@ -283,39 +281,3 @@ def create_output(args, is_main):
     utils.atomic_write(os.path.join(args.output, 'args.yaml'), lambda f: f.write(''.join(
         f"{key}: {json.dumps(value)}\n" for key, value in plain_args(args).items()).encode()))
     print(f"Output: {args.output}", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Errors
-
-@contextlib.contextmanager
-def one_line_errors(alike_on_every_rank=False):
-    """Bad input (flags, data, checkpoints) or a loss that stays non-finite ends the run with one line,
-    `error: ...`, and exit status 2, no traceback: said by rank 0 when every rank finds the same (the
-    flags; the all-reduced loss), else by the rank that hit it. The launcher stops the others."""
-    rank, world_size, _ = utils.distributed_env()
-    where = f' (rank {rank})' if world_size > 1 else ''
-    try:
-        yield
-    except (utils.UsageError, utils.DataError, models.CheckpointError, FloatingPointError) as e:
-        if rank == 0 or not (alike_on_every_rank or isinstance(e, FloatingPointError)):
-            print(f"error{where}: {one_line(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt:  # SIGINT before the stop handler is set (or while evaluating)
-        print(f"interrupted{where}: no training step had run, nothing to save", file=sys.stderr, flush=True)
-        sys.exit(130)
-    except Exception as e:
-        if world_size > 1 and utils.is_peer_failure(e):  # another rank failed and says why
-            reason = one_line(e).split('] ', 1)[-1].split('. ')[0]  # gloo: "[file:line] What. Hint."
-            print(f"rank {rank} stops: another rank failed ({reason})", file=sys.stderr, flush=True)
-            sys.exit(1)
-        raise  # a bug: the traceback, each line prefixed [rankN] by torch.distributed
-
-
-def one_line(error):
-    """The message alone, also when a DataLoader worker wrapped it in its traceback text."""
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    last = lines[-1]
-    for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
-        last = last[len(prefix):] if last.startswith(prefix) else last
-    return last

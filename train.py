@@ -196,10 +196,10 @@ def train_loss(output, targets, args):
 # The recipe
 
 def main(argv=None):
-    with run.one_line_errors(alike_on_every_rank=True):
+    with utils.one_line_errors(alike_on_every_rank=True):
         args = resolve_args(get_args_parser().parse_args(argv))
         run.check_output(args)
-    with run.one_line_errors():
+    with utils.one_line_errors():
         train(args)
     if utils.is_main_process() and not args.evaluate:
         print(f"Output: {args.output}", flush=True)

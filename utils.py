@@ -19,6 +19,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from model import CheckpointError
+
 
 def check_torchvision():
     """Ends the program with one line when torchvision was built for another torch than this one (its
@@ -654,6 +656,42 @@ def default_channels_last(device):
 
 
 # ----------------------------------------------------------------------------------------------
+# Errors: bad input ends with one line, `error: ...`, and exit status 2
+
+@contextlib.contextmanager
+def one_line_errors(alike_on_every_rank=False):
+    """Bad input (flags, data, checkpoints) or a loss that stays non-finite ends the program with one line,
+    `error: ...`, and exit status 2, no traceback: said by rank 0 when every rank finds the same (the
+    flags; the all-reduced loss), else by the rank that hit it. The launcher stops the others."""
+    rank, world_size, _ = distributed_env()
+    where = f' (rank {rank})' if world_size > 1 else ''
+    try:
+        yield
+    except (UsageError, DataError, CheckpointError, FloatingPointError) as e:
+        if rank == 0 or not (alike_on_every_rank or isinstance(e, FloatingPointError)):
+            print(f"error{where}: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:  # train.py: SIGINT before its stop handler is set, or while evaluating
+        print(f"interrupted{where} before anything was saved", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as e:
+        if world_size > 1 and is_peer_failure(e):  # another rank failed and says why
+            reason = one_line(e).split('] ', 1)[-1].split('. ')[0]  # gloo: "[file:line] What. Hint."
+            print(f"rank {rank} stops: another rank failed ({reason})", file=sys.stderr, flush=True)
+            sys.exit(1)
+        raise  # a bug: the traceback, each line prefixed [rankN] by torch.distributed
+
+
+def one_line(error):
+    """The message alone, also when a DataLoader worker wrapped it in its traceback text."""
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    last = lines[-1]
+    for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
+        last = last[len(prefix):] if last.startswith(prefix) else last
+    return last
+
+
+# ----------------------------------------------------------------------------------------------
 # Training curves from summary.csv. matplotlib is optional: imported here only, with the Agg
 # canvas (no display needed), so training goes on without it.
 
@@ -722,10 +760,11 @@ if __name__ == '__main__':
     cli = parser.parse_args()
     out = cli.out or (os.path.join(cli.run_dirs[0], 'curves.png') if len(cli.run_dirs) == 1
                       else 'curves.png')
-    try:
-        plot_curves(cli.run_dirs, out)
-    except ImportError:
-        raise SystemExit("error: drawing curves needs matplotlib (pip install matplotlib)") from None
-    except (UsageError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+    with one_line_errors():
+        try:
+            plot_curves(cli.run_dirs, out)
+        except ImportError:
+            raise UsageError("drawing curves needs matplotlib: pip install matplotlib") from None
+        except OSError as e:
+            raise UsageError(f"cannot write {out}: {e.strerror}") from None
     print(f"wrote {out}")

@@ -146,3 +146,14 @@ def test_bare_weights_need_a_model_name(tmp_path):
     assert result.returncode == 2 and 'give --model NAME' in result.stderr
     net, info = predict.load_model(weights, 'tf_efficientnetv2_b0')
     assert info['classes'] == ['0', '1', '2', '3'] and info['size'] == 224  # the model's test size
+
+
+def test_export_without_the_onnx_packages_is_one_error_line_naming_the_pip_line(trained, tmp_path):
+    (tmp_path / 'onnx').mkdir()  # a package that fails to import, first on the path
+    (tmp_path / 'onnx' / '__init__.py').write_text("raise ImportError('No module named onnx')\n")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'predict.py'), 'export', trained['checkpoint'],
+                             tmp_path / 'model.onnx'], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert result.returncode == 2 and result.stdout == ''
+    assert result.stderr.strip().splitlines() == [
+        'error: export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime']
