@@ -454,6 +454,14 @@ def distributed_env():
             int(os.environ.get('LOCAL_RANK', 0)))
 
 
+def master_address():
+    """(host, port) of the store where the ranks meet: MASTER_ADDR and MASTER_PORT (torchrun sets both)."""
+    if 'MASTER_ADDR' not in os.environ:
+        raise UsageError(f"WORLD_SIZE is {os.environ.get('WORLD_SIZE')} but MASTER_ADDR is not set: start "
+                         f"the processes with torchrun, or set MASTER_ADDR and MASTER_PORT")
+    return os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT'])
+
+
 def get_rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -472,8 +480,54 @@ def init_distributed(device, timeout_minutes=30):
     that waits longer than the timeout fails (the launcher then stops every rank)."""
     import datetime
     backend = {'cuda': 'nccl', 'npu': 'hccl'}.get(device.type, 'gloo')
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+    rank, world_size, _ = distributed_env()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend, store=rendezvous_store(rank, world_size, timeout), rank=rank,
+                            world_size=world_size, timeout=timeout,
                             device_id=device if device.type == 'cuda' else None)
+
+
+def rendezvous_store(rank, world_size, timeout):
+    """The store in which the ranks exchange addresses, made as torch's env:// makes it (a client of
+    torchrun's store, else served by rank 0), but under torchrun each group gets keys of its own:
+    torchrun's store outlives its workers, and a group restarted after a failure (--max-restarts)
+    read the dead group's addresses there and failed ('Connection refused') or hung until the
+    timeout in 8 of 14 tries (pytorch/pytorch#167288; test/test_elastic.py)."""
+    host, port = master_address()
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+        store = dist.PrefixStore('default_pg', dist.TCPStore(host, port, world_size, is_master=False,
+                                                             timeout=timeout))
+        return dist.PrefixStore(fresh_key_space(store, rank, world_size, timeout), store)
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore('default_pg', store)
+
+
+def fresh_key_space(store, rank, world_size, timeout):
+    """A prefix no earlier group used, agreed on through the store. Rank 0 names it after a random
+    token and hands it to each other rank under a key named after that rank's own random token,
+    which no dead process can have written. (TORCHELASTIC_RESTART_COUNT cannot name it: each torchrun
+    agent counts its own restarts, and under --rdzv-backend c10d not those after a membership
+    change, so nodes disagree (pytorch/pytorch#108158) and the group would wait for the timeout.)"""
+    token = os.urandom(8).hex()
+    if rank > 0:
+        store.set(f'hello/{rank}', token)
+        store.wait([f'welcome/{token}'], timeout)
+        space = store.get(f'welcome/{token}').decode()
+        store.set(f'{space}/arrived/{rank}', '')
+        return space
+    deadline = time.monotonic() + timeout.total_seconds()
+    waiting = set(range(1, world_size))
+    while waiting:  # a rank's hello may still be a dead process's: read it again until the rank arrives
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ranks {sorted(waiting)} did not join the process group within "
+                               f"{timeout.total_seconds() / 60:g} minutes (--dist-timeout)")
+        for other in sorted(waiting):
+            if store.check([f'{token}/arrived/{other}']):
+                waiting.discard(other)
+            elif store.check([f'hello/{other}']):
+                store.set(f"welcome/{store.get(f'hello/{other}').decode()}", token)
+        time.sleep(0.01)
+    return token
 
 
 def barrier():
