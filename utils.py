@@ -560,8 +560,9 @@ def max_over_ranks(number, device):
 
 def is_peer_failure(error):
     """Whether a collective failed because another rank went away (that rank reports its own
-    error): gloo says the connection closed, NCCL and HCCL raise DistBackendError."""
-    signs = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe')
+    error) or stopped answering for --dist-timeout (it says nothing): gloo says the connection
+    closed or it timed out, NCCL and HCCL raise DistBackendError."""
+    signs = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'Timed out waiting')
     return isinstance(error, dist.DistBackendError) or any(sign in str(error) for sign in signs)
 
 
