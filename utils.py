@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import random
+import re
 import time
 
 import torch
@@ -449,17 +450,41 @@ def select_device(name, local_rank):
 
 
 def distributed_env():
-    """(rank, world_size, local_rank) as set by torchrun / torch.distributed.launch."""
-    return (int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
-            int(os.environ.get('LOCAL_RANK', 0)))
+    """(rank, world_size, local_rank): torchrun's (or torch.distributed.launch's) RANK, WORLD_SIZE and
+    LOCAL_RANK; else, in a process srun started, Slurm's, with no torchrun needed:
+
+        srun --ntasks-per-node=8 --gpus-per-node=8 python train.py ...   # each task sees its node's GPUs
+
+    torchrun's win when both are set (torchrun in an salloc or srun shell). The size is the step's
+    task count: a batch script also holds SLURM_PROCID=0 and SLURM_NTASKS=N, and a `python train.py`
+    there is one process (TensorFlow's SlurmClusterResolver reads the same variables)."""
+    if 'RANK' in os.environ or 'SLURM_STEP_NUM_TASKS' not in os.environ:
+        return (int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
+                int(os.environ.get('LOCAL_RANK', 0)))
+    return (int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_STEP_NUM_TASKS']),
+            int(os.environ['SLURM_LOCALID']))
 
 
 def master_address():
-    """(host, port) of the store where the ranks meet: MASTER_ADDR and MASTER_PORT (torchrun sets both)."""
-    if 'MASTER_ADDR' not in os.environ:
-        raise UsageError(f"WORLD_SIZE is {os.environ.get('WORLD_SIZE')} but MASTER_ADDR is not set: start "
-                         f"the processes with torchrun, or set MASTER_ADDR and MASTER_PORT")
-    return os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT'])
+    """(host, port) of the store where the ranks meet: MASTER_ADDR and MASTER_PORT (torchrun sets both);
+    under srun without them, the step's first node and a port from the job id: two jobs sharing a
+    node then differ (torch's default 29500 would collide), and 10000-29999 lies below Linux's
+    ephemeral ports (32768 up), which outgoing connections take."""
+    nodelist = os.environ.get('SLURM_STEP_NODELIST') or os.environ.get('SLURM_JOB_NODELIST')
+    host = os.environ.get('MASTER_ADDR') or (first_host(nodelist) if nodelist else None)
+    port = os.environ.get('MASTER_PORT') or (
+        10000 + int(os.environ['SLURM_JOB_ID']) % 20000 if 'SLURM_JOB_ID' in os.environ else None)
+    if not host or not port:
+        raise UsageError(f"{distributed_env()[1]} processes but no MASTER_ADDR and MASTER_PORT: start them "
+                         f"with torchrun or srun, or set both")
+    return host, int(port)
+
+
+def first_host(nodelist):
+    """The first host of a Slurm host list: 'node[01-03,07],gpu5' -> 'node01', 'rack[2-3]-n[4,6]' ->
+    'rack2-n4' (the part before the first comma outside brackets, each bracket by its first value)."""
+    first = re.match(r'[^,\[]*(?:\[[^\]]*\][^,\[]*)*', nodelist).group(0)
+    return re.sub(r'\[([^\]\-,]*)[^\]]*\]', r'\1', first)
 
 
 def get_rank():
