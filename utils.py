@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -548,9 +549,41 @@ def select_device(name, local_rank):
 
 
 def distributed_env():
-    """(rank, world_size, local_rank) as set by torchrun / torch.distributed.launch."""
-    return (int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
-            int(os.environ.get('LOCAL_RANK', 0)))
+    """(rank, world_size, local_rank): torchrun's (or torch.distributed.launch's) RANK, WORLD_SIZE and
+    LOCAL_RANK; else, in a process srun started, Slurm's, with no torchrun needed:
+
+        srun --ntasks-per-node=8 --gpus-per-node=8 python train.py ...   # each task sees its node's GPUs
+
+    torchrun's win when both are set (torchrun in an salloc or srun shell). The size is the step's
+    task count: a batch script also holds SLURM_PROCID=0 and SLURM_NTASKS=N, and a `python train.py`
+    there is one process (TensorFlow's SlurmClusterResolver reads the same variables)."""
+    if 'RANK' in os.environ or 'SLURM_STEP_NUM_TASKS' not in os.environ:
+        return (int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
+                int(os.environ.get('LOCAL_RANK', 0)))
+    return (int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_STEP_NUM_TASKS']),
+            int(os.environ['SLURM_LOCALID']))
+
+
+def master_address():
+    """(host, port) of the store where the ranks meet: MASTER_ADDR and MASTER_PORT (torchrun sets both);
+    under srun without them, the step's first node and a port from the job id: two jobs sharing a
+    node then differ (torch's default 29500 would collide), and 10000-29999 lies below Linux's
+    ephemeral ports (32768 up), which outgoing connections take."""
+    nodelist = os.environ.get('SLURM_STEP_NODELIST') or os.environ.get('SLURM_JOB_NODELIST')
+    host = os.environ.get('MASTER_ADDR') or (first_host(nodelist) if nodelist else None)
+    port = os.environ.get('MASTER_PORT') or (
+        10000 + int(os.environ['SLURM_JOB_ID']) % 20000 if 'SLURM_JOB_ID' in os.environ else None)
+    if not host or not port:
+        raise UsageError(f"{distributed_env()[1]} processes but no MASTER_ADDR and MASTER_PORT: start them "
+                         f"with torchrun or srun, or set both")
+    return host, int(port)
+
+
+def first_host(nodelist):
+    """The first host of a Slurm host list: 'node[01-03,07],gpu5' -> 'node01', 'rack[2-3]-n[4,6]' ->
+    'rack2-n4' (the part before the first comma outside brackets, each bracket by its first value)."""
+    first = re.match(r'[^,\[]*(?:\[[^\]]*\][^,\[]*)*', nodelist).group(0)
+    return re.sub(r'\[([^\]\-,]*)[^\]]*\]', r'\1', first)
 
 
 def get_rank():
@@ -571,8 +604,54 @@ def init_distributed(device, timeout_minutes=30):
     that waits longer than the timeout fails (the launcher then stops every rank)."""
     import datetime
     backend = {'cuda': 'nccl', 'npu': 'hccl'}.get(device.type, 'gloo')
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+    rank, world_size, _ = distributed_env()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend, store=rendezvous_store(rank, world_size, timeout), rank=rank,
+                            world_size=world_size, timeout=timeout,
                             device_id=device if device.type == 'cuda' else None)
+
+
+def rendezvous_store(rank, world_size, timeout):
+    """The store in which the ranks exchange addresses, made as torch's env:// makes it (a client of
+    torchrun's store, else served by rank 0), but under torchrun each group gets keys of its own:
+    torchrun's store outlives its workers, and a group restarted after a failure (--max-restarts)
+    read the dead group's addresses there and failed ('Connection refused') or hung until the
+    timeout in 8 of 14 tries (pytorch/pytorch#167288; test/test_elastic.py)."""
+    host, port = master_address()
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+        store = dist.PrefixStore('default_pg', dist.TCPStore(host, port, world_size, is_master=False,
+                                                             timeout=timeout))
+        return dist.PrefixStore(fresh_key_space(store, rank, world_size, timeout), store)
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore('default_pg', store)
+
+
+def fresh_key_space(store, rank, world_size, timeout):
+    """A prefix no earlier group used, agreed on through the store. Rank 0 names it after a random
+    token and hands it to each other rank under a key named after that rank's own random token,
+    which no dead process can have written. (TORCHELASTIC_RESTART_COUNT cannot name it: each torchrun
+    agent counts its own restarts, and under --rdzv-backend c10d not those after a membership
+    change, so nodes disagree (pytorch/pytorch#108158) and the group would wait for the timeout.)"""
+    token = os.urandom(8).hex()
+    if rank > 0:
+        store.set(f'hello/{rank}', token)
+        store.wait([f'welcome/{token}'], timeout)
+        space = store.get(f'welcome/{token}').decode()
+        store.set(f'{space}/arrived/{rank}', '')
+        return space
+    deadline = time.monotonic() + timeout.total_seconds()
+    waiting = set(range(1, world_size))
+    while waiting:  # a rank's hello may still be a dead process's: read it again until the rank arrives
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ranks {sorted(waiting)} did not join the process group within "
+                               f"{timeout.total_seconds() / 60:g} minutes (--dist-timeout)")
+        for other in sorted(waiting):
+            if store.check([f'{token}/arrived/{other}']):
+                waiting.discard(other)
+            elif store.check([f'hello/{other}']):
+                store.set(f"welcome/{store.get(f'hello/{other}').decode()}", token)
+        time.sleep(0.01)
+    return token
 
 
 def barrier():
@@ -605,8 +684,9 @@ def max_over_ranks(number, device):
 
 def is_peer_failure(error):
     """Whether a collective failed because another rank went away (that rank reports its own
-    error): gloo says the connection closed, NCCL and HCCL raise DistBackendError."""
-    signs = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe')
+    error) or stopped answering for --dist-timeout (it says nothing): gloo says the connection
+    closed or it timed out, NCCL and HCCL raise DistBackendError."""
+    signs = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'Timed out waiting')
     return isinstance(error, dist.DistBackendError) or any(sign in str(error) for sign in signs)
 
 
@@ -667,7 +747,7 @@ def one_line_errors(alike_on_every_rank=False):
     where = f' (rank {rank})' if world_size > 1 else ''
     try:
         yield
-    except (UsageError, DataError, CheckpointError, FloatingPointError) as e:
+    except (UsageError, DataError, CheckpointError, FloatingPointError, TimeoutError) as e:
         if rank == 0 or not (alike_on_every_rank or isinstance(e, FloatingPointError)):
             print(f"error{where}: {one_line(e)}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -1,5 +1,6 @@
 """Many processes on one CPU (gloo): torchrun, torch.distributed.launch, two "nodes" on localhost,
-a failing rank, and the ModelZoo's launcher scripts with their CPU overrides.
+processes started as srun starts them (SLURM_* variables only), a failing rank, and the ModelZoo's
+launcher scripts with their CPU overrides.
 
 Runs are shared through module-scoped fixtures: one run serves several tests.
 
@@ -23,6 +24,7 @@ Why 2 processes x batch b must match 1 process x batch 2b exactly (up to float r
 import csv
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -33,6 +35,7 @@ import time
 import pytest
 import torch
 
+import utils
 from conftest import ROOT, RUNTIME_FILES, make_image_folder, run_train
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
@@ -236,6 +239,89 @@ def test_a_failing_rank_stops_the_run_with_its_error_said_once(data_dir, tmp_pat
     assert text.count('RuntimeError: failure injected on rank 1') == 1
     assert re.search(r'^\[rank1\]: RuntimeError: failure injected on rank 1', text, re.M)
     assert 'rank 0 stops: another rank failed' in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Slurm without torchrun: `srun python train.py ...` starts every process itself
+
+LAUNCHER_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
+                      'GROUP_RANK', 'TORCHELASTIC_USE_AGENT_STORE', 'TORCHELASTIC_RESTART_COUNT')
+
+
+def srun_env(procid, ntasks, job_id, **extra):
+    """What srun gives task `procid` of a one-node step (and no torchrun variables)."""
+    env = {key: value for key, value in ENV.items()
+           if key not in LAUNCHER_VARIABLES and not key.startswith('SLURM_')}
+    slurm = dict(SLURM_JOB_ID=str(job_id), SLURM_PROCID=str(procid), SLURM_LOCALID=str(procid),
+                 SLURM_NTASKS=str(ntasks), SLURM_STEP_NUM_TASKS=str(ntasks), SLURM_STEP_ID='0',
+                 SLURM_JOB_NODELIST='localhost', SLURM_STEP_NODELIST='localhost')
+    return dict(env, **slurm | extra)
+
+
+@pytest.mark.parametrize('nodelist, first', [('localhost', 'localhost'), ('node[01-03,07],gpu5', 'node01'),
+                                             ('gpu5,node[01-03]', 'gpu5'), ('rack[2-3]-n[4,6]', 'rack2-n4'),
+                                             ('n[7]', 'n7'), ('a-1,b', 'a-1')])
+def test_the_master_is_the_first_host_of_slurms_compressed_host_list(nodelist, first):
+    assert utils.first_host(nodelist) == first
+
+
+def test_srun_variables_give_rank_world_size_and_the_master_torchruns_win(monkeypatch):
+    for key in [*LAUNCHER_VARIABLES, *(key for key in os.environ if key.startswith('SLURM_'))]:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in srun_env(3, 8, 123456, SLURM_STEP_NODELIST='gpu[4-5]').items():
+        monkeypatch.setenv(key, value)
+    assert utils.distributed_env() == (3, 8, 3)
+    assert utils.master_address() == ('gpu4', 10000 + 123456 % 20000)
+    monkeypatch.setenv('MASTER_PORT', '29400')
+    assert utils.master_address() == ('gpu4', 29400)
+    for key, value in dict(RANK='1', WORLD_SIZE='2', LOCAL_RANK='1', MASTER_ADDR='host0').items():
+        monkeypatch.setenv(key, value)  # torchrun started inside an salloc or srun shell
+    assert utils.distributed_env() == (1, 2, 1) and utils.master_address() == ('host0', 29400)
+
+
+def test_a_batch_script_without_srun_is_one_process(monkeypatch):
+    """sbatch --ntasks=4 gives the script SLURM_PROCID=0 and SLURM_NTASKS=4 too, but no step."""
+    for key in [*LAUNCHER_VARIABLES, *(key for key in os.environ if key.startswith('SLURM_'))]:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in dict(SLURM_JOB_ID='7', SLURM_PROCID='0', SLURM_LOCALID='0', SLURM_NTASKS='4').items():
+        monkeypatch.setenv(key, value)
+    assert utils.distributed_env() == (0, 1, 0)
+
+
+def free_slurm_job_id():
+    """A job id whose port (10000 + id % 20000, utils.master_address) is free now."""
+    for port in random.Random().sample(range(10000, 30000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(('127.0.0.1', port))
+            except OSError:
+                continue
+        return 4_000_000 + port - 10000  # 4,000,000 % 20000 == 0
+    raise AssertionError('no free port in 10000-29999')
+
+
+@pytest.fixture(scope='module')
+def slurm_processes(data_dir, tmp_path_factory):
+    """The exact recipe on 2 processes started as srun starts them: only SLURM_* variables."""
+    output = tmp_path_factory.mktemp('slurm') / 'run'
+    job_id = free_slurm_job_id()
+    tasks = [subprocess.Popen([sys.executable, 'train.py', data_dir, *EXACT, '-b', '2', '--output', output],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=srun_env(procid, 2, job_id))
+             for procid in (0, 1)]
+    outputs = [task.communicate(timeout=TIMEOUT)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    return dict(output=str(output), stdout=outputs[0], rank_1=outputs[1])
+
+
+def test_two_processes_started_with_only_slurm_variables_train_together(slurm_processes, two_processes):
+    """The same numbers as torch.distributed.launch's 2 processes, logged by rank 0 alone."""
+    assert losses(slurm_processes['stdout']) == losses(two_processes['stdout'])
+    assert untimed_test_lines(slurm_processes['stdout']) == untimed_test_lines(two_processes['stdout'])
+    def unspeeded(output):
+        return [{k: v for k, v in row.items() if k != 'images_per_sec'} for row in summary(output)]
+    assert unspeeded(slurm_processes['output']) == unspeeded(two_processes['output'])
+    assert 'Train:' not in slurm_processes['rank_1'] and 'Test' not in slurm_processes['rank_1']
 
 
 # ------------------------------------------------------------------------------------------------

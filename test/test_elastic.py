@@ -1,0 +1,226 @@
+"""Elastic restarts: under `torchrun --max-restarts N` a worker that dies (or hangs, and the others'
+collectives time out after --dist-timeout) takes its group down, torchrun starts a new one, and with
+--resume auto the run goes on from the last checkpoint and ends as if nothing had happened
+(2 processes on the CPU, about 85 s for both tests).
+
+Why three kills: before utils.rendezvous_store gave each group keys of its own, a restarted group
+read the dead group's addresses from torchrun's store and failed or hung in about half the tries
+(8 of 14 in a minimal script), so one restart passed now and then; with three this test failed 8 of 8
+times (5 ran out of restarts on 'Connection refused', 3 hung in gloo's connect past --dist-timeout).
+
+Why bitwise: the interrupted and the uninterrupted run are the same 2 processes, and a checkpoint holds
+each rank's random streams and BatchNorm statistics (run.py), so the resumed ranks draw and add exactly
+what the uninterrupted ones did; gloo adds the 2 ranks' gradients in one fixed order. OMP_NUM_THREADS=1
+keeps the CPU kernels' summation order fixed.
+"""
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, make_image_folder
+
+ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+# test_resume.py's recipe (every random stream a step uses), 2 processes x batch 2 over 16 images:
+# 4 steps an epoch, a checkpoint after each.
+RECIPE = ['--model', 'tf_efficientnetv2_b0', '-b', '2', '--img-size', '32', '--epochs', '2', '-j', '0',
+          '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '1', '--seed', '7',
+          '--aa', 'rand-m9-mstd0.5', '--mixup', '0.2', '--cutmix', '1.0', '--reprob', '0.25',
+          '--drop', '0.2', '--drop-path', '0.2', '--model-ema', '--model-ema-decay', '0.9',
+          '--log-interval', '1', '--checkpoint-interval', '1', '--resume', 'auto', '--dist-timeout', '1']
+STEPS_PER_EPOCH = 4
+KILLS = 3
+TIMEOUT = 180
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start_torchrun(data_dir, output, max_restarts, *extra):
+    """torchrun with 2 CPU processes, its output collected by a thread -> (Popen, list of lines)."""
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--max-restarts={max_restarts}',
+         '--monitor-interval=0.1', f'--master_port={free_port()}', 'train.py', data_dir, *RECIPE,
+         '--output', output, *extra],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)  # its own process group: a failed test can end all of it
+    lines = []
+
+    def read():
+        for line in process.stdout:
+            lines.append(line)
+    threading.Thread(target=read, daemon=True).start()
+    return process, lines
+
+
+def finish(process, lines, deadline):
+    """Wait for torchrun until the deadline, else kill it and its workers (each in a session of its
+    own: a restarted group that never formed waits in gloo's connect past --dist-timeout);
+    -> (return code, output)."""
+    try:
+        process.wait(timeout=max(deadline - time.monotonic(), 0))
+    except subprocess.TimeoutExpired:
+        for pid in workers(process.pid).values():
+            os.kill(pid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        lines.append('\n[test] torchrun and its workers killed at the deadline\n')
+    time.sleep(0.2)  # the reader thread takes the last lines
+    return process.returncode, ''.join(lines)
+
+
+def workers(launcher_pid):
+    """{rank: pid} of torchrun's worker processes (its children that carry RANK)."""
+    found = {}
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                parent = int(f.read().rsplit(')', 1)[1].split()[1])
+            if parent == launcher_pid:
+                with open(f'/proc/{entry}/environ', 'rb') as f:
+                    env = dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
+                found[int(env[b'RANK'])] = int(entry)
+        except (OSError, ValueError, KeyError, IndexError):
+            continue  # not a process, gone meanwhile, or not a worker
+    return found
+
+
+def checkpoint_position(path):
+    """(epoch, step) of a checkpoint, read without loading its tensors."""
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    return checkpoint['epoch'], checkpoint['step']
+
+
+def wait_for_resume(lines, count, process, deadline):
+    """Wait for the count-th 'Resumed from ...: epoch E, step S' line (rank 0 of the count-th restarted
+    group); -> (E, S)."""
+    while time.monotonic() < deadline and process.poll() is None:
+        resumed = [line for line in list(lines) if line.startswith('Resumed from')]
+        if len(resumed) >= count:
+            epoch, step = resumed[count - 1].rsplit(': ', 1)[1].split(', ')
+            return int(epoch.split()[1]), int(step.split()[1])
+        time.sleep(0.05)
+    raise AssertionError(f'restart {count} did not resume (torchrun exit code {process.poll()})')
+
+
+def wait_for_new_mid_epoch_checkpoint(path, after, process, deadline):
+    """Poll last.pth.tar until it holds a mid-epoch position later than `after`; -> that position."""
+    seen = None
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            stamp = os.stat(path).st_mtime_ns
+            if stamp != seen:
+                seen, position = stamp, checkpoint_position(path)
+                if position > after and position[1] > 0:
+                    return position
+        except (OSError, RuntimeError, EOFError):
+            pass  # not written yet
+        time.sleep(0.02)
+    raise AssertionError(f'no mid-epoch checkpoint after {after} (torchrun exit code {process.poll()})')
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def summary_rows(output):
+    with open(os.path.join(output, 'summary.csv')) as f:
+        return [{k: v for k, v in row.items() if k != 'images_per_sec'} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('elastic') / 'data', classes=2, train_per_class=8,
+                             val_per_class=3)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data_dir, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp('uninterrupted') / 'out')
+    code, text = finish(*start_torchrun(data_dir, output, max_restarts=0), time.monotonic() + TIMEOUT)
+    assert code == 0, text[-4000:]
+    return output
+
+
+@pytest.fixture(scope='module')
+def killed_three_times(data_dir, tmp_path_factory):
+    """SIGKILL to one worker (rank 1, 0, 1) each time a new mid-epoch checkpoint appeared."""
+    output = str(tmp_path_factory.mktemp('killed') / 'out')
+    last = os.path.join(output, 'last.pth.tar')
+    process, lines = start_torchrun(data_dir, output, max_restarts=KILLS)
+    deadline = time.monotonic() + TIMEOUT
+    kills, resumed, problem = [], [], ''
+    try:
+        for rank in (1, 0, 1)[:KILLS]:
+            start = wait_for_resume(lines, len(kills), process, deadline) if kills else (0, 0)
+            resumed.append(start)  # the new group, not the dying one, must write the checkpoint
+            position = wait_for_new_mid_epoch_checkpoint(last, start, process, deadline)
+            os.kill(workers(process.pid)[rank], signal.SIGKILL)
+            kills.append((rank, position))
+    except AssertionError as e:
+        problem, deadline = str(e), time.monotonic()  # no waiting: the run is known to have failed
+    finally:
+        code, text = finish(process, lines, deadline)
+    return dict(output=output, code=code, text=text, kills=kills, resumed=resumed, problem=problem)
+
+
+@pytest.fixture(scope='module')
+def hung(data_dir, tmp_path_factory):
+    """SIGSTOP to rank 1 after a mid-epoch checkpoint: alive but silent, as a hung process is."""
+    output = str(tmp_path_factory.mktemp('hung') / 'out')
+    process, lines = start_torchrun(data_dir, output, 1, '--dist-timeout', '0.2')  # 12 s
+    deadline = time.monotonic() + TIMEOUT
+    problem = ''
+    try:
+        wait_for_new_mid_epoch_checkpoint(os.path.join(output, 'last.pth.tar'), (0, 0), process, deadline)
+        os.kill(workers(process.pid)[1], signal.SIGSTOP)
+    except AssertionError as e:
+        problem, deadline = str(e), time.monotonic()
+    finally:
+        code, text = finish(process, lines, deadline)
+    return dict(output=output, code=code, text=text, problem=problem)
+
+
+def assert_same_run(output, reference):
+    """last.pth.tar's modules, optimizer state and position, and summary.csv, bit for bit."""
+    ours, theirs = load(os.path.join(output, 'last.pth.tar')), load(os.path.join(reference, 'last.pth.tar'))
+    for key in ('model', 'model_ema'):
+        differ = [name for name, tensor in theirs[key].items() if not torch.equal(ours[key][name], tensor)]
+        assert not differ, f"{key}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+    for index, state in theirs['optimizer']['state'].items():
+        for name, tensor in state.items():
+            assert torch.equal(ours['optimizer']['state'][index][name], tensor), (index, name)
+    for key in ('epoch', 'step', 'num_updates', 'best_metric', 'best_epoch'):
+        assert ours[key] == theirs[key], key
+    assert summary_rows(output) == summary_rows(reference)
+
+
+def test_a_worker_killed_three_times_under_torchrun_restarts_and_ends_equal_to_an_uninterrupted_run(
+        killed_three_times, uninterrupted):
+    run = killed_three_times
+    assert run['code'] == 0 and not run['problem'], f"{run['problem']}\n{run['text'][-6000:]}"
+    print('kills (rank, checkpoint epoch and step):', run['kills'], 'group starts:', run['resumed'])
+    assert len(run['kills']) == KILLS and all(step > 0 for _, (_, step) in run['kills'])
+    assert run['text'].count('Resumed from') == KILLS, run['text'][-6000:]
+    assert_same_run(run['output'], uninterrupted)
+
+
+def test_a_worker_that_stops_answering_fails_the_group_at_dist_timeout_and_torchrun_restarts_it(
+        hung, uninterrupted):
+    """The other rank's collective times out after --dist-timeout and it stops with one line; torchrun
+    then stops the silent rank (SIGTERM, and SIGKILL 30 s later: a stopped process ignores SIGTERM)
+    and starts a new group, which resumes."""
+    assert hung['code'] == 0 and not hung['problem'], f"{hung['problem']}\n{hung['text'][-6000:]}"
+    assert 'rank 0 stops: another rank failed (Timed out waiting 12000ms for' in hung['text'], hung['text'][-6000:]
+    assert hung['text'].count('Resumed from') == 1
+    assert_same_run(hung['output'], uninterrupted)
