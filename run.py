@@ -42,8 +42,9 @@ class TrainState:
     """Where the run stands: what a checkpoint holds beyond the parts' state dicts.
     `step` optimizer steps of `epoch` are done (0 at the epoch's start); loss_sum is the float32 sum of
     their global-batch losses (a device tensor while the epoch runs: adding costs no sync) and loss_count
-    how many it holds; bad_images counts the unreadable files met. `ranks` holds per rank the RNG
-    states and, with several processes, the BatchNorm statistics; it is filled at each save."""
+    how many it holds; bad_images counts the unreadable files met; epoch_lr is the lr the epoch began
+    with (its summary row's). `ranks` holds per rank the RNG states and, with several processes, the
+    BatchNorm statistics; it is filled at each save."""
     epoch: int = 0
     step: int = 0
     num_updates: int = 0
@@ -52,6 +53,7 @@ class TrainState:
     loss_sum: float = 0.0
     loss_count: int = 0
     bad_images: int = 0
+    epoch_lr: float = None
     ranks: list = None
 
     def count_step(self, loss, bad_images=0):

@@ -12,13 +12,15 @@
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
         train.py /data/imagenet ... --lr .224         # 2 nodes: the same on HOST1 with --node_rank=1
     python -m torch.distributed.launch --nproc_per_node=8 train.py ...   # the ModelZoo's launcher
+    srun --ntasks-per-node=8 --gpus-per-node=8 python train.py ...     # Slurm: ranks from SLURM_* variables
+    torchrun --max-restarts 3 ... train.py ... --output DIR --resume auto  # a dead worker: restart, resume
     bash test/train_full_8p.sh --data_path=/data/imagenet    # the ModelZoo's scripts (README)
 
 `-b` is per device and logged images/s are global; a launcher's WORLD_SIZE turns on distributed mode.
 Top to bottom: the flags; the three places a copy changes first: datasets(), create_optimizer() (with
 its schedule) and train_loss(); main(), train() (the epoch loop), train_one_epoch, train_step,
-validate; then the set-up. Checkpoints, exact resume, stop signals, the non-finite guard and one-line
-errors live in run.py; the log lines in utils.py.
+validate; then the set-up. Checkpoints, exact resume, stop signals and the non-finite guard live in
+run.py; the log lines and one-line errors in utils.py.
 """
 import argparse
 import contextlib
@@ -27,6 +29,7 @@ import functools
 import importlib.util
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +53,8 @@ TIMM_DEFAULTS = dict(model='efficientnetv2_rw_t', batch_size=128, epochs=300, op
                      hflip=0.5, color_jitter=0.4, log_interval=50, workers=4, model_ema_decay=0.9998,
                      prog_min_size=128)
 MIN_IMAGE_SIZE = 32  # the network's total stride
+# fp16's GradScaler skips the optimizer step when gradients overflow; the schedule moves on all the same.
+warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`')
 
 
 def default(key):
@@ -171,14 +176,11 @@ def create_optimizer(model, args, steps_per_epoch):
     decay on biases and BatchNorm) and its schedules, which change the lr once per epoch (utils.py)."""
     groups = utils.param_groups(model, args.weight_decay)
     if args.opt == 'rmsproptf':  # TensorFlow's RMSprop as timm has it (utils.py says how it differs from torch's)
-        optimizer = utils.RMSpropTF(groups, lr=args.lr, alpha=0.9, momentum=args.momentum,
-                                     eps=1e-10 if args.opt_eps is None else args.opt_eps)
+        optimizer = utils.RMSpropTF(groups, lr=args.lr, alpha=0.9, eps=args.opt_eps, momentum=args.momentum)
     elif args.opt == 'sgd':  # timm's 'sgd' is Nesterov momentum
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0,
-                                    foreach=True)
+        optimizer = torch.optim.SGD(groups, args.lr, momentum=args.momentum, nesterov=args.momentum > 0, foreach=True)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=1e-8 if args.opt_eps is None else args.opt_eps,
-                                      foreach=True)
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps, foreach=True)
     scheduler = utils.TimmSchedule(optimizer, steps_per_epoch, args.sched, args.epochs, args.warmup_lr,
                                    args.warmup_epochs, args.decay_epochs, args.decay_rate, args.min_lr)
     return optimizer, scheduler
@@ -244,16 +246,19 @@ def train(args):
         mixup = (data.MixupCutmix(settings['mixup'], args.cutmix, args.smoothing, args.num_classes)
                  if settings['mixup'] > 0 or args.cutmix > 0 else None)
         model_without_ddp.drop_rate = settings['drop']
-        lr = optimizer.param_groups[0]['lr']
+        if state.step == 0 or state.epoch_lr is None:  # None: a checkpoint from before it was saved
+            state.epoch_lr = optimizer.param_groups[0]['lr']
         images_per_sec = train_one_epoch(model, optimizer, scheduler, precision, loader, device, args, state,
                                          model_ema, mixup, guard, stop, save)
-        if stop.signal or (args.perf_steps and state.num_updates >= args.perf_steps):
-            return run.stopped(stop, guard, state, save, args.output) if stop.signal else None
+        if stop.signal:
+            return run.stopped(stop, guard, state, save, args.output)
+        if args.perf_steps and state.num_updates >= args.perf_steps:
+            return
         evaluation, ema_evaluation = evaluate_epoch(model_without_ddp, model_ema, val_loader, device, precision,
                                                     args)
         finite = guard.check(state)  # after a non-finite loss: no new best metric, no checkpoint
         epoch_logger.log(epoch, float(state.loss_sum) / max(state.loss_count, 1), evaluation, ema_evaluation,
-                         lr, images_per_sec, state.bad_images, step=state.num_updates)
+                         state.epoch_lr, images_per_sec, state.bad_images, step=state.num_updates)
         is_best = state.finish_epoch((ema_evaluation or evaluation)['top1'], finite)
         if finite:
             save(run.epoch_checkpoint_names(epoch, is_best, args.checkpoint_hist))
@@ -397,6 +402,8 @@ def resolve_args(args):
     for key in ('crop_pct', 'interpolation', 'mean', 'std'):
         if getattr(args, key) is None:
             setattr(args, key, config[key])
+    if args.opt_eps is None:  # timm's
+        args.opt_eps = {'rmsproptf': 1e-10, 'adamw': 1e-8}.get(args.opt)
     if args.lr_base is not None:
         args.lr_base_scale = args.lr_base_scale or ('sqrt' if args.opt == 'adamw' else 'linear')  # timm 1.x's
         ratio = global_batch(args) / args.lr_base_size
@@ -462,9 +469,9 @@ def describe_run(args, model, train_set, val_set, device, steps_per_epoch, optim
     return (f"Training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
             f"{args.data_path or args.dataset}: {len(train_set)} train / {len(val_set)} val images "
             f"({type(train_set).__name__}), {args.num_classes} classes; {device.type}, {world_size} process"
-            f"{'es' * (world_size > 1)}\n{args.epochs} epoch{'s' * (args.epochs != 1)} of {steps_per_epoch} steps, batch {global_batch(args)} "
-            f"({args.batch_size} per process{accumulated}), {lr}, {type(optimizer).__name__}, "
-            f"{getattr(scheduler, 'sched', type(scheduler).__name__)} schedule")
+            f"{'es' * (world_size > 1)}\n{args.epochs} epoch{'s' * (args.epochs != 1)} of {steps_per_epoch} steps, "
+            f"batch {global_batch(args)} ({args.batch_size} per process{accumulated}), {lr}, "
+            f"{type(optimizer).__name__}, {getattr(scheduler, 'sched', type(scheduler).__name__)} schedule")
 
 
 def setup_processes(args):

@@ -15,7 +15,6 @@ The recipe draws from every random stream a step uses: RandomResizedCrop, flip a
 (per-image seeds), mixup/cutmix, random erasing, dropout and drop path (the global torch RNG),
 with EMA, AdamW and a warm-up epoch, checkpointing every step.
 """
-import csv
 import glob
 import os
 import random
@@ -27,7 +26,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder, run_train, train_command
+from conftest import ROOT, load, make_image_folder, run_train, summary_rows, train_command
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')  # bitwise needs a fixed thread count
 RECIPE = ['--model', 'tf_efficientnetv2_b0', '-b', '4', '--img-size', '32', '--epochs', '2',
@@ -95,15 +94,6 @@ def resumed_step(stdout):
     line = next(line for line in stdout.splitlines() if line.startswith('Resumed from'))
     epoch, step = line.rsplit(': ', 1)[1].split(', ')
     return int(epoch.split()[1]), int(step.split()[1])
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def summary_rows(output):
-    with open(os.path.join(output, 'summary.csv')) as f:
-        return [{k: v for k, v in row.items() if k != 'images_per_sec'} for row in csv.DictReader(f)]
 
 
 @pytest.fixture(scope='module')
@@ -273,6 +263,18 @@ def test_resuming_an_fp16_run_restores_the_grad_scalers_loss_scale(tmp_path):
     assert final['epoch'] == 2 and final['num_updates'] == 4
     assert final['scaler']['scale'] == 2.0 ** 12
 
+
+def test_a_run_stopped_after_an_epochs_last_step_resumes_into_the_same_summary_row(data_dir, reference, tmp_path):
+    """SIGTERM during the last step of epoch 0: the checkpoint holds all 4 steps but not the epoch's end, so the
+    resumed run validates at once; its summary row (the lr the epoch began with, its loss) is the uninterrupted
+    run's, although the schedule already moved on to epoch 1's lr."""
+    output = str(tmp_path / 'out')
+    stopped = subprocess.run(train_command(data_dir, *RECIPE, '-j', '0', '--output', output,
+                                           faults=['--sigterm-at-loss', '4']),
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    assert stopped.returncode == 0 and 'Stopped by SIGTERM at epoch 0, step 4' in stopped.stdout
+    run_to_end(data_dir, output, 0, '--resume', 'auto')
+    assert_same_run(output, reference['output'])
 
 # ------------------------------------------------------------------------------------------------
 # Gradient accumulation: a step is --grad-accum-steps micro-batches; a run killed between two of them

@@ -6,6 +6,7 @@ its main(). train.py itself knows nothing of this.
 
 --inf-loss-steps N,M,...: this process's N-th, M-th ... training steps (1-based) get an infinite loss
 (train.train_loss is wrapped; validation does not call it).
+--sigterm-at-loss N: the process sends itself SIGTERM at its N-th loss computation (it stops after that step).
 --kill-at-loss N: the process SIGKILLs itself at its N-th loss computation (train.train_loss runs once per
 micro-batch: with --grad-accum-steps 2 an even N dies between a step's two micro-batches).
 --fail-rank R: the process of rank R raises a RuntimeError after its first training step.
@@ -39,12 +40,12 @@ def inject_infinite_losses(steps):
     train.train_loss = train_loss
 
 
-def kill_at_loss(count):
+def signal_at_loss(count, signum):
     original, calls = train.train_loss, itertools.count(1)
 
     def train_loss(*args, **kwargs):
         if next(calls) == count:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
         return original(*args, **kwargs)
     train.train_loss = train_loss
 
@@ -94,6 +95,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--inf-loss-steps', type=lambda text: {int(step) for step in text.split(',')})
     parser.add_argument('--kill-at-loss', type=int)
+    parser.add_argument('--sigterm-at-loss', type=int)
     parser.add_argument('--fail-rank', type=int)
     parser.add_argument('--record-dtypes', metavar='PREFIX')
     faults, launcher_args = parser.parse_known_args(sys.argv[1:split])  # torch.distributed.launch
@@ -103,7 +105,9 @@ def main():
     if faults.inf_loss_steps:
         inject_infinite_losses(faults.inf_loss_steps)
     if faults.kill_at_loss:
-        kill_at_loss(faults.kill_at_loss)
+        signal_at_loss(faults.kill_at_loss, signal.SIGKILL)
+    if faults.sigterm_at_loss:
+        signal_at_loss(faults.sigterm_at_loss, signal.SIGTERM)
     if faults.fail_rank is not None:
         inject_failure(faults.fail_rank)
     train.main(sys.argv[split + 1:] + launcher_args)
