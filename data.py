@@ -22,10 +22,7 @@
    (timm 0.5.4). RandAugment, timm's policy and PIL results on uint8 tensors, lives in randaugment.py.
 4. Per-batch, on the device: normalize, random_erase, MixupCutmix (timm's prefetcher does the same on the GPU).
 
-Measured per worker (one thread, 500x375 JPEGs -> 288 px, decode + crop + flip + RandAugment m9, bench.py --no-step
---compare-timm on a shared 2-core CPU): 1.6-2.0x the images/s of timm's uint8 (prefetcher) pipeline. The gain is in
-decoding (torchvision), the crop (uint8 tensor resize, 2-3x faster than PIL's), the shears and translations (one
-gather, 3-5x) and RandAugment's colour ops (randaugment.py: lookup tables and in-place blends).
+Per worker this pipeline gives 1.5-2x the images/s of timm's (bench.py; docs/measurements.md says where from).
 """
 import io
 import math
@@ -100,7 +97,8 @@ def as_uint8_rgb(image):
         return TF.pil_to_tensor(image if image.mode == 'RGB' else image.convert('RGB'))
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] in (1, 3):
         return image.expand(3, -1, -1)
-    described = f'{image.dtype} tensor of shape {tuple(image.shape)}' if isinstance(image, torch.Tensor) else type(image)
+    is_tensor = isinstance(image, torch.Tensor)
+    described = f'{image.dtype} tensor of shape {tuple(image.shape)}' if is_tensor else type(image)
     raise DataError(f"a dataset gave an image as {described}; give PIL images or uint8 (3, H, W) tensors")
 
 
@@ -118,8 +116,7 @@ class ImageFolder(torch.utils.data.Dataset):
     or, when strict, raises DataError.
 
     The list is two numpy arrays (paths as fixed-width bytes, labels as int32), not Python objects: loader
-    workers read them without touching reference counts, so the forked pages stay shared instead of being
-    copied into every worker (README, "Data at ImageNet scale")."""
+    workers read them without touching reference counts, so their pages stay shared, not copied per worker."""
 
     def __init__(self, root, paths, labels, strict=False):
         self.root, self.strict = root, strict

@@ -275,8 +275,8 @@ def translate_y_rel(image, fraction, fill, interpolation):
 # kept: TF.rotate on tensors has no bicubic; its bilinear (as fast: 1.8 ms) is up to 138 off at the edges
 def rotate(image, degrees, fill, interpolation):
     """PIL's Image.rotate: counter-clockwise about the centre, same size, by PIL itself."""
-    return _with_pil(image, lambda rgb: rgb.rotate(degrees, resample=pil_modes_mapping[InterpolationMode(interpolation)],
-                                                         fillcolor=fill))
+    resample = pil_modes_mapping[InterpolationMode(interpolation)]
+    return _with_pil(image, lambda rgb: rgb.rotate(degrees, resample=resample, fillcolor=fill))
 
 
 def _with_pil(image, op):

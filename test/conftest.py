@@ -63,3 +63,16 @@ def run_train(*args, timeout=600, check=True, env=None, faults=()):
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
     return result
+
+
+def load(path):
+    """A checkpoint as train.py reads it: tensors and plain types only."""
+    import torch
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def summary_rows(output):
+    """summary.csv's rows without the images/s column (a timing, different in every run)."""
+    import csv
+    with open(os.path.join(output, 'summary.csv')) as f:
+        return [{k: v for k, v in row.items() if k != 'images_per_sec'} for row in csv.DictReader(f)]

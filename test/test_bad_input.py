@@ -92,7 +92,12 @@ CASES = {
     'negative_epochs': (['{good}', *RESUME, '--epochs', '-3'], '--epochs must be positive'),
     'image_size_below_minimum': (['{good}', *RESUME, '--img-size', '16'], 'below the minimum of 32'),
     'checkpoint_of_another_model': (['{good}', '--output', '{existing}', '--resume', '{root}/rw_t.pth.tar'],
-                                    'holds efficientnetv2_rw_t'),
+                                    'holds efficientnetv2_rw_t with 2 classes, this run is tf_efficientnetv2_b0 '
+                                    'with 2; resume with --model efficientnetv2_rw_t and the same data, or start '
+                                    'from its weights with --pretrained'),
+    'resume_auto_of_a_run_of_another_model': (['{good}', *RESUME, '--model', 'efficientnetv2_rw_t'],
+                                              'resume with --model tf_efficientnetv2_b0 and the same data, or '
+                                              'choose another --output'),
     'checkpoint_of_another_class_count': (['{good}', '--output', '{existing}', '--resume',
                                            '{root}/five_classes.pth.tar'], 'with 5 classes'),
     'checkpoint_of_another_optimizer': (['{good}', '--output', '{existing}', '--resume',

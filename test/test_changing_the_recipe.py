@@ -4,7 +4,6 @@ first (the loss, the optimizer with its schedule, the dataset) as diffs of train
 then trains. A torchvision dataset and a user's own dataset of (PIL image, label) plug in the same way and
 keep what makes the recipe exact: a run killed mid-epoch and resumed ends bit for bit as an uninterrupted one.
 """
-import csv
 import os
 import re
 import shutil
@@ -15,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, RUNTIME_FILES
+from conftest import ROOT, RUNTIME_FILES, summary_rows
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')  # bitwise needs a fixed thread count
 TIMEOUT = 300
@@ -161,10 +160,4 @@ def test_other_datasets_resume_bitwise_after_a_kill_mid_epoch(dataset, tmp_path)
     whole, cut = (torch.load(copy / run / 'last.pth.tar', weights_only=True) for run in ('whole', 'cut'))
     for part in ('model', 'model_ema'):
         assert all(torch.equal(whole[part][key], cut[part][key]) for key in whole[part]), part
-    assert summary(copy / 'whole') == summary(copy / 'cut')
-
-
-def summary(run):
-    """summary.csv's rows without the images/s column (a timing)."""
-    with open(run / 'summary.csv') as f:
-        return [{key: value for key, value in row.items() if key != 'images_per_sec'} for row in csv.DictReader(f)]
+    assert summary_rows(copy / 'whole') == summary_rows(copy / 'cut')

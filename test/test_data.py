@@ -417,8 +417,8 @@ def test_corrupt_files_are_skipped_with_one_warning_each_and_counted(tree_with_c
     warned = sorted(line[:line.index('.jpg: ') + 4] for line in warnings)  # the line goes on with the reason
     assert warned == [f'warning: skipping unreadable image {cat / name}'
                       for name in ('empty.jpg', 'text.jpg', 'truncated.jpg')]
-    loader = data.create_loader(data.Transformed(train_set), data.EpochBatchSampler(len(train_set), 8, shuffle=False, drop_last=False),
-                                workers=0)
+    sampler = data.EpochBatchSampler(len(train_set), 8, shuffle=False, drop_last=False)
+    loader = data.create_loader(data.Transformed(train_set), sampler, workers=0)
     assert next(iter(loader))[2].sum() == 3  # the training loop sums and reports these
 
 

@@ -13,7 +13,6 @@ each rank's random streams and BatchNorm statistics (run.py), so the resumed ran
 what the uninterrupted ones did; gloo adds the 2 ranks' gradients in one fixed order. OMP_NUM_THREADS=1
 keeps the CPU kernels' summation order fixed.
 """
-import csv
 import os
 import signal
 import socket
@@ -25,7 +24,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, load, make_image_folder, summary_rows
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
 # test_resume.py's recipe (every random stream a step uses), 2 processes x batch 2 over 16 images:
@@ -127,15 +126,6 @@ def wait_for_new_mid_epoch_checkpoint(path, after, process, deadline):
             pass  # not written yet
         time.sleep(0.02)
     raise AssertionError(f'no mid-epoch checkpoint after {after} (torchrun exit code {process.poll()})')
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def summary_rows(output):
-    with open(os.path.join(output, 'summary.csv')) as f:
-        return [{k: v for k, v in row.items() if k != 'images_per_sec'} for row in csv.DictReader(f)]
 
 
 @pytest.fixture(scope='module')

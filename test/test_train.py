@@ -1,6 +1,5 @@
 """train.py end to end through its CLI: the ModelZoo recipe's command, its log contract, evaluate, pretrained."""
 import csv
-import os
 import re
 import subprocess
 
