@@ -13,7 +13,7 @@
 1. Datasets: any map-style dataset of (image, label), the image a PIL image or a uint8 (C, H, W) tensor:
    torchvision.datasets.*, your own, a Hugging Face split (rows {'image': ..., 'label': ...}). load_datasets()
    gives the built-in ones (an image folder, CIFAR, the digits demo, synthetic images). Transformed wraps any of
-   them for the loader: (index, item seed) keys, uint8 RGB tensors, the seeded transform, a bad-image count.
+   them for the loader: (index, item seed) keys, uint8 RGB tensors, a transform seeded per item, bad-image counts.
 2. Sampling: EpochBatchSampler yields batches of (index, item seed), a pure function of (seed, epoch, rank,
    world_size). Each item's transform runs on torch's RNG reseeded with mix_seed(seed, epoch, index), so it
    depends only on (seed, epoch, index): not on the worker count, the world size or a resume.
