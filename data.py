@@ -24,6 +24,7 @@
 
 Per worker this pipeline gives 1.5-2x the images/s of timm's (bench.py; docs/measurements.md says where from).
 """
+import gc
 import io
 import math
 import os
@@ -92,14 +93,19 @@ def _row_image_and_label(row):
 
 
 def as_uint8_rgb(image):
-    """A PIL image or a uint8 (1 or 3, H, W) tensor -> uint8 (3, H, W) tensor."""
+    """A PIL image, a uint8 (1 or 3, H, W) tensor or a uint8 (H, W) or (H, W, 1 or 3) numpy array (OpenCV's,
+    albumentations') -> uint8 (3, H, W) tensor."""
     if isinstance(image, Image.Image):
         return TF.pil_to_tensor(image if image.mode == 'RGB' else image.convert('RGB'))
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (image.ndim == 2 or (
+            image.ndim == 3 and image.shape[2] in (1, 3))):
+        image = torch.from_numpy(np.ascontiguousarray(image.reshape(*image.shape[:2], -1))).permute(2, 0, 1)
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] in (1, 3):
         return image.expand(3, -1, -1)
-    is_tensor = isinstance(image, torch.Tensor)
-    described = f'{image.dtype} tensor of shape {tuple(image.shape)}' if is_tensor else type(image)
-    raise DataError(f"a dataset gave an image as {described}; give PIL images or uint8 (3, H, W) tensors")
+    described = f'{image.dtype} {type(image).__name__} of shape {tuple(image.shape)}' if hasattr(image, 'shape') \
+        else type(image).__name__
+    raise DataError(f"a dataset gave an image as a {described}; give PIL images, uint8 (3, H, W) tensors or uint8 "
+                    f"(H, W, 3) arrays (torchvision's ToTensor() makes floats: use PILToTensor())")
 
 
 def transformed(dataset, transform):
@@ -196,8 +202,12 @@ class SyntheticImages(torch.utils.data.Dataset):
         return self.pool[index % self.pool_size], index % self.num_classes, 0
 
 
-def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=224, num_classes=None):
+def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=224, num_classes=None,
+                  splits=(None, None), keys=(None, None)):
     """-> (train_set, val_set, classes). See DATASETS; `num_classes` applies to 'synthetic' only (default 1000).
+    `splits`: the (train, val) split names of 'folder' and 'hf' (default: train, and the first of VAL_SPLITS
+    found); `keys`: the (image, label) columns of 'hf' (default: its Image column and its first ClassLabel one).
+    The built-in sets say in `source` which splits and columns they are (the run's start line).
 
     'folder': DATA/train/<class>/**/*.jpg|jpeg|png and DATA/val/<class>/... (torchvision's ImageFolder layout).
     'hf': a Hugging Face dataset under DATA (see _load_hugging_face); needs the datasets package.
@@ -207,9 +217,9 @@ def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=
         --perf-steps at any batch size and world size stays inside one epoch) and 1280 val.
     """
     if dataset == 'folder':
-        return _load_folder(_existing_path(dataset, data_path), strict_data)
+        return _load_folder(_existing_path(dataset, data_path), strict_data, splits)
     if dataset == 'hf':
-        return _load_hugging_face(_existing_path(dataset, data_path))
+        return _load_hugging_face(_existing_path(dataset, data_path), splits, keys)
     if dataset in ('cifar10', 'cifar100'):
         return _load_cifar(dataset, _existing_path(dataset, data_path))
     if dataset == 'digits':
@@ -220,6 +230,24 @@ def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=
         return (SyntheticImages(1281167, synthetic_size, num_classes),
                 SyntheticImages(1280, synthetic_size, num_classes), classes)
     raise DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
+
+
+VAL_SPLITS = ('validation', 'val', 'valid', 'test')  # the held-out split by default: the first found
+
+
+def choose_splits(available, splits, where, kind='split', suffix=''):
+    """-> (train, val): the names in `splits` or the defaults (train; the first of VAL_SPLITS found), each checked
+    against `available`; names of folders end in '/'."""
+    train = (splits[0] or 'train').rstrip('/') + suffix
+    defaults = [name + suffix for name in VAL_SPLITS]
+    val = splits[1].rstrip('/') + suffix if splits[1] else next((name for name in defaults if name in available), None)
+    held_out = f'no {val} {kind}' if val else f"no held-out {kind} ({', '.join(defaults)})"
+    for problem, flag, found in ((f'no {train} {kind}', '--train-split', train in available),
+                                 (held_out, '--val-split', val in available)):
+        if not found:
+            raise DataError(f"{where} has {problem}; its {kind}s: {', '.join(available) or 'none'}; name the one "
+                            f"to use with {flag}")
+    return train, val
 
 
 _DATA_PATH_HINTS = {'folder': 'the folder holding train/<class>/ and val/<class>/',
@@ -237,22 +265,21 @@ def _existing_path(dataset, data_path):
     return data_path
 
 
-def _load_folder(root, strict):
-    split_classes, split_sets = {}, {}
-    for split in ('train', 'val'):
-        folder = os.path.join(root, split)
-        if not os.path.isdir(folder):
-            raise DataError(f'no {split}/ folder in {root}; expected {root}/train/<class>/*.jpg and '
-                            f'{root}/val/<class>/*.jpg')
-        split_classes[split], paths, labels = _scan_class_folders(folder)
-        split_sets[split] = ImageFolder(folder, paths, labels, strict)
-    train_classes, val_classes = split_classes['train'], split_classes['val']
+def _load_folder(root, strict, splits):
+    subfolders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith('.'))
+    names = choose_splits([f'{name}/' for name in subfolders], splits, root, kind='folder', suffix='/')
+    folders = [os.path.join(root, split.rstrip('/')) for split in names]
+    scanned = [_scan_class_folders(folder) for folder in folders]  # (classes, paths, labels) each
+    (train_classes, *_), (val_classes, *_) = scanned
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        raise DataError(f'train/ and val/ in {root} hold different classes (only in train: {only_train or "-"}; '
-                        f'only in val: {only_val or "-"}); give both the same class folders')
-    return split_sets['train'], split_sets['val'], train_classes
+        raise DataError(f'{names[0]} and {names[1]} in {root} hold different classes (only in train: '
+                        f'{only_train or "-"}; only in val: {only_val or "-"}); give both the same class folders')
+    train_set, val_set = (ImageFolder(folder, paths, labels, strict)
+                          for folder, (_, paths, labels) in zip(folders, scanned))
+    train_set.source = val_set.source = f'folders {names[0]} and {names[1]}'
+    return train_set, val_set, train_classes
 
 
 def _scan_class_folders(folder):
@@ -282,11 +309,11 @@ def find_images(folder):
     return sorted(found)
 
 
-def _load_hugging_face(root):
-    """A Hugging Face dataset with train and validation (or val) splits, an image column and a class-label
-    column: saved with DatasetDict.save_to_disk, or the hub's layout of parquet files (data/train-*.parquet,
-    data/validation-*.parquet, converted once to Arrow files in the datasets cache). Rows are read from
-    memory-mapped Arrow files, so loader workers share them; images decode on access."""
+def _load_hugging_face(root, splits, keys):
+    """A Hugging Face dataset with a train and a held-out split (see choose_splits), an image column and a
+    class-label column: saved with DatasetDict.save_to_disk, or the hub's layout of parquet files
+    (data/train-*.parquet, data/test-*.parquet, converted once to Arrow files in the datasets cache). Rows are
+    read from memory-mapped Arrow files, so loader workers share them; images decode on access."""
     try:
         import datasets
     except ImportError:
@@ -294,23 +321,28 @@ def _load_hugging_face(root):
     datasets.disable_progress_bars()  # logs are plain lines
     try:
         is_saved = os.path.exists(os.path.join(root, 'dataset_dict.json'))
-        splits = datasets.load_from_disk(root) if is_saved else datasets.load_dataset(root)
+        loaded = datasets.load_from_disk(root) if is_saved else datasets.load_dataset(root)
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
         raise DataError(f'cannot read {root} as a Hugging Face dataset: {str(error).splitlines()[0]}') from None
-    val_name = next((name for name in ('validation', 'val') if name in splits), None)
-    if 'train' not in splits or val_name is None:
-        raise DataError(f'{root} has the splits {", ".join(splits)}; train.py needs train and validation (or val)')
-    features = splits['train'].features
-    image_column = next((name for name, kind in features.items() if isinstance(kind, datasets.Image)), None)
-    label_column = next((name for name, kind in features.items() if isinstance(kind, datasets.ClassLabel)), None)
-    if image_column is None or label_column is None:
-        columns = ', '.join(f'{name} ({type(kind).__name__})' for name, kind in features.items())
-        raise DataError(f'{root} needs an image column and a class-label column (datasets.Image, '
-                        f'datasets.ClassLabel); its columns are {columns}')
+    names = choose_splits(list(loaded), splits, root)
+    features = loaded[names[0]].features
+    columns = [[name for name, kind in features.items() if isinstance(kind, type_)]
+               for type_ in (datasets.Image, datasets.ClassLabel)]
+    chosen = [key or (found[0] if found else None) for key, found in zip(keys, columns)]
+    for flag, kind, key in zip(('--input-key', '--target-key'), ('Image', 'ClassLabel'), chosen):
+        if key not in features:
+            described = ', '.join(f'{name} ({type(kind).__name__})' for name, kind in features.items())
+            raise DataError(f"{root} has no {f'column {key}' if key else f'datasets.{kind} column'}; its columns "
+                            f"are {described}: name the one to use with {flag}")
+    image_column, label_column = chosen
     renames = {old: new for old, new in ((image_column, 'image'), (label_column, 'label')) if old != new}
-    train_set, val_set = (splits[name].select_columns([image_column, label_column]).rename_columns(renames)
-                          for name in ('train', val_name))
-    return train_set, val_set, list(features[label_column].names)
+    train_set, val_set = (loaded[name].select_columns(chosen).rename_columns(renames) for name in names)
+    others = [name for name in columns[1] if name != label_column]
+    train_set.source = val_set.source = f"splits {', '.join(names)}, columns {', '.join(chosen)}" + (
+        f" (other class labels: {', '.join(others)}; --target-key picks one)" if others else '')
+    labels = features[label_column]  # a ClassLabel has names; plain integers count up from 0
+    classes = labels.names if hasattr(labels, 'names') else [str(i) for i in range(max(train_set['label']) + 1)]
+    return train_set, val_set, list(classes)
 
 
 def _load_cifar(dataset, root):
@@ -426,9 +458,25 @@ def create_loader(dataset, batch_sampler, *, workers, pin_memory=False):
     It owns a torch.Generator, so starting an epoch's iterator does not draw from the global RNG (bitwise
     resume). Workers copy the dataset (and its transform) when they start: train.py makes a new loader each
     epoch, so progressive learning's new sizes reach them."""
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
-        prefetch_factor=2 if workers > 0 else None, generator=torch.Generator())
+    return FrozenHeapLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
+                            prefetch_factor=2 if workers > 0 else None, generator=torch.Generator())
+
+
+class FrozenHeapLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers fork from a frozen heap. A forked worker shares the main process's pages until
+    it writes to them, and its garbage collector writes to every object it scans: a full collection in a worker
+    copies the interpreter's whole heap (~90 MiB per worker at 1.28 M files, README). Objects frozen (gc.freeze)
+    before the fork are never scanned there; the main process unfreezes its own right after."""
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        gc.collect()  # what is garbage now would never be collected once frozen
+        gc.freeze()
+        try:
+            return super().__iter__()  # forks the workers
+        finally:
+            gc.unfreeze()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -126,7 +126,9 @@ def load_checkpoint(path, parts, state, args):
             continue
         if name == 'model_ema' and not checkpoint.get('model_ema'):  # resumed with --model-ema added
             part.load_state_dict(checkpoint['model'])
-        elif name == 'scheduler' and 'scheduler' not in checkpoint:  # older files: timm's, a function of the step
+        elif name == 'scheduler' and isinstance(part, torch.optim.lr_scheduler.LambdaLR):
+            # timm's schedules are a function of the step: this run's at the saved step, so a resume with
+            # another --epochs trains its first step at the new schedule's lr (older files saved none)
             part.last_epoch = checkpoint['num_updates'] - 1
             part.step()
         else:

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import functools
 import importlib.util
+import math
 import os
 import sys
 import warnings
@@ -62,11 +63,15 @@ def default(key):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split('\n')[0], formatter_class=HelpFormatter)
     p.add_argument('data_dir', nargs='?', help='folder holding train/<class>/ and val/<class>/ (none: the demo)')
     p.add_argument('--data-path', '--data_path', '--data-dir', dest='data_path', help='the same as DATA_DIR')
     p.add_argument('--dataset', choices=data.DATASETS,
                    help='where images come from (default: folder with a data path, else the digits demo)')
+    p.add_argument('--train-split', help='folder or split to train on (default: train)')
+    p.add_argument('--val-split', help=f"held-out folder or split (default: the first of {', '.join(data.VAL_SPLITS)})")
+    p.add_argument('--input-key', help='--dataset hf: the image column (default: the Image one)')
+    p.add_argument('--target-key', help='--dataset hf: the label column (default: the first ClassLabel one)')
     p.add_argument('--model', help=f'variant, see python model.py {default("model")}')
     p.add_argument('--num-classes', type=int, help='classifier outputs (default: the number of class folders)')
     p.add_argument('--pretrained', nargs='?', const=True, metavar='PATH',
@@ -152,6 +157,13 @@ def get_args_parser():
     return p
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's whole usage
+        where = '; another goes in create_optimizer() in train.py' if message.startswith(('argument --opt:',
+                                                                                           'argument --sched:')) else ''
+        self.exit(2, f"error: {message}{where} (python train.py --help lists the flags)\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows real defaults only: flags resolved after parsing say theirs in their help text."""
     def _get_help_string(self, action):
@@ -165,10 +177,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def datasets(args):
     """-> (train_set, val_set, class names). Any map-style datasets of (image, label) fit here, the image a
-    PIL image or a uint8 tensor (torchvision.datasets.*, your own, a Hugging Face split): the loop wraps them
-    in data.Transformed, which adds this recipe's per-image seeded augmentation."""
+    PIL image, a uint8 tensor or numpy array (torchvision.datasets.*, your own, a Hugging Face split): the loop
+    wraps them in data.Transformed, which adds this recipe's per-image seeded augmentation."""
     return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
-                              synthetic_size=args.img_size, num_classes=args.num_classes)
+                              synthetic_size=args.img_size, num_classes=args.num_classes,
+                              splits=(args.train_split, args.val_split), keys=(args.input_key, args.target_key))
 
 
 def create_optimizer(model, args, steps_per_epoch):
@@ -213,7 +226,7 @@ def train(args):
     device = setup_processes(args)
     train_set, val_set, classes = datasets(args)
     args.num_classes = args.num_classes or len(classes)
-    steps_per_epoch = len(train_sampler(train_set, args)) // args.grad_accum_steps
+    steps_per_epoch = count_steps(train_set, args)
     model_without_ddp = build_model(args, device)
     optimizer, scheduler = create_optimizer(model_without_ddp, args, steps_per_epoch)
     precision, model_without_ddp, optimizer = utils.create_precision(
@@ -450,6 +463,21 @@ def check_args(args):
                                "CPU (BN statistics are still averaged across ranks before eval)")
 
 
+def count_steps(train_set, args):
+    """Optimizer steps per epoch; a training set smaller than one global batch is refused before the model is
+    built (said once: every rank finds the same)."""
+    steps = len(train_sampler(train_set, args)) // args.grad_accum_steps
+    if steps == 0:
+        per_process = math.ceil(len(train_set) / utils.get_world_size()) // args.grad_accum_steps
+        fix = f"give -b {per_process} or less" if per_process else "use fewer processes or --grad-accum-steps"
+        with utils.one_line_errors(alike_on_every_rank=True):
+            raise utils.UsageError(f"the training set has {len(train_set)} images, fewer than one global batch of "
+                                   f"{global_batch(args)} (-b {args.batch_size} x {utils.get_world_size()} process"
+                                   f"{'es' * (utils.get_world_size() > 1)} x --grad-accum-steps "
+                                   f"{args.grad_accum_steps}); {fix}")
+    return steps
+
+
 def say(message):
     """Rank 0 prints (it alone logs)."""
     if utils.is_main_process():
@@ -468,8 +496,9 @@ def describe_run(args, model, train_set, val_set, device, steps_per_epoch, optim
               f"give --warmup-epochs 0, or fewer than --epochs", file=sys.stderr, flush=True)
     return (f"Training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
             f"{args.data_path or args.dataset}: {len(train_set)} train / {len(val_set)} val images "
-            f"({type(train_set).__name__}), {args.num_classes} classes; {device.type}, {world_size} process"
-            f"{'es' * (world_size > 1)}\n{args.epochs} epoch{'s' * (args.epochs != 1)} of {steps_per_epoch} steps, "
+            f"({getattr(train_set, 'source', type(train_set).__name__)}), {args.num_classes} classes; "
+            f"{device.type}, {world_size} process{'es' * (world_size > 1)}\n"
+            f"{args.epochs} epoch{'s' * (args.epochs != 1)} of {steps_per_epoch} steps, "
             f"batch {global_batch(args)} ({args.batch_size} per process{accumulated}), {lr}, "
             f"{type(optimizer).__name__}, {getattr(scheduler, 'sched', type(scheduler).__name__)} schedule")
 

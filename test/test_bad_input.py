@@ -82,7 +82,7 @@ RESUME = ['--output', '{existing}', '--resume', 'auto']
 CASES = {
     'missing_data_path': (['{root}/no_such_folder', *RESUME], 'does not exist'),
     'missing_train_folder': (['{no_train}', *RESUME], 'no train/ folder'),
-    'missing_val_folder': (['{no_val}', *RESUME], 'no val/ folder'),
+    'missing_val_folder': (['{no_val}', *RESUME], 'no held-out folder (validation/, val/, valid/, test/)'),
     'empty_class_folder': (['{empty_class}', *RESUME], 'has no images'),
     'val_classes_differ_from_train': (['{other_classes}', *RESUME], "only in val: ['class_9']"),
     'unknown_model_suggests_close_names': (['{good}', *RESUME, '--model', 'efficientnetv2_rw_tt'],
@@ -117,6 +117,13 @@ CASES = {
     'new_run_into_a_folder_holding_a_run': (['{good}', '--output', '{existing}'], 'already holds a run'),
     'resume_auto_without_output': (['{good}', '--resume', 'auto'], '--resume auto needs --output'),
     'cuda_without_a_gpu': (['{good}', *RESUME, '--device', 'cuda'], 'no CUDA GPU is visible'),
+    'training_set_smaller_than_the_accumulated_batch': (['{good}', *RESUME, '--grad-accum-steps', '3'],
+                                                        'the training set has 4 images, fewer than one global batch '
+                                                        'of 6 (-b 2 x 1 process x --grad-accum-steps 3); give -b 1'),
+    'optimizer_that_is_not_a_choice': (['{good}', *RESUME, '--opt', 'adam'],
+                                       "argument --opt: invalid choice: 'adam' (choose from 'rmsproptf', 'sgd', "
+                                       "'adamw'); another goes in create_optimizer() in train.py"),
+    'flag_that_does_not_exist': (['{good}', *RESUME, '--layer-decay', '0.8'], 'unrecognized arguments: --layer-decay'),
     # New runs: no folder may be left behind (NEW_RUNS), nor one in the default output/train/.
     'missing_data_path_new_run': (['{root}/no_such_folder', '--output', '{root}/new_run_1'], 'does not exist'),
     'missing_checkpoint_new_run': (['{good}', '--output', '{root}/new_run_2', '--resume', '{root}/nothing.pth'],
@@ -175,6 +182,33 @@ def test_a_pickle_that_would_run_code_is_refused_before_it_runs(results, files):
     for flag in ('resume', 'pretrained'):
         assert results[f'{flag}_pickle_that_runs_code'].returncode == 2
         assert not files[f'marker_{flag}'].exists(), f'--{flag} ran the pickled code'
+
+
+def test_a_folder_of_48_images_with_timms_batch_of_128_is_one_error_line_before_the_model_is_built(tmp_path):
+    data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=24, val_per_class=2, size=(8, 8))
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), data_dir, '--output', tmp_path / 'out'],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        'error: the training set has 48 images, fewer than one global batch of 128 (-b 128 x 1 process x '
+        '--grad-accum-steps 1); give -b 48 or less'], result.stderr[-2000:]
+    assert not (tmp_path / 'out').exists() and 'Training' not in result.stdout
+
+
+def test_a_training_set_smaller_than_the_batch_of_all_processes_is_said_once(monkeypatch, capsys):
+    import train
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setattr(utils, 'get_world_size', lambda: 4)
+    monkeypatch.setattr(utils, 'get_rank', lambda: 1)
+    args = train.resolve_args(train.get_args_parser().parse_args(['-b', '8', '--dataset', 'synthetic']))
+    assert train.count_steps(list(range(32)), args) == 1
+    for rank in (1, 0):  # only rank 0 says it: every rank finds the same
+        monkeypatch.setenv('RANK', str(rank))
+        with pytest.raises(SystemExit) as stopped:
+            train.count_steps(list(range(27)), args)
+        assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        'error (rank 0): the training set has 27 images, fewer than one global batch of 32 (-b 8 x 4 processes x '
+        '--grad-accum-steps 1); give -b 7 or less']
 
 
 def test_more_processes_on_a_node_than_gpus_is_a_usage_error(monkeypatch):

@@ -1,8 +1,9 @@
 """Copy and modify, kept true: the README's "Changing the recipe" section shows the three changes people make
 first (the loss, the optimizer with its schedule, the dataset) as diffs of train.py. Each applies with
 `git apply` to a fresh copy of the files the README's "What to copy" lists, and `python train.py --epochs 1`
-then trains. A torchvision dataset and a user's own dataset of (PIL image, label) plug in the same way and
-keep what makes the recipe exact: a run killed mid-epoch and resumed ends bit for bit as an uninterrupted one.
+then trains. A torchvision dataset and a user's own datasets of (PIL image or numpy array, label) plug in the
+same way and keep what makes the recipe exact: a run killed mid-epoch and resumed ends bit for bit as an
+uninterrupted one.
 """
 import os
 import re
@@ -92,11 +93,13 @@ def test_each_readme_diff_applies_to_a_fresh_copy_and_trains_an_epoch(index, cha
 # Other datasets keep exact resume
 
 LOADED_DATASETS = '''    return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
-                              synthetic_size=args.img_size, num_classes=args.num_classes)
+                              synthetic_size=args.img_size, num_classes=args.num_classes,
+                              splits=(args.train_split, args.val_split), keys=(args.input_key, args.target_key))
 '''
 USER_DATASET = '''"""A user's dataset as torchvision's tutorials write one: (PIL image, label), here drawn per index."""
 import random
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -119,6 +122,14 @@ class Shapes(torch.utils.data.Dataset):
         draw = ImageDraw.Draw(image)
         (draw.ellipse if label == 0 else draw.rectangle)((left, top, left + width, top + width), fill=colour)
         return image, label
+
+
+class ShapeArrays(Shapes):
+    """The same as (H, W, 3) uint8 numpy arrays, as OpenCV and albumentations give images."""
+
+    def __getitem__(self, index):
+        image, label = super().__getitem__(index)
+        return np.asarray(image), label
 '''
 DATASETS = {
     'torchvision FakeData': '''    import torchvision
@@ -128,6 +139,9 @@ DATASETS = {
 ''',
     "a user's Dataset of (PIL image, label)": '''    import shapes
     return shapes.Shapes(96, seed=0), shapes.Shapes(24, seed=1), ['disc', 'square']
+''',
+    "a user's Dataset of (numpy HWC uint8 array, label)": '''    import shapes
+    return shapes.ShapeArrays(96, seed=0), shapes.ShapeArrays(24, seed=1), ['disc', 'square']
 ''',
 }
 RECIPE = ['--epochs', '2', '-b', '16', '--log-interval', '1', '--checkpoint-interval', '1', '--aa', 'rand-m9',

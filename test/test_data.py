@@ -5,6 +5,7 @@ timm (test-only) is the oracle for RandAugment's ops and spec grammar, the eval 
 Run: .venv/bin/python -m pytest test/test_data.py -q
 """
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -339,6 +340,16 @@ def test_folder_dataset_reads_the_imagefolder_layout(image_tree):
     assert data.Transformed(val_set, data.eval_transform(24))[(1, 99)][0].shape == (3, 24, 24)
 
 
+def test_the_held_out_folder_is_the_first_of_validation_val_valid_test_unless_val_split_names_one(image_tree):
+    os.rename(image_tree / 'val', image_tree / 'valid')
+    shutil.copytree(image_tree / 'valid', image_tree / 'test')
+    save_image(image_tree / 'test/dog/extra.jpg', 7)
+    train_set, val_set, _ = data.load_datasets('folder', str(image_tree))
+    assert len(val_set) == 2 and val_set.source == 'folders train/ and valid/'
+    train_set, val_set, _ = data.load_datasets('folder', str(image_tree), splits=('valid', 'test/'))
+    assert (len(train_set), len(val_set)) == (2, 3) and val_set.source == 'folders valid/ and test/'
+
+
 def one_line_error(*args, **kwargs):
     with pytest.raises(DataError) as error:
         data.load_datasets(*args, **kwargs)
@@ -357,8 +368,11 @@ def test_folder_problems_raise_one_line_data_errors_saying_what_to_fix(image_tre
     save_image(image_tree / 'val/bird/h.jpg', 7)
     (image_tree / 'g.png').rename(image_tree / 'val/dog/g.png')
     assert "only in val: ['bird']" in one_line_error('folder', str(image_tree))
-    os.rename(image_tree / 'val', image_tree / 'validation')
-    assert 'no val/ folder' in one_line_error('folder', str(image_tree))
+    os.rename(image_tree / 'val', image_tree / 'held_out')
+    assert 'no held-out folder (validation/, val/, valid/, test/); its folders: held_out/, train/; name the one ' \
+           'to use with --val-split' in one_line_error('folder', str(image_tree))
+    assert 'no heldout/ folder' in one_line_error('folder', str(image_tree), splits=(None, 'heldout'))
+    assert 'no training/ folder' in one_line_error('folder', str(image_tree), splits=('training', 'held_out'))
     (tmp_path / 'empty/train').mkdir(parents=True)
     (tmp_path / 'empty/val').mkdir()
     assert 'has no class folders' in one_line_error('folder', str(tmp_path / 'empty'))
@@ -495,12 +509,26 @@ def test_hugging_face_rows_load_by_their_image_and_label_columns_and_others_say_
     assert "'image' and 'label'" in str(error.value)
 
 
-def test_images_of_other_types_raise_a_one_line_data_error_naming_what_was_given():
-    for image, given in ((torch.zeros(3, 8, 8), 'torch.float32 tensor of shape (3, 8, 8)'),
-                         (np.zeros((8, 8, 3), np.uint8), 'numpy.ndarray')):
-        with pytest.raises(DataError, match='PIL images or uint8') as error:
+def test_numpy_images_as_opencv_and_albumentations_give_them_load_like_pil_images():
+    pixels = natural_image(20, 24, seed=3)  # (H, W, 3) uint8
+    image, label, _ = data.Transformed([(pixels, 2)])[0]
+    assert image.shape == (3, 20, 24) and label == 2 and torch.equal(image, torch.from_numpy(pixels).permute(2, 0, 1))
+    for grey in (pixels[:, :, 0], pixels[:, :, :1], pixels[:, ::2, 0]):  # (H, W), (H, W, 1), not contiguous
+        image = data.Transformed([(grey, 0)])[0][0]
+        assert torch.equal(image[0], torch.from_numpy(np.ascontiguousarray(grey.reshape(20, -1))))
+        assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+    seeded = data.Transformed([(pixels, 0)], data.train_transform(16, aa='rand-m9'))
+    assert torch.equal(seeded[(0, 5)][0], data.Transformed([(Image.fromarray(pixels), 0)], seeded.transform)[(0, 5)][0])
+
+
+def test_images_of_other_types_raise_a_one_line_data_error_naming_what_was_given_and_the_conversion():
+    for image, given in ((torch.zeros(3, 8, 8), 'torch.float32 Tensor of shape (3, 8, 8)'),
+                         (np.zeros((8, 8, 3), np.float32), 'float32 ndarray of shape (8, 8, 3)'),
+                         (np.zeros((3, 8, 8), np.uint8), 'uint8 ndarray of shape (3, 8, 8)')):
+        with pytest.raises(DataError, match='PIL images, uint8') as error:
             data.Transformed([(image, 0)])[0]
         assert given in str(error.value) and '\n' not in str(error.value)
+        assert "ToTensor() makes floats: use PILToTensor()" in str(error.value)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,11 @@ The recipe draws from every random stream a step uses: RandomResizedCrop, flip a
 with EMA, AdamW and a warm-up epoch, checkpointing every step.
 """
 import glob
+import math
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,6 +247,17 @@ def test_resuming_with_other_flags_warns_which_differ(reference, data_dir, tmp_p
     warning = [line for line in result.stderr.splitlines() if line.startswith('warning: resuming')]
     assert len(warning) == 1 and "lr 0.002 (checkpoint: 0.001)" in warning[0], result.stderr
     assert 'workers' not in warning[0]  # -j 2, not 0: it does not change the numbers, not listed
+
+
+def test_resuming_a_finished_run_with_more_epochs_trains_at_the_new_schedules_lr(reference, data_dir, tmp_path):
+    """The reference's cosine over 2 epochs ends at --min-lr; run for 3, epoch 2 begins at the 3-epoch cosine's
+    lr from its first step, and its summary row says so (the old schedule's last lr would be 1e-06)."""
+    output = tmp_path / 'out'
+    shutil.copytree(reference['output'], output)
+    result = run_to_end(data_dir, str(output), 0, '--resume', 'auto', '--epochs', '3')
+    new_lr = 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * 2 / 3))  # timm's cosine at epoch 2 of 3
+    assert {float(lr) for lr in re.findall(r'^Train: 2 .*LR: (\S+)', result.stdout, re.M)} == {float(f'{new_lr:.3e}')}
+    assert float(summary_rows(output)[2]['lr']) == float(f'{new_lr:.6g}')
 
 
 def test_resuming_an_fp16_run_restores_the_grad_scalers_loss_scale(tmp_path):

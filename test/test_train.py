@@ -1,5 +1,6 @@
 """train.py end to end through its CLI: the ModelZoo recipe's command, its log contract, evaluate, pretrained."""
 import csv
+import os
 import re
 import subprocess
 
@@ -150,3 +151,11 @@ def test_a_short_run_on_a_folder_warns_that_the_warm_up_covers_it(tmp_path, imag
                        '-b', '4', '-j', '0', '--perf-steps', '1', '--output', tmp_path / 'out')
     assert result.stderr.count('warning: the warm-up (--warmup-epochs 3) covers the whole run (--epochs 1)') == 1
     assert 'give --warmup-epochs 0' in result.stderr
+
+
+def test_a_folder_with_train_and_valid_trains_with_no_flag_and_names_its_folders(tmp_path, image_folder):
+    os.rename(os.path.join(image_folder, 'val'), os.path.join(image_folder, 'valid'))
+    result = run_train(image_folder, '--epochs', '1', '--model', 'tf_efficientnetv2_b0', '--img-size', '32', '-b', '4',
+                       '-j', '0', '--warmup-epochs', '0', '--output', tmp_path / 'out')
+    assert ': 16 train / 6 val images (folders train/ and valid/), 2 classes; cpu, 1 process' in result.stdout
+    assert result.stdout.count('Test: [') >= 1 and 'Epoch 0:' in result.stdout

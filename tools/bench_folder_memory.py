@@ -1,5 +1,5 @@
-"""How an ImageNet-sized folder costs memory in DataLoader workers: ours (data.py) against torchvision's
-ImageFolder. A benchmark, not a test: it prints what it measured, on this machine.
+"""How an ImageNet-sized folder costs memory in DataLoader workers: train.py itself, data.py's loader alone, and
+torchvision's ImageFolder. A benchmark, not a test: it prints what it measured, on this machine.
 
     python tools/bench_folder_memory.py /tmp/imagenet-links            # made on first use (hard links)
     python tools/bench_folder_memory.py DIR --files-per-class 1281 --classes 1000 --images 160000 --workers 2
@@ -12,6 +12,9 @@ Private_Clean + Private_Dirty of /proc/PID/smaps_rollup, pages no other process 
 its first batches and at the end; so is the main process's (its pages become private as the workers
 copy them). A file list of Python objects is copied page by page into every
 worker as the workers touch its reference counts (copy-on-write); numpy arrays of bytes are not.
+'train.py' runs the real thing (tf_efficientnetv2_b0, 32 px, -b 256, -j 2, --perf-steps STEPS) and reads its
+workers' private memory after its first log line and at its last; there the workers' garbage collector would
+copy the interpreter's whole heap, which data.FrozenHeapLoader prevents (gc.freeze before the fork).
 Linux only.
 """
 import argparse
@@ -91,6 +94,37 @@ def measure(implementation, root, images, workers, batch):
     return result
 
 
+def measure_train_py(root, images, workers, batch):
+    """train.py on the folder; its workers are its child processes, sampled while it trains."""
+    import subprocess
+    import tempfile
+    steps = max(images // batch, 2)
+    with tempfile.TemporaryDirectory() as output:
+        command = [sys.executable, os.path.join(ROOT, 'train.py'), root, '--model', 'tf_efficientnetv2_b0',
+                   '--img-size', '32', '-b', str(batch), '-j', str(workers), '--perf-steps', str(steps),
+                   '--log-interval', '20', '--output', os.path.join(output, 'run')]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        samples, listed_after = [], None
+        for line in process.stdout:
+            if line.startswith('Training ') and listed_after is None:
+                listed_after = time.perf_counter() - start
+            if line.startswith('Train:'):
+                with open(f'/proc/{process.pid}/task/{process.pid}/children') as f:
+                    pids = [int(pid) for pid in f.read().split()]
+                try:
+                    samples.append([private_mib(pid) for pid in [process.pid, *pids]])
+                except OSError:  # a worker that just ended (the last step)
+                    pass
+                rate = float(line.split('/s')[1].split()[1])  # the running average, as the ModelZoo parser reads it
+        process.wait()
+    first, last = samples[0], samples[-1]
+    assert process.returncode == 0 and len(first) == len(last) == workers + 1, (process.returncode, samples)
+    return dict(implementation='train.py', seconds_to_start_line=round(listed_after, 1), images_read=steps * batch,
+                images_per_sec=round(rate), main_private_mib=[round(first[0], 1), round(last[0], 1)],
+                worker_private_mib=[[round(a, 1), round(b, 1)] for a, b in zip(first[1:], last[1:])])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('root')
@@ -99,18 +133,21 @@ def main():
     p.add_argument('--images', type=int, default=160_000)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--batch', type=int, default=64)
-    p.add_argument('--only', choices=('ours', 'torchvision'), help='one implementation in this process')
+    p.add_argument('--only', choices=('ours', 'torchvision', 'train.py'), help='one implementation in this process')
     args = p.parse_args()
     if not os.path.isdir(os.path.join(args.root, 'train')):
         start = time.perf_counter()
         make_folder(args.root, args.classes, args.files_per_class)
         print(f"made {args.root}: {args.classes} x {args.files_per_class} files in {time.perf_counter() - start:.0f} s")
+    if args.only == 'train.py':
+        print(json.dumps(measure_train_py(args.root, args.images, args.workers, 256)))
+        return
     if args.only:
         print(json.dumps(measure(args.only, args.root, args.images, args.workers, args.batch)))
         return
     import subprocess
     torch.set_num_threads(1)
-    for implementation in ('torchvision', 'ours'):  # each in a fresh process: no allocator history
+    for implementation in ('torchvision', 'ours', 'train.py'):  # each in a fresh process: no allocator history
         command = [sys.executable, __file__, args.root, '--only', implementation, '--images', str(args.images),
                    '--workers', str(args.workers), '--batch', str(args.batch)]
         print(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip(), flush=True)
