@@ -1,14 +1,14 @@
 """EfficientNetV2 in plain PyTorch: the whole family as tables, numerically identical to timm's.
 
 Every variant has timm's name, parameter count and state-dict keys, so timm's weights load as they
-are; `load_pretrained` also converts torchvision's efficientnet_v2_s/m/l. `PUBLISHED_WEIGHTS` says
-where each variant's ImageNet weights come from; weights.py reads checkpoint files and downloads them.
+are; `load_pretrained` also converts torchvision's efficientnet_v2_s/m/l. weights.py says where each
+variant's published weights come from (timm's VARIANT.TAG names), reads checkpoint files and downloads.
 
-    python model.py                       # table of all variants: parameters, GMACs, sizes, top-1
+    python model.py                       # the variants (parameters, GMACs, sizes, top-1), then the tags
 
     net = create_model('efficientnetv2_rw_t', num_classes=1000, drop_rate=0.3, drop_path_rate=0.2)
     load_pretrained(net, weights.read_checkpoint(weights.published_weights('efficientnetv2_rw_t')))
-    published_config('efficientnetv2_rw_t')   # the eval settings those weights were measured with
+    weights.published_config('efficientnetv2_rw_t')   # the eval settings those weights were measured with
 
 Paper: Tan & Le, "EfficientNetV2: Smaller Models and Faster Training" (2021), Table 4. Imports only torch.
 """
@@ -297,18 +297,19 @@ def list_models():
 
 
 def check_model_name(name, error=ValueError):
-    """`error` naming the closest variants unless `name` is one of VARIANTS (callers pass their own)."""
-    if name not in VARIANTS:
+    """`error` naming the closest variants unless `name` is one of VARIANTS, alone or as VARIANT.TAG
+    (timm's spelling: the tag names published weights, which weights.py checks; callers pass `error`)."""
+    if name.split('.')[0] not in VARIANTS:
         close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(list_models())}"
         raise error(f"unknown model '{name}': {hint}")
 
 
 def create_model(name, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, **overrides):
-    """Build a variant by timm's name; `overrides` replace fields of its VARIANTS entry
-    (e.g. table=..., width=..., tf=...) for copy-and-modify experiments."""
+    """Build a variant by timm's name (VARIANT.TAG builds VARIANT); `overrides` replace fields of its
+    VARIANTS entry (e.g. table=..., width=..., tf=...) for copy-and-modify experiments."""
     check_model_name(name)
-    spec = {**VARIANTS[name], **overrides}
+    spec = {**VARIANTS[name.split('.')[0]], **overrides}
     return EfficientNetV2(num_classes=num_classes, drop_rate=drop_rate,
                           drop_path_rate=drop_path_rate, **spec)
 
@@ -380,44 +381,6 @@ def load_pretrained(model, checkpoint, use_ema=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# Published ImageNet-1k weights: who publishes each variant's, the ImageNet top-1 they reach at the
-# eval size, and the eval settings that differ from the variant's config above (torchvision measured
-# its weights with its own transform; timm's match the config). Top-1 from timm's results-imagenet.csv
-# and torchvision's docs. weights.published_weights(name) downloads the file once.
-#                         publisher      id (timm) or file (torchvision)      top-1   eval config overrides
-PUBLISHED_WEIGHTS = {
-    'efficientnetv2_rw_t':  ('timm',        'efficientnetv2_rw_t.ra2_in1k',       82.354, {}),
-    'efficientnetv2_rw_s':  ('timm',        'efficientnetv2_rw_s.ra2_in1k',       83.830, {}),
-    'efficientnetv2_rw_m':  ('timm',        'efficientnetv2_rw_m.agc_in1k',       84.830, {}),
-    'efficientnetv2_s':     ('torchvision', 'efficientnet_v2_s-dd5fe13b.pth',     84.228,
-                             dict(interpolation='bilinear')),
-    'efficientnetv2_m':     ('torchvision', 'efficientnet_v2_m-dc08266a.pth',     85.112,
-                             dict(test_size=480, interpolation='bilinear')),
-    'efficientnetv2_l':     ('torchvision', 'efficientnet_v2_l-59c71312.pth',     85.808,
-                             dict(mean=TF_MEAN, std=TF_STD)),
-    'efficientnetv2_xl':    None,  # timm lists it untrained; tf_efficientnetv2_xl has Google's weights
-    'tf_efficientnetv2_s':  ('timm',        'tf_efficientnetv2_s.in1k',           83.900, {}),
-    'tf_efficientnetv2_m':  ('timm',        'tf_efficientnetv2_m.in1k',           85.208, {}),
-    'tf_efficientnetv2_l':  ('timm',        'tf_efficientnetv2_l.in1k',           85.660, {}),
-    'tf_efficientnetv2_xl': ('timm',        'tf_efficientnetv2_xl.in21k_ft_in1k', 86.754, {}),  # no in1k-only
-    'tf_efficientnetv2_b0': ('timm',        'tf_efficientnetv2_b0.in1k',          78.386, {}),
-    'tf_efficientnetv2_b1': ('timm',        'tf_efficientnetv2_b1.in1k',          79.518, {}),
-    'tf_efficientnetv2_b2': ('timm',        'tf_efficientnetv2_b2.in1k',          80.226, {}),
-    'tf_efficientnetv2_b3': ('timm',        'tf_efficientnetv2_b3.in1k',          81.960, {}),
-}
-
-
-def published_config(name):
-    """The variant's eval config (test_size, crop_pct, interpolation, mean, std) with the overrides its
-    published weights need, to reach the table's top-1. CheckpointError for a variant without them."""
-    check_model_name(name)
-    if PUBLISHED_WEIGHTS.get(name) is None:
-        raise CheckpointError(f"{name} has no published ImageNet weights: train it from scratch, or "
-                              f"start from a variant that has them (python model.py lists them)")
-    return {**VARIANTS[name]['config'], **PUBLISHED_WEIGHTS[name][3]}
-
-
-# ----------------------------------------------------------------------------------------------
 
 def count_macs(model, size):
     """Multiply-accumulates of one forward pass at size x size: each conv and linear layer's output
@@ -439,12 +402,23 @@ def count_macs(model, size):
 
 
 if __name__ == '__main__':
-    print(f"{'model':<24}{'params':>14}{'GMACs':>8}{'train':>7}{'test':>6}{'crop':>7}   ImageNet top-1")
+    import weights  # the published weights' table (this file alone needs only torch)
+    print(f"{'model':<24}{'params':>14}{'GMACs':>8}{'train':>7}{'test':>6}{'crop':>7}   ImageNet top-1 "
+          f"of the default weights (--pretrained)")
     for name in list_models():
         with torch.device('meta'):
             net = create_model(name)
-        cfg, row, params = net.config, PUBLISHED_WEIGHTS[name], sum(p.numel() for p in net.parameters())
+        cfg, params = net.config, sum(p.numel() for p in net.parameters())
         macs = count_macs(net, cfg['train_size']) / 1e9
-        top1 = f"{row[2]:.3f} @{published_config(name)['test_size']} ({row[0]})" if row else 'none'
+        tag = next((tag for tag in weights.PUBLISHED_WEIGHTS if tag.split('.')[0] == name), None)
+        top1 = f"{weights.PUBLISHED_WEIGHTS[tag][2]:.3f} @{weights.published_config(tag)['test_size']}" if tag else ''
         print(f"{name:<24}{params:>14,}{macs:>8.2f}{cfg['train_size']:>7}{cfg['test_size']:>6}"
-              f"{cfg['crop_pct']:>7.3f}   {top1}")
+              f"{cfg['crop_pct']:>7.3f}   {top1:<12}{tag or 'none'}")
+    print(f"\n{'--model VARIANT.TAG --pretrained':<38}{'classes':>8}{'train':>7}{'test':>6}{'crop':>7}"
+          f"   mean/std  resize    ImageNet top-1")
+    for tag, (publisher, classes, top1, _) in weights.PUBLISHED_WEIGHTS.items():
+        cfg = weights.published_config(tag)
+        norm = '0.5' if cfg['mean'] == TF_MEAN else 'ImageNet'
+        top1 = f"{top1:.3f} @{cfg['test_size']}" if top1 else 'none: 21k classes'
+        print(f"{tag:<38}{classes:>8,}{cfg['train_size']:>7}{cfg['test_size']:>6}{cfg['crop_pct']:>7.3f}"
+              f"   {norm:<10}{cfg['interpolation']:<10}{top1} ({publisher})")

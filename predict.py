@@ -3,13 +3,14 @@
     python predict.py classify output/train/RUN/model_best.pth.tar photo.jpg photos/ [--topk 5] [--device auto]
     python predict.py export output/train/RUN/model_best.pth.tar model.onnx [--size 288]
     python predict.py classify --model efficientnetv2_rw_t photo.jpg photos/   # published ImageNet weights
+    python predict.py classify --model tf_efficientnetv2_s.in21k_ft_in1k photo.jpg  # timm's VARIANT.TAG
     python predict.py export --model efficientnetv2_rw_t model.onnx
 
 Both take the checkpoint's EMA weights when it holds them, and the run's evaluation settings (size,
 crop_pct, interpolation, mean/std) from the arguments stored in it; --size overrides the size.
 Without a checkpoint (classify: the first PATH is an image or a folder), --model NAME takes the
-variant's published ImageNet weights (weights.published_weights: downloaded once into Hugging Face's
-or torch's cache), their eval transform and ImageNet's class names. Notes go to stderr.
+variant's published ImageNet weights, or VARIANT.TAG's (weights.published_weights: downloaded once into
+Hugging Face's or torch's cache), their eval transform and ImageNet's class names. Notes go to stderr.
 `classify` prints one line per image (folders are searched recursively for .jpg/.jpeg/.png):
     photos/cat.jpg  tabby 91.20%  tiger_cat 6.31%  Egyptian_cat 1.94%  lynx 0.21%  tiger 0.09%
 `export` writes one ONNX file taking normalized float images (N, 3, size, size), N free, giving
@@ -44,7 +45,7 @@ def load_model(path, model_name=None):
     net = models.create_model(arch, num_classes=num_classes)
     for note in models.load_pretrained(net, checkpoint, use_ema=True):
         print(note, file=sys.stderr)  # stdout is for results
-    config = models.VARIANTS[arch]['config']
+    config = weights.model_config(arch)  # a VARIANT.TAG run (train.py --model): that tag's
     classes = checkpoint.get('classes') or [str(i) for i in range(num_classes)]
     info = dict(arch=arch, classes=list(classes), ema=bool(checkpoint.get('model_ema')),
                 size=saved.get('eval_size') or saved.get('img_size') or config['test_size'],
@@ -55,15 +56,18 @@ def load_model(path, model_name=None):
 
 
 def load_published(name):
-    """-> (network holding the variant's published ImageNet weights, in eval mode on the CPU; info
-    dict as load_model's, with the eval settings those weights were measured with)."""
+    """-> (network holding the published weights `name` means (VARIANT: its default, or VARIANT.TAG),
+    in eval mode on the CPU; info dict as load_model's, with the eval settings those weights were
+    measured with and ImageNet-1k's class names; ImageNet-21k's 21,843 are numbered)."""
     models.check_model_name(name, error=utils.UsageError)
-    config = models.published_config(name)  # CheckpointError, one line, for a variant without weights
-    net = models.create_model(name)
+    tag = weights.published_tag(name)  # CheckpointError, one line, for a variant without weights
+    config, (publisher, num_classes) = weights.published_config(tag), weights.PUBLISHED_WEIGHTS[tag][:2]
+    net = models.create_model(name, num_classes=num_classes)
     for note in models.load_pretrained(net, weights.read_checkpoint(weights.published_weights(name))):
         print(note, file=sys.stderr)  # stdout is for results
-    publisher, file = models.PUBLISHED_WEIGHTS[name][:2]
-    info = dict(arch=name, classes=imagenet_classes(), ema=False, published=f'{publisher}:{file}',
+    classes = imagenet_classes() if num_classes == 1000 else [str(i) for i in range(num_classes)]
+    file = tag if publisher == 'timm' else weights.TORCHVISION_FILES[tag]
+    info = dict(arch=name, classes=classes, ema=False, published=f'{publisher}:{file}',
                 size=config['test_size'], crop_pct=config['crop_pct'],
                 interpolation=config['interpolation'], mean=config['mean'], std=config['std'])
     return net.eval(), info

@@ -72,10 +72,10 @@ def get_args_parser():
     p.add_argument('--val-split', help=f"held-out folder or split (default: the first of {', '.join(data.VAL_SPLITS)})")
     p.add_argument('--input-key', help='--dataset hf: the image column (default: the Image one)')
     p.add_argument('--target-key', help='--dataset hf: the label column (default: the first ClassLabel one)')
-    p.add_argument('--model', help=f'variant, see python model.py {default("model")}')
+    p.add_argument('--model', help=f'variant or VARIANT.TAG (weights), see python model.py {default("model")}')
     p.add_argument('--num-classes', type=int, help='classifier outputs (default: the number of class folders)')
     p.add_argument('--pretrained', nargs='?', const=True, metavar='PATH',
-                   help="start from weights: no value: the variant's published ImageNet weights "
+                   help="start from weights: no value: the published weights --model names "
                         "(downloaded once); PATH: a timm, torchvision or train.py file")
     p.add_argument('--img-size', type=int, help="train size (default: the variant's; the demo: 32)")
     p.add_argument('--eval-size', type=int,
@@ -406,7 +406,7 @@ def resolve_args(args):
     models.check_model_name(args.model, error=utils.UsageError)
     # Published weights are evaluated and fine-tuned with the settings they were measured with.
     published = args.pretrained is True
-    config = models.published_config(args.model) if published else models.VARIANTS[args.model]['config']
+    config = weights.model_config(args.model, published)  # VARIANT.TAG: that tag's, with --pretrained or not
     args.img_size = args.img_size or config['train_size']
     # Progressive learning trains up to the train size and evaluates at the test size, as does
     # --evaluate --pretrained (to compare with the published top-1).

@@ -4,9 +4,10 @@
     net = model.create_model('efficientnetv2_rw_t')
     model.load_pretrained(net, weights.read_checkpoint('output/train/RUN/model_best.pth.tar'))  # or .safetensors
     model.load_pretrained(net, weights.read_checkpoint(weights.published_weights('efficientnetv2_rw_t')))
+    weights.published_weights('tf_efficientnetv2_s.in21k_ft_in1k')   # timm's VARIANT.TAG: other weights
 
-`published_weights` fetches the file model.PUBLISHED_WEIGHTS names, with its publisher's own client:
-  timm's        huggingface_hub.hf_hub_download('timm/<id>', 'model.safetensors') into Hugging Face's
+`published_weights` fetches the file PUBLISHED_WEIGHTS names, with its publisher's own client:
+  timm's        huggingface_hub.hf_hub_download('timm/VARIANT.TAG', 'model.safetensors') into Hugging Face's
                 cache ($HF_HOME/hub, default ~/.cache/huggingface/hub, shared with timm and transformers;
                 HF_ENDPOINT selects a mirror, HF_HUB_OFFLINE=1 keeps it off the network)
   torchvision's torch.hub.download_url_to_file into $TORCH_HOME/hub/checkpoints (torchvision's own file
@@ -73,18 +74,85 @@ def _read_safetensors(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Published weights
+# Published weights by timm's name, VARIANT.TAG: every EfficientNetV2 tag timm publishes on its hub
+# (repo timm/VARIANT.TAG), and torchvision's three files, tagged tv_in1k as timm tags torchvision's
+# weights elsewhere (resnet50.tv_in1k). The tag says what they were trained on: in1k ImageNet-1k
+# (1.28 M images, 1,000 classes); in21k ImageNet-21k (~13 M images, 21,843 classes: no ImageNet-1k
+# top-1); in21k_ft_in1k in21k, then fine-tuned on in1k; ra2, agc: timm's in1k recipes (RandAugment,
+# adaptive gradient clipping). A variant's first row is its default (--pretrained with the bare name).
+# Top-1 on ImageNet-1k's validation set at the test size: timm's results/results-imagenet.csv (commit
+# 4e5207c), torchvision's docs. Eval settings: the variant's (model.VARIANTS) and the row's overrides;
+# timm squashes tf_m/l/xl and b3.in21k_ft_in1k's images to a square, data.py center-crops them.
+# Not here: gc_efficientnetv2_rw_t.agc_in1k (another network, with global-context attention).
+_TF = dict(mean=models.TF_MEAN, std=models.TF_STD)
+#   VARIANT.TAG                            publisher   classes  top-1   eval overrides
+PUBLISHED_WEIGHTS = {
+    'efficientnetv2_rw_t.ra2_in1k':        ('timm',        1000, 82.354, {}),
+    'efficientnetv2_rw_s.ra2_in1k':        ('timm',        1000, 83.830, {}),
+    'efficientnetv2_rw_m.agc_in1k':        ('timm',        1000, 84.830, {}),
+    'efficientnetv2_s.tv_in1k':            ('torchvision', 1000, 84.228, dict(interpolation='bilinear')),
+    'efficientnetv2_m.tv_in1k':            ('torchvision', 1000, 85.112, dict(test_size=480, interpolation='bilinear')),
+    'efficientnetv2_l.tv_in1k':            ('torchvision', 1000, 85.808, _TF),
+    'tf_efficientnetv2_s.in1k':            ('timm',        1000, 83.900, {}),
+    'tf_efficientnetv2_s.in21k_ft_in1k':   ('timm',        1000, 84.332, {}),
+    'tf_efficientnetv2_s.in21k':           ('timm',       21843, None, {}),
+    'tf_efficientnetv2_m.in1k':            ('timm',        1000, 85.208, {}),
+    'tf_efficientnetv2_m.in21k_ft_in1k':   ('timm',        1000, 86.014, {}),
+    'tf_efficientnetv2_m.in21k':           ('timm',       21843, None, {}),
+    'tf_efficientnetv2_l.in1k':            ('timm',        1000, 85.660, {}),
+    'tf_efficientnetv2_l.in21k_ft_in1k':   ('timm',        1000, 86.802, {}),
+    'tf_efficientnetv2_l.in21k':           ('timm',       21843, None, {}),
+    'tf_efficientnetv2_xl.in21k_ft_in1k':  ('timm',        1000, 86.754, {}),  # no in1k-only weights
+    'tf_efficientnetv2_xl.in21k':          ('timm',       21843, None, {}),
+    'tf_efficientnetv2_b0.in1k':           ('timm',        1000, 78.386, {}),
+    'tf_efficientnetv2_b1.in1k':           ('timm',        1000, 79.518, {}),
+    'tf_efficientnetv2_b2.in1k':           ('timm',        1000, 80.226, {}),
+    'tf_efficientnetv2_b3.in1k':           ('timm',        1000, 81.960, {}),
+    'tf_efficientnetv2_b3.in21k_ft_in1k':  ('timm',        1000, 82.634, dict(crop_pct=0.9, **_TF)),
+    'tf_efficientnetv2_b3.in21k':          ('timm',       21843, None, _TF),
+}  # efficientnetv2_xl: none (timm lists it untrained; tf_efficientnetv2_xl has Google's weights)
+TORCHVISION_FILES = {'efficientnetv2_s.tv_in1k': 'efficientnet_v2_s-dd5fe13b.pth',
+                     'efficientnetv2_m.tv_in1k': 'efficientnet_v2_m-dc08266a.pth',
+                     'efficientnetv2_l.tv_in1k': 'efficientnet_v2_l-59c71312.pth'}
+
+
+def published_tag(name):
+    """VARIANT.TAG of the weights `name` means: itself, or for a bare variant its default. An unknown
+    variant is a ValueError, a variant without weights or an unknown tag a CheckpointError (one line)."""
+    models.check_model_name(name)
+    variant = name.split('.')[0]
+    tags = [tag for tag in PUBLISHED_WEIGHTS if tag.split('.')[0] == variant]
+    if not tags:
+        raise models.CheckpointError(f"{variant} has no published ImageNet weights: train it from scratch, or "
+                                     f"start from a variant that has them (python model.py lists them)")
+    if name != variant and name not in tags:
+        raise models.CheckpointError(f"no published weights {name}: {variant} has "
+                                     f"{', '.join(tags)} (python model.py lists every tag)")
+    return tags[0] if name == variant else name
+
+
+def published_config(name):
+    """The eval config (test_size, crop_pct, interpolation, mean, std; train_size) of the weights
+    `name` means (see published_tag), with which they reach the table's top-1."""
+    tag = published_tag(name)
+    return {**models.VARIANTS[tag.split('.')[0]]['config'], **PUBLISHED_WEIGHTS[tag][3]}
+
+
+def model_config(name, published=False):
+    """The settings to train and evaluate --model NAME with: a tag's (as timm's create_model takes
+    them, its weights loaded or not), the default weights' when `published`, else the variant's."""
+    return published_config(name) if published or '.' in name else models.VARIANTS[name]['config']
+
 
 def published_weights(name, progress=True):
-    """Local path of the variant's published ImageNet weights: the cached file, without asking the
-    network, or else downloaded now (`progress`: a line on stderr when saved, torch.hub's bar on a
-    terminal; huggingface_hub draws its own there). A variant without weights or a failed download is
-    a CheckpointError of one line; an unknown name a ValueError."""
-    models.published_config(name)  # checks the name, and that the variant has published weights
-    publisher, file = models.PUBLISHED_WEIGHTS[name][:2]
-    if publisher == 'timm':
-        return _from_hugging_face(f'timm/{file}', 'model.safetensors', progress)
-    return _from_torchvision(file, progress)
+    """Local path of the published weights `name` means (VARIANT.TAG, or VARIANT: its default): the
+    cached file, without asking the network, or else downloaded now (`progress`: a line on stderr when
+    saved, torch.hub's bar on a terminal; huggingface_hub draws its own there). No such weights or a
+    failed download is a CheckpointError of one line; an unknown variant a ValueError."""
+    tag = published_tag(name)
+    if PUBLISHED_WEIGHTS[tag][0] == 'timm':
+        return _from_hugging_face(f'timm/{tag}', 'model.safetensors', progress)
+    return _from_torchvision(TORCHVISION_FILES[tag], progress)
 
 
 def _from_hugging_face(repo, filename, progress):

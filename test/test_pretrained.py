@@ -154,17 +154,19 @@ def hub(monkeypatch):
     stand_in.close()
 
 
-def publish(hub, body, stated_sha256='the right one'):
-    """Serve `body` as huggingface.co serves an LFS file: the resolve URL answers 302 to the CDN and
-    states the commit, the size and the file's SHA-256 in X-Linked-Etag (None: no such header, as a
-    mirror might; the client then names the file by the ETag, the git hash of the LFS pointer). The
-    CDN's own ETag, 64 hex digits here, is no file hash: the client never reads it."""
+def publish(hub, body, stated_sha256='the right one', hub_id=HUB_ID):
+    """Serve `body` as huggingface.co serves timm/<hub_id>'s model.safetensors, an LFS file: the
+    resolve URL answers 302 to the CDN and states the commit, the size and the file's SHA-256 in
+    X-Linked-Etag (None: no such header, as a mirror might; the client then names the file by the
+    ETag, the git hash of the LFS pointer). The CDN's own ETag, 64 hex digits here, is no file hash:
+    the client never reads it."""
     if stated_sha256 == 'the right one':
         stated_sha256 = hashlib.sha256(body).hexdigest()
     stated = {'X-Linked-Etag': f'"{stated_sha256}"'} if stated_sha256 else {}
-    hub.routes[HUB_PATH] = (302, {'Location': hub.cdn_url + CDN_PATH, 'X-Repo-Commit': COMMIT,
+    hub_path, cdn_path = HUB_PATH.replace(HUB_ID, hub_id), CDN_PATH if hub_id == HUB_ID else f'/cdn/{hub_id}'
+    hub.routes[hub_path] = (302, {'Location': hub.cdn_url + cdn_path, 'X-Repo-Commit': COMMIT,
                                   'ETag': '"' + 'e' * 40 + '"', 'X-Linked-Size': str(len(body)), **stated}, b'')
-    hub.routes[CDN_PATH] = (200, {'ETag': '"' + '0' * 64 + '"'}, body)
+    hub.routes[cdn_path] = (200, {'ETag': '"' + '0' * 64 + '"'}, body)
 
 
 @pytest.fixture(scope='module')
@@ -360,7 +362,8 @@ def test_torchvision_style_weights_are_checked_against_the_hash_prefix_in_their_
                                                                                        monkeypatch):
     folder, sha256 = torchvision_style['folder'], torchvision_style['sha256']
     (folder / 'weights.pth').rename(folder / f'b0-{sha256[:8]}.pth')
-    monkeypatch.setitem(model.PUBLISHED_WEIGHTS, ARCH, ('torchvision', f'b0-{sha256[:8]}.pth', 0.0, {}))
+    monkeypatch.setitem(weights.PUBLISHED_WEIGHTS, HUB_ID, ('torchvision', 1000, None, {}))
+    monkeypatch.setitem(weights.TORCHVISION_FILES, HUB_ID, f'b0-{sha256[:8]}.pth')
     path = weights.published_weights(ARCH, progress=False)
     assert path == os.path.join(torch_cache(), f'b0-{sha256[:8]}.pth')  # torchvision's own cache name
     assert cache_contents() == [f'b0-{sha256[:8]}.pth']
@@ -392,7 +395,7 @@ def test_an_unreachable_torchvision_file_is_one_line_naming_the_url_and_the_cach
 
 
 def test_a_variant_without_published_weights_is_refused_in_one_line():
-    for call in (weights.published_weights, model.published_config):
+    for call in (weights.published_weights, weights.published_config):
         with pytest.raises(model.CheckpointError) as error:
             call('efficientnetv2_xl')
         assert 'efficientnetv2_xl has no published ImageNet weights' in one_line(error)
@@ -411,19 +414,49 @@ def test_huggingface_hub_is_imported_only_for_a_download():
 # ----------------------------------------------------------------------------------------------
 # The table, against timm's and torchvision's own records
 
-def test_every_variant_has_a_row_and_timm_rows_name_timms_imagenet_weights_and_their_eval_config():
-    assert set(model.PUBLISHED_WEIGHTS) == set(model.VARIANTS)
-    for name, row in model.PUBLISHED_WEIGHTS.items():
-        if row is None or row[0] != 'timm':
-            continue
-        hub_id = row[1]
-        assert hub_id.split('.')[0] == name and hub_id in timm.list_pretrained(name + '.*'), name
-        expected = timm.models.get_pretrained_cfg(hub_id)
-        assert expected.hf_hub_id == f'timm/{hub_id}' and expected.num_classes == 1000, name
-        config = model.published_config(name)
-        assert config['test_size'] == (expected.test_input_size or expected.input_size)[-1], name
-        assert (config['crop_pct'], config['interpolation']) == (expected.crop_pct, expected.interpolation)
-        assert (config['mean'], config['std']) == (expected.mean, expected.std), name
+# What --pretrained loaded for each variant before tags; a bare variant name still loads these.
+DEFAULT_WEIGHTS = {
+    'efficientnetv2_rw_t': 'timm:efficientnetv2_rw_t.ra2_in1k',
+    'efficientnetv2_rw_s': 'timm:efficientnetv2_rw_s.ra2_in1k',
+    'efficientnetv2_rw_m': 'timm:efficientnetv2_rw_m.agc_in1k',
+    'efficientnetv2_s': 'torchvision:efficientnet_v2_s-dd5fe13b.pth',
+    'efficientnetv2_m': 'torchvision:efficientnet_v2_m-dc08266a.pth',
+    'efficientnetv2_l': 'torchvision:efficientnet_v2_l-59c71312.pth',
+    'tf_efficientnetv2_s': 'timm:tf_efficientnetv2_s.in1k',
+    'tf_efficientnetv2_m': 'timm:tf_efficientnetv2_m.in1k',
+    'tf_efficientnetv2_l': 'timm:tf_efficientnetv2_l.in1k',
+    'tf_efficientnetv2_xl': 'timm:tf_efficientnetv2_xl.in21k_ft_in1k',
+    'tf_efficientnetv2_b0': 'timm:tf_efficientnetv2_b0.in1k',
+    'tf_efficientnetv2_b1': 'timm:tf_efficientnetv2_b1.in1k',
+    'tf_efficientnetv2_b2': 'timm:tf_efficientnetv2_b2.in1k',
+    'tf_efficientnetv2_b3': 'timm:tf_efficientnetv2_b3.in1k'}
+
+
+def test_every_efficientnetv2_tag_timm_publishes_is_a_row_with_timms_classes_and_eval_config():
+    timm_tags = {tag for name in model.VARIANTS for tag in timm.list_pretrained(name + '.*')}
+    assert {tag for tag, row in weights.PUBLISHED_WEIGHTS.items() if row[0] == 'timm'} == timm_tags
+    assert len(timm_tags) == 20 and 'tf_efficientnetv2_xl.in21k' in timm_tags
+    for tag in timm_tags:
+        expected, (_, classes, top1, _) = timm.models.get_pretrained_cfg(tag), weights.PUBLISHED_WEIGHTS[tag]
+        assert expected.hf_hub_id == f'timm/{tag}' and classes == expected.num_classes, tag
+        assert (top1 is None) == (classes == 21843) and classes in (1000, 21843), tag  # 21k: no in1k top-1
+        config = weights.published_config(tag)
+        assert config['train_size'] == expected.input_size[-1], tag
+        assert config['test_size'] == (expected.test_input_size or expected.input_size)[-1], tag
+        assert (config['crop_pct'], config['interpolation']) == (expected.crop_pct, expected.interpolation), tag
+        assert (config['mean'], config['std']) == (expected.mean, expected.std), tag
+
+
+def test_a_bare_variant_name_means_the_weights_it_meant_before_tags():
+    for name in model.VARIANTS:
+        if name == 'efficientnetv2_xl':
+            continue  # none (test_a_variant_without_published_weights_is_refused_in_one_line)
+        tag = weights.published_tag(name)
+        publisher = weights.PUBLISHED_WEIGHTS[tag][0]
+        file = tag if publisher == 'timm' else weights.TORCHVISION_FILES[tag]
+        assert f'{publisher}:{file}' == DEFAULT_WEIGHTS[name] and tag.split('.')[0] == name
+        assert weights.published_config(name) == weights.published_config(tag)
+    assert set(DEFAULT_WEIGHTS) == set(model.VARIANTS) - {'efficientnetv2_xl'}
 
 
 @pytest.mark.parametrize('name, torchvision_weights', [('efficientnetv2_s', 'EfficientNet_V2_S_Weights'),
@@ -431,10 +464,12 @@ def test_every_variant_has_a_row_and_timm_rows_name_timms_imagenet_weights_and_t
                                                        ('efficientnetv2_l', 'EfficientNet_V2_L_Weights')])
 def test_torchvision_rows_carry_torchvisions_file_top1_and_eval_transform(name, torchvision_weights):
     published = getattr(torchvision.models, torchvision_weights).IMAGENET1K_V1
-    _, file, top1, _ = model.PUBLISHED_WEIGHTS[name]
-    assert f'{weights.TORCHVISION_MODELS}/{file}' == published.url
+    tag = weights.published_tag(name)
+    publisher, classes, top1, _ = weights.PUBLISHED_WEIGHTS[tag]
+    assert f'{weights.TORCHVISION_MODELS}/{weights.TORCHVISION_FILES[tag]}' == published.url
+    assert (publisher, classes, tag) == ('torchvision', 1000, f'{name}.tv_in1k')
     assert top1 == published.meta['_metrics']['ImageNet-1K']['acc@1']
-    transform, config = published.transforms(), model.published_config(name)
+    transform, config = published.transforms(), weights.published_config(name)
     assert transform.resize_size == [config['test_size']] == transform.crop_size  # crop_pct 1
     assert config['crop_pct'] == 1.0 and config['interpolation'] == transform.interpolation.value
     assert (list(config['mean']), list(config['std'])) == (transform.mean, transform.std)
@@ -611,3 +646,101 @@ def test_train_pretrained_with_an_unreachable_hub_is_one_error_line_and_leaves_n
     assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
     assert lines[-1].startswith('error: cannot download http://127.0.0.1:') and '--pretrained PATH' in lines[-1]
     assert hub_cache() in lines[-1] and not (tmp_path / 'run').exists() and cache_contents() == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights by tag: --model VARIANT.TAG (timm's spelling)
+
+def test_python_model_py_lists_every_tag_with_its_classes_sizes_and_top1():
+    result = subprocess.run([sys.executable, 'model.py'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
+    for tag, (publisher, classes, top1, _) in weights.PUBLISHED_WEIGHTS.items():
+        config = weights.published_config(tag)
+        settings = [f'{classes:,}', str(config['train_size']), str(config['test_size']), f"{config['crop_pct']:.3f}",
+                    '0.5' if config['mean'] == model.TF_MEAN else 'ImageNet', config['interpolation']]
+        published = [f'{top1:.3f}', f"@{config['test_size']}"] if top1 else ['none:', '21k', 'classes']
+        assert rows[tag][1:] == [*settings, *published, f'({publisher})'], rows[tag]
+    assert rows['tf_efficientnetv2_s.in21k_ft_in1k'][1:8] == ['1,000', '300', '384', '1.000', '0.5', 'bicubic',
+                                                              '84.332']
+    assert rows['tf_efficientnetv2_l.in21k'][1:8] == ['21,843', '384', '480', '1.000', '0.5', 'bicubic', 'none:']
+    # the variants' own table names each variant's default weights
+    assert rows['tf_efficientnetv2_s'][-3:] == ['83.900', '@384', 'tf_efficientnetv2_s.in1k']
+    assert rows['efficientnetv2_xl'][-1] == 'none'
+
+
+def test_an_unknown_tag_is_one_line_naming_the_variants_tags():
+    import train
+    for call in (weights.published_tag, weights.published_config, weights.published_weights, predict.load_published,
+                 lambda name: train.resolve_args(train.get_args_parser().parse_args(['--model', name]))):
+        with pytest.raises(model.CheckpointError) as error:
+            call('tf_efficientnetv2_s.in22k')
+        message = one_line(error)
+        assert message.startswith('no published weights tf_efficientnetv2_s.in22k: tf_efficientnetv2_s has ')
+        assert 'tf_efficientnetv2_s.in21k_ft_in1k' in message and 'python model.py' in message
+    with pytest.raises(ValueError, match='did you mean tf_efficientnetv2_s'):
+        weights.published_tag('tf_efficientnetv2_ss.in1k')
+    assert cache_contents() == []
+
+
+def test_a_tag_without_pretrained_trains_from_scratch_with_the_tags_settings():
+    """As timm's create_model('VARIANT.TAG') without pretrained=True: the network, the tag's config."""
+    import train
+    def resolved(*flags):
+        return train.resolve_args(train.get_args_parser().parse_args(['--num-classes', '10', *flags]))
+    tagged = resolved('--model', 'tf_efficientnetv2_b3.in21k_ft_in1k')
+    bare = resolved('--model', 'tf_efficientnetv2_b3')
+    assert (tagged.mean, tagged.std, tagged.crop_pct) == (model.TF_MEAN, model.TF_STD, 0.9)
+    assert (bare.mean, bare.std, bare.crop_pct) == (model.IMAGENET_MEAN, model.IMAGENET_STD, 0.904)
+    net = model.create_model(tagged.model, num_classes=10)
+    assert sum(p.numel() for p in net.parameters()) == sum(
+        p.numel() for p in model.create_model(bare.model, num_classes=10).parameters())
+    assert cache_contents() == []
+
+
+def test_a_tag_offline_is_one_error_line_naming_its_file_and_once_cached_it_loads(hub, tmp_path):
+    tag = 'tf_efficientnetv2_s.in21k_ft_in1k'
+    data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1)
+    tiny = [data_dir, '--model', tag, '--pretrained', '--img-size', '32', '-b', '2', '-j', '0', '--perf-steps', '1']
+    offline = dict(HF_HUB_OFFLINE='1')
+    result = run_train(*tiny, '--output', tmp_path / 'run', check=False, env=offline)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
+    assert lines[0].startswith(f'error: cannot download {hub.url}/timm/{tag}/resolve/main/model.safetensors '
+                               f'into {hub_cache()} (HF_HUB_OFFLINE is set and the file is not cached)')
+    assert '--pretrained PATH' in lines[0] and not (tmp_path / 'run').exists() and hub.requests == []
+    published = model.create_model('tf_efficientnetv2_s')  # stands for the weights timm publishes
+    publish(hub, safetensors.torch.save(published.state_dict()), hub_id=tag)
+    weights.published_weights(tag, progress=False)  # into the cache, online
+    result = run_train(*tiny, '--output', tmp_path / 'run', env=offline)
+    assert re.search(rf'^Training {re.escape(tag)} \(20\.18M parameters\) on ', result.stdout, re.M), result.stdout
+    assert re.search(r'^classifier left as initialised \(checkpoint has 1000 classes, model 2\)$',
+                     result.stdout, re.M), result.stdout
+    assert len(hub.requests) == 2  # this process's download; train.py asked nothing
+
+
+@pytest.fixture(scope='module')
+def in21k_b3_file():
+    """tf_efficientnetv2_b3 with ImageNet-21k's classifier (21,843 rows), as timm/...b3.in21k holds it."""
+    return safetensors.torch.save(model.create_model('tf_efficientnetv2_b3', num_classes=21843).state_dict())
+
+
+def test_an_in21k_start_fine_tunes_with_a_new_classifier_and_predict_numbers_its_classes(hub, in21k_b3_file,
+                                                                                      tmp_path):
+    tag = 'tf_efficientnetv2_b3.in21k'
+    publish(hub, in21k_b3_file, hub_id=tag)
+    data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1)
+    result = run_train(data_dir, '--model', tag, '--pretrained', '--img-size', '32', '-b', '2', '-j', '0',
+                       '--perf-steps', '1', '--output', tmp_path / 'run')
+    assert re.search(r'^classifier left as initialised \(checkpoint has 21843 classes, model 2\)$',
+                     result.stdout, re.M), result.stdout
+    assert f'downloaded {hub.url}/timm/{tag}/resolve/main/model.safetensors to ' in result.stderr
+    with open(tmp_path / 'run' / 'args.yaml') as f:
+        saved = f.read()  # the tag's settings: mean/std 0.5 (the variant's are ImageNet's)
+    assert 'mean: [0.5, 0.5, 0.5]\n' in saved and 'model: "tf_efficientnetv2_b3.in21k"\n' in saved
+    net, info = predict.load_published(tag)  # from the cache
+    assert (info['classes'][:2], len(info['classes']), net.num_classes) == (['0', '1'], 21843, 21843)
+    assert (info['mean'], info['published']) == (model.TF_MEAN, f'timm:{tag}')
+    published = safetensors.torch.load(in21k_b3_file)
+    assert all(torch.equal(value, published[key]) for key, value in net.state_dict().items())
+    assert len(hub.requests) == 2  # one download
