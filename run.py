@@ -78,20 +78,24 @@ class TrainState:
 
 def save_checkpoint(folder, names, parts, state, meta):
     """A collective: every rank adds its random streams and BatchNorm statistics to state.ranks, then
-    rank 0 writes {part: its state_dict (None for a part that is None), the state's fields, meta} to
-    each of `names` in `folder`, each atomically (utils.atomic_save)."""
+    rank 0 writes {part: its state_dict (None for a part that is None), the state's fields, meta} once,
+    to the last of `names` in `folder`, and the others are hard links to it (or copies), each name
+    replaced atomically (utils.atomic_save). A full disk is one line (utils.UsageError)."""
     state.ranks = rank_states(parts['model'], parts.get('model_ema'))
     if not utils.is_main_process():
         return
     checkpoint = {name: part.state_dict() if part is not None else None for name, part in parts.items()}
     checkpoint |= state.to_checkpoint() | meta
-    for name in names:
-        utils.atomic_save(checkpoint, os.path.join(folder, name))
+    *others, last = [os.path.join(folder, name) for name in names]
+    utils.atomic_save(checkpoint, last, links=others)
 
 
 def epoch_checkpoint_names(epoch, is_best, keep_epochs):
-    """model_best, checkpoint-E and last, in that order: a kill before last.pth.tar redoes the epoch,
-    rewriting the others with the same bytes."""
+    """model_best, checkpoint-E and last, in that order: the file is written once, under a temporary
+    name, the others are linked from it in this order, and only then is it renamed to last.pth.tar,
+    so a kill before that rename redoes the epoch, rewriting the others with the same bytes. (Linking
+    from last.pth.tar after its rename would let a kill in between resume into the next epoch with
+    model_best.pth.tar still an earlier epoch's, although best_epoch names this one.)"""
     return ['model_best.pth.tar'] * is_best + [f'checkpoint-{epoch}.pth.tar'] * bool(keep_epochs) + ['last.pth.tar']
 
 

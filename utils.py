@@ -9,11 +9,13 @@ test/test_utils.py); everything else is torch's own machinery.
 """
 import contextlib
 import copy
+import errno
 import itertools
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 
@@ -467,30 +469,84 @@ def accuracy(output, target, topk=(1, 5)):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: atomic writes, weights-only reads
 
-def atomic_write(path, write):
+def atomic_write(path, write, links=(), size=None):
     """write(binary file) into a temporary file in the same folder, fsync, rename: a kill at any
-    moment leaves either the old file or the new one, never half of one. The temporary name,
-    .NAME.PID.tmp, is what train.py clears from --output as stale."""
+    moment leaves either the old file or the new one, never half of one. Each of `links` (paths in
+    the same folder) gets the same bytes before `path` is renamed (link_or_copy): the file is written
+    once. The temporary names, .NAME.PID.tmp, are what train.py clears from --output as stale. A full
+    disk or quota is a UsageError naming the folder, the bytes needed (`size`, else at least those
+    written) and those free."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    tmp = temporary_path(path)
     try:
         with open(tmp, 'wb') as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        for other in links:
+            link_or_copy(tmp, other)
         os.replace(tmp, path)
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        needs = f"about {size / 1e6:.1f} MB" if size else f"more than {written:,} bytes"
+        if os.path.exists(tmp):
+            os.remove(tmp)  # before asking what is free
+        free = shutil.disk_usage(folder).free
+        raise UsageError(f"no space left in {folder} for {os.path.basename(path)}: it needs {needs}, "
+                         f"{free / 1e6:.1f} MB are free; free some space there or choose another --output") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)  # make the renames themselves durable
     finally:
         os.close(dir_fd)
 
 
-def atomic_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
+def temporary_path(path):
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+
+
+def link_or_copy(source, path):
+    """`path` gets `source`'s bytes, atomically: a hard link (no space, no time), or a copy where the
+    filesystem has none. The two names then share one file until either is replaced by a rename
+    (atomic_write), which leaves the other's bytes as they were."""
+    tmp = temporary_path(path)
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)  # link() does not overwrite, and open() would write through a stale link
+        try:
+            os.link(source, tmp)
+        except OSError:  # FAT, some network and FUSE filesystems
+            with open(source, 'rb') as original, open(tmp, 'wb') as f:
+                shutil.copyfileobj(original, f)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def is_disk_full(error):
+    """ENOSPC or EDQUOT, also where torch's zip writer reports the failed write as its own RuntimeError
+    ('unexpected pos'), raised while the OSError was being handled."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def atomic_save(obj, path, links=()):
+    """torch.save(obj) into `path` once, and `links` made from it (atomic_write). The size named
+    when the disk is full is that of the tensors' storages, most of the file."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)}
+    atomic_write(path, lambda f: torch.save(obj, f), links, size=sum(storages.values()))
 
 
 def rng_state():

@@ -1,7 +1,9 @@
 """utils.py against timm, the oracle: RMSpropTF, the lr schedules, EMA, meters, atomic saves."""
 import copy
+import errno
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -146,6 +148,54 @@ def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, 'save', broken_save)
     with pytest.raises(OSError):
         utils.atomic_save({'epoch': 2}, str(path))
+    assert torch.load(path, weights_only=True) == {'epoch': 1}
+    assert os.listdir(tmp_path) == ['last.pth.tar']
+
+
+def test_atomic_save_writes_once_and_links_the_other_names_which_a_later_save_leaves_alone(tmp_path):
+    last, best = str(tmp_path / 'last.pth.tar'), str(tmp_path / 'model_best.pth.tar')
+    utils.atomic_save({'epoch': 1}, last, links=[best])
+    assert os.stat(last).st_ino == os.stat(best).st_ino and os.stat(last).st_nlink == 2
+    utils.atomic_save({'epoch': 2}, last)  # a new file renamed over last.pth.tar: best keeps its bytes
+    assert torch.load(last, weights_only=True) == {'epoch': 2}
+    assert torch.load(best, weights_only=True) == {'epoch': 1}
+    assert os.stat(best).st_nlink == 1 and sorted(os.listdir(tmp_path)) == ['last.pth.tar', 'model_best.pth.tar']
+
+
+def test_atomic_save_copies_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise PermissionError(1, 'Operation not permitted')  # what FAT and some FUSE filesystems answer
+    monkeypatch.setattr(os, 'link', no_links)
+    last, best = str(tmp_path / 'last.pth.tar'), str(tmp_path / 'model_best.pth.tar')
+    utils.atomic_save({'epoch': 1}, last, links=[best])
+    assert os.stat(last).st_ino != os.stat(best).st_ino
+    assert torch.load(best, weights_only=True) == {'epoch': 1}
+    assert sorted(os.listdir(tmp_path)) == ['last.pth.tar', 'model_best.pth.tar']
+
+
+@pytest.mark.parametrize('code', [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_or_quota_while_saving_says_the_folder_the_bytes_needed_and_free(tmp_path, monkeypatch, code):
+    """The OSError as torch's zip writer passes it on: a RuntimeError raised while handling it."""
+    path = tmp_path / 'last.pth.tar'
+    utils.atomic_save({'epoch': 1}, str(path))
+    save = torch.save
+
+    def filling_save(obj, f):
+        f.write(b'half a checkpoint')
+        try:
+            raise OSError(code, os.strerror(code))
+        except OSError:
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+    monkeypatch.setattr(torch, 'save', filling_save)
+    asked = []
+    monkeypatch.setattr(shutil, 'disk_usage', lambda folder: asked.append(folder) or
+                        shutil._ntuple_diskusage(10**9, 10**9 - 1_234_567, 1_234_567))
+    with pytest.raises(utils.UsageError) as error:
+        utils.atomic_save({'epoch': 2, 'weights': torch.zeros(500_000)}, str(path))
+    assert str(error.value) == (f"no space left in {tmp_path} for last.pth.tar: it needs about 2.0 MB, 1.2 MB are "
+                                f"free; free some space there or choose another --output")
+    assert asked == [str(tmp_path)]
+    monkeypatch.setattr(torch, 'save', save)
     assert torch.load(path, weights_only=True) == {'epoch': 1}
     assert os.listdir(tmp_path) == ['last.pth.tar']
 

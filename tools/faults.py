@@ -9,12 +9,15 @@ its main(). train.py itself knows nothing of this.
 --sigterm-at-loss N: the process sends itself SIGTERM at its N-th loss computation (it stops after that step).
 --kill-at-loss N: the process SIGKILLs itself at its N-th loss computation (train.train_loss runs once per
 micro-batch: with --grad-accum-steps 2 an even N dies between a step's two micro-batches).
+--disk-full-at-save N: the process's N-th checkpoint write (utils.atomic_write of a .pth.tar) fails as on a full
+disk: once 1 MB is in the file, its write() raises OSError(ENOSPC), as the kernel's does.
 --fail-rank R: the process of rank R raises a RuntimeError after its first training step.
 --record-dtypes PREFIX: at exit, PREFIX.rankR.json lists the dtypes of every tensor made while
 validating (train.validate) and of every tensor given to a collective (all_reduce, all_gather).
 """
 import argparse
 import atexit
+import errno
 import itertools
 import json
 import os
@@ -48,6 +51,32 @@ def signal_at_loss(count, signum):
             os.kill(os.getpid(), signum)
         return original(*args, **kwargs)
     train.train_loss = train_loss
+
+
+def fill_disk_at_save(count, capacity=1 << 20):
+    original, calls = utils.atomic_write, itertools.count(1)
+
+    class FullDisk:
+        """The file as a full disk has it: what fits is written, then ENOSPC."""
+        def __init__(self, file):
+            self.file, self.written = file, 0
+
+        def write(self, data):
+            room = capacity - self.written
+            if len(data) > room:
+                self.written += self.file.write(memoryview(data)[:room])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(data)
+            return self.file.write(data)
+
+        def flush(self):
+            self.file.flush()
+
+    def atomic_write(path, write, *args, **kwargs):
+        if path.endswith('.pth.tar') and next(calls) == count:
+            return original(path, lambda f: write(FullDisk(f)), *args, **kwargs)
+        return original(path, write, *args, **kwargs)
+    utils.atomic_write = atomic_write
 
 
 def inject_failure(rank):
@@ -96,6 +125,7 @@ def main():
     parser.add_argument('--inf-loss-steps', type=lambda text: {int(step) for step in text.split(',')})
     parser.add_argument('--kill-at-loss', type=int)
     parser.add_argument('--sigterm-at-loss', type=int)
+    parser.add_argument('--disk-full-at-save', type=int)
     parser.add_argument('--fail-rank', type=int)
     parser.add_argument('--record-dtypes', metavar='PREFIX')
     faults, launcher_args = parser.parse_known_args(sys.argv[1:split])  # torch.distributed.launch
@@ -108,6 +138,8 @@ def main():
         signal_at_loss(faults.kill_at_loss, signal.SIGKILL)
     if faults.sigterm_at_loss:
         signal_at_loss(faults.sigterm_at_loss, signal.SIGTERM)
+    if faults.disk_full_at_save:
+        fill_disk_at_save(faults.disk_full_at_save)
     if faults.fail_rank is not None:
         inject_failure(faults.fail_rank)
     train.main(sys.argv[split + 1:] + launcher_args)
