@@ -14,7 +14,7 @@ the table is printed above it and everything, every window included, goes to --j
 - step: one training step on a synthetic uint8 batch already on the device: normalize, forward
   (autocast unless --precision float32), label-smoothing loss, backward, RMSpropTF, EMA update.
   Ours: train.py's own train_step over the parts train.py builds (build_model, create_optimizer,
-  utils.create_precision, utils.ModelEma) with the ModelZoo recipe's flags. timm: timm.create_model,
+  optim.create_precision, optim.ModelEma) with the ModelZoo recipe's flags. timm: timm.create_model,
   its RMSpropTF looping over tensors (timm 0.5.4, the ModelZoo's; timm 1.0 picks foreach on CUDA) and
   ModelEmaV2, normalization as its prefetcher does it, zero_grad after the forward (timm's train.py). --channels-last on/off/auto applies to
   both; `defaults` gives ours train.py's default for the device and timm NCHW (the ModelZoo's command).
@@ -52,8 +52,9 @@ import torch
 import torch.nn.functional as F
 
 import data
+import distributed
 import model as models
-import utils
+import optim
 
 EMA_DECAY = 0.9999
 LABEL_SMOOTHING = 0.1
@@ -97,13 +98,13 @@ def get_args_parser():
 def resolve_args(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.device = utils.select_device(args.device, 0)
+    args.device = distributed.select_device(args.device, 0)
     on_cpu = args.device.type == 'cpu'
     args.img_size = args.img_size or (96 if on_cpu else 288)
     args.batch_size = args.batch_size or (16 if on_cpu else 256)
     args.warmup = args.warmup if args.warmup is not None else (3 if on_cpu else 10)
     args.steps = args.steps or (3 if on_cpu else 10)
-    auto = utils.default_channels_last(args.device)
+    auto = distributed.default_channels_last(args.device)
     ours = {'off': False, 'on': True, 'auto': auto, 'defaults': auto}[args.channels_last]
     args.nhwc = dict(ours=ours, timm=ours if args.channels_last != 'defaults' else False)
     if args.compare_timm:
@@ -147,8 +148,8 @@ def our_trainer(args, images, labels):
     recipe = train.resolve_args(train.get_args_parser().parse_args(flags))
     net = train.build_model(recipe, args.device)
     optimizer, _ = train.create_optimizer(net, recipe, steps_per_epoch=1)
-    precision, net, optimizer = utils.create_precision(args.device, net, optimizer, recipe.amp, recipe.amp_dtype)
-    ema = utils.ModelEma(net, recipe.model_ema_decay)
+    precision, net, optimizer = optim.create_precision(args.device, net, optimizer, recipe.amp, recipe.amp_dtype)
+    ema = optim.ModelEma(net, recipe.model_ema_decay)
     model = train.distribute(net, args.device, precision, recipe)  # compiled with --compile
     batch = [(images, labels, torch.zeros_like(labels))]
     step = lambda: train.train_step(model, optimizer, precision, batch, args.device, recipe, ema)  # noqa: E731
@@ -200,13 +201,13 @@ def build_and_warm_up(impl, args, images, labels, steps=None):
     memory (MiB) counted from just before it was built."""
     backend = accelerator(args.device)
     if backend is not None:
-        utils.synchronize(args.device)
+        distributed.synchronize(args.device)
         backend.reset_peak_memory_stats(args.device)
         base = backend.memory_allocated(args.device)
     trainer = build_trainer(impl, args, images, labels)
     for _ in range(max(args.warmup, 1) if steps is None else steps):
         trainer['step']()
-    utils.synchronize(args.device)
+    distributed.synchronize(args.device)
     peak = (backend.max_memory_allocated(args.device) - base) / 2**20 if backend is not None else None
     return trainer, peak
 
@@ -218,11 +219,11 @@ def time_interleaved(functions, calls, windows, device):
     names = list(functions)
     for window in range(windows):
         for name in names if window % 2 == 0 else names[::-1]:
-            utils.synchronize(device)
+            distributed.synchronize(device)
             start = time.perf_counter()
             for _ in range(calls):
                 functions[name]()
-            utils.synchronize(device)
+            distributed.synchronize(device)
             seconds[name].append((time.perf_counter() - start) / calls)
     return seconds
 
@@ -365,11 +366,11 @@ def time_pipeline_window(batches, warmup, timed, device):
     """Seconds per image over `timed` batches after `warmup` untimed ones (worker start-up)."""
     for _ in range(warmup):
         next(batches)
-    utils.synchronize(device)
+    distributed.synchronize(device)
     start, images = time.perf_counter(), 0
     for _ in range(timed):
         images += next(batches).shape[0]
-    utils.synchronize(device)
+    distributed.synchronize(device)
     batches.close()  # shuts the loader's workers down before the next window starts
     return (time.perf_counter() - start) / images
 

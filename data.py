@@ -34,7 +34,7 @@ import warnings
 import numpy as np
 import torch
 
-from utils import DataError, check_torchvision
+from errors import DataError, check_torchvision
 check_torchvision()  # before torchvision's imports: a torch/torchvision mismatch is said in one line
 import torchvision.transforms.v2.functional as TF  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -292,6 +292,14 @@ def init_weights(m):
         nn.init.zeros_(m.bias)
 
 
+def freeze_batchnorm(model):
+    """BatchNorm in eval mode inside a training model: it normalizes with its running statistics
+    and leaves them unchanged; its scale and shift still train (fine-tuning with small batches)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
 def list_models():
     return sorted(VARIANTS)
 
@@ -312,72 +320,6 @@ def create_model(name, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, **ov
     spec = {**VARIANTS[name.split('.')[0]], **overrides}
     return EfficientNetV2(num_classes=num_classes, drop_rate=drop_rate,
                           drop_path_rate=drop_path_rate, **spec)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading weights: timm, torchvision, and this project's checkpoints
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says which key."""
-
-
-def _unwrap(checkpoint, use_ema):
-    """The model's state dict out of a bare dict, timm's wrapper or this project's checkpoint."""
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"checkpoint is a {type(checkpoint).__name__}, not a state dict")
-    keys = ('state_dict_ema', 'model_ema', 'state_dict', 'model') if use_ema else ('state_dict', 'model')
-    for key in keys:
-        if isinstance(checkpoint.get(key), dict) and checkpoint[key]:
-            checkpoint = checkpoint[key]
-            break
-    state = {}
-    for k, v in checkpoint.items():
-        for prefix in ('module.', '_orig_mod.'):  # DDP and torch.compile wrappers
-            k = k[len(prefix):] if k.startswith(prefix) else k
-        state[k] = v
-    return state
-
-
-def _from_torchvision(state, model):
-    """torchvision's efficientnet_v2_* has our layout under other names, in the same order."""
-    ours = [(k, v) for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')]
-    theirs = [(k, v) for k, v in state.items() if not k.endswith('num_batches_tracked')]
-    if len(ours) != len(theirs):
-        raise CheckpointError(f"torchvision state dict has {len(theirs)} entries, the model has "
-                              f"{len(ours)}: not the same variant")
-    for m in model.modules():  # torchvision trains these models with TF's BN eps
-        if isinstance(m, nn.BatchNorm2d):
-            m.eps = 1e-3
-    return {k: v for (k, _), (_, v) in zip(ours, theirs)}
-
-
-def load_pretrained(model, checkpoint, use_ema=True):
-    """Load timm, torchvision or own weights (a state dict, or a checkpoint dict holding one, its EMA
-    weights when present and use_ema; weights.read_checkpoint reads files) into `model`, in place. Only
-    a classifier of another shape is skipped (fine-tuning); any other mismatch raises. -> notes to log."""
-    state, notes = _unwrap(checkpoint, use_ema), []
-    if 'features.0.0.weight' in state:
-        state = _from_torchvision(state, model)
-        notes.append("converted torchvision weights; BatchNorm eps set to 1e-3")
-    expected = model.state_dict()
-    for key in expected:  # published files may omit these counters; torch itself then loads 0
-        if key.endswith('num_batches_tracked') and key not in state:
-            state[key] = torch.tensor(0)
-    for key in list(expected) + list(state):
-        if key not in state or key not in expected:
-            where = 'missing from the checkpoint' if key not in state else 'not in the model'
-            raise CheckpointError(f"checkpoint does not fit this model: key '{key}' {where}")
-    skipped = [k for k in state if k.startswith('classifier.') and state[k].shape != expected[k].shape]
-    for key in expected:
-        if key not in skipped and state[key].shape != expected[key].shape:
-            raise CheckpointError(f"checkpoint does not fit this model: '{key}' has shape "
-                                  f"{tuple(state[key].shape)}, the model {tuple(expected[key].shape)}")
-    if skipped:
-        notes.append(f"classifier left as initialised (checkpoint has {state['classifier.weight'].shape[0]} "
-                     f"classes, model {model.num_classes})")
-        state.update({k: expected[k] for k in skipped})
-    model.load_state_dict(state)
-    return notes
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,9 +25,10 @@ import sys
 
 import torch
 
-import data  # first: it checks that torchvision fits this torch (utils.check_torchvision)
+import data  # first: it checks that torchvision fits this torch (errors.check_torchvision)
+import distributed
+import errors
 import model as models
-import utils
 import weights
 
 EXPORT_TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch in float32
@@ -39,11 +40,11 @@ def load_model(path, model_name=None):
     saved = checkpoint.get('args') or {}
     arch = model_name or checkpoint.get('arch')
     if arch is None:
-        raise utils.UsageError(f"{path} holds bare weights without a model name: give --model NAME")
-    models.check_model_name(arch, error=utils.UsageError)
+        raise errors.UsageError(f"{path} holds bare weights without a model name: give --model NAME")
+    models.check_model_name(arch, error=errors.UsageError)
     num_classes = checkpoint.get('num_classes') or _classifier_rows(checkpoint)
     net = models.create_model(arch, num_classes=num_classes)
-    for note in models.load_pretrained(net, checkpoint, use_ema=True):
+    for note in weights.load_pretrained(net, checkpoint, use_ema=True):
         print(note, file=sys.stderr)  # stdout is for results
     config = weights.model_config(arch)  # a VARIANT.TAG run (train.py --model): that tag's
     classes = checkpoint.get('classes') or [str(i) for i in range(num_classes)]
@@ -59,11 +60,11 @@ def load_published(name):
     """-> (network holding the published weights `name` means (VARIANT: its default, or VARIANT.TAG),
     in eval mode on the CPU; info dict as load_model's, with the eval settings those weights were
     measured with and ImageNet-1k's class names; ImageNet-21k's 21,843 are numbered)."""
-    models.check_model_name(name, error=utils.UsageError)
+    models.check_model_name(name, error=errors.UsageError)
     tag = weights.published_tag(name)  # CheckpointError, one line, for a variant without weights
     config, (publisher, num_classes) = weights.published_config(tag), weights.PUBLISHED_WEIGHTS[tag][:2]
     net = models.create_model(name, num_classes=num_classes)
-    for note in models.load_pretrained(net, weights.read_checkpoint(weights.published_weights(name))):
+    for note in weights.load_pretrained(net, weights.read_checkpoint(weights.published_weights(name))):
         print(note, file=sys.stderr)  # stdout is for results
     classes = imagenet_classes() if num_classes == 1000 else [str(i) for i in range(num_classes)]
     file = tag if publisher == 'timm' else weights.TORCHVISION_FILES[tag]
@@ -87,11 +88,11 @@ def split_checkpoint(paths, model_name):
     first = paths[0]
     if os.path.isdir(first) or first.lower().endswith(data.IMAGE_EXTENSIONS):
         if model_name is None:
-            raise utils.UsageError("give a checkpoint before the images, or --model NAME to use that "
+            raise errors.UsageError("give a checkpoint before the images, or --model NAME to use that "
                                    "variant's published ImageNet weights")
         return None, paths
     if len(paths) == 1:
-        raise utils.UsageError(f"no images given after the checkpoint {first}")
+        raise errors.UsageError(f"no images given after the checkpoint {first}")
     return first, paths[1:]
 
 
@@ -101,7 +102,7 @@ def _classifier_rows(checkpoint):
         for key, value in (state or {}).items():
             if key.endswith('classifier.weight'):
                 return value.shape[0]
-    raise utils.UsageError("cannot find the classifier in the checkpoint: is it an EfficientNetV2's?")
+    raise errors.UsageError("cannot find the classifier in the checkpoint: is it an EfficientNetV2's?")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,9 +117,9 @@ def image_paths(paths):
         elif os.path.isfile(path):
             found.append(path)
         else:
-            raise utils.UsageError(f"{path} is neither an image file nor a folder")
+            raise errors.UsageError(f"{path} is neither an image file nor a folder")
     if not found:
-        raise utils.UsageError(f"no images ({', '.join(data.IMAGE_EXTENSIONS)}) in {' '.join(paths)}")
+        raise errors.UsageError(f"no images ({', '.join(data.IMAGE_EXTENSIONS)}) in {' '.join(paths)}")
     return found
 
 
@@ -158,7 +159,7 @@ def export_onnx(net, info, out_path, size=None, batch_size=2):
         import onnxruntime
         import onnxscript  # noqa: F401  (torch.onnx.export's dynamo exporter needs it)
     except ImportError:
-        raise utils.UsageError("export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript "
+        raise errors.UsageError("export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript "
                                "onnxruntime") from None
     size = size or info['size']
     generator = torch.Generator().manual_seed(0)  # the same check, the same number, every time
@@ -210,11 +211,11 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    with utils.one_line_errors():
+    with distributed.one_line_errors():
         if args.command == 'classify':
             args.checkpoint, args.paths = split_checkpoint(args.paths, args.model)
         if args.checkpoint is None and args.model is None:
-            raise utils.UsageError("give a checkpoint, or --model NAME for its published ImageNet weights")
+            raise errors.UsageError("give a checkpoint, or --model NAME for its published ImageNet weights")
         if args.checkpoint is None:
             net, info = load_published(args.model)
         else:
@@ -222,8 +223,8 @@ def main(argv=None):
         info['size'] = args.size or info['size']
         if args.command == 'classify':
             if args.topk < 1 or args.batch_size < 1:
-                raise utils.UsageError("--topk and --batch-size must be positive")
-            device = utils.select_device(args.device, 0)
+                raise errors.UsageError("--topk and --batch-size must be positive")
+            device = distributed.select_device(args.device, 0)
             for path, top in classify(net, info, image_paths(args.paths), args.topk, device,
                                       args.batch_size):
                 print(path + ''.join(f"  {name} {100 * p:.2f}%" for name, p in top), flush=True)

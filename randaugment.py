@@ -20,7 +20,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 from torchvision.transforms.functional import InterpolationMode, pil_modes_mapping
 
-from utils import DataError
+from errors import DataError
 
 RAND_AUGMENT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
                     'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',

@@ -12,9 +12,12 @@ augmentation are functions of (seed, epoch, index) (data.py) and the learning ra
 the step (the scheduler's state is saved too); a checkpoint holds all the rest, as tensors and plain
 types: the parts' state dicts, the TrainState, and per rank the RNG states and BatchNorm statistics.
 """
+import errno
 import glob
 import json
 import os
+import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -25,9 +28,9 @@ import torch
 import torch.distributed as dist
 
 import data
-import model as models
-import utils
 import weights
+from distributed import get_rank, get_world_size, is_main_process
+from errors import CheckpointError, UsageError
 
 NONFINITE_LIMIT = 5        # consecutive non-finite losses before the run stops
 SIGNAL_REPEAT_SECONDS = 2  # a SIGTERM/SIGINT this soon after the first is the same request, relayed
@@ -80,14 +83,14 @@ def save_checkpoint(folder, names, parts, state, meta):
     """A collective: every rank adds its random streams and BatchNorm statistics to state.ranks, then
     rank 0 writes {part: its state_dict (None for a part that is None), the state's fields, meta} once,
     to the last of `names` in `folder`, and the others are hard links to it (or copies), each name
-    replaced atomically (utils.atomic_save). A full disk is one line (utils.UsageError)."""
+    replaced atomically (atomic_save). A full disk is one line (UsageError)."""
     state.ranks = rank_states(parts['model'], parts.get('model_ema'))
-    if not utils.is_main_process():
+    if not is_main_process():
         return
     checkpoint = {name: part.state_dict() if part is not None else None for name, part in parts.items()}
     checkpoint |= state.to_checkpoint() | meta
     *others, last = [os.path.join(folder, name) for name in names]
-    utils.atomic_save(checkpoint, last, links=others)
+    atomic_save(checkpoint, last, links=others)
 
 
 def epoch_checkpoint_names(epoch, is_best, keep_epochs):
@@ -101,7 +104,7 @@ def epoch_checkpoint_names(epoch, is_best, keep_epochs):
 
 def remove_epoch_checkpoint(folder, epoch):
     path = os.path.join(folder, f'checkpoint-{epoch}.pth.tar')
-    if utils.is_main_process() and os.path.exists(path):
+    if is_main_process() and os.path.exists(path):
         os.remove(path)
 
 
@@ -109,13 +112,13 @@ def rank_states(model, model_ema=None):
     """What differs between ranks and decides their future, in rank order: the random streams
     and, with several processes, the BatchNorm running statistics (DDP broadcasts rank 0's before
     each forward and each rank updates its copy with its own batch; the EMA's are never synced)."""
-    state = dict(rng=utils.rng_state())
-    if utils.get_world_size() == 1:
+    state = dict(rng=rng_state())
+    if get_world_size() == 1:
         return [state]
     state['buffers'] = {name: b.cpu() for name, b in model.named_buffers()}
     if model_ema is not None:
         state['ema_buffers'] = {name: b.cpu() for name, b in model_ema.named_buffers()}
-    states = [None] * utils.get_world_size()
+    states = [None] * get_world_size()
     dist.all_gather_object(states, state)
     return states
 
@@ -139,11 +142,11 @@ def load_checkpoint(path, parts, state, args):
             part.load_state_dict(checkpoint[name])
     for field in fields(state):
         setattr(state, field.name, checkpoint.get(field.name, getattr(state, field.name)))
-    rank, world_size = utils.get_rank(), utils.get_world_size()
+    rank, world_size = get_rank(), get_world_size()
     if len(state.ranks) == world_size:
         restore_rank_state(state.ranks[rank], parts['model'], parts.get('model_ema'))
     else:  # another world size: rank 0 goes on with the saved streams, the others start new ones
-        utils.set_rng_state(state.ranks[0]['rng'])
+        set_rng_state(state.ranks[0]['rng'])
         if rank > 0:
             torch.manual_seed(data.mix_seed(args.seed, rank, state.epoch, state.step))
     if rank == 0:
@@ -155,27 +158,27 @@ def check_resumable(path, checkpoint, args):
                 'best_epoch', 'loss_sum', 'loss_count', 'ranks', 'arch', 'num_classes')
     missing = [key for key in required if key not in checkpoint] if isinstance(checkpoint, dict) else ['state']
     if missing:
-        raise models.CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(missing[:3])}); "
+        raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(missing[:3])}); "
                                      f"to start from its weights use --pretrained {path}")
     saved = checkpoint.get('args') or {}
     own_run = os.path.abspath(path) == os.path.abspath(os.path.join(args.output, 'last.pth.tar'))
     elsewhere = "or choose another --output" if own_run else f"or start from its weights with --pretrained {path}"
     if checkpoint['arch'] != args.model or checkpoint['num_classes'] != args.num_classes:
-        raise utils.UsageError(f"{path} holds {checkpoint['arch']} with {checkpoint['num_classes']} classes, "
+        raise UsageError(f"{path} holds {checkpoint['arch']} with {checkpoint['num_classes']} classes, "
                                f"this run is {args.model} with {args.num_classes}; resume with --model "
                                f"{checkpoint['arch']} and the same data, {elsewhere}")
     if saved.get('opt', args.opt) != args.opt:
-        raise utils.UsageError(f"{path} holds {saved['opt']} optimizer state, this run uses --opt {args.opt}; "
+        raise UsageError(f"{path} holds {saved['opt']} optimizer state, this run uses --opt {args.opt}; "
                                f"resume with --opt {saved['opt']}, {elsewhere}")
     changed = [f"{key} {value!r} (checkpoint: {saved[key]!r})" for key, value in plain_args(args).items()
                if key in saved and key not in RESUME_FREE_ARGS and saved[key] != value]
-    if changed and utils.is_main_process():
+    if changed and is_main_process():
         print(f"warning: resuming with settings that differ from the checkpoint's, so the run will not "
               f"match an uninterrupted one: {', '.join(changed)}", file=sys.stderr, flush=True)
 
 
 def restore_rank_state(saved, model, model_ema=None):
-    utils.set_rng_state(saved['rng'])
+    set_rng_state(saved['rng'])
     with torch.no_grad():  # several processes: this rank's own BatchNorm statistics
         for module, key in ((model, 'buffers'), (model_ema, 'ema_buffers')):
             if module is not None and key in saved:
@@ -212,7 +215,7 @@ class StopSignals:
 
     def requested(self, at_log_step=True):
         """One process checks its flag every step; several agree at log steps (one all-reduce)."""
-        if utils.get_world_size() == 1:
+        if get_world_size() == 1:
             return self.signal is not None
         if not at_log_step:
             return False
@@ -249,7 +252,7 @@ def stopped(stop, guard, state, save, output, saved=False):
     finite = guard.check(state)
     if finite and not saved:
         save(['last.pth.tar'])
-    if utils.is_main_process():
+    if is_main_process():
         done = (f"checkpoint saved to {os.path.join(output, 'last.pth.tar')}" if finite else
                 "the loss was not finite, so the last good checkpoint was kept")
         print(f"Stopped by {signal.Signals(stop.signal).name} at epoch {state.epoch}, step {state.step}; "
@@ -269,13 +272,13 @@ def check_output(args):
     if args.resume == 'auto':
         args.resume = last if os.path.exists(last) else None
     elif not args.resume and not args.evaluate and os.path.exists(last):
-        raise utils.UsageError(f"{args.output} already holds a run; continue it with --resume auto or "
+        raise UsageError(f"{args.output} already holds a run; continue it with --resume auto or "
                                f"choose another --output")
 
 
 def create_output(args, is_main):
     """Once the inputs are known to be good: the folder (rank 0), with args.yaml, and the leftovers
-    of a save cut off by a kill removed (utils.atomic_write's temporary files)."""
+    of a save cut off by a kill removed (atomic_write's temporary files)."""
     if not is_main:
         return
     try:
@@ -283,9 +286,102 @@ def create_output(args, is_main):
         with tempfile.TemporaryFile(dir=args.output):  # a unique name: runs may share a folder
             pass
     except OSError as e:
-        raise utils.UsageError(f"cannot write to --output {args.output}: {e.strerror}") from None
+        raise UsageError(f"cannot write to --output {args.output}: {e.strerror}") from None
     for stale in glob.glob(os.path.join(glob.escape(args.output), '.*.tmp')):
         os.remove(stale)
-    utils.atomic_write(os.path.join(args.output, 'args.yaml'), lambda f: f.write(''.join(
+    atomic_write(os.path.join(args.output, 'args.yaml'), lambda f: f.write(''.join(
         f"{key}: {json.dumps(value)}\n" for key, value in plain_args(args).items()).encode()))
     print(f"Output: {args.output}", flush=True)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Files written whole: a kill at any moment leaves the old file or the new one
+
+def atomic_write(path, write, links=(), size=None):
+    """write(binary file) into a temporary file in the same folder, fsync, rename: a kill at any
+    moment leaves either the old file or the new one, never half of one. Each of `links` (paths in
+    the same folder) gets the same bytes before `path` is renamed (link_or_copy): the file is written
+    once. The temporary names, .NAME.PID.tmp, are what train.py clears from --output as stale. A full
+    disk or quota is a UsageError naming the folder, the bytes needed (`size`, else at least those
+    written) and those free."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        for other in links:
+            link_or_copy(tmp, other)
+        os.replace(tmp, path)
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        needs = f"about {size / 1e6:.1f} MB" if size else f"more than {written:,} bytes"
+        if os.path.exists(tmp):
+            os.remove(tmp)  # before asking what is free
+        free = shutil.disk_usage(folder).free
+        raise UsageError(f"no space left in {folder} for {os.path.basename(path)}: it needs {needs}, "
+                         f"{free / 1e6:.1f} MB are free; free some space there or choose another --output") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the renames themselves durable
+    finally:
+        os.close(dir_fd)
+
+def temporary_path(path):
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+
+def link_or_copy(source, path):
+    """`path` gets `source`'s bytes, atomically: a hard link (no space, no time), or a copy where the
+    filesystem has none. The two names then share one file until either is replaced by a rename
+    (atomic_write), which leaves the other's bytes as they were."""
+    tmp = temporary_path(path)
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)  # link() does not overwrite, and open() would write through a stale link
+        try:
+            os.link(source, tmp)
+        except OSError:  # FAT, some network and FUSE filesystems
+            with open(source, 'rb') as original, open(tmp, 'wb') as f:
+                shutil.copyfileobj(original, f)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def is_disk_full(error):
+    """ENOSPC or EDQUOT, also where torch's zip writer reports the failed write as its own RuntimeError
+    ('unexpected pos'), raised while the OSError was being handled."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+def atomic_save(obj, path, links=()):
+    """torch.save(obj) into `path` once, and `links` made from it (atomic_write). The size named
+    when the disk is full is that of the tensors' storages, most of the file."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)}
+    atomic_write(path, lambda f: torch.save(obj, f), links, size=sum(storages.values()))
+
+def rng_state():
+    """Every random stream the training step draws from, as tensors and plain types."""
+    state = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])

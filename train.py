@@ -36,9 +36,12 @@ import torch
 import torch.nn.functional as F
 
 import data
+import distributed
+import errors
+import logs
 import model as models
+import optim
 import run
-import utils
 import weights
 
 # The zero-setup demo (python train.py), measured in the README: 96-98% top-1 (10 epochs: 95.8%).
@@ -107,7 +110,7 @@ def get_args_parser():
     p.add_argument('--momentum', type=float, default=0.9, help='rmsproptf and sgd')
     p.add_argument('--weight-decay', type=float, help=f'none on biases and BN {default("weight_decay")}')
     p.add_argument('--clip-grad', type=float, help='max gradient norm (default: no clipping)')
-    p.add_argument('--sched', choices=utils.SCHEDULES, help=f'lr per epoch {default("sched")}')
+    p.add_argument('--sched', choices=optim.SCHEDULES, help=f'lr per epoch {default("sched")}')
     p.add_argument('--lr', type=float, help=f'learning rate, as given {default("lr")}')
     p.add_argument('--lr-base', type=float,
                    help='instead of --lr: the lr for a global batch of --lr-base-size, scaled to this run\'s')
@@ -186,15 +189,15 @@ def datasets(args):
 
 def create_optimizer(model, args, steps_per_epoch):
     """-> (optimizer, lr scheduler stepped after every optimizer step). timm's parameter groups (no weight
-    decay on biases and BatchNorm) and its schedules, which change the lr once per epoch (utils.py)."""
-    groups = utils.param_groups(model, args.weight_decay)
-    if args.opt == 'rmsproptf':  # TensorFlow's RMSprop as timm has it (utils.py says how it differs from torch's)
-        optimizer = utils.RMSpropTF(groups, lr=args.lr, alpha=0.9, eps=args.opt_eps, momentum=args.momentum)
+    decay on biases and BatchNorm) and its schedules, which change the lr once per epoch (optim.py)."""
+    groups = optim.param_groups(model, args.weight_decay)
+    if args.opt == 'rmsproptf':  # TensorFlow's RMSprop as timm has it (optim.py says how it differs from torch's)
+        optimizer = optim.RMSpropTF(groups, lr=args.lr, alpha=0.9, eps=args.opt_eps, momentum=args.momentum)
     elif args.opt == 'sgd':  # timm's 'sgd' is Nesterov momentum
         optimizer = torch.optim.SGD(groups, args.lr, momentum=args.momentum, nesterov=args.momentum > 0, foreach=True)
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps, foreach=True)
-    scheduler = utils.TimmSchedule(optimizer, steps_per_epoch, args.sched, args.epochs, args.warmup_lr,
+    scheduler = optim.TimmSchedule(optimizer, steps_per_epoch, args.sched, args.epochs, args.warmup_lr,
                                    args.warmup_epochs, args.decay_epochs, args.decay_rate, args.min_lr)
     return optimizer, scheduler
 
@@ -211,14 +214,14 @@ def train_loss(output, targets, args):
 # The recipe
 
 def main(argv=None):
-    with utils.one_line_errors(alike_on_every_rank=True):
+    with distributed.one_line_errors(alike_on_every_rank=True):
         args = resolve_args(get_args_parser().parse_args(argv))
         run.check_output(args)
-    with utils.one_line_errors():
+    with distributed.one_line_errors():
         train(args)
-    if utils.is_main_process() and not args.evaluate:
+    if distributed.is_main_process() and not args.evaluate:
         print(f"Output: {args.output}", flush=True)
-    utils.destroy_distributed()
+    distributed.destroy_distributed()
 
 
 def train(args):
@@ -229,9 +232,9 @@ def train(args):
     steps_per_epoch = count_steps(train_set, args)
     model_without_ddp = build_model(args, device)
     optimizer, scheduler = create_optimizer(model_without_ddp, args, steps_per_epoch)
-    precision, model_without_ddp, optimizer = utils.create_precision(
+    precision, model_without_ddp, optimizer = optim.create_precision(
         device, model_without_ddp, optimizer, args.amp, args.amp_dtype, args.apex_amp, say=say)
-    model_ema = utils.ModelEma(model_without_ddp, args.model_ema_decay) if args.model_ema else None
+    model_ema = optim.ModelEma(model_without_ddp, args.model_ema_decay) if args.model_ema else None
     model = distribute(model_without_ddp, device, precision, args)
     if args.evaluate:
         return evaluate(model_without_ddp, val_set, device, precision, args)
@@ -240,14 +243,14 @@ def train(args):
                  model_ema=model_ema.module if model_ema else None)
     if args.resume:
         run.load_checkpoint(args.resume, parts, state, args)
-    run.create_output(args, utils.is_main_process())
+    run.create_output(args, distributed.is_main_process())
     say(describe_run(args, model_without_ddp, train_set, val_set, device, steps_per_epoch, optimizer, scheduler))
     save = functools.partial(run.save_checkpoint, args.output, parts=parts, state=state, meta=dict(
         arch=args.model, num_classes=args.num_classes, classes=list(classes), args=run.plain_args(args)))
     stop, guard = run.StopSignals(device), run.NonFiniteGuard(device)
-    epoch_logger = utils.EpochLogger(args.output, utils.is_main_process())
-    if args.log_tensorboard and utils.is_main_process():
-        utils.open_tensorboard(args.output, first_step=state.num_updates)
+    epoch_logger = logs.EpochLogger(args.output, distributed.is_main_process())
+    if args.log_tensorboard and distributed.is_main_process():
+        logs.open_tensorboard(args.output, first_step=state.num_updates)
     val_loader = make_val_loader(val_set, device, args)
     first_epoch = state.epoch
     for epoch in range(first_epoch, args.epochs):
@@ -289,12 +292,12 @@ def train_one_epoch(model, optimizer, scheduler, precision, loader, device, args
     --log-interval steps, a checkpoint every --checkpoint-interval steps; -> the epoch's images/s."""
     model.train()
     if args.freeze_bn:
-        utils.freeze_batchnorm(model)
+        models.freeze_batchnorm(model)
     num_steps = len(loader.batch_sampler) // args.grad_accum_steps
     last_step = num_steps - 1
     if args.perf_steps:  # the ModelZoo's throughput runs stop after --perf-steps steps
         last_step = min(last_step, state.step + args.perf_steps - state.num_updates - 1)
-    logger = utils.TrainLogger(state.epoch, num_steps, last_step, args.log_interval, state, device)
+    logger = logs.TrainLogger(state.epoch, num_steps, last_step, args.log_interval, state, device)
     for batches in logger.log_every(loader, args.grad_accum_steps):
         loss, skipped = train_step(model, optimizer, precision, batches, device, args, model_ema, mixup)
         state.count_step(loss, bad_images=sum(int(bad.sum()) for *_, bad in batches))
@@ -334,7 +337,7 @@ def train_step(model, optimizer, precision, batches, device, args, model_ema=Non
     skipped = precision.step(optimizer, args.clip_grad)
     if model_ema is not None:
         model_ema.update_parameters(model)
-    return utils.mean_over_ranks(torch.stack(losses).mean()), skipped
+    return distributed.mean_over_ranks(torch.stack(losses).mean()), skipped
 
 
 def gradients_stay_local(model, accumulating):
@@ -348,7 +351,7 @@ def validate(model, loader, device, precision, args, log_suffix=''):
     """Loss, top-1 and top-5 over the validation set, every image counted once whatever the number of
     processes; timm's `Test:` line, values over all ranks, every --log-interval batches."""
     model.eval()
-    logger = utils.EvalLogger(args.log_interval, device, 'Test' + log_suffix, utils.is_main_process())
+    logger = logs.EvalLogger(args.log_interval, device, 'Test' + log_suffix, distributed.is_main_process())
     empty_batch = (torch.zeros(0, 3, args.eval_size, args.eval_size, dtype=torch.uint8),
                    torch.zeros(0, dtype=torch.long))
     for images, labels, *_ in logger.log_every(loader, empty_batch):
@@ -356,17 +359,17 @@ def validate(model, loader, device, precision, args, log_suffix=''):
         with precision.autocast():
             output = model(images)
         loss_sum = F.cross_entropy(output.float(), labels, reduction='sum')
-        logger.update(loss_sum, utils.accuracy(output, labels), labels.shape[0])
+        logger.update(loss_sum, logs.accuracy(output, labels), labels.shape[0])
     return logger.result()
 
 
 def evaluate_epoch(model, model_ema, val_loader, device, precision, args):
     """timm's epoch end: each rank's BN statistics averaged, then the model and its EMA validated."""
-    utils.average_bn_stats(model)
+    distributed.average_bn_stats(model)
     evaluation = validate(model, val_loader, device, precision, args)
     if model_ema is None:
         return evaluation, None
-    utils.average_bn_stats(model_ema.module)
+    distributed.average_bn_stats(model_ema.module)
     return evaluation, validate(model_ema.module, val_loader, device, precision, args, ' (EMA)')
 
 
@@ -393,8 +396,8 @@ def resolve_args(args):
     if args.dataset is None:
         args.dataset = 'folder' if args.data_path else 'digits'
     if args.lr is not None and args.lr_base is not None:
-        raise utils.UsageError(f"give --lr or --lr-base, not both (--lr {args.lr}, --lr-base {args.lr_base})")
-    defaults = DEMO_DEFAULTS if args.dataset == 'digits' else {**TIMM_DEFAULTS, 'workers': utils.default_workers()}
+        raise errors.UsageError(f"give --lr or --lr-base, not both (--lr {args.lr}, --lr-base {args.lr_base})")
+    defaults = DEMO_DEFAULTS if args.dataset == 'digits' else {**TIMM_DEFAULTS, 'workers': distributed.default_workers()}
     if args.dataset == 'digits' and args.progressive:
         defaults = {**defaults, **DEMO_PROGRESSIVE}
     if args.lr_base is not None:
@@ -403,7 +406,7 @@ def resolve_args(args):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    models.check_model_name(args.model, error=utils.UsageError)
+    models.check_model_name(args.model, error=errors.UsageError)
     # Published weights are evaluated and fine-tuned with the settings they were measured with.
     published = args.pretrained is True
     config = weights.model_config(args.model, published)  # VARIANT.TAG: that tag's, with --pretrained or not
@@ -421,45 +424,45 @@ def resolve_args(args):
         args.lr_base_scale = args.lr_base_scale or ('sqrt' if args.opt == 'adamw' else 'linear')  # timm 1.x's
         ratio = global_batch(args) / args.lr_base_size
         args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == 'sqrt' else ratio)
-    args.device = utils.device_type(args.device)  # 'auto' resolved: the same answer on every rank
+    args.device = distributed.device_type(args.device)  # 'auto' resolved: the same answer on every rank
     check_args(args)
     return args
 
 
 def global_batch(args):
     """Images per optimizer step over all processes (the launcher's WORLD_SIZE: known before they meet)."""
-    return args.batch_size * utils.distributed_env()[1] * args.grad_accum_steps
+    return args.batch_size * distributed.distributed_env()[1] * args.grad_accum_steps
 
 
 def check_args(args):
     for name in ('batch_size', 'grad_accum_steps', 'epochs', 'workers', 'log_interval', 'prog_stages',
                  'lr_base_size'):
         if getattr(args, name) < (0 if name == 'workers' else 1):
-            raise utils.UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise errors.UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not args.lr > 0:
-        raise utils.UsageError(f"the learning rate must be positive, got {args.lr}")
+        raise errors.UsageError(f"the learning rate must be positive, got {args.lr}")
     for name in ('img_size', 'eval_size'):
         if getattr(args, name) < MIN_IMAGE_SIZE:
-            raise utils.UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below the minimum "
+            raise errors.UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below the minimum "
                                    f"of {MIN_IMAGE_SIZE}")
     if args.progressive and not 0 < args.prog_min_size <= args.img_size:
-        raise utils.UsageError(f"--prog-min-size {args.prog_min_size} must be between 1 and --img-size "
+        raise errors.UsageError(f"--prog-min-size {args.prog_min_size} must be between 1 and --img-size "
                                f"{args.img_size}; give a smaller --prog-min-size")
     if args.aa:
         data.parse_rand_augment(args.aa)  # raises DataError with a one-line message
     if args.color_jitter < 0:
-        raise utils.UsageError(f"--color-jitter must be 0 or more, got {args.color_jitter}")
+        raise errors.UsageError(f"--color-jitter must be 0 or more, got {args.color_jitter}")
     if isinstance(args.pretrained, str) and os.path.isdir(args.pretrained):
-        raise utils.UsageError(f"--pretrained takes a weights file or no value, and {args.pretrained} is a "
+        raise errors.UsageError(f"--pretrained takes a weights file or no value, and {args.pretrained} is a "
                                f"folder: put the data folder before --pretrained")
     if args.evaluate and not (args.resume or args.pretrained):
-        raise utils.UsageError("--evaluate needs weights: give --resume PATH or --pretrained [PATH]")
+        raise errors.UsageError("--evaluate needs weights: give --resume PATH or --pretrained [PATH]")
     if args.resume == 'auto' and not args.output:
-        raise utils.UsageError("--resume auto needs --output DIR (the run folder to continue)")
+        raise errors.UsageError("--resume auto needs --output DIR (the run folder to continue)")
     if args.log_tensorboard and importlib.util.find_spec('tensorboard') is None:
-        raise utils.UsageError("--log-tensorboard needs the tensorboard package: pip install tensorboard")
+        raise errors.UsageError("--log-tensorboard needs the tensorboard package: pip install tensorboard")
     if args.sync_bn and args.device == 'cpu':
-        raise utils.UsageError("--sync-bn needs GPUs or NPUs: torch's SyncBatchNorm does not run on the "
+        raise errors.UsageError("--sync-bn needs GPUs or NPUs: torch's SyncBatchNorm does not run on the "
                                "CPU (BN statistics are still averaged across ranks before eval)")
 
 
@@ -468,29 +471,29 @@ def count_steps(train_set, args):
     built (said once: every rank finds the same)."""
     steps = len(train_sampler(train_set, args)) // args.grad_accum_steps
     if steps == 0:
-        per_process = math.ceil(len(train_set) / utils.get_world_size()) // args.grad_accum_steps
+        per_process = math.ceil(len(train_set) / distributed.get_world_size()) // args.grad_accum_steps
         fix = f"give -b {per_process} or less" if per_process else "use fewer processes or --grad-accum-steps"
-        with utils.one_line_errors(alike_on_every_rank=True):
-            raise utils.UsageError(f"the training set has {len(train_set)} images, fewer than one global batch of "
-                                   f"{global_batch(args)} (-b {args.batch_size} x {utils.get_world_size()} process"
-                                   f"{'es' * (utils.get_world_size() > 1)} x --grad-accum-steps "
+        with distributed.one_line_errors(alike_on_every_rank=True):
+            raise errors.UsageError(f"the training set has {len(train_set)} images, fewer than one global batch of "
+                                   f"{global_batch(args)} (-b {args.batch_size} x {distributed.get_world_size()} process"
+                                   f"{'es' * (distributed.get_world_size() > 1)} x --grad-accum-steps "
                                    f"{args.grad_accum_steps}); {fix}")
     return steps
 
 
 def say(message):
     """Rank 0 prints (it alone logs)."""
-    if utils.is_main_process():
+    if distributed.is_main_process():
         print(message, flush=True)
 
 
 def describe_run(args, model, train_set, val_set, device, steps_per_epoch, optimizer, scheduler):
     """The run in two lines (rank 0), and a warning when the warm-up never ends."""
-    world_size = utils.get_world_size()
+    world_size = distributed.get_world_size()
     lr = f"lr {args.lr:.4g}" + (f" (--lr-base {args.lr_base:g} per {args.lr_base_size} images, {args.lr_base_scale})"
                                 if args.lr_base is not None else '')
     accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ''
-    if utils.is_main_process() and 0 < args.epochs <= args.warmup_epochs:
+    if distributed.is_main_process() and 0 < args.epochs <= args.warmup_epochs:
         print(f"warning: the warm-up (--warmup-epochs {args.warmup_epochs}) covers the whole run (--epochs "
               f"{args.epochs}): the lr rises from --warmup-lr {args.warmup_lr:g} and never reaches {args.lr:g}; "
               f"give --warmup-epochs 0, or fewer than --epochs", file=sys.stderr, flush=True)
@@ -505,10 +508,10 @@ def describe_run(args, model, train_set, val_set, device, steps_per_epoch, optim
 
 def setup_processes(args):
     """This process's device and, under a launcher, the process group; seeds the initialization."""
-    rank, world_size, local_rank = utils.distributed_env()
-    device = utils.select_device(args.device, local_rank)
+    rank, world_size, local_rank = distributed.distributed_env()
+    device = distributed.select_device(args.device, local_rank)
     if world_size > 1:
-        utils.init_distributed(device, timeout_minutes=args.dist_timeout)
+        distributed.init_distributed(device, timeout_minutes=args.dist_timeout)
     torch.manual_seed(args.seed)
     return device
 
@@ -520,10 +523,10 @@ def build_model(args, device):
     if args.pretrained:
         path = fetch_published_weights(args.model) if args.pretrained is True else args.pretrained
         load_weights(model, weights.read_checkpoint(path))
-    if args.sync_bn and utils.get_world_size() > 1:
+    if args.sync_bn and distributed.get_world_size() > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last is None:
-        args.channels_last = utils.default_channels_last(device)
+        args.channels_last = distributed.default_channels_last(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     if device.type == 'cuda':
@@ -534,30 +537,30 @@ def build_model(args, device):
 def distribute(model_without_ddp, device, precision, args):
     """The module that trains: DDP with several processes, compiled with --compile."""
     model = model_without_ddp
-    if utils.get_world_size() > 1:
+    if distributed.get_world_size() > 1:
         ids = [device.index] if device.type in ('cuda', 'npu') else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if args.compile:
         model = compile_model(model, precision, args)
-    if utils.get_rank() > 0:  # the same initial weights above; from here on dropout, drop path, mixup and
+    if distributed.get_rank() > 0:  # the same initial weights above; from here on dropout, drop path, mixup and
         # random erasing draw per rank (timm seeds seed + rank), or the ranks would repeat one another
-        torch.manual_seed(data.mix_seed(args.seed, utils.get_rank()))
+        torch.manual_seed(data.mix_seed(args.seed, distributed.get_rank()))
     return model
 
 
 def fetch_published_weights(name):
     """The variant's published weights, downloaded once per node: local rank 0 fetches them while
     the others wait, then find them in the cache."""
-    local_rank = utils.distributed_env()[2]
+    local_rank = distributed.distributed_env()[2]
     if local_rank == 0:
         path = weights.published_weights(name)
-    utils.barrier()
+    distributed.barrier()
     return path if local_rank == 0 else weights.published_weights(name, progress=False)
 
 
 def load_weights(net, checkpoint, use_ema=True):
-    """models.load_pretrained; rank 0 says its notes (a torchvision conversion, a new classifier)."""
-    for note in models.load_pretrained(net, checkpoint, use_ema):
+    """weights.load_pretrained; rank 0 says its notes (a torchvision conversion, a new classifier)."""
+    for note in weights.load_pretrained(net, checkpoint, use_ema):
         say(note)
     return net
 
@@ -566,7 +569,7 @@ def compile_model(model, precision, args):
     """Only the training forward/backward is compiled: EMA, evaluation and checkpoints use the plain
     module (no `_orig_mod.` in saved keys). Static shapes: --progressive recompiles once per stage."""
     if precision.apex_optimizer is not None:
-        raise utils.UsageError("--compile does not work with apex's patched functions; use --amp")
+        raise errors.UsageError("--compile does not work with apex's patched functions; use --amp")
     config = torch._dynamo.config
     limit = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'  # torch < 2.7
     setattr(config, limit, max(getattr(config, limit), args.prog_stages + 1))
@@ -618,7 +621,7 @@ def train_transform(settings, args):
 
 def train_sampler(dataset, args, epoch=0, start_batch=0):
     sampler = data.EpochBatchSampler(len(dataset), args.batch_size, shuffle=True, seed=args.seed,
-                                     rank=utils.get_rank(), world_size=utils.get_world_size(), drop_last=True)
+                                     rank=distributed.get_rank(), world_size=distributed.get_world_size(), drop_last=True)
     sampler.set_epoch(epoch, start_batch)
     return sampler
 
@@ -626,8 +629,8 @@ def train_sampler(dataset, args, epoch=0, start_batch=0):
 def make_val_loader(dataset, device, args):
     """Every image once over all ranks (rank r takes r, r + world_size, ...; no padding)."""
     transform = data.eval_transform(args.eval_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
-    sampler = data.EpochBatchSampler(len(dataset), args.batch_size, shuffle=False, rank=utils.get_rank(),
-                                     world_size=utils.get_world_size(), drop_last=False)
+    sampler = data.EpochBatchSampler(len(dataset), args.batch_size, shuffle=False, rank=distributed.get_rank(),
+                                     world_size=distributed.get_world_size(), drop_last=False)
     return make_loader(dataset, transform, sampler, device, args)
 
 

@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 
 import model as models
+from errors import CheckpointError
 
 TORCHVISION_MODELS = 'https://download.pytorch.org/models'  # the tests serve their own folder instead
 LOCAL_COPY = "give a local copy instead (train.py --pretrained PATH, predict.py's checkpoint argument)"
@@ -50,16 +51,16 @@ def read_checkpoint(path):
         with _allow_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
-        raise models.CheckpointError(f"checkpoint not found: {path}") from None
+        raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:  # unpickling errors, truncated files, foreign formats
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         if lines[0].startswith('Weights only load failed'):  # torch names the refused callable
             detail = next((line for line in lines if 'GLOBAL' in line), lines[-1])
-            raise models.CheckpointError(
+            raise CheckpointError(
                 f"refused to load {path}: it holds Python objects beyond tensors and plain types, which "
                 f"unpickling could run as code ({detail.rstrip('.')}); load it with "
                 f"torch.load(weights_only=False) only if you trust its source") from None
-        raise models.CheckpointError(f"cannot read checkpoint {path} as a weights-only file "
+        raise CheckpointError(f"cannot read checkpoint {path} as a weights-only file "
                                      f"(tensors and plain types): {lines[0]}") from None
 
 
@@ -68,9 +69,9 @@ def _read_safetensors(path):
     try:
         return safetensors.torch.load_file(path)
     except FileNotFoundError:
-        raise models.CheckpointError(f"checkpoint not found: {path}") from None
+        raise CheckpointError(f"checkpoint not found: {path}") from None
     except (safetensors.SafetensorError, OSError) as e:
-        raise models.CheckpointError(f"cannot read {path} as a safetensors file: {_first_line(e)}") from None
+        raise CheckpointError(f"cannot read {path} as a safetensors file: {_first_line(e)}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,10 +124,10 @@ def published_tag(name):
     variant = name.split('.')[0]
     tags = [tag for tag in PUBLISHED_WEIGHTS if tag.split('.')[0] == variant]
     if not tags:
-        raise models.CheckpointError(f"{variant} has no published ImageNet weights: train it from scratch, or "
+        raise CheckpointError(f"{variant} has no published ImageNet weights: train it from scratch, or "
                                      f"start from a variant that has them (python model.py lists them)")
     if name != variant and name not in tags:
-        raise models.CheckpointError(f"no published weights {name}: {variant} has "
+        raise CheckpointError(f"no published weights {name}: {variant} has "
                                      f"{', '.join(tags)} (python model.py lists every tag)")
     return tags[0] if name == variant else name
 
@@ -171,7 +172,7 @@ def _from_hugging_face(repo, filename, progress):
     except Exception as e:  # its own errors, OSErrors, and its HTTP client's exceptions (a cut transfer)
         offline = huggingface_hub.constants.HF_HUB_OFFLINE
         reason = 'HF_HUB_OFFLINE is set and the file is not cached' if offline else _reason(e)
-        raise models.CheckpointError(f"cannot download {url} into {cache} ({reason}): {LOCAL_COPY}") from None
+        raise CheckpointError(f"cannot download {url} into {cache} ({reason}): {LOCAL_COPY}") from None
     finally:
         hub_log.setLevel(level)
     _check_sha256(path, url, cache)
@@ -192,7 +193,7 @@ def _check_sha256(path, url, cache):
     try:
         actual = _sha256(blob)
         if actual != expected:
-            raise models.CheckpointError(
+            raise CheckpointError(
                 f"{url} does not match the SHA-256 the hub states (expected {expected[:16]}, got "
                 f"{actual[:16]}); nothing was kept in {cache}: try again, or check the mirror")
     except BaseException:
@@ -224,10 +225,10 @@ def _from_torchvision(file, progress):
         # torch.hub's bar only on a terminal: its carriage returns do not belong in a log file
         torch.hub.download_url_to_file(url, path, sha256_prefix, progress=progress and sys.stderr.isatty())
     except RuntimeError:  # torch.hub's "invalid hash value"
-        raise models.CheckpointError(f"{url} does not match the SHA-256 prefix in its name (expected "
+        raise CheckpointError(f"{url} does not match the SHA-256 prefix in its name (expected "
                                      f"{sha256_prefix}); nothing was kept in {folder}: try again") from None
     except (OSError, http.client.HTTPException) as e:  # urllib's URLError and HTTPError are OSErrors
-        raise models.CheckpointError(f"cannot download {url} to {path} ({_reason(e)}): copy that file there "
+        raise CheckpointError(f"cannot download {url} to {path} ({_reason(e)}): copy that file there "
                                      f"by hand, or {LOCAL_COPY}") from None
     if progress:
         print(f"downloaded {url} to {path}", file=sys.stderr, flush=True)
@@ -249,3 +250,65 @@ def _reason(error):
 def _first_line(error):
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading weights into a model: timm's, torchvision's, and this project's checkpoints
+
+def _unwrap(checkpoint, use_ema):
+    """The model's state dict out of a bare dict, timm's wrapper or this project's checkpoint."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"checkpoint is a {type(checkpoint).__name__}, not a state dict")
+    keys = ('state_dict_ema', 'model_ema', 'state_dict', 'model') if use_ema else ('state_dict', 'model')
+    for key in keys:
+        if isinstance(checkpoint.get(key), dict) and checkpoint[key]:
+            checkpoint = checkpoint[key]
+            break
+    state = {}
+    for k, v in checkpoint.items():
+        for prefix in ('module.', '_orig_mod.'):  # DDP and torch.compile wrappers
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        state[k] = v
+    return state
+
+
+def _torchvision_names(state, model):
+    """torchvision's efficientnet_v2_* has our layout under other names, in the same order."""
+    ours = [(k, v) for k, v in model.state_dict().items() if not k.endswith('num_batches_tracked')]
+    theirs = [(k, v) for k, v in state.items() if not k.endswith('num_batches_tracked')]
+    if len(ours) != len(theirs):
+        raise CheckpointError(f"torchvision state dict has {len(theirs)} entries, the model has "
+                              f"{len(ours)}: not the same variant")
+    for m in model.modules():  # torchvision trains these models with TF's BN eps
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = 1e-3
+    return {k: v for (k, _), (_, v) in zip(ours, theirs)}
+
+
+def load_pretrained(model, checkpoint, use_ema=True):
+    """Load timm, torchvision or own weights (a state dict, or a checkpoint dict holding one, its EMA
+    weights when present and use_ema; weights.read_checkpoint reads files) into `model`, in place. Only
+    a classifier of another shape is skipped (fine-tuning); any other mismatch raises. -> notes to log."""
+    state, notes = _unwrap(checkpoint, use_ema), []
+    if 'features.0.0.weight' in state:
+        state = _torchvision_names(state, model)
+        notes.append("converted torchvision weights; BatchNorm eps set to 1e-3")
+    expected = model.state_dict()
+    for key in expected:  # published files may omit these counters; torch itself then loads 0
+        if key.endswith('num_batches_tracked') and key not in state:
+            state[key] = torch.tensor(0)
+    for key in list(expected) + list(state):
+        if key not in state or key not in expected:
+            where = 'missing from the checkpoint' if key not in state else 'not in the model'
+            raise CheckpointError(f"checkpoint does not fit this model: key '{key}' {where}")
+    skipped = [k for k in state if k.startswith('classifier.') and state[k].shape != expected[k].shape]
+    for key in expected:
+        if key not in skipped and state[key].shape != expected[key].shape:
+            raise CheckpointError(f"checkpoint does not fit this model: '{key}' has shape "
+                                  f"{tuple(state[key].shape)}, the model {tuple(expected[key].shape)}")
+    if skipped:
+        notes.append(f"classifier left as initialised (checkpoint has {state['classifier.weight'].shape[0]} "
+                     f"classes, model {model.num_classes})")
+        state.update({k: expected[k] for k in skipped})
+    model.load_state_dict(state)
+    return notes

@@ -1,6 +1,6 @@
 """Shared test helpers: the repo root on sys.path, tiny generated image folders, CLI runs.
 
-Tests import the project's top-level files (model, utils, data) from the repo root and run
+Tests import the project's top-level files (model, data, ...) from the repo root and run
 train.py as users do, in a subprocess.
 """
 import os
@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # What a copy of the recipe takes (README, "What to copy"): train.py and the files it imports.
-RUNTIME_FILES = ('train.py', 'model.py', 'data.py', 'randaugment.py', 'utils.py', 'run.py', 'weights.py')
+RUNTIME_FILES = ('train.py', 'model.py', 'data.py', 'randaugment.py', 'errors.py', 'distributed.py', 'optim.py',
+                 'logs.py', 'run.py', 'weights.py')
 COLOURS = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 200, 40)]
 
 

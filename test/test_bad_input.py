@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-import utils
+import distributed
+import errors
 from conftest import ROOT, make_image_folder
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
@@ -197,8 +198,8 @@ def test_a_folder_of_48_images_with_timms_batch_of_128_is_one_error_line_before_
 def test_a_training_set_smaller_than_the_batch_of_all_processes_is_said_once(monkeypatch, capsys):
     import train
     monkeypatch.setenv('WORLD_SIZE', '4')
-    monkeypatch.setattr(utils, 'get_world_size', lambda: 4)
-    monkeypatch.setattr(utils, 'get_rank', lambda: 1)
+    monkeypatch.setattr(distributed, 'get_world_size', lambda: 4)
+    monkeypatch.setattr(distributed, 'get_rank', lambda: 1)
     args = train.resolve_args(train.get_args_parser().parse_args(['-b', '8', '--dataset', 'synthetic']))
     assert train.count_steps(list(range(32)), args) == 1
     for rank in (1, 0):  # only rank 0 says it: every rank finds the same
@@ -212,11 +213,11 @@ def test_a_training_set_smaller_than_the_batch_of_all_processes_is_said_once(mon
 
 
 def test_more_processes_on_a_node_than_gpus_is_a_usage_error(monkeypatch):
-    """utils.select_device's per-node check (no GPU here: the device count is faked)."""
+    """distributed.select_device's per-node check (no GPU here: the device count is faked)."""
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
-    with pytest.raises(utils.UsageError, match='process 2 has no GPU: 2 visible'):
-        utils.select_device('cuda', local_rank=2)
+    with pytest.raises(errors.UsageError, match='process 2 has no GPU: 2 visible'):
+        distributed.select_device('cuda', local_rank=2)
 
 
 def broken_package(tmp_path, name, error):

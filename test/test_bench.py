@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import model as models
-import utils
+import optim
 
 SUMMARY = re.compile(r'summary: step ours/timm (\d+\.\d\d), pipeline ours/timm (\d+\.\d\d)')
 TINY = ['--device', 'cpu', '--img-size', '32', '-b', '2', '--steps', '1', '--warmup', '1',
@@ -70,8 +70,8 @@ def build(*flags):
         ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '--device', 'cpu', '--model-ema',
          '--num-classes', '10', *flags]))
     model_without_ddp = train.build_model(args, torch.device('cpu'))
-    precision = utils.Precision('cpu')
-    model_ema = utils.ModelEma(model_without_ddp, 0.99)
+    precision = optim.Precision('cpu')
+    model_ema = optim.ModelEma(model_without_ddp, 0.99)
     model = train.distribute(model_without_ddp, torch.device('cpu'), precision, args)
     return args, model_without_ddp, model, model_ema
 

@@ -307,7 +307,7 @@ def test_compiled_training_matches_eager_within_rounding(runs):
 
 
 def test_torchrun_with_one_process_trains_on_cuda_like_a_plain_run(runs):
-    """torchrun sets WORLD_SIZE=1: train.py then starts no process group (utils.init_distributed is
+    """torchrun sets WORLD_SIZE=1: train.py then starts no process group (distributed.init_distributed is
     for world sizes above 1), so no nccl; this checks the launcher's environment on CUDA (LOCAL_RANK
     picks cuda:0, rank 0 logs and saves). nccl itself needs 2 GPUs: the test after this one."""
     assert_same_training(runs['torchrun_1'], runs['eager'])

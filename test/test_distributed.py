@@ -35,7 +35,8 @@ import time
 import pytest
 import torch
 
-import utils
+import distributed
+
 from conftest import ROOT, RUNTIME_FILES, make_image_folder, run_train
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
@@ -179,7 +180,7 @@ def test_test_lines_follow_timms_format_and_two_processes_print_one_process_numb
 
 
 def test_validation_and_collectives_never_use_float64(two_processes):
-    """Ascend's HCCL reduces no float64 (utils.EvalLogger cites the table): validation makes none and
+    """Ascend's HCCL reduces no float64 (logs.EvalLogger cites the table): validation makes none and
     every all-reduce carries float32 or int32 (all_gather_object's own transport: uint8 and int64)."""
     for rank in (0, 1):
         with open(f"{two_processes['dtypes']}.rank{rank}.json") as f:
@@ -262,7 +263,7 @@ def srun_env(procid, ntasks, job_id, **extra):
                                              ('gpu5,node[01-03]', 'gpu5'), ('rack[2-3]-n[4,6]', 'rack2-n4'),
                                              ('n[7]', 'n7'), ('a-1,b', 'a-1')])
 def test_the_master_is_the_first_host_of_slurms_compressed_host_list(nodelist, first):
-    assert utils.first_host(nodelist) == first
+    assert distributed.first_host(nodelist) == first
 
 
 def test_srun_variables_give_rank_world_size_and_the_master_torchruns_win(monkeypatch):
@@ -270,13 +271,13 @@ def test_srun_variables_give_rank_world_size_and_the_master_torchruns_win(monkey
         monkeypatch.delenv(key, raising=False)
     for key, value in srun_env(3, 8, 123456, SLURM_STEP_NODELIST='gpu[4-5]').items():
         monkeypatch.setenv(key, value)
-    assert utils.distributed_env() == (3, 8, 3)
-    assert utils.master_address() == ('gpu4', 10000 + 123456 % 20000)
+    assert distributed.distributed_env() == (3, 8, 3)
+    assert distributed.master_address() == ('gpu4', 10000 + 123456 % 20000)
     monkeypatch.setenv('MASTER_PORT', '29400')
-    assert utils.master_address() == ('gpu4', 29400)
+    assert distributed.master_address() == ('gpu4', 29400)
     for key, value in dict(RANK='1', WORLD_SIZE='2', LOCAL_RANK='1', MASTER_ADDR='host0').items():
         monkeypatch.setenv(key, value)  # torchrun started inside an salloc or srun shell
-    assert utils.distributed_env() == (1, 2, 1) and utils.master_address() == ('host0', 29400)
+    assert distributed.distributed_env() == (1, 2, 1) and distributed.master_address() == ('host0', 29400)
 
 
 def test_a_batch_script_without_srun_is_one_process(monkeypatch):
@@ -285,11 +286,11 @@ def test_a_batch_script_without_srun_is_one_process(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     for key, value in dict(SLURM_JOB_ID='7', SLURM_PROCID='0', SLURM_LOCALID='0', SLURM_NTASKS='4').items():
         monkeypatch.setenv(key, value)
-    assert utils.distributed_env() == (0, 1, 0)
+    assert distributed.distributed_env() == (0, 1, 0)
 
 
 def free_slurm_job_id():
-    """A job id whose port (10000 + id % 20000, utils.master_address) is free now."""
+    """A job id whose port (10000 + id % 20000, distributed.master_address) is free now."""
     for port in random.Random().sample(range(10000, 30000), 200):
         with socket.socket() as s:
             try:

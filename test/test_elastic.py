@@ -3,7 +3,7 @@ collectives time out after --dist-timeout) takes its group down, torchrun starts
 --resume auto the run goes on from the last checkpoint and ends as if nothing had happened
 (2 processes on the CPU, about 85 s for both tests).
 
-Why three kills: before utils.rendezvous_store gave each group keys of its own, a restarted group
+Why three kills: before distributed.rendezvous_store gave each group keys of its own, a restarted group
 read the dead group's addresses from torchrun's store and failed or hung in about half the tries
 (8 of 14 in a minimal script), so one restart passed now and then; with three this test failed 8 of 8
 times (5 ran out of restarts on 'Connection refused', 3 hung in gloo's connect past --dist-timeout).

@@ -24,7 +24,9 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model  # noqa: E402
 import weights  # noqa: E402
-from model import CheckpointError, create_model, list_models, load_pretrained  # noqa: E402
+from errors import CheckpointError  # noqa: E402
+from model import create_model, list_models  # noqa: E402
+from weights import load_pretrained  # noqa: E402
 
 SQUARE = (64, 64)
 ODD = (67, 75)  # TF 'same' padding of a stride-2 conv is asymmetric here, and differs per side
@@ -390,7 +392,7 @@ def test_unknown_variant_name_is_an_error_that_suggests_close_names():
     with pytest.raises(ValueError, match='efficientnetv2_rw_t'):
         create_model('efficientnetv2_rwt')
 
-    class UsageError(ValueError):  # a caller's own error: train.py and predict.py pass utils.UsageError
+    class UsageError(ValueError):  # a caller's own error: train.py and predict.py pass errors.UsageError
         pass
     with pytest.raises(UsageError, match="unknown model 'efficientnetv2_rwt': did you mean efficientnetv2_rw_t"):
         model.check_model_name('efficientnetv2_rwt', error=UsageError)

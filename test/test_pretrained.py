@@ -34,6 +34,7 @@ from huggingface_hub import constants as hub_constants
 from conftest import ROOT, make_image_folder, run_train
 from test_model import assert_same, images, timm_reference
 
+import errors
 import model
 import predict
 import weights
@@ -229,7 +230,7 @@ def test_published_timm_weights_download_into_the_hub_cache_and_give_timms_outpu
     # Hugging Face's own cache: its client, as timm and transformers call it, finds the file offline
     assert huggingface_hub.hf_hub_download(REPO, 'model.safetensors', local_files_only=True) == path
     net = model.create_model(ARCH)
-    model.load_pretrained(net, weights.read_checkpoint(path))
+    weights.load_pretrained(net, weights.read_checkpoint(path))
     with torch.no_grad():
         x = images((64, 64))
         assert_same(net.eval()(x), timm_b0(x))
@@ -246,7 +247,7 @@ def test_offline_mode_uses_the_cache_and_without_it_is_one_line_and_no_request(h
                                                                               monkeypatch):
     monkeypatch.setattr(hub_constants, 'HF_HUB_OFFLINE', True)  # HF_HUB_OFFLINE=1
     publish(hub, timm_b0_file)
-    with pytest.raises(model.CheckpointError) as error:
+    with pytest.raises(errors.CheckpointError) as error:
         weights.published_weights(ARCH, progress=False)
     message = one_line(error)
     assert 'HF_HUB_OFFLINE' in message and hub_cache() in message and '--pretrained PATH' in message
@@ -259,7 +260,7 @@ def test_offline_mode_uses_the_cache_and_without_it_is_one_line_and_no_request(h
 
 def test_a_sha256_mismatch_is_refused_in_one_line_and_nothing_stays_in_the_cache(hub, timm_b0_file):
     publish(hub, timm_b0_file, stated_sha256='f' * 64)
-    with pytest.raises(model.CheckpointError) as error:
+    with pytest.raises(errors.CheckpointError) as error:
         weights.published_weights(ARCH, progress=False)
     assert 'SHA-256' in one_line(error) and 'ffffffff' in str(error.value)
     assert hub.requests == DOWNLOAD and cache_contents() == []
@@ -281,7 +282,7 @@ def test_a_transfer_that_ends_early_leaves_no_partial_file_and_says_so_in_one_li
     half, whole = len(timm_b0_file) // 2, len(timm_b0_file)
     publish(hub, timm_b0_file)
     hub.plan = [dict(send=half, announce=False)]
-    with pytest.raises(model.CheckpointError) as error:
+    with pytest.raises(errors.CheckpointError) as error:
         weights.published_weights(ARCH, progress=False)
     message = one_line(error)
     assert message.startswith(f'cannot download {hub.url}{HUB_PATH} into {hub_cache()}')
@@ -302,7 +303,7 @@ def test_a_transfer_cut_for_good_leaves_no_partial_file_and_says_so_in_one_line(
     """Cut halfway, then the CDN drops every connection: the client gives up after 5 more tries."""
     publish(hub, timm_b0_file)
     hub.plan = [dict(send=len(timm_b0_file) // 2, then_drop=True)]
-    with pytest.raises(model.CheckpointError) as error:
+    with pytest.raises(errors.CheckpointError) as error:
         weights.published_weights(ARCH, progress=False)
     message = one_line(error)
     assert message.startswith(f'cannot download {hub.url}{HUB_PATH} into {hub_cache()}')
@@ -322,7 +323,7 @@ def test_an_unreachable_hub_is_one_line_naming_the_url_the_cache_and_a_local_fil
                                                                                    no_retry_waits):
     port = closed_port()
     use_endpoint(monkeypatch, f'http://127.0.0.1:{port}')
-    with pytest.raises(model.CheckpointError) as error:
+    with pytest.raises(errors.CheckpointError) as error:
         weights.published_weights(ARCH, progress=False)
     message = one_line(error)
     assert f'http://127.0.0.1:{port}{HUB_PATH}' in message and hub_cache() in message
@@ -330,7 +331,7 @@ def test_an_unreachable_hub_is_one_line_naming_the_url_the_cache_and_a_local_fil
 
 
 def test_a_missing_file_on_the_hub_names_the_http_status(hub):
-    with pytest.raises(model.CheckpointError, match='HTTP 404'):
+    with pytest.raises(errors.CheckpointError, match='HTTP 404'):
         weights.published_weights(ARCH, progress=False)
     assert hub.requests == [f'HEAD {HUB_PATH}'] and cache_contents() == []
 
@@ -368,7 +369,7 @@ def test_torchvision_style_weights_are_checked_against_the_hash_prefix_in_their_
     assert path == os.path.join(torch_cache(), f'b0-{sha256[:8]}.pth')  # torchvision's own cache name
     assert cache_contents() == [f'b0-{sha256[:8]}.pth']
     net = model.create_model(ARCH)
-    model.load_pretrained(net, weights.read_checkpoint(path))
+    weights.load_pretrained(net, weights.read_checkpoint(path))
     for key, value in net.state_dict().items():
         assert torch.equal(value, torchvision_style['weights'][key]), key
     (folder / f'b0-{sha256[:8]}.pth').unlink()  # the second call reads the cache
@@ -379,14 +380,14 @@ def test_torchvision_weights_whose_hash_differs_from_their_name_are_refused(torc
     """The real row: efficientnet_v2_s-dd5fe13b.pth, here holding other bytes."""
     (torchvision_style['folder'] / 'weights.pth').rename(
         torchvision_style['folder'] / 'efficientnet_v2_s-dd5fe13b.pth')
-    with pytest.raises(model.CheckpointError) as error:
+    with pytest.raises(errors.CheckpointError) as error:
         weights.published_weights('efficientnetv2_s', progress=False)
     assert 'expected dd5fe13b' in one_line(error) and torch_cache() in str(error.value)
     assert cache_contents() == []
 
 
 def test_an_unreachable_torchvision_file_is_one_line_naming_the_url_and_the_cache_path(torchvision_style):
-    with pytest.raises(model.CheckpointError) as error:
+    with pytest.raises(errors.CheckpointError) as error:
         weights.published_weights('efficientnetv2_s', progress=False)
     message = one_line(error)
     assert message.startswith(f"cannot download {weights.TORCHVISION_MODELS}/efficientnet_v2_s-dd5fe13b.pth")
@@ -396,7 +397,7 @@ def test_an_unreachable_torchvision_file_is_one_line_naming_the_url_and_the_cach
 
 def test_a_variant_without_published_weights_is_refused_in_one_line():
     for call in (weights.published_weights, weights.published_config):
-        with pytest.raises(model.CheckpointError) as error:
+        with pytest.raises(errors.CheckpointError) as error:
             call('efficientnetv2_xl')
         assert 'efficientnetv2_xl has no published ImageNet weights' in one_line(error)
     assert cache_contents() == []
@@ -483,7 +484,7 @@ def test_torchvision_weights_without_batch_counters_still_convert():
     with torch.device('meta'):
         net = model.create_model('efficientnetv2_s')
     net = net.to_empty(device='cpu')
-    assert model.load_pretrained(net, state) == ["converted torchvision weights; BatchNorm eps set to 1e-3"]
+    assert weights.load_pretrained(net, state) == ["converted torchvision weights; BatchNorm eps set to 1e-3"]
     ours = [(k, v) for k, v in net.state_dict().items() if not k.endswith('num_batches_tracked')]
     assert len(ours) == len(state)
     for (key, value), expected in zip(ours, state.values()):
@@ -517,10 +518,10 @@ def test_safetensors_files_are_read_by_their_extension_with_every_dtype_kept(tmp
 def test_a_broken_safetensors_file_is_refused_in_one_line(tmp_path, content):
     path = tmp_path / 'broken.safetensors'
     path.write_bytes(content)
-    with pytest.raises(model.CheckpointError) as error:
+    with pytest.raises(errors.CheckpointError) as error:
         weights.read_checkpoint(str(path))
     assert 'safetensors' in one_line(error) and str(path) in str(error.value)
-    with pytest.raises(model.CheckpointError, match='not found'):
+    with pytest.raises(errors.CheckpointError, match='not found'):
         weights.read_checkpoint(str(tmp_path / 'missing.safetensors'))
 
 
@@ -528,7 +529,7 @@ def test_timm_safetensors_without_batch_counters_load(tmp_path, timm_b0):
     state = {k: v for k, v in timm_b0.state_dict().items() if not k.endswith('num_batches_tracked')}
     safetensors.torch.save_file(state, tmp_path / 'b0.safetensors')
     net = model.create_model(ARCH)
-    assert model.load_pretrained(net, weights.read_checkpoint(str(tmp_path / 'b0.safetensors'))) == []
+    assert weights.load_pretrained(net, weights.read_checkpoint(str(tmp_path / 'b0.safetensors'))) == []
     with torch.no_grad():
         assert_same(net.eval()(images((64, 64))), timm_b0(images((64, 64))))
 
@@ -572,7 +573,7 @@ def test_an_unknown_model_name_is_a_usage_error_naming_close_matches(tmp_path):
     torch.save(model.create_model(ARCH, num_classes=2).state_dict(), tmp_path / 'bare.pth')
     for load in (lambda: predict.load_published('efficientnetv2_rwt'),
                  lambda: predict.load_model(tmp_path / 'bare.pth', 'efficientnetv2_rwt')):
-        with pytest.raises(predict.utils.UsageError, match='did you mean efficientnetv2_rw_t'):
+        with pytest.raises(predict.errors.UsageError, match='did you mean efficientnetv2_rw_t'):
             load()
 
 
@@ -607,7 +608,7 @@ def test_classify_and_export_arguments_without_a_checkpoint(tmp_path):
     folder.mkdir()
     assert predict.split_checkpoint([str(folder), 'a.JPG'], ARCH) == (None, [str(folder), 'a.JPG'])
     assert predict.split_checkpoint(['last.pth.tar', 'a.jpg'], None) == ('last.pth.tar', ['a.jpg'])
-    with pytest.raises(predict.utils.UsageError, match='--model NAME'):
+    with pytest.raises(predict.errors.UsageError, match='--model NAME'):
         predict.split_checkpoint(['a.jpg'], None)
 
 
@@ -673,7 +674,7 @@ def test_an_unknown_tag_is_one_line_naming_the_variants_tags():
     import train
     for call in (weights.published_tag, weights.published_config, weights.published_weights, predict.load_published,
                  lambda name: train.resolve_args(train.get_args_parser().parse_args(['--model', name]))):
-        with pytest.raises(model.CheckpointError) as error:
+        with pytest.raises(errors.CheckpointError) as error:
             call('tf_efficientnetv2_s.in22k')
         message = one_line(error)
         assert message.startswith('no published weights tf_efficientnetv2_s.in22k: tf_efficientnetv2_s has ')

@@ -18,7 +18,8 @@ import torch
 from conftest import ROOT, make_image_folder, run_train
 
 import train  # tests reuse train.py's parser and its schedule (torchvision references' habit)
-import utils
+import errors
+import logs
 
 
 def resolved(*argv):
@@ -83,7 +84,7 @@ def test_progressive_evaluates_at_the_models_test_size_unless_a_size_is_given():
 
 
 def test_a_minimum_size_above_the_image_size_is_a_usage_error():
-    with pytest.raises(utils.UsageError, match='--prog-min-size 128'):
+    with pytest.raises(errors.UsageError, match='--prog-min-size 128'):
         resolved('--dataset', 'synthetic', '--progressive', '--img-size', '64')
 
 
@@ -141,7 +142,7 @@ def test_curves_png_is_drawn_each_epoch_with_one_point_per_epoch(runs):
     assert header[:8] == b'\x89PNG\r\n\x1a\n'
     width, height = struct.unpack('>II', header[16:24])
     assert width > 600 and height > 400
-    figure = utils.plot_curves([runs['root'] / 'whole'], runs['root'] / 'again.png')
+    figure = logs.plot_curves([runs['root'] / 'whole'], runs['root'] / 'again.png')
     lines = {line.get_label(): list(line.get_xdata()) for ax in figure.axes for line in ax.lines}
     assert set(lines) == {'train_loss', 'eval_loss', 'eval_top1', 'ema_top1', 'lr', 'images_per_sec'}
     assert all(xs == [0, 1, 2, 3] for xs in lines.values())
@@ -149,11 +150,11 @@ def test_curves_png_is_drawn_each_epoch_with_one_point_per_epoch(runs):
 
 def test_plot_command_overlays_several_runs(runs):
     out = runs['root'] / 'both.png'
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'utils.py'), 'plot', runs['root'] / 'whole',
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'logs.py'), 'plot', runs['root'] / 'whole',
                              runs['root'] / 'resumed', '--out', out], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    figure = utils.plot_curves([runs['root'] / 'whole', runs['root'] / 'resumed'], out)
+    figure = logs.plot_curves([runs['root'] / 'whole', runs['root'] / 'resumed'], out)
     points = {line.get_label(): len(line.get_xdata()) for line in figure.axes[0].lines}
     assert points == {'whole: train_loss': 4, 'whole: eval_loss': 4, 'resumed: train_loss': 2,
                       'resumed: eval_loss': 2}

@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import utils
+import errors
+import logs
+import optim
+import run
 
 timm = pytest.importorskip('timm')
 
@@ -34,9 +37,9 @@ def test_rmsproptf_matches_timm_over_20_steps_with_weight_decay_groups():
     from timm.optim import RMSpropTF as TimmRMSpropTF
     ours, theirs = small_net(), small_net()
     settings = dict(lr=0.01, weight_decay=1e-2)
-    run_steps(ours, utils.RMSpropTF(utils.param_groups(ours, settings['weight_decay']),
+    run_steps(ours, optim.RMSpropTF(optim.param_groups(ours, settings['weight_decay']),
                                     lr=settings['lr'], alpha=0.9, eps=1e-3, momentum=0.9))
-    run_steps(theirs, TimmRMSpropTF(utils.param_groups(theirs, settings['weight_decay']),
+    run_steps(theirs, TimmRMSpropTF(optim.param_groups(theirs, settings['weight_decay']),
                                     lr=settings['lr'], alpha=0.9, eps=1e-3, momentum=0.9))
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
@@ -57,7 +60,7 @@ def test_create_optimizer_rmsproptf_is_timms_configuration():
 
 def test_rmsproptf_updates_in_cpu_chunks_exactly_as_in_one_piece():
     whole, chunked = small_net(), small_net()
-    optimizers = [utils.RMSpropTF(utils.param_groups(net, 1e-2), lr=0.01, eps=1e-3, momentum=0.9)
+    optimizers = [optim.RMSpropTF(optim.param_groups(net, 1e-2), lr=0.01, eps=1e-3, momentum=0.9)
                   for net in (whole, chunked)]
     optimizers[1].cpu_chunk_numel = 100  # every tensor of small_net alone, some pairs together
     for net, optimizer in zip((whole, chunked), optimizers):
@@ -67,7 +70,7 @@ def test_rmsproptf_updates_in_cpu_chunks_exactly_as_in_one_piece():
 
 
 def test_no_weight_decay_on_biases_and_1d_parameters():
-    groups = utils.param_groups(small_net(), 1e-5)
+    groups = optim.param_groups(small_net(), 1e-5)
     no_decay, decay = groups
     assert no_decay['weight_decay'] == 0 and decay['weight_decay'] == 1e-5
     assert all(p.ndim <= 1 for p in no_decay['params']) and all(p.ndim > 1 for p in decay['params'])
@@ -89,7 +92,7 @@ def test_step_schedule_matches_timm_step_scheduler_with_warmup():
     sched = StepLRScheduler(opt, decay_t=2.4, decay_rate=0.97, warmup_lr_init=4e-6, warmup_t=3,
                             warmup_prefix=False)
     expected = timm_lrs(sched, 40)
-    ours = [utils.learning_rate(e, 'step', 0.014, 40, 4e-6, 3, 2.4, 0.97, 1e-6) for e in range(40)]
+    ours = [optim.learning_rate(e, 'step', 0.014, 40, 4e-6, 3, 2.4, 0.97, 1e-6) for e in range(40)]
     assert ours == pytest.approx(expected, rel=1e-12)
     assert ours[0] == 4e-6 and ours[3] == pytest.approx(0.014 * 0.97)  # 3 // 2.4 = 1 decay
 
@@ -99,14 +102,14 @@ def test_cosine_schedule_matches_timm_cosine_scheduler():
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.05)
     sched = CosineLRScheduler(opt, t_initial=30, lr_min=1e-5, warmup_lr_init=1e-4, warmup_t=3)
     expected = timm_lrs(sched, 30)
-    ours = [utils.learning_rate(e, 'cosine', 0.05, 30, 1e-4, 3, 0, 0, 1e-5) for e in range(30)]
+    ours = [optim.learning_rate(e, 'cosine', 0.05, 30, 1e-4, 3, 0, 0, 1e-5) for e in range(30)]
     assert ours == pytest.approx(expected, rel=1e-9)
 
 
 def test_ema_matches_timm_model_ema_every_step_including_bn_buffers():
     from timm.utils import ModelEmaV2
     net = small_net()
-    ours, theirs = utils.ModelEma(net, 0.9), ModelEmaV2(net, decay=0.9)
+    ours, theirs = optim.ModelEma(net, 0.9), ModelEmaV2(net, decay=0.9)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     torch.manual_seed(2)
     for _ in range(5):
@@ -124,7 +127,7 @@ def test_ema_matches_timm_model_ema_every_step_including_bn_buffers():
 
 def test_ema_first_update_decays_instead_of_copying():
     net = small_net()
-    ema = utils.ModelEma(net, 0.5)
+    ema = optim.ModelEma(net, 0.5)
     before = net[4].weight.detach().clone()
     with torch.no_grad():
         net[4].weight.add_(1.0)
@@ -135,28 +138,28 @@ def test_ema_first_update_decays_instead_of_copying():
 def test_accuracy_counts_topk_hits():
     output = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.05], [0.2, 0.3, 0.5]])
     target = torch.tensor([1, 2, 1])  # hit at 1, miss, hit at 2
-    assert utils.accuracy(output, target, topk=(1, 2)).tolist() == [1, 2]
+    assert logs.accuracy(output, target, topk=(1, 2)).tolist() == [1, 2]
 
 
 def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
     path = tmp_path / 'last.pth.tar'
-    utils.atomic_save({'epoch': 1}, str(path))
+    run.atomic_save({'epoch': 1}, str(path))
 
     def broken_save(obj, f):
         f.write(b'half a checkpoint')
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', broken_save)
     with pytest.raises(OSError):
-        utils.atomic_save({'epoch': 2}, str(path))
+        run.atomic_save({'epoch': 2}, str(path))
     assert torch.load(path, weights_only=True) == {'epoch': 1}
     assert os.listdir(tmp_path) == ['last.pth.tar']
 
 
 def test_atomic_save_writes_once_and_links_the_other_names_which_a_later_save_leaves_alone(tmp_path):
     last, best = str(tmp_path / 'last.pth.tar'), str(tmp_path / 'model_best.pth.tar')
-    utils.atomic_save({'epoch': 1}, last, links=[best])
+    run.atomic_save({'epoch': 1}, last, links=[best])
     assert os.stat(last).st_ino == os.stat(best).st_ino and os.stat(last).st_nlink == 2
-    utils.atomic_save({'epoch': 2}, last)  # a new file renamed over last.pth.tar: best keeps its bytes
+    run.atomic_save({'epoch': 2}, last)  # a new file renamed over last.pth.tar: best keeps its bytes
     assert torch.load(last, weights_only=True) == {'epoch': 2}
     assert torch.load(best, weights_only=True) == {'epoch': 1}
     assert os.stat(best).st_nlink == 1 and sorted(os.listdir(tmp_path)) == ['last.pth.tar', 'model_best.pth.tar']
@@ -167,7 +170,7 @@ def test_atomic_save_copies_where_the_filesystem_has_no_hard_links(tmp_path, mon
         raise PermissionError(1, 'Operation not permitted')  # what FAT and some FUSE filesystems answer
     monkeypatch.setattr(os, 'link', no_links)
     last, best = str(tmp_path / 'last.pth.tar'), str(tmp_path / 'model_best.pth.tar')
-    utils.atomic_save({'epoch': 1}, last, links=[best])
+    run.atomic_save({'epoch': 1}, last, links=[best])
     assert os.stat(last).st_ino != os.stat(best).st_ino
     assert torch.load(best, weights_only=True) == {'epoch': 1}
     assert sorted(os.listdir(tmp_path)) == ['last.pth.tar', 'model_best.pth.tar']
@@ -177,7 +180,7 @@ def test_atomic_save_copies_where_the_filesystem_has_no_hard_links(tmp_path, mon
 def test_a_full_disk_or_quota_while_saving_says_the_folder_the_bytes_needed_and_free(tmp_path, monkeypatch, code):
     """The OSError as torch's zip writer passes it on: a RuntimeError raised while handling it."""
     path = tmp_path / 'last.pth.tar'
-    utils.atomic_save({'epoch': 1}, str(path))
+    run.atomic_save({'epoch': 1}, str(path))
     save = torch.save
 
     def filling_save(obj, f):
@@ -190,8 +193,8 @@ def test_a_full_disk_or_quota_while_saving_says_the_folder_the_bytes_needed_and_
     asked = []
     monkeypatch.setattr(shutil, 'disk_usage', lambda folder: asked.append(folder) or
                         shutil._ntuple_diskusage(10**9, 10**9 - 1_234_567, 1_234_567))
-    with pytest.raises(utils.UsageError) as error:
-        utils.atomic_save({'epoch': 2, 'weights': torch.zeros(500_000)}, str(path))
+    with pytest.raises(errors.UsageError) as error:
+        run.atomic_save({'epoch': 2, 'weights': torch.zeros(500_000)}, str(path))
     assert str(error.value) == (f"no space left in {tmp_path} for last.pth.tar: it needs about 2.0 MB, 1.2 MB are "
                                 f"free; free some space there or choose another --output")
     assert asked == [str(tmp_path)]
@@ -201,32 +204,32 @@ def test_a_full_disk_or_quota_while_saving_says_the_folder_the_bytes_needed_and_
 
 
 def test_the_per_epoch_schedule_as_a_torch_scheduler_steps_per_step_and_keeps_group_ratios():
-    """utils.TimmSchedule: stepped after every optimizer step, the lr moves at epoch boundaries only, to
+    """optim.TimmSchedule: stepped after every optimizer step, the lr moves at epoch boundaries only, to
     learning_rate(epoch); a group created with another lr keeps its ratio (not overwritten)."""
     net = small_net()
     optimizer = torch.optim.SGD([dict(params=net[0].parameters()), dict(params=net[4].parameters(), lr=0.007)],
                                 lr=0.014)
-    scheduler = utils.TimmSchedule(optimizer, 3, 'step', 10, 4e-6, 2, 2.4, 0.97, 0.0)
+    scheduler = optim.TimmSchedule(optimizer, 3, 'step', 10, 4e-6, 2, 2.4, 0.97, 0.0)
     seen = []
     for _ in range(3 * 6):
         seen.append([group['lr'] for group in optimizer.param_groups])
         optimizer.step()
         scheduler.step()
     for step, (first, second) in enumerate(seen):
-        expected = utils.learning_rate(step // 3, 'step', 0.014, 10, 4e-6, 2, 2.4, 0.97, 0.0)
+        expected = optim.learning_rate(step // 3, 'step', 0.014, 10, 4e-6, 2, 2.4, 0.97, 0.0)
         assert first == pytest.approx(expected, rel=1e-12) and second == pytest.approx(expected / 2, rel=1e-12)
 
 
 def test_an_unknown_schedule_name_is_an_error_not_a_constant_lr():
-    with pytest.raises(utils.UsageError, match="unknown schedule 'onecycle'"):
-        utils.learning_rate(0, 'onecycle', 0.1, 10, 0.0, 0, 0, 0, 0)
-    with pytest.raises(utils.UsageError):
-        utils.TimmSchedule(torch.optim.SGD(small_net().parameters(), lr=0.1), 5, 'linear', 10, 0, 0, 0, 0, 0)
+    with pytest.raises(errors.UsageError, match="unknown schedule 'onecycle'"):
+        optim.learning_rate(0, 'onecycle', 0.1, 10, 0.0, 0, 0, 0, 0)
+    with pytest.raises(errors.UsageError):
+        optim.TimmSchedule(torch.optim.SGD(small_net().parameters(), lr=0.1), 5, 'linear', 10, 0, 0, 0, 0, 0)
 
 
 def test_learning_rate_is_constant_lr_after_warmup_for_const():
-    assert utils.learning_rate(5, 'const', 0.1, 10, 0.0, 2, 0, 0, 0) == 0.1
-    assert math.isclose(utils.learning_rate(1, 'const', 0.1, 10, 0.0, 2, 0, 0, 0), 0.05)
+    assert optim.learning_rate(5, 'const', 0.1, 10, 0.0, 2, 0, 0, 0) == 0.1
+    assert math.isclose(optim.learning_rate(1, 'const', 0.1, 10, 0.0, 2, 0, 0, 0), 0.05)
 
 
 def fp16_step(precision, net, optimizer, loss_factor=1.0, clip_grad=None):
@@ -243,13 +246,13 @@ def test_precision_fp16_skips_a_non_finite_step_halves_the_scale_and_saves_it():
     untouched, the scale halves; state_dict/load_state_dict carry the scale into a new run."""
     net = small_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    precision = utils.Precision('cpu', torch.float16)
+    precision = optim.Precision('cpu', torch.float16)
     assert fp16_step(precision, net, optimizer) is False
     before = copy.deepcopy(list(net.parameters()))
     assert fp16_step(precision, net, optimizer, loss_factor=float('inf')) is True
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert precision.loss_scale() == 2.0 ** 15
-    restored = utils.Precision('cpu', torch.float16)
+    restored = optim.Precision('cpu', torch.float16)
     restored.load_state_dict(precision.state_dict())
     assert restored.loss_scale() == 2.0 ** 15
     restored.load_state_dict({})  # a checkpoint saved without fp16: the scale starts afresh
@@ -259,7 +262,7 @@ def test_precision_fp16_skips_a_non_finite_step_halves_the_scale_and_saves_it():
 def test_precision_clips_the_unscaled_gradients_under_fp16():
     net = small_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
-    precision = utils.Precision('cpu', torch.float16)
+    precision = optim.Precision('cpu', torch.float16)
     assert fp16_step(precision, net, optimizer, clip_grad=1e-3) is False
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()]))
     assert norm == pytest.approx(1e-3, rel=1e-3)  # clipped once unscaled (scaled, it would end 65536x smaller)
@@ -267,7 +270,7 @@ def test_precision_clips_the_unscaled_gradients_under_fp16():
 
 def test_precision_without_mixed_precision_is_a_plain_backward_and_step():
     net, reference = small_net(), small_net()
-    precision = utils.Precision('cpu', None)
+    precision = optim.Precision('cpu', None)
     assert precision.state_dict() == {} and precision.loss_scale() is None
     torch.manual_seed(3)
     fp16_step(precision, net, torch.optim.SGD(net.parameters(), lr=0.1))

@@ -7,7 +7,7 @@
 
 `train` runs, for each seed, `python train.py DIR` with the recipe spelled out as flags, then the same recipe
 built from timm's parts in this process: timm.create_model, ImageDataset + create_transform, create_optimizer_v2,
-CosineLRScheduler stepped once per epoch, LabelSmoothingCrossEntropy, timm.utils.accuracy. It prints a table of
+CosineLRScheduler stepped once per epoch, LabelSmoothingCrossEntropy, timm.logs.accuracy. It prints a table of
 final and best top-1 per seed and their mean, a last line `summary: ours X% timm Y% (...)`, and writes
 compare_timm.json into --out. Both sides run on the CPU with the same thread count.
 
@@ -42,7 +42,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from utils import AVERAGE_AFTER_STEP  # noqa: E402  both sides leave out the same first steps (train.py too)
+from logs import AVERAGE_AFTER_STEP  # noqa: E402  both sides leave out the same first steps (train.py too)
 
 # The digits demo's recipe (train.py DEMO_DEFAULTS); optimizer, schedule and warm-up are fixed below.
 RECIPE = dict(model='tf_efficientnetv2_b0', img_size=32, batch_size=64, epochs=10,

@@ -9,7 +9,7 @@ its main(). train.py itself knows nothing of this.
 --sigterm-at-loss N: the process sends itself SIGTERM at its N-th loss computation (it stops after that step).
 --kill-at-loss N: the process SIGKILLs itself at its N-th loss computation (train.train_loss runs once per
 micro-batch: with --grad-accum-steps 2 an even N dies between a step's two micro-batches).
---disk-full-at-save N: the process's N-th checkpoint write (utils.atomic_write of a .pth.tar) fails as on a full
+--disk-full-at-save N: the process's N-th checkpoint write (run.atomic_write of a .pth.tar) fails as on a full
 disk: once 1 MB is in the file, its write() raises OSError(ENOSPC), as the kernel's does.
 --fail-rank R: the process of rank R raises a RuntimeError after its first training step.
 --record-dtypes PREFIX: at exit, PREFIX.rankR.json lists the dtypes of every tensor made while
@@ -31,7 +31,8 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
-import utils  # noqa: E402
+import distributed  # noqa: E402
+import run  # noqa: E402
 
 
 def inject_infinite_losses(steps):
@@ -54,7 +55,7 @@ def signal_at_loss(count, signum):
 
 
 def fill_disk_at_save(count, capacity=1 << 20):
-    original, calls = utils.atomic_write, itertools.count(1)
+    original, calls = run.atomic_write, itertools.count(1)
 
     class FullDisk:
         """The file as a full disk has it: what fits is written, then ENOSPC."""
@@ -76,7 +77,7 @@ def fill_disk_at_save(count, capacity=1 << 20):
         if path.endswith('.pth.tar') and next(calls) == count:
             return original(path, lambda f: write(FullDisk(f)), *args, **kwargs)
         return original(path, write, *args, **kwargs)
-    utils.atomic_write = atomic_write
+    run.atomic_write = atomic_write
 
 
 def inject_failure(rank):
@@ -84,7 +85,7 @@ def inject_failure(rank):
 
     def train_step(*args, **kwargs):
         result = original(*args, **kwargs)
-        if utils.get_rank() == rank:
+        if distributed.get_rank() == rank:
             raise RuntimeError(f"failure injected on rank {rank} after its first step")
         return result
     train.train_step = train_step

@@ -1,0 +1,255 @@
+"""Devices, launchers and the process group: which device this process drives, its rank under torchrun,
+torch.distributed.launch or Slurm's srun, the store the ranks meet in (also after torchrun restarts a
+group), the few collectives train.py needs, the rank-0 print, and the one-line ending of a rank.
+"""
+import contextlib
+import datetime
+import importlib.util
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from errors import CheckpointError, DataError, UsageError, one_line
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices
+
+def device_type(name):
+    """'auto' picks cuda, then an Ascend npu (torch_npu imported only if installed), then cpu;
+    'cuda' or 'npu' on a machine without one is a UsageError. The same answer on every rank."""
+    if name == 'auto':
+        if torch.cuda.is_available():
+            return 'cuda'
+        if importlib.util.find_spec('torch_npu'):
+            import torch_npu  # noqa: F401  (registers the device)
+            if torch.npu.is_available():
+                return 'npu'
+        return 'cpu'
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if name == 'npu':
+        try:
+            import torch_npu  # noqa: F401
+        except ImportError:
+            raise UsageError("--device npu: torch_npu is not installed (Ascend's PyTorch "
+                             "adapter); install it or use --device cpu") from None
+    return name
+
+def select_device(name, local_rank):
+    """This process's device: cuda:LOCAL_RANK, npu:LOCAL_RANK or the cpu (name as device_type)."""
+    name = device_type(name)
+    if name in ('cuda', 'npu'):
+        accelerator = getattr(torch, name)  # torch.cuda, or torch.npu once torch_npu is imported
+        if local_rank >= accelerator.device_count():
+            raise UsageError(f"process {local_rank} has no {'GPU' if name == 'cuda' else 'NPU'}: "
+                             f"{accelerator.device_count()} visible; start at most that many "
+                             f"processes per node")
+        accelerator.set_device(local_rank)
+        return torch.device(name, local_rank)
+    return torch.device('cpu')
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    elif device.type == 'npu':
+        torch.npu.synchronize()
+
+def default_workers():
+    """timm's 4 loader processes per device, but not more than this device's share of the cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return min(4, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+
+def default_channels_last(device):
+    """The memory format train.py uses when --channels-last is not given: NHWC on CUDA (cuDNN's
+    fast depthwise and bf16 kernels want it; +30% in timm's benchmarks) and on the CPU (oneDNN:
+    forward+backward of rw_t 1.2x faster at 96 and 288 px, 1.6x at 32 px; README, Performance);
+    the NPU keeps NCHW (its adapter picks its own internal formats)."""
+    return device.type in ('cuda', 'cpu')
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers and the process group
+
+def distributed_env():
+    """(rank, world_size, local_rank): torchrun's (or torch.distributed.launch's) RANK, WORLD_SIZE and
+    LOCAL_RANK; else, in a process srun started, Slurm's, with no torchrun needed:
+
+        srun --ntasks-per-node=8 --gpus-per-node=8 python train.py ...   # each task sees its node's GPUs
+
+    torchrun's win when both are set (torchrun in an salloc or srun shell). The size is the step's
+    task count: a batch script also holds SLURM_PROCID=0 and SLURM_NTASKS=N, and a `python train.py`
+    there is one process (TensorFlow's SlurmClusterResolver reads the same variables)."""
+    if 'RANK' in os.environ or 'SLURM_STEP_NUM_TASKS' not in os.environ:
+        return (int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
+                int(os.environ.get('LOCAL_RANK', 0)))
+    return (int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_STEP_NUM_TASKS']),
+            int(os.environ['SLURM_LOCALID']))
+
+def master_address():
+    """(host, port) of the store where the ranks meet: MASTER_ADDR and MASTER_PORT (torchrun sets both);
+    under srun without them, the step's first node and a port from the job id: two jobs sharing a
+    node then differ (torch's default 29500 would collide), and 10000-29999 lies below Linux's
+    ephemeral ports (32768 up), which outgoing connections take."""
+    nodelist = os.environ.get('SLURM_STEP_NODELIST') or os.environ.get('SLURM_JOB_NODELIST')
+    host = os.environ.get('MASTER_ADDR') or (first_host(nodelist) if nodelist else None)
+    port = os.environ.get('MASTER_PORT') or (
+        10000 + int(os.environ['SLURM_JOB_ID']) % 20000 if 'SLURM_JOB_ID' in os.environ else None)
+    if not host or not port:
+        raise UsageError(f"{distributed_env()[1]} processes but no MASTER_ADDR and MASTER_PORT: start them "
+                         f"with torchrun or srun, or set both")
+    return host, int(port)
+
+def first_host(nodelist):
+    """The first host of a Slurm host list: 'node[01-03,07],gpu5' -> 'node01', 'rack[2-3]-n[4,6]' ->
+    'rack2-n4' (the part before the first comma outside brackets, each bracket by its first value)."""
+    first = re.match(r'[^,\[]*(?:\[[^\]]*\][^,\[]*)*', nodelist).group(0)
+    return re.sub(r'\[([^\]\-,]*)[^\]]*\]', r'\1', first)
+
+def init_distributed(device, timeout_minutes=30):
+    """One process group over all ranks: nccl for GPUs, hccl for NPUs, gloo for CPUs. A collective
+    that waits longer than the timeout fails (the launcher then stops every rank)."""
+    backend = {'cuda': 'nccl', 'npu': 'hccl'}.get(device.type, 'gloo')
+    rank, world_size, _ = distributed_env()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend, store=rendezvous_store(rank, world_size, timeout), rank=rank,
+                            world_size=world_size, timeout=timeout,
+                            device_id=device if device.type == 'cuda' else None)
+
+def rendezvous_store(rank, world_size, timeout):
+    """The store in which the ranks exchange addresses, made as torch's env:// makes it (a client of
+    torchrun's store, else served by rank 0), but under torchrun each group gets keys of its own:
+    torchrun's store outlives its workers, and a group restarted after a failure (--max-restarts)
+    read the dead group's addresses there and failed ('Connection refused') or hung until the
+    timeout in 8 of 14 tries (pytorch/pytorch#167288; test/test_elastic.py)."""
+    host, port = master_address()
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+        store = dist.PrefixStore('default_pg', dist.TCPStore(host, port, world_size, is_master=False,
+                                                             timeout=timeout))
+        return dist.PrefixStore(fresh_key_space(store, rank, world_size, timeout), store)
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore('default_pg', store)
+
+def fresh_key_space(store, rank, world_size, timeout):
+    """A prefix no earlier group used, agreed on through the store. Rank 0 names it after a random
+    token and hands it to each other rank under a key named after that rank's own random token,
+    which no dead process can have written. (TORCHELASTIC_RESTART_COUNT cannot name it: each torchrun
+    agent counts its own restarts, and under --rdzv-backend c10d not those after a membership
+    change, so nodes disagree (pytorch/pytorch#108158) and the group would wait for the timeout.)"""
+    token = os.urandom(8).hex()
+    if rank > 0:
+        store.set(f'hello/{rank}', token)
+        store.wait([f'welcome/{token}'], timeout)
+        space = store.get(f'welcome/{token}').decode()
+        store.set(f'{space}/arrived/{rank}', '')
+        return space
+    deadline = time.monotonic() + timeout.total_seconds()
+    waiting = set(range(1, world_size))
+    while waiting:  # a rank's hello may still be a dead process's: read it again until the rank arrives
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ranks {sorted(waiting)} did not join the process group within "
+                               f"{timeout.total_seconds() / 60:g} minutes (--dist-timeout)")
+        for other in sorted(waiting):
+            if store.check([f'{token}/arrived/{other}']):
+                waiting.discard(other)
+            elif store.check([f'hello/{other}']):
+                store.set(f"welcome/{store.get(f'hello/{other}').decode()}", token)
+        time.sleep(0.01)
+    return token
+
+def destroy_distributed():
+    """After success only: with a rank gone, tearing the group down can block."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranks and collectives
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+def is_main_process():
+    """Rank 0: the one that logs and writes files."""
+    return get_rank() == 0
+
+
+def say(message, file=sys.stdout):
+    """Rank 0 prints (it alone logs)."""
+    if is_main_process():
+        print(message, file=file, flush=True)
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+def all_reduce_sum(tensor):
+    """In place over all ranks (nothing without a process group); returns the tensor."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+def mean_over_ranks(tensor):
+    """The mean over ranks, as a new tensor (gloo has no AVG); the tensor itself with one process."""
+    if get_world_size() == 1:
+        return tensor
+    return all_reduce_sum(tensor.clone()) / get_world_size()
+
+def max_over_ranks(number, device):
+    """The largest of an integer over all ranks (int32: every backend reduces it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return number
+    value = torch.tensor([number], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+def average_bn_stats(model):
+    """timm's distribute_bn('reduce'): average BN running statistics over ranks before eval."""
+    if get_world_size() == 1:
+        return
+    for name, buf in model.named_buffers():
+        if 'running_mean' in name or 'running_var' in name:
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(get_world_size())
+
+
+# ----------------------------------------------------------------------------------------------
+# Ending a rank: bad input in one line, a failed peer in one line, bugs with their traceback
+
+@contextlib.contextmanager
+def one_line_errors(alike_on_every_rank=False):
+    """Bad input (flags, data, checkpoints) or a loss that stays non-finite ends the program with one line,
+    `error: ...`, and exit status 2, no traceback: said by rank 0 when every rank finds the same (the
+    flags; the all-reduced loss), else by the rank that hit it. The launcher stops the others."""
+    rank, world_size, _ = distributed_env()
+    where = f' (rank {rank})' if world_size > 1 else ''
+    try:
+        yield
+    except (UsageError, DataError, CheckpointError, FloatingPointError, TimeoutError) as e:
+        if rank == 0 or not (alike_on_every_rank or isinstance(e, FloatingPointError)):
+            print(f"error{where}: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:  # train.py: SIGINT before its stop handler is set, or while evaluating
+        print(f"interrupted{where} before anything was saved", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as e:
+        if world_size > 1 and is_peer_failure(e):  # another rank failed and says why
+            reason = one_line(e).split('] ', 1)[-1].split('. ')[0]  # gloo: "[file:line] What. Hint."
+            print(f"rank {rank} stops: another rank failed ({reason})", file=sys.stderr, flush=True)
+            sys.exit(1)
+        raise  # a bug: the traceback, each line prefixed [rankN] by torch.distributed
+
+def is_peer_failure(error):
+    """Whether a collective failed because another rank went away (that rank reports its own
+    error) or stopped answering for --dist-timeout (it says nothing): gloo says the connection
+    closed or it timed out, NCCL and HCCL raise DistBackendError."""
+    signs = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'Timed out waiting')
+    return isinstance(error, dist.DistBackendError) or any(sign in str(error) for sign in signs)

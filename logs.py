@@ -1,0 +1,281 @@
+"""The log lines and what a run leaves to read: timm's `Train:` and `Test:` lines (the ModelZoo scripts parse
+them), the `Epoch` line and its summary.csv row, TensorBoard scalars, top-k accuracy, and curves.png.
+
+    python logs.py plot output/train/RUN [RUN2 ...] [--out curves.png]   # redraw / overlay curves
+"""
+import csv
+import itertools
+import os
+import time
+
+import torch
+
+from distributed import all_reduce_sum, get_world_size, is_main_process, max_over_ranks, one_line_errors, synchronize
+from errors import UsageError
+from run import atomic_write
+
+
+# ----------------------------------------------------------------------------------------------
+# The log lines: timm's `Train:` and `Test:` formats, which the ModelZoo scripts parse
+
+AVERAGE_AFTER_STEP = 3  # warm-up steps left out of the running images/s, as the ModelZoo parser wants
+
+class TrainLogger:
+    """Times an epoch's optimizer steps and prints timm's `Train:` line at log steps: every `log_interval`-th
+    step and the last one to run. Progress and the epoch's loss sum are read from `state` (run.py's
+    TrainState: `step` steps done, loss_sum, loss_count); the clock syncs the device only at log steps."""
+
+    def __init__(self, epoch, num_steps, last_step, log_interval, state, device=torch.device('cpu')):
+        self.epoch, self.num_batches, self.last_batch = epoch, num_steps, last_step
+        self.log_interval, self.state, self.device = log_interval, state, device
+        self.first_batch, self.images_per_sec = state.step, 0.0
+        self.step_time, self.data_time = AverageMeter(), AverageMeter()
+
+    def log_every(self, loader, micro_batches=1):
+        """The loader's batches in lists of `micro_batches` (one optimizer step each) up to last_step,
+        timing how long each list took to arrive."""
+        self.last_log = data_start = time.perf_counter()
+        self.steps_since_log = 0
+        batches = iter(loader)
+        for _ in range(self.last_batch + 1 - self.first_batch):
+            step_batches = list(itertools.islice(batches, micro_batches))
+            if len(step_batches) < micro_batches:
+                return
+            self.data_time.update(time.perf_counter() - data_start)
+            yield step_batches
+            data_start = time.perf_counter()
+
+    def update(self, loss, batch_size, lr):
+        """After each step: prints the line at a log step; -> whether it was one."""
+        batch_idx, self.steps_since_log = self.state.step - 1, self.steps_since_log + 1
+        if batch_idx % self.log_interval and batch_idx != self.last_batch:
+            return False
+        synchronize(self.device)
+        now = time.perf_counter()
+        seconds, steps = (now - self.last_log) / self.steps_since_log, self.steps_since_log
+        self.last_log, self.steps_since_log = now, 0
+        if batch_idx - self.first_batch >= AVERAGE_AFTER_STEP:
+            self.step_time.update(seconds, steps)
+        average = self.step_time.avg if self.step_time.count else seconds
+        global_batch = batch_size * get_world_size()
+        self.images_per_sec = global_batch / average
+        loss_now = loss.item()
+        log_scalars(self.state.num_updates, 'train', loss=loss_now, lr=lr, images_per_sec=self.images_per_sec)
+        if is_main_process():
+            average_loss = float(self.state.loss_sum) / self.state.loss_count
+            print(f"Train: {self.epoch} [{batch_idx:>4d}/{self.num_batches} "
+                  f"({100.0 * batch_idx / max(self.num_batches - 1, 1):>3.0f}%)]  "
+                  f"Loss: {loss_now:#.4g} ({average_loss:#.3g})  "
+                  f"Time: {seconds:.3f}s, {global_batch / seconds:>7.2f}/s  "
+                  f"({average:.3f}s, {global_batch / average:>7.2f}/s)  "
+                  f"LR: {lr:.3e}  Data: {self.data_time.val:.3f} ({self.data_time.avg:.3f})", flush=True)
+        return True
+
+class EvalLogger:
+    """Sums of one validation pass over all ranks, and timm's `Test:` line: each value is the
+    batch's over all ranks, in brackets the average so far. Every rank iterates the same number of
+    batches (a shorter shard gets empty ones) for the per-batch all-reduce: the loss sum travels as
+    float32 and the counts as int32, never float64, which Ascend's HCCL does not reduce
+    (https://www.hiascend.com/document/detail/en/canncommercial/850/API/hcclapiref/hcclcpp_07_0020.html);
+    the running totals are Python numbers on the host."""
+
+    def __init__(self, log_interval, device, name='Test', is_main=True):
+        self.log_interval, self.device, self.name, self.is_main = log_interval, device, name, is_main
+        self.totals = dict(loss=0.0, top1=0, top5=0, count=0)
+        self.batch_time = AverageMeter()
+
+    def log_every(self, loader, empty_batch):
+        """The loader's batches, then `empty_batch` until this rank has had as many as the longest."""
+        self.num_batches = max_over_ranks(len(loader), self.device)
+        self.end = time.perf_counter()
+        batches = itertools.chain(loader, itertools.repeat(empty_batch))
+        for self.batch_idx, batch in zip(range(self.num_batches), batches):
+            yield batch
+
+    def update(self, loss_sum, hits, count):
+        """loss_sum: the batch's summed loss (a tensor); hits: its top-1 and top-5 counts (a tensor)."""
+        counts = torch.cat([hits, hits.new_tensor([count])]).int()
+        batch = dict(loss=all_reduce_sum(loss_sum.detach().float()).item(),
+                     **dict(zip(('top1', 'top5', 'count'), all_reduce_sum(counts).tolist())))
+        for key, value in batch.items():
+            self.totals[key] += value
+        self.batch_time.update(time.perf_counter() - self.end)
+        self.end = time.perf_counter()
+        if self.is_main and (self.batch_idx % self.log_interval == 0 or self.batch_idx == self.num_batches - 1):
+            now, average = self.averages(batch), self.averages(self.totals)
+            print(f"{self.name}: [{self.batch_idx:>4d}/{self.num_batches - 1}]  "
+                  f"Time: {self.batch_time.val:.3f} ({self.batch_time.avg:.3f})  "
+                  f"Loss: {now['loss']:>7.4f} ({average['loss']:>6.4f})  "
+                  f"Acc@1: {now['top1']:>7.4f} ({average['top1']:>7.4f})  "
+                  f"Acc@5: {now['top5']:>7.4f} ({average['top5']:>7.4f})", flush=True)
+
+    @staticmethod
+    def averages(sums):
+        count = max(sums['count'], 1)
+        return dict(loss=sums['loss'] / count, top1=100 * sums['top1'] / count, top5=100 * sums['top5'] / count)
+
+    def result(self):
+        """loss, top1, top5 over every validation image, each counted once."""
+        return self.averages(self.totals)
+
+class EpochLogger:
+    """The end of each epoch on rank 0: the `Epoch` line, its summary.csv row and curves.png redrawn.
+    A rerun epoch (a resumed run redoing a cut-off one) replaces its row, so the file reads as one run."""
+
+    def __init__(self, output, is_main=True):
+        self.output, self.is_main, self.draw_curves = output, is_main, is_main
+
+    def log(self, epoch, train_loss, evaluation, ema_evaluation, lr, images_per_sec, bad_images, step=None):
+        """`step`: the optimizer steps so far, where TensorBoard draws the epoch's evaluation."""
+        if not self.is_main:
+            return
+        log_scalars(step, 'eval', **evaluation)
+        log_scalars(step, 'eval_ema', **(ema_evaluation or {}))
+        if _tensorboard is not None:
+            _tensorboard.flush()
+        row = dict(epoch=epoch, train_loss=f"{train_loss:.6g}", eval_loss=f"{evaluation['loss']:.6g}",
+                   eval_top1=f"{evaluation['top1']:.4f}", eval_top5=f"{evaluation['top5']:.4f}",
+                   ema_top1=f"{ema_evaluation['top1']:.4f}" if ema_evaluation else '',
+                   ema_top5=f"{ema_evaluation['top5']:.4f}" if ema_evaluation else '',
+                   lr=f"{lr:.6g}", images_per_sec=f"{images_per_sec:.2f}", bad_images=bad_images)
+        print(f"Epoch {epoch}: train_loss {row['train_loss']}  eval_loss {row['eval_loss']}  "
+              f"top1 {row['eval_top1']}  top5 {row['eval_top5']}"
+              + (f"  ema_top1 {row['ema_top1']}" if ema_evaluation else '')
+              + f"  lr {row['lr']}  images/s {row['images_per_sec']}  skipped_images {bad_images}", flush=True)
+        write_summary(os.path.join(self.output, 'summary.csv'), row)
+        self.draw()
+
+    def draw(self):
+        """curves.png next to summary.csv (said once if matplotlib is missing)."""
+        if not self.draw_curves:
+            return
+        try:
+            plot_curves([self.output], os.path.join(self.output, 'curves.png'))
+        except ImportError:
+            self.draw_curves = False
+            print("matplotlib is not installed: no curves.png is drawn (pip install matplotlib; "
+                  "python logs.py plot DIR draws it later)", flush=True)
+
+def write_summary(path, row):
+    """Append the epoch's row; rows of this epoch or later (from a run that was cut off and resumed)
+    are replaced, so the file always reads as one uninterrupted run."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [line for line in f.read().splitlines()[1:] if line and int(line.split(',')[0]) < row['epoch']]
+    lines = [','.join(row), *rows, ','.join(str(value) for value in row.values())]
+    atomic_write(path, lambda f: f.write(('\n'.join(lines) + '\n').encode()))
+
+
+# A live view of long runs: TensorBoard scalars (--log-tensorboard) beside summary.csv, from rank 0
+
+_tensorboard = None
+
+def open_tensorboard(folder, first_step=0):
+    """From now on log_scalars writes TensorBoard event files into `folder` (`tensorboard --logdir
+    output/train` shows every run). A resumed run purges what an earlier one wrote from its first step
+    on, so redone steps are not drawn twice. The tensorboard package is needed (train.py checks first)."""
+    global _tensorboard
+    from torch.utils.tensorboard import SummaryWriter
+    _tensorboard = SummaryWriter(folder, purge_step=first_step or None, flush_secs=30)
+
+def log_scalars(step, group, **scalars):
+    """Each value as the scalar GROUP/NAME at `step`, when TensorBoard is open."""
+    if _tensorboard is not None and is_main_process():
+        for name, value in scalars.items():
+            _tensorboard.add_scalar(f'{group}/{name}', value, step)
+
+class AverageMeter:
+    def __init__(self):
+        self.val, self.sum, self.count = 0.0, 0.0, 0
+
+    def update(self, val, n=1):
+        self.val = val
+        self.sum += val * n
+        self.count += n
+
+    @property
+    def avg(self):
+        return self.sum / max(self.count, 1)
+
+def accuracy(output, target, topk=(1, 5)):
+    """Number of samples whose target is in the top-k predictions, for each k (a tensor)."""
+    maxk = min(max(topk), output.shape[1])
+    pred = output.topk(maxk, dim=1).indices
+    hit = pred.eq(target[:, None])
+    return torch.stack([hit[:, :min(k, maxk)].any(dim=1).sum() for k in topk])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training curves from summary.csv (matplotlib, imported only to draw them, with the Agg canvas)
+
+CURVE_PANELS = (  # panel title, then (summary.csv column, line style) drawn in it
+    ('loss (log scale)', (('train_loss', '-'), ('eval_loss', '--'))),
+    ('top-1 (%)', (('eval_top1', '-'), ('ema_top1', '--'))),
+    ('learning rate', (('lr', '-'),)),
+    ('images/s', (('images_per_sec', '-'),)),
+)
+
+def read_summary(path):
+    """summary.csv as {column: [float or None per epoch]} (an empty cell is None)."""
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    return {column: [float(row[column]) if row.get(column) else None for row in rows]
+            for column in (rows[0].keys() if rows else ())}
+
+def plot_curves(run_dirs, out_path):
+    """Draw loss, top-1, lr and images/s against epoch for each run folder's summary.csv into
+    out_path (PNG); several folders are overlaid, one colour each. Returns the Figure."""
+    from matplotlib.figure import Figure  # ImportError when matplotlib is missing: callers decide
+    from matplotlib.ticker import MaxNLocator
+    fig = Figure(figsize=(11, 7), layout='constrained')
+    axes = fig.subplots(2, 2).flatten()
+    for ax, (title, _) in zip(axes, CURVE_PANELS):
+        ax.set_title(title)
+        ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale('log')  # early losses (an eval loss of 30 at epoch 0) would flatten the rest
+    for index, run_dir in enumerate(run_dirs):
+        summary_path = os.path.join(run_dir, 'summary.csv')
+        if not os.path.exists(summary_path):
+            raise UsageError(f"{run_dir} has no summary.csv: not a run folder of train.py")
+        summary = read_summary(summary_path)
+        name = os.path.basename(os.path.normpath(run_dir))
+        colour = f'C{index % 10}'
+        for ax, (_, columns) in zip(axes, CURVE_PANELS):
+            for column, style in columns:
+                points = [(e, v) for e, v in zip(summary.get('epoch', []), summary.get(column, []))
+                          if v is not None]
+                if not points:
+                    continue  # e.g. ema_top1 of a run without --model-ema
+                label = column if len(run_dirs) == 1 else f'{name}: {column}'
+                ax.plot(*zip(*points), style, color=colour, label=label,
+                        marker='o' if len(points) <= 50 else None, markersize=3)
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize='small')
+    fig.suptitle(', '.join(os.path.basename(os.path.normpath(d)) for d in run_dirs))
+    atomic_write(out_path, lambda f: fig.savefig(f, dpi=100, format='png'))  # never half a PNG
+    return fig
+
+
+if __name__ == '__main__':
+    import argparse
+    parser = argparse.ArgumentParser(description="Redraw training curves from train.py run folders.")
+    commands = parser.add_subparsers(dest='command', required=True)
+    plot = commands.add_parser('plot', help='loss, top-1, lr, images/s vs epoch; several runs overlay')
+    plot.add_argument('run_dirs', nargs='+', metavar='DIR', help='folders holding summary.csv')
+    plot.add_argument('--out', help='PNG to write; default: DIR/curves.png for one run, '
+                                    'curves.png here for several')
+    cli = parser.parse_args()
+    out = cli.out or (os.path.join(cli.run_dirs[0], 'curves.png') if len(cli.run_dirs) == 1
+                      else 'curves.png')
+    with one_line_errors():
+        try:
+            plot_curves(cli.run_dirs, out)
+        except ImportError:
+            raise UsageError("drawing curves needs matplotlib: pip install matplotlib") from None
+        except OSError as e:
+            raise UsageError(f"cannot write {out}: {e.strerror}") from None
+    print(f"wrote {out}")

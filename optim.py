@@ -1,0 +1,230 @@
+"""The optimizer side of the recipe: timm's RMSpropTF and parameter groups, timm's learning-rate schedules, the
+EMA of the weights, and mixed precision (native or NVIDIA apex) around the optimizer step.
+
+RMSpropTF and the schedules are our own because timm's semantics differ from torch's (TensorFlow's RMSprop; an
+lr that changes once per epoch), ModelEma because torch's AveragedModel syncs with the GPU every step: each is
+tested against timm in test/test_utils.py and timed in bench.py.
+"""
+import contextlib
+import copy
+import math
+
+import torch
+
+from errors import UsageError
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+
+class RMSpropTF(torch.optim.Optimizer):
+    """TensorFlow-1 RMSprop as timm implements it, updated with foreach kernels:
+    the square average starts at one (torch: zero), eps sits inside the root, and lr is
+    accumulated inside the momentum buffer. Weight decay is L2 added to the gradient."""
+
+    # On the CPU, foreach ops over the whole model allocate model-sized temporaries that the
+    # allocator hands back to the OS after every step: ~140 MB of fresh pages (~37k page faults)
+    # per step for rw_t, slower than timm's per-tensor loop. Chunks of at most this many elements
+    # keep the temporaries small enough to be reused (bench.py: 1.25x faster than timm's loop
+    # instead of 1.45x slower). Accelerators take each group in one piece.
+    cpu_chunk_numel = 1 << 18
+
+    def __init__(self, params, lr=1e-2, alpha=0.9, eps=1e-10, weight_decay=0.0, momentum=0.9):
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                      momentum=momentum))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group['params'] if p.grad is not None]
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]['square_avg'] = torch.ones_like(p)
+                    self.state[p]['momentum_buffer'] = torch.zeros_like(p)
+            for chunk in self._chunks(params):
+                self._update(group, chunk)
+
+    def _chunks(self, params):
+        chunk, numel = [], 0
+        for p in params:
+            if chunk and p.device.type == 'cpu' and numel + p.numel() > self.cpu_chunk_numel:
+                yield chunk
+                chunk, numel = [], 0
+            chunk.append(p)
+            numel += p.numel()
+        if chunk:
+            yield chunk
+
+    def _update(self, group, params):
+        grads = [p.grad for p in params]
+        if group['weight_decay']:
+            grads = torch._foreach_add(grads, params, alpha=group['weight_decay'])
+        square_avg = [self.state[p]['square_avg'] for p in params]
+        # TF's order of operations: sa += (g^2 - sa) * (1 - alpha)
+        delta = torch._foreach_mul(grads, grads)
+        torch._foreach_sub_(delta, square_avg)
+        torch._foreach_add_(square_avg, delta, alpha=1.0 - group['alpha'])
+        denom = torch._foreach_add(square_avg, group['eps'])
+        torch._foreach_sqrt_(denom)
+        if group['momentum'] > 0:
+            buffers = [self.state[p]['momentum_buffer'] for p in params]
+            torch._foreach_mul_(buffers, group['momentum'])
+            torch._foreach_addcdiv_(buffers, grads, denom, value=group['lr'])
+            torch._foreach_sub_(params, buffers)
+        else:
+            torch._foreach_addcdiv_(params, grads, denom, value=-group['lr'])
+
+def param_groups(model, weight_decay):
+    """timm's grouping: biases and 1-D parameters (BN) get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith('.bias') else decay).append(p)
+    return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=weight_decay)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedules: timm's change the lr once per epoch, a pure function of the epoch.
+
+SCHEDULES = ('step', 'cosine', 'const')
+
+def learning_rate(epoch, sched, lr, epochs, warmup_lr, warmup_epochs, decay_epochs, decay_rate,
+                  min_lr):
+    if sched not in SCHEDULES:
+        raise UsageError(f"unknown schedule '{sched}': choose {', '.join(SCHEDULES)}")
+    if epoch < warmup_epochs:
+        return warmup_lr + epoch * (lr - warmup_lr) / warmup_epochs
+    if sched == 'step':
+        return lr * decay_rate ** (epoch // decay_epochs)
+    if sched == 'cosine':
+        if epoch >= epochs:
+            return min_lr
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
+    return lr  # 'const'
+
+class TimmSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """timm's schedule as a torch scheduler, stepped after every optimizer step: the lr of step s is
+    learning_rate(s // steps_per_epoch, ...) for the first group, and that times its own ratio for any
+    group created with another lr (per-group learning rates are kept)."""
+
+    def __init__(self, optimizer, steps_per_epoch, sched, epochs, warmup_lr, warmup_epochs, decay_epochs,
+                 decay_rate, min_lr):
+        lr, self.sched = optimizer.param_groups[0]['lr'], sched
+        schedule = dict(sched=sched, lr=lr, epochs=epochs, warmup_lr=warmup_lr, warmup_epochs=warmup_epochs,
+                        decay_epochs=decay_epochs, decay_rate=decay_rate, min_lr=min_lr)
+        learning_rate(0, **schedule)  # an unknown name fails here, not at the first step
+        super().__init__(optimizer, lambda step: learning_rate(step // steps_per_epoch, **schedule) / lr)
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA of weights and BN buffers
+
+class ModelEma(torch.nn.Module):
+    """timm's ModelEmaV2: a copy of the model whose parameters and buffers follow
+    e = decay * e + (1 - decay) * w after every optimizer step, from the first step on.
+
+    One foreach lerp for the floating-point tensors and a few foreach ops for the integer ones
+    (BN's num_batches_tracked, truncated as timm does). torch's AveragedModel does the same math
+    but copies a counter to the device every step (a blocking copy: a host sync on CUDA) and
+    loops over the integer buffers in Python; timm loops over every tensor (bench.py)."""
+
+    def __init__(self, model, decay):
+        super().__init__()
+        self.module = copy.deepcopy(model).eval()
+        self.decay = decay
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_parameters(self, model):
+        pairs = zip([*self.module.parameters(), *self.module.buffers()],
+                    [*model.parameters(), *model.buffers()])
+        floats, ints = [], []
+        for pair in pairs:
+            (floats if pair[0].is_floating_point() else ints).append(pair)
+        if floats:
+            averaged, current = zip(*floats)
+            torch._foreach_lerp_(list(averaged), list(current), 1.0 - self.decay)
+        if ints:  # computed in float32 and truncated back, as timm's d * e + (1 - d) * w
+            averaged, current = (list(tensors) for tensors in zip(*ints))
+            mixed = torch._foreach_mul(averaged, self.decay)
+            torch._foreach_add_(mixed, torch._foreach_mul(current, 1.0 - self.decay))
+            torch._foreach_copy_(averaged, mixed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed precision
+
+class Precision:
+    """Mixed precision behind four calls, native or NVIDIA apex: autocast(), backward(loss),
+    step(optimizer, clip_grad) -> whether the step was skipped, state_dict()/load_state_dict()
+    (the loss scale, saved in checkpoints). Native: torch.autocast, with a GradScaler for float16
+    (it skips a step whose gradients are not finite and lowers its scale); bfloat16 and float32
+    need none. apex: O1, set up by create_precision (apex patches the model and optimizer)."""
+
+    def __init__(self, device_type, dtype=None, apex_optimizer=None):
+        self.device_type, self.dtype, self.apex_optimizer = device_type, dtype, apex_optimizer
+        native_fp16 = dtype == torch.float16 and apex_optimizer is None
+        self.scaler = torch.amp.GradScaler(device_type, enabled=native_fp16)
+
+    def autocast(self):
+        if self.dtype is None or self.apex_optimizer is not None:  # apex casts by itself
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, self.dtype)
+
+    def backward(self, loss):
+        if self.apex_optimizer is None:
+            self.scaler.scale(loss).backward()
+            return
+        from apex import amp
+        with amp.scale_loss(loss, self.apex_optimizer) as scaled_loss:
+            scaled_loss.backward()
+
+    def step(self, optimizer, clip_grad=None):
+        scale = self.loss_scale()
+        if clip_grad:  # on the true gradients: GradScaler unscales here, apex already has
+            if self.apex_optimizer is None:
+                self.scaler.unscale_(optimizer)
+            parameters = [p for group in optimizer.param_groups for p in group['params']]
+            torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        self.scaler.step(optimizer)  # a plain optimizer.step() when the scaler is disabled
+        self.scaler.update()
+        # A skipped step halves the scale; reading it costs no extra sync (the scaler synced to decide).
+        return scale is not None and self.loss_scale() < scale
+
+    def loss_scale(self):
+        if self.apex_optimizer is not None:
+            from apex import amp
+            return amp._amp_state.loss_scalers[0].loss_scale()
+        return self.scaler.get_scale() if self.scaler.is_enabled() else None
+
+    def state_dict(self):
+        if self.apex_optimizer is not None:
+            from apex import amp
+            return amp.state_dict()  # {'loss_scaler0': {'loss_scale': ..., 'unskipped': ...}}
+        return self.scaler.state_dict()  # {} when disabled
+
+    def load_state_dict(self, state):
+        """Another kind's state (fp16 <-> apex, or none saved) is ignored: the scale starts afresh."""
+        if self.apex_optimizer is not None and 'loss_scaler0' in state:
+            from apex import amp
+            amp.load_state_dict(state)
+        elif self.scaler.is_enabled() and 'scale' in state:
+            self.scaler.load_state_dict(state)
+
+def create_precision(device, model, optimizer, amp=False, amp_dtype=None, apex=False, say=print):
+    """-> (Precision, model, optimizer). --apex-amp uses apex O1 where apex imports (on a GPU or
+    NPU) and native mixed precision otherwise, saying so; --amp is native. The default dtype is
+    float16 on accelerators and bfloat16 on the CPU."""
+    dtype = getattr(torch, amp_dtype or ('bfloat16' if device.type == 'cpu' else 'float16'))
+    if apex and device.type != 'cpu':
+        try:
+            from apex import amp as apex_amp
+        except ImportError:
+            pass
+        else:
+            model, optimizer = apex_amp.initialize(model, optimizer, opt_level='O1')
+            return Precision(device.type, dtype, apex_optimizer=optimizer), model, optimizer
+    if apex:
+        say(f"--apex-amp: NVIDIA apex is not available here; using native mixed precision "
+            f"({str(dtype).replace('torch.', '')})")
+    return Precision(device.type, dtype if amp or apex else None), model, optimizer
