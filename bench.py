@@ -146,13 +146,13 @@ def our_trainer(args, images, labels):
     flags += ['--amp', '--amp-dtype', args.precision] if args.precision != 'float32' else []
     flags += ['--compile'] if args.compile else []
     recipe = train.resolve_args(train.get_args_parser().parse_args(flags))
-    net = train.build_model(recipe, args.device)
+    net = train.build_model(recipe, args.device, num_classes=1000)
     optimizer, _ = train.create_optimizer(net, recipe, steps_per_epoch=1)
     precision, net, optimizer = optim.create_precision(args.device, net, optimizer, recipe.amp, recipe.amp_dtype)
     ema = optim.ModelEma(net, recipe.model_ema_decay)
     model = train.distribute(net, args.device, precision, recipe)  # compiled with --compile
     batch = [(images, labels, torch.zeros_like(labels))]
-    step = lambda: train.train_step(model, optimizer, precision, batch, args.device, recipe, ema)  # noqa: E731
+    step = lambda: train.train_step(model, optimizer, precision, batch, recipe, ema)  # noqa: E731
     return dict(step=step, optimizer=optimizer.step, ema=lambda: ema.update_parameters(net))
 
 

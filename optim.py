@@ -12,6 +12,7 @@ import math
 import torch
 
 from errors import UsageError
+from randaugment import parse_rand_augment
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,3 +229,40 @@ def create_precision(device, model, optimizer, amp=False, amp_dtype=None, apex=F
         say(f"--apex-amp: NVIDIA apex is not available here; using native mixed precision "
             f"({str(dtype).replace('torch.', '')})")
     return Precision(device.type, dtype if amp or apex else None), model, optimizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Progressive learning (the EfficientNetV2 paper, section 4): image size and regularization rise by stage
+
+def stage_settings(args, epoch):
+    """What the epoch trains with. Without --progressive: the flags. With it, the paper's progressive
+    learning: image size, RandAugment magnitude, mixup and dropout rise by stage."""
+    base = dict(stage=0, size=args.img_size, magnitude=None, mixup=args.mixup, drop=args.drop,
+                epochs=(0, args.epochs - 1))
+    if args.aa:
+        base['magnitude'] = parse_rand_augment(args.aa)['magnitude']
+    if not args.progressive:
+        return base
+    stages = args.prog_stages
+    stage_of = lambda e: min(e * stages // args.epochs, stages - 1)  # noqa: E731
+    stage = stage_of(epoch)  # a pure function of the epoch: resuming needs nothing else
+    in_stage = [e for e in range(args.epochs) if stage_of(e) == stage]
+    # The size's first stage is already a step up from the minimum (the paper's V2-S: 171, 214, 257, 300);
+    # the others start at their minimum and reach the flag's value in the last stage.
+    size = args.prog_min_size + (args.img_size - args.prog_min_size) * (stage + 1) // stages
+    ratio = stage / max(stages - 1, 1)
+    lerp = lambda low, high: low + (high - low) * ratio  # noqa: E731
+    magnitude = base['magnitude']
+    if args.aa:  # a minimum above the flag's value is capped to it: regularization never falls
+        magnitude = lerp(min(args.prog_min_aa, magnitude), magnitude)
+    return dict(stage=stage, size=size, magnitude=magnitude, mixup=lerp(0.0, args.mixup),
+                drop=lerp(min(args.prog_min_drop, args.drop), args.drop), epochs=(in_stage[0], in_stage[-1]))
+
+
+def describe_stage(settings, args):
+    first, last = settings['epochs']
+    magnitude = 'off' if settings['magnitude'] is None else f"{settings['magnitude']:.2f}"
+    compiles = ", torch.compile compiles once for this size" if args.compile else ''
+    return (f"Stage {settings['stage'] + 1}/{args.prog_stages}: epochs {first}-{last}, image size "
+            f"{settings['size']} (eval {args.eval_size}), RandAugment magnitude {magnitude}, mixup "
+            f"{settings['mixup']:.3f}, dropout {settings['drop']:.3f}{compiles}")

@@ -1,16 +1,16 @@
-"""The run around train.py's recipe, one job per piece, each called from train.py:
+"""The run around train.py's recipe: nothing lost. One object sits beside the epoch loop:
 
-    state = run.TrainState()                         where the run stands: epoch, step, best metric, ...
-    run.save_checkpoint(folder, names, parts, state, meta)   parts: {'model': module, 'optimizer': ..., ...}
-    run.load_checkpoint(path, parts, state, args)            --resume: the same parts, state and rank states
-    stop = run.StopSignals(device); stop.requested(at_log_step)        SIGTERM / SIGINT: stop with a checkpoint
-    guard = run.NonFiniteGuard(device); guard.update(loss, skipped); guard.check(state)
-    run.check_output(args), run.create_output(args, is_main)           the run folder and args.yaml
+    progress = run.Supervisor(args, parts, meta, device, epoch_logger)   # resumes --resume, makes --output
+    progress.after_step(loss, skipped, at_log_step, last_of_epoch)        # -> stop here (a signal)
+    progress.ends_before_validation(); progress.end_epoch(evaluation, ema_evaluation, images_per_sec)
 
-Why a resumed run can match an uninterrupted one bit for bit: the data order and every image's
-augmentation are functions of (seed, epoch, index) (data.py) and the learning rate a function of
-the step (the scheduler's state is saved too); a checkpoint holds all the rest, as tensors and plain
-types: the parts' state dicts, the TrainState, and per rank the RNG states and BatchNorm statistics.
+and its pieces: TrainState (where the run stands), save_checkpoint/load_checkpoint over a dict of named parts
+(model, optimizer, scheduler, scaler, model_ema), StopSignals (SIGTERM/SIGINT), NonFiniteGuard, the run folder,
+and files written whole (atomic_write: a kill or a full disk never leaves half a file).
+
+Why a resumed run matches an uninterrupted one bit for bit: the data order and each image's augmentation are
+functions of (seed, epoch, index) (data.py), the lr a function of the step; a checkpoint holds all the rest as
+tensors and plain types: the parts' state dicts, the TrainState, and per rank the RNG and BatchNorm states.
 """
 import errno
 import glob
@@ -29,25 +29,93 @@ import torch.distributed as dist
 
 import data
 import weights
-from distributed import get_rank, get_world_size, is_main_process
+from distributed import get_rank, get_world_size, is_main_process, say
 from errors import CheckpointError, UsageError
 
 NONFINITE_LIMIT = 5        # consecutive non-finite losses before the run stops
 SIGNAL_REPEAT_SECONDS = 2  # a SIGTERM/SIGINT this soon after the first is the same request, relayed
 # Flags that do not change what the run computes: they may differ on resume without a warning.
-RESUME_FREE_ARGS = {'data_dir', 'data_path', 'output', 'resume', 'workers', 'log_interval', 'device',
+RESUME_FREE_ARGS = {'data_dir', 'data_path', 'output', 'resume', 'workers', 'log_interval', 'device', 'num_classes',
                     'checkpoint_interval', 'checkpoint_hist', 'dist_timeout', 'local_rank', 'evaluate',
                     'perf_steps', 'pretrained', 'strict_data', 'log_tensorboard'}
 
 
+class Supervisor:
+    """Beside the epoch loop: the TrainState (resumed from --resume), checkpoints (every --checkpoint-interval
+    steps, at each epoch's end, on a stop signal), stop signals, the non-finite guard and the epoch's log row
+    (epoch_logger.log). Creating it resumes, creates the run folder and installs the signal handlers."""
+
+    def __init__(self, args, parts, meta, device, epoch_logger):
+        self.args, self.parts, self.meta, self.device, self.epoch_logger = args, parts, meta, device, epoch_logger
+        self.state = TrainState()
+        if args.resume:
+            load_checkpoint(args.resume, parts, self.state, args, meta['num_classes'])
+        create_output(args)
+        self.first_epoch = self.state.epoch
+        self.stop, self.guard = StopSignals(device), NonFiniteGuard(device)
+
+    def save(self, names):
+        save_checkpoint(self.args.output, names, self.parts, self.state, self.meta)
+
+    def after_step(self, loss, skipped, at_log_step, last_of_epoch):
+        """After a counted step: the guard (it raises at a log step after too many non-finite losses), a
+        checkpoint every --checkpoint-interval steps (the epoch's end saves its last); -> whether to stop here."""
+        self.guard.update(loss, skipped)
+        if at_log_step:
+            self.guard.check(self.state)
+        if self.stop.requested(at_log_step):
+            return True
+        interval = self.args.checkpoint_interval
+        if interval and self.state.step % interval == 0 and not last_of_epoch and self.guard.check(self.state):
+            self.save(['last.pth.tar'])
+        return False
+
+    def ends_before_validation(self):
+        """After an epoch's steps: a stop signal (saved, and said how to go on) or --perf-steps done."""
+        if self.stop.signal:
+            self.stopped(saved=False)
+            return True
+        return bool(self.args.perf_steps) and self.state.num_updates >= self.args.perf_steps
+
+    def end_epoch(self, evaluation, ema_evaluation, images_per_sec):
+        """The epoch's log row, best metric and checkpoints (none after a non-finite loss); -> whether to go on
+        (not after a stop signal that came during validation)."""
+        state, epoch, args = self.state, self.state.epoch, self.args
+        finite = self.guard.check(state)
+        self.epoch_logger.log(epoch, float(state.loss_sum) / max(state.loss_count, 1), evaluation, ema_evaluation,
+                              state.epoch_lr, images_per_sec, state.bad_images, step=state.num_updates)
+        is_best = state.finish_epoch((ema_evaluation or evaluation)['top1'], finite)
+        if finite:
+            self.save(epoch_checkpoint_names(epoch, is_best, args.checkpoint_hist))
+            old = os.path.join(args.output, f'checkpoint-{epoch - args.checkpoint_hist}.pth.tar')
+            if args.checkpoint_hist and is_main_process() and os.path.exists(old):
+                os.remove(old)
+        if epoch + 1 < args.epochs and self.stop.requested():
+            self.stopped(saved=True)
+            return False
+        return True
+
+    def stopped(self, saved):
+        """After a stop signal: save where the run stands (unless the epoch's end just did), say how to go on."""
+        finite, last = self.guard.check(self.state), os.path.join(self.args.output, 'last.pth.tar')
+        if finite and not saved:
+            self.save(['last.pth.tar'])
+        done = f"checkpoint saved to {last}" if finite else \
+            "the loss was not finite, so the last good checkpoint was kept"
+        say(f"Stopped by {signal.Signals(self.stop.signal).name} at epoch {self.state.epoch}, step {self.state.step}; "
+            f"{done}. To continue, run the same command with --output {self.args.output} --resume auto")
+
+    def report_best(self):
+        if self.state.best_metric is not None:
+            say(f"*** Best metric: {self.state.best_metric} (epoch {self.state.best_epoch})")
+
+
 @dataclass
 class TrainState:
-    """Where the run stands: what a checkpoint holds beyond the parts' state dicts.
-    `step` optimizer steps of `epoch` are done (0 at the epoch's start); loss_sum is the float32 sum of
-    their global-batch losses (a device tensor while the epoch runs: adding costs no sync) and loss_count
-    how many it holds; bad_images counts the unreadable files met; epoch_lr is the lr the epoch began
-    with (its summary row's). `ranks` holds per rank the RNG states and, with several processes, the
-    BatchNorm statistics; it is filled at each save."""
+    """Where the run stands beyond the parts' state dicts: `step` optimizer steps of `epoch` done; loss_sum, the
+    float32 sum of their global-batch losses (a device tensor while the epoch runs: no sync), and loss_count;
+    bad_images, the unreadable files met; epoch_lr, the lr the epoch began with (its summary row's); `ranks`,
+    per rank the RNG states and, with several processes, the BatchNorm statistics (filled at each save)."""
     epoch: int = 0
     step: int = 0
     num_updates: int = 0
@@ -80,38 +148,26 @@ class TrainState:
 # Checkpoints: a dict of named parts (each with state_dict / load_state_dict), the state, the run's facts
 
 def save_checkpoint(folder, names, parts, state, meta):
-    """A collective: every rank adds its random streams and BatchNorm statistics to state.ranks, then
-    rank 0 writes {part: its state_dict (None for a part that is None), the state's fields, meta} once,
-    to the last of `names` in `folder`, and the others are hard links to it (or copies), each name
-    replaced atomically (atomic_save). A full disk is one line (UsageError)."""
+    """A collective: every rank adds its random streams and BatchNorm statistics to state.ranks; rank 0 writes
+    {part: its state_dict or None, the state's fields, meta} once, as the last of `names`, the others linked."""
     state.ranks = rank_states(parts['model'], parts.get('model_ema'))
     if not is_main_process():
         return
     checkpoint = {name: part.state_dict() if part is not None else None for name, part in parts.items()}
-    checkpoint |= state.to_checkpoint() | meta
     *others, last = [os.path.join(folder, name) for name in names]
-    atomic_save(checkpoint, last, links=others)
+    atomic_save(checkpoint | state.to_checkpoint() | meta, last, links=others)
 
 
 def epoch_checkpoint_names(epoch, is_best, keep_epochs):
-    """model_best, checkpoint-E and last, in that order: the file is written once, under a temporary
-    name, the others are linked from it in this order, and only then is it renamed to last.pth.tar,
-    so a kill before that rename redoes the epoch, rewriting the others with the same bytes. (Linking
-    from last.pth.tar after its rename would let a kill in between resume into the next epoch with
-    model_best.pth.tar still an earlier epoch's, although best_epoch names this one.)"""
+    """model_best, checkpoint-E, then last: the file is written once under a temporary name, linked to the others
+    in this order, and renamed to last.pth.tar only then, so a kill before that rename redoes the epoch (and a
+    resumed run never sees a model_best.pth.tar older than its best_epoch)."""
     return ['model_best.pth.tar'] * is_best + [f'checkpoint-{epoch}.pth.tar'] * bool(keep_epochs) + ['last.pth.tar']
 
 
-def remove_epoch_checkpoint(folder, epoch):
-    path = os.path.join(folder, f'checkpoint-{epoch}.pth.tar')
-    if is_main_process() and os.path.exists(path):
-        os.remove(path)
-
-
 def rank_states(model, model_ema=None):
-    """What differs between ranks and decides their future, in rank order: the random streams
-    and, with several processes, the BatchNorm running statistics (DDP broadcasts rank 0's before
-    each forward and each rank updates its copy with its own batch; the EMA's are never synced)."""
+    """What differs between ranks, in rank order: the random streams and, with several processes, the BatchNorm
+    statistics (each rank updates its own copy with its own batches; the EMA's are never synced)."""
     state = dict(rng=rng_state())
     if get_world_size() == 1:
         return [state]
@@ -123,11 +179,11 @@ def rank_states(model, model_ema=None):
     return states
 
 
-def load_checkpoint(path, parts, state, args):
-    """Continue from a checkpoint of train.py (of this version or earlier ones): the parts, the state,
-    and this rank's random and BatchNorm states. Every rank reads the file."""
+def load_checkpoint(path, parts, state, args, num_classes):
+    """Continue from a train.py checkpoint (of this version or earlier ones): the parts, the state, and this
+    rank's random and BatchNorm states. Every rank reads the file."""
     checkpoint = weights.read_checkpoint(path)
-    check_resumable(path, checkpoint, args)
+    check_resumable(path, checkpoint, args, num_classes)
     for name, part in parts.items():
         if part is None:
             continue
@@ -142,63 +198,72 @@ def load_checkpoint(path, parts, state, args):
             part.load_state_dict(checkpoint[name])
     for field in fields(state):
         setattr(state, field.name, checkpoint.get(field.name, getattr(state, field.name)))
-    rank, world_size = get_rank(), get_world_size()
-    if len(state.ranks) == world_size:
-        restore_rank_state(state.ranks[rank], parts['model'], parts.get('model_ema'))
+    rank = get_rank()
+    if len(state.ranks) == get_world_size():
+        saved = state.ranks[rank]
+        set_rng_state(saved['rng'])
+        with torch.no_grad():  # several processes: this rank's own BatchNorm statistics
+            for module, key in ((parts['model'], 'buffers'), (parts.get('model_ema'), 'ema_buffers')):
+                for name, buffer in module.named_buffers() if module is not None and key in saved else ():
+                    buffer.copy_(saved[key][name])
     else:  # another world size: rank 0 goes on with the saved streams, the others start new ones
         set_rng_state(state.ranks[0]['rng'])
         if rank > 0:
             torch.manual_seed(data.mix_seed(args.seed, rank, state.epoch, state.step))
-    if rank == 0:
-        print(f"Resumed from {path}: epoch {state.epoch}, step {state.step}", flush=True)
+    say(f"Resumed from {path}: epoch {state.epoch}, step {state.step}")
 
 
-def check_resumable(path, checkpoint, args):
+def check_resumable(path, checkpoint, args, num_classes):
     required = ('model', 'optimizer', 'scaler', 'epoch', 'step', 'num_updates', 'best_metric',
                 'best_epoch', 'loss_sum', 'loss_count', 'ranks', 'arch', 'num_classes')
     missing = [key for key in required if key not in checkpoint] if isinstance(checkpoint, dict) else ['state']
     if missing:
         raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(missing[:3])}); "
-                                     f"to start from its weights use --pretrained {path}")
+                              f"to start from its weights use --pretrained {path}")
     saved = checkpoint.get('args') or {}
     own_run = os.path.abspath(path) == os.path.abspath(os.path.join(args.output, 'last.pth.tar'))
     elsewhere = "or choose another --output" if own_run else f"or start from its weights with --pretrained {path}"
-    if checkpoint['arch'] != args.model or checkpoint['num_classes'] != args.num_classes:
-        raise UsageError(f"{path} holds {checkpoint['arch']} with {checkpoint['num_classes']} classes, "
-                               f"this run is {args.model} with {args.num_classes}; resume with --model "
-                               f"{checkpoint['arch']} and the same data, {elsewhere}")
+    if checkpoint['arch'] != args.model or checkpoint['num_classes'] != num_classes:
+        raise UsageError(f"{path} holds {checkpoint['arch']} with {checkpoint['num_classes']} classes, this run is "
+                         f"{args.model} with {num_classes}; resume with --model {checkpoint['arch']} and the same "
+                         f"data, {elsewhere}")
     if saved.get('opt', args.opt) != args.opt:
         raise UsageError(f"{path} holds {saved['opt']} optimizer state, this run uses --opt {args.opt}; "
-                               f"resume with --opt {saved['opt']}, {elsewhere}")
+                         f"resume with --opt {saved['opt']}, {elsewhere}")
     changed = [f"{key} {value!r} (checkpoint: {saved[key]!r})" for key, value in plain_args(args).items()
                if key in saved and key not in RESUME_FREE_ARGS and saved[key] != value]
-    if changed and is_main_process():
-        print(f"warning: resuming with settings that differ from the checkpoint's, so the run will not "
-              f"match an uninterrupted one: {', '.join(changed)}", file=sys.stderr, flush=True)
-
-
-def restore_rank_state(saved, model, model_ema=None):
-    set_rng_state(saved['rng'])
-    with torch.no_grad():  # several processes: this rank's own BatchNorm statistics
-        for module, key in ((model, 'buffers'), (model_ema, 'ema_buffers')):
-            if module is not None and key in saved:
-                for name, buffer in module.named_buffers():
-                    buffer.copy_(saved[key][name])
+    if changed:
+        say(f"warning: resuming with settings that differ from the checkpoint's, so the run will not match an "
+            f"uninterrupted one: {', '.join(changed)}", file=sys.stderr)
 
 
 def plain_args(args):
     return {key: (list(value) if isinstance(value, tuple) else value) for key, value in vars(args).items()}
 
 
+def rng_state():
+    """Every random stream the training step draws from, as tensors and plain types."""
+    state = dict(torch=torch.get_rng_state(), python=random.getstate())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state['torch'])
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
 # ----------------------------------------------------------------------------------------------
 # Stopping: on a signal, and on a loss that stays non-finite
 
 class StopSignals:
-    """SIGTERM / SIGINT ask for a stop after the current step, with a checkpoint. One request often
-    arrives twice within milliseconds (Ctrl-C reaches torchrun and its workers, and torchrun relays it;
-    Slurm signals every process): repeats within SIGNAL_REPEAT_SECONDS are that request. A later signal
-    stops at once, without saving. With several processes the ranks agree at log steps, so a signal to
-    any of them stops all (each then holds the signal number in `signal`)."""
+    """SIGTERM / SIGINT ask for a stop after the current step, with a checkpoint. One request often arrives
+    twice within milliseconds (Ctrl-C reaches torchrun and its workers, and torchrun relays it; Slurm signals
+    every process): repeats within SIGNAL_REPEAT_SECONDS are that request; a later signal stops at once, without
+    saving. Several processes agree at log steps, so a signal to any of them stops all."""
 
     def __init__(self, device):
         self.device, self.signal, self.first_time = device, None, None
@@ -226,8 +291,8 @@ class StopSignals:
 
 
 class NonFiniteGuard:
-    """Counts consecutive non-finite losses on the device (no sync per step; steps fp16's GradScaler
-    skipped do not count), and stops the run after NONFINITE_LIMIT of them, across epoch ends."""
+    """Counts consecutive non-finite losses on the device (no sync per step; steps fp16's GradScaler skipped do
+    not count), and stops the run after NONFINITE_LIMIT of them, across epoch ends."""
 
     def __init__(self, device):
         self.streak = torch.zeros((), device=device, dtype=torch.long)
@@ -237,8 +302,8 @@ class NonFiniteGuard:
             self.streak = (self.streak + 1) * (~torch.isfinite(loss))
 
     def check(self, state):
-        """Raises FloatingPointError after NONFINITE_LIMIT non-finite losses in a row; -> whether the
-        last one was finite: checkpoints are written only then. Every rank agrees (losses are all-reduced)."""
+        """Raises FloatingPointError after NONFINITE_LIMIT non-finite losses in a row; -> whether the last was
+        finite (checkpoints are written only then). Every rank agrees: the losses are all-reduced."""
         streak = int(self.streak)
         if streak >= NONFINITE_LIMIT:
             raise FloatingPointError(f"the loss was not finite for {streak} consecutive steps (epoch {state.epoch}, "
@@ -247,24 +312,12 @@ class NonFiniteGuard:
         return streak == 0
 
 
-def stopped(stop, guard, state, save, output, saved=False):
-    """After a stop signal: save where the run stands (unless the epoch's end just did), say how to go on."""
-    finite = guard.check(state)
-    if finite and not saved:
-        save(['last.pth.tar'])
-    if is_main_process():
-        done = (f"checkpoint saved to {os.path.join(output, 'last.pth.tar')}" if finite else
-                "the loss was not finite, so the last good checkpoint was kept")
-        print(f"Stopped by {signal.Signals(stop.signal).name} at epoch {state.epoch}, step {state.step}; "
-              f"{done}. To continue, run the same command with --output {output} --resume auto", flush=True)
-
-
 # ----------------------------------------------------------------------------------------------
-# The output folder
+# The run folder, and files written whole
 
 def check_output(args):
-    """Before anything is built: the default run folder's name, --resume auto resolved to the
-    folder's last.pth.tar (or to a fresh start), and a folder already holding a run refused."""
+    """Before anything is built: the default run folder's name, --resume auto resolved to the folder's
+    last.pth.tar (or to a fresh start), and a folder already holding a run refused."""
     if not args.output:
         stamp = time.strftime('%Y%m%d-%H%M%S')
         args.output = os.path.join('output', 'train', f"{stamp}-{args.model}-{args.img_size}")
@@ -272,14 +325,14 @@ def check_output(args):
     if args.resume == 'auto':
         args.resume = last if os.path.exists(last) else None
     elif not args.resume and not args.evaluate and os.path.exists(last):
-        raise UsageError(f"{args.output} already holds a run; continue it with --resume auto or "
-                               f"choose another --output")
+        raise UsageError(f"{args.output} already holds a run; continue it with --resume auto or choose another "
+                         f"--output")
 
 
-def create_output(args, is_main):
-    """Once the inputs are known to be good: the folder (rank 0), with args.yaml, and the leftovers
-    of a save cut off by a kill removed (atomic_write's temporary files)."""
-    if not is_main:
+def create_output(args):
+    """Once the inputs are known to be good, rank 0 makes the folder, with args.yaml, and removes the temporary
+    files of a save cut off by a kill."""
+    if not is_main_process():
         return
     try:
         os.makedirs(args.output, exist_ok=True)
@@ -294,19 +347,19 @@ def create_output(args, is_main):
     print(f"Output: {args.output}", flush=True)
 
 
+def atomic_save(obj, path, links=()):
+    """torch.save(obj) into `path` once, and `links` made from it (atomic_write); the size a full disk error
+    names is that of the tensors' storages, most of the file."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)}
+    atomic_write(path, lambda f: torch.save(obj, f), links, size=sum(storages.values()))
 
-# ----------------------------------------------------------------------------------------------
-# Files written whole: a kill at any moment leaves the old file or the new one
 
 def atomic_write(path, write, links=(), size=None):
-    """write(binary file) into a temporary file in the same folder, fsync, rename: a kill at any
-    moment leaves either the old file or the new one, never half of one. Each of `links` (paths in
-    the same folder) gets the same bytes before `path` is renamed (link_or_copy): the file is written
-    once. The temporary names, .NAME.PID.tmp, are what train.py clears from --output as stale. A full
-    disk or quota is a UsageError naming the folder, the bytes needed (`size`, else at least those
-    written) and those free."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = temporary_path(path)
+    """write(binary file) into a temporary file beside `path` (.NAME.PID.tmp), fsync, give each of `links` the same
+    bytes (link_or_copy), rename: a kill leaves the old file or the new one, never half of one. A full disk or
+    quota is a UsageError naming the folder, the bytes needed (`size`, else at least those written) and free."""
+    folder, tmp = os.path.dirname(os.path.abspath(path)), temporary_path(path)
     try:
         with open(tmp, 'wb') as f:
             write(f)
@@ -322,9 +375,9 @@ def atomic_write(path, write, links=(), size=None):
         needs = f"about {size / 1e6:.1f} MB" if size else f"more than {written:,} bytes"
         if os.path.exists(tmp):
             os.remove(tmp)  # before asking what is free
-        free = shutil.disk_usage(folder).free
         raise UsageError(f"no space left in {folder} for {os.path.basename(path)}: it needs {needs}, "
-                         f"{free / 1e6:.1f} MB are free; free some space there or choose another --output") from None
+                         f"{shutil.disk_usage(folder).free / 1e6:.1f} MB are free; free some space there or "
+                         f"choose another --output") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -334,13 +387,14 @@ def atomic_write(path, write, links=(), size=None):
     finally:
         os.close(dir_fd)
 
+
 def temporary_path(path):
     return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
 
+
 def link_or_copy(source, path):
-    """`path` gets `source`'s bytes, atomically: a hard link (no space, no time), or a copy where the
-    filesystem has none. The two names then share one file until either is replaced by a rename
-    (atomic_write), which leaves the other's bytes as they were."""
+    """`path` gets `source`'s bytes atomically: a hard link, or a copy where the filesystem has none. The names
+    share one file until one is replaced by a rename (atomic_write), which leaves the other's bytes as they were."""
     tmp = temporary_path(path)
     try:
         if os.path.lexists(tmp):
@@ -357,31 +411,11 @@ def link_or_copy(source, path):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
 def is_disk_full(error):
-    """ENOSPC or EDQUOT, also where torch's zip writer reports the failed write as its own RuntimeError
-    ('unexpected pos'), raised while the OSError was being handled."""
+    """ENOSPC or EDQUOT, also behind torch's zip writer's own RuntimeError ('unexpected pos')."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         error = error.__cause__ or error.__context__
     return False
-
-def atomic_save(obj, path, links=()):
-    """torch.save(obj) into `path` once, and `links` made from it (atomic_write). The size named
-    when the disk is full is that of the tensors' storages, most of the file."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)}
-    atomic_write(path, lambda f: torch.save(obj, f), links, size=sum(storages.values()))
-
-def rng_state():
-    """Every random stream the training step draws from, as tensors and plain types."""
-    state = dict(torch=torch.get_rng_state(), python=random.getstate())
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state()
-    return state
-
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    random.setstate(state['python'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])

@@ -17,15 +17,14 @@
     bash test/train_full_8p.sh --data_path=/data/imagenet    # the ModelZoo's scripts (README)
 
 `-b` is per device and logged images/s are global; a launcher's WORLD_SIZE turns on distributed mode.
-Top to bottom: the flags; the three places a copy changes first: datasets(), create_optimizer() (with
-its schedule) and train_loss(); main(), train() (the epoch loop), train_one_epoch, train_step,
-validate; then the set-up. Checkpoints, exact resume, stop signals and the non-finite guard live in
-run.py; the log lines and one-line errors in utils.py.
+Top to bottom: the three places a copy changes first: datasets(), create_optimizer() (with its schedule)
+and train_loss(); main(), train() (the epoch loop), train_one_epoch, train_step, validate; then the flags
+and the set-up. Checkpoints, exact resume, stop signals and the non-finite guard are run.py's (one
+run.Supervisor beside the loop), the log lines logs.py's, processes and devices distributed.py's.
 """
 import argparse
 import contextlib
 import copy
-import functools
 import importlib.util
 import math
 import os
@@ -60,6 +59,197 @@ MIN_IMAGE_SIZE = 32  # the network's total stride
 # fp16's GradScaler skips the optimizer step when gradients overflow; the schedule moves on all the same.
 warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`')
 
+
+# ----------------------------------------------------------------------------------------------
+# The three places a copy of this recipe changes first: the data, the optimizer, the loss
+
+def datasets(args):
+    """-> (train_set, val_set, class names). Any map-style datasets of (image, label) fit here, the image a
+    PIL image, a uint8 tensor or numpy array (torchvision.datasets.*, your own, a Hugging Face split): the loop
+    wraps them in data.Transformed, which adds this recipe's per-image seeded augmentation."""
+    return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
+                              synthetic_size=args.img_size, num_classes=args.num_classes,
+                              splits=(args.train_split, args.val_split), keys=(args.input_key, args.target_key))
+
+
+def create_optimizer(model, args, steps_per_epoch):
+    """-> (optimizer, lr scheduler stepped after every optimizer step). timm's parameter groups (no weight
+    decay on biases and BatchNorm) and its schedules, which change the lr once per epoch (optim.py)."""
+    groups = optim.param_groups(model, args.weight_decay)
+    if args.opt == 'rmsproptf':  # TensorFlow's RMSprop as timm has it (optim.py says how it differs from torch's)
+        optimizer = optim.RMSpropTF(groups, lr=args.lr, alpha=0.9, eps=args.opt_eps, momentum=args.momentum)
+    elif args.opt == 'sgd':  # timm's 'sgd' is Nesterov momentum
+        optimizer = torch.optim.SGD(groups, args.lr, momentum=args.momentum, nesterov=args.momentum > 0, foreach=True)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps, foreach=True)
+    scheduler = optim.TimmSchedule(optimizer, steps_per_epoch, args.sched, args.epochs, args.warmup_lr,
+                                   args.warmup_epochs, args.decay_epochs, args.decay_rate, args.min_lr)
+    return optimizer, scheduler
+
+
+def train_loss(output, targets, args):
+    """timm's: soft-target cross entropy after mixup/cutmix (their targets hold the smoothing), else
+    label-smoothing cross entropy; in float32 whatever the autocast dtype. validate() reports plain cross
+    entropy whatever this returns (timm's eval loss): after a change the two loss curves differ in kind."""
+    smoothing = 0.0 if targets.ndim == 2 else args.smoothing
+    return F.cross_entropy(output.float(), targets, label_smoothing=smoothing)
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+
+def main(argv=None):
+    with distributed.one_line_errors(alike_on_every_rank=True):
+        args = resolve_args(get_args_parser().parse_args(argv))
+    with distributed.one_line_errors():
+        train(args)
+    if not args.evaluate:
+        distributed.say(f"Output: {args.output}")
+    distributed.destroy_distributed()
+
+
+def train(args):
+    """Set up, then the epoch loop: train, validate, report, save."""
+    device = setup_processes(args)
+    train_set, val_set, classes = datasets(args)
+    num_classes = args.num_classes or len(classes)
+    steps_per_epoch = count_steps(train_set, args)
+    model_without_ddp = build_model(args, device, num_classes)
+    optimizer, scheduler = create_optimizer(model_without_ddp, args, steps_per_epoch)
+    precision, model_without_ddp, optimizer = optim.create_precision(
+        device, model_without_ddp, optimizer, args.amp, args.amp_dtype, args.apex_amp, say=distributed.say)
+    model_ema = optim.ModelEma(model_without_ddp, args.model_ema_decay) if args.model_ema else None
+    model = distribute(model_without_ddp, device, precision, args)
+    val_loader = make_val_loader(val_set, args)
+    if args.evaluate:
+        return evaluate(model_without_ddp, val_loader, precision, args)
+    parts = dict(model=model_without_ddp, optimizer=optimizer, scheduler=scheduler, scaler=precision,
+                 model_ema=model_ema.module if model_ema else None)
+    meta = dict(arch=args.model, num_classes=num_classes, classes=list(classes), args=run.plain_args(args))
+    progress = run.Supervisor(args, parts, meta, device, logs.EpochLogger(args.output, distributed.is_main_process()))
+    if args.log_tensorboard and distributed.is_main_process():  # a resumed run redraws from its first step
+        logs.open_tensorboard(args.output, first_step=progress.state.num_updates)
+    distributed.say(describe_run(args, model_without_ddp, train_set, val_set, meta, steps_per_epoch, optimizer,
+                                 scheduler))
+    for epoch in range(progress.state.epoch, args.epochs):
+        settings = optim.stage_settings(args, epoch)
+        if args.progressive and epoch in (progress.first_epoch, settings['epochs'][0]):
+            distributed.say(optim.describe_stage(settings, args))
+        sampler = train_sampler(train_set, args, epoch, start_batch=progress.state.step * args.grad_accum_steps)
+        loader = make_loader(train_set, train_transform(settings, args), sampler, args)
+        mixup = (data.MixupCutmix(settings['mixup'], args.cutmix, args.smoothing, num_classes)
+                 if settings['mixup'] > 0 or args.cutmix > 0 else None)
+        model_without_ddp.drop_rate = settings['drop']
+        images_per_sec = train_one_epoch(model, optimizer, scheduler, precision, loader, args, progress,
+                                         model_ema, mixup)
+        if progress.ends_before_validation():  # a stop signal (saved, said how to go on), or --perf-steps done
+            return
+        evaluation, ema_evaluation = evaluate_epoch(model_without_ddp, model_ema, val_loader, precision, args)
+        if not progress.end_epoch(evaluation, ema_evaluation, images_per_sec):  # a stop signal while validating
+            return
+    progress.report_best()
+
+
+def train_one_epoch(model, optimizer, scheduler, precision, loader, args, progress, model_ema=None, mixup=None):
+    """The epoch from optimizer step progress.state.step (0 unless resumed mid-epoch), timm's `Train:` line every
+    --log-interval steps; progress (run.Supervisor) counts, guards, saves and stops. -> the epoch's images/s."""
+    model.train()
+    if args.freeze_bn:
+        models.freeze_batchnorm(model)
+    state = progress.state
+    if state.step == 0 or state.epoch_lr is None:  # the lr the epoch begins with (None: an older checkpoint)
+        state.epoch_lr = optimizer.param_groups[0]['lr']
+    num_steps = len(loader.batch_sampler) // args.grad_accum_steps
+    last_step = num_steps - 1
+    if args.perf_steps:  # the ModelZoo's throughput runs stop after --perf-steps steps
+        last_step = min(last_step, state.step + args.perf_steps - state.num_updates - 1)
+    logger = logs.TrainLogger(state.epoch, num_steps, last_step, args.log_interval, state, progress.device)
+    for batches in logger.log_every(loader, args.grad_accum_steps):
+        loss, skipped = train_step(model, optimizer, precision, batches, args, model_ema, mixup)
+        state.count_step(loss, bad_images=sum(int(bad.sum()) for *_, bad in batches))
+        at_log_step = logger.update(loss, sum(len(labels) for _, labels, _ in batches),
+                                    optimizer.param_groups[0]['lr'])
+        scheduler.step()
+        if progress.after_step(loss, skipped, at_log_step, last_of_epoch=state.step == num_steps):
+            break
+    return logger.images_per_sec
+
+
+def train_step(model, optimizer, precision, batches, args, model_ema=None, mixup=None):
+    """One optimizer step over --grad-accum-steps micro-batches of (uint8 images, labels, bad counts):
+    forward, loss, backward each; optimizer step; EMA update. -> (the global batch's mean loss, whether fp16's
+    GradScaler skipped the step). Every rank gets the same loss (one all-reduce, no sync)."""
+    optimizer.zero_grad(set_to_none=True)  # frees the last step's gradients before the activations
+    losses = []
+    for index, (images, labels, _) in enumerate(batches):
+        images, labels = to_device(images, model, args), labels.to(images.device, non_blocking=True)
+        targets = labels
+        if mixup is not None:
+            images, targets = mixup(images, labels)
+        if args.reprob > 0:
+            images = data.random_erase(images, args.reprob)
+        with gradients_stay_local(model, accumulating=index < len(batches) - 1):
+            with precision.autocast():
+                output = model(images)
+            loss = train_loss(output, targets, args)
+            precision.backward(loss / len(batches))  # the step's gradient: the mean over its micro-batches
+        losses.append(loss.detach().float())
+    skipped = precision.step(optimizer, args.clip_grad)
+    if model_ema is not None:
+        model_ema.update_parameters(model)
+    return distributed.mean_over_ranks(torch.stack(losses).mean()), skipped
+
+
+def gradients_stay_local(model, accumulating):
+    """DDP all-reduces the gradients in every backward; on the micro-batches before a step's last that would
+    be wasted, so there they stay local (DDP's no_sync: its forward decides, so it spans the forward)."""
+    return model.no_sync() if accumulating and hasattr(model, 'no_sync') else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def validate(model, loader, precision, args, log_suffix=''):
+    """Loss, top-1 and top-5 over the validation set, every image counted once whatever the number of
+    processes; timm's `Test:` line, values over all ranks, every --log-interval batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    logger = logs.EvalLogger(args.log_interval, device, 'Test' + log_suffix, distributed.is_main_process())
+    empty_batch = (torch.zeros(0, 3, args.eval_size, args.eval_size, dtype=torch.uint8),
+                   torch.zeros(0, dtype=torch.long))
+    for images, labels, *_ in logger.log_every(loader, empty_batch):
+        images, labels = to_device(images, model, args), labels.to(device)
+        with precision.autocast():
+            output = model(images)
+        loss_sum = F.cross_entropy(output.float(), labels, reduction='sum')
+        logger.update(loss_sum, logs.accuracy(output, labels), labels.shape[0])
+    return logger.result()
+
+
+def evaluate_epoch(model, model_ema, val_loader, precision, args):
+    """timm's epoch end: each rank's BN statistics averaged, then the model and its EMA validated."""
+    distributed.average_bn_stats(model)
+    evaluation = validate(model, val_loader, precision, args)
+    if model_ema is None:
+        return evaluation, None
+    distributed.average_bn_stats(model_ema.module)
+    return evaluation, validate(model_ema.module, val_loader, precision, args, ' (EMA)')
+
+
+def evaluate(model, val_loader, precision, args):
+    """--evaluate: validate the weights of --pretrained, or of --resume (and its EMA, if it has one)."""
+    nets = {'': model}
+    if args.resume:
+        checkpoint = weights.read_checkpoint(args.resume)
+        load_weights(model, checkpoint, use_ema=False)
+        if checkpoint.get('model_ema'):
+            nets[' (EMA)'] = load_weights(copy.deepcopy(model), checkpoint)
+    for suffix, net in nets.items():
+        result = validate(net, val_loader, precision, args, suffix)
+        distributed.say(f"Evaluation{suffix}: loss {result['loss']:.4f}  top1 {result['top1']:.4f}  "
+                        f"top5 {result['top5']:.4f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The flags: timm 0.5.4's names and meanings (README, "Flags")
 
 def default(key):
     return f"(default: {TIMM_DEFAULTS[key]}; the demo: {DEMO_DEFAULTS[key]})"
@@ -176,218 +366,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 # ----------------------------------------------------------------------------------------------
-# The three places a copy of this recipe changes first: the data, the optimizer, the loss
-
-def datasets(args):
-    """-> (train_set, val_set, class names). Any map-style datasets of (image, label) fit here, the image a
-    PIL image, a uint8 tensor or numpy array (torchvision.datasets.*, your own, a Hugging Face split): the loop
-    wraps them in data.Transformed, which adds this recipe's per-image seeded augmentation."""
-    return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
-                              synthetic_size=args.img_size, num_classes=args.num_classes,
-                              splits=(args.train_split, args.val_split), keys=(args.input_key, args.target_key))
-
-
-def create_optimizer(model, args, steps_per_epoch):
-    """-> (optimizer, lr scheduler stepped after every optimizer step). timm's parameter groups (no weight
-    decay on biases and BatchNorm) and its schedules, which change the lr once per epoch (optim.py)."""
-    groups = optim.param_groups(model, args.weight_decay)
-    if args.opt == 'rmsproptf':  # TensorFlow's RMSprop as timm has it (optim.py says how it differs from torch's)
-        optimizer = optim.RMSpropTF(groups, lr=args.lr, alpha=0.9, eps=args.opt_eps, momentum=args.momentum)
-    elif args.opt == 'sgd':  # timm's 'sgd' is Nesterov momentum
-        optimizer = torch.optim.SGD(groups, args.lr, momentum=args.momentum, nesterov=args.momentum > 0, foreach=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps, foreach=True)
-    scheduler = optim.TimmSchedule(optimizer, steps_per_epoch, args.sched, args.epochs, args.warmup_lr,
-                                   args.warmup_epochs, args.decay_epochs, args.decay_rate, args.min_lr)
-    return optimizer, scheduler
-
-
-def train_loss(output, targets, args):
-    """timm's: soft-target cross entropy after mixup/cutmix (their targets hold the smoothing), else
-    label-smoothing cross entropy; in float32 whatever the autocast dtype. validate() reports plain cross
-    entropy whatever this returns (timm's eval loss): after a change the two loss curves differ in kind."""
-    smoothing = 0.0 if targets.ndim == 2 else args.smoothing
-    return F.cross_entropy(output.float(), targets, label_smoothing=smoothing)
-
-
-# ----------------------------------------------------------------------------------------------
-# The recipe
-
-def main(argv=None):
-    with distributed.one_line_errors(alike_on_every_rank=True):
-        args = resolve_args(get_args_parser().parse_args(argv))
-        run.check_output(args)
-    with distributed.one_line_errors():
-        train(args)
-    if distributed.is_main_process() and not args.evaluate:
-        print(f"Output: {args.output}", flush=True)
-    distributed.destroy_distributed()
-
-
-def train(args):
-    """Set up, then the epoch loop: train, validate, report, save."""
-    device = setup_processes(args)
-    train_set, val_set, classes = datasets(args)
-    args.num_classes = args.num_classes or len(classes)
-    steps_per_epoch = count_steps(train_set, args)
-    model_without_ddp = build_model(args, device)
-    optimizer, scheduler = create_optimizer(model_without_ddp, args, steps_per_epoch)
-    precision, model_without_ddp, optimizer = optim.create_precision(
-        device, model_without_ddp, optimizer, args.amp, args.amp_dtype, args.apex_amp, say=say)
-    model_ema = optim.ModelEma(model_without_ddp, args.model_ema_decay) if args.model_ema else None
-    model = distribute(model_without_ddp, device, precision, args)
-    if args.evaluate:
-        return evaluate(model_without_ddp, val_set, device, precision, args)
-    state = run.TrainState()  # what a checkpoint holds besides these parts: epoch, step, best metric ...
-    parts = dict(model=model_without_ddp, optimizer=optimizer, scheduler=scheduler, scaler=precision,
-                 model_ema=model_ema.module if model_ema else None)
-    if args.resume:
-        run.load_checkpoint(args.resume, parts, state, args)
-    run.create_output(args, distributed.is_main_process())
-    say(describe_run(args, model_without_ddp, train_set, val_set, device, steps_per_epoch, optimizer, scheduler))
-    save = functools.partial(run.save_checkpoint, args.output, parts=parts, state=state, meta=dict(
-        arch=args.model, num_classes=args.num_classes, classes=list(classes), args=run.plain_args(args)))
-    stop, guard = run.StopSignals(device), run.NonFiniteGuard(device)
-    epoch_logger = logs.EpochLogger(args.output, distributed.is_main_process())
-    if args.log_tensorboard and distributed.is_main_process():
-        logs.open_tensorboard(args.output, first_step=state.num_updates)
-    val_loader = make_val_loader(val_set, device, args)
-    first_epoch = state.epoch
-    for epoch in range(first_epoch, args.epochs):
-        settings = stage_settings(args, epoch)
-        if args.progressive and epoch in (first_epoch, settings['epochs'][0]):
-            say(describe_stage(settings, args))
-        sampler = train_sampler(train_set, args, epoch, start_batch=state.step * args.grad_accum_steps)
-        loader = make_loader(train_set, train_transform(settings, args), sampler, device, args)
-        mixup = (data.MixupCutmix(settings['mixup'], args.cutmix, args.smoothing, args.num_classes)
-                 if settings['mixup'] > 0 or args.cutmix > 0 else None)
-        model_without_ddp.drop_rate = settings['drop']
-        if state.step == 0 or state.epoch_lr is None:  # None: a checkpoint from before it was saved
-            state.epoch_lr = optimizer.param_groups[0]['lr']
-        images_per_sec = train_one_epoch(model, optimizer, scheduler, precision, loader, device, args, state,
-                                         model_ema, mixup, guard, stop, save)
-        if stop.signal:
-            return run.stopped(stop, guard, state, save, args.output)
-        if args.perf_steps and state.num_updates >= args.perf_steps:
-            return
-        evaluation, ema_evaluation = evaluate_epoch(model_without_ddp, model_ema, val_loader, device, precision,
-                                                    args)
-        finite = guard.check(state)  # after a non-finite loss: no new best metric, no checkpoint
-        epoch_logger.log(epoch, float(state.loss_sum) / max(state.loss_count, 1), evaluation, ema_evaluation,
-                         state.epoch_lr, images_per_sec, state.bad_images, step=state.num_updates)
-        is_best = state.finish_epoch((ema_evaluation or evaluation)['top1'], finite)
-        if finite:
-            save(run.epoch_checkpoint_names(epoch, is_best, args.checkpoint_hist))
-            if args.checkpoint_hist:
-                run.remove_epoch_checkpoint(args.output, epoch - args.checkpoint_hist)
-        if epoch + 1 < args.epochs and stop.requested():  # a signal during validation
-            return run.stopped(stop, guard, state, save, args.output, saved=True)
-    if state.best_metric is not None:
-        say(f"*** Best metric: {state.best_metric} (epoch {state.best_epoch})")
-
-
-def train_one_epoch(model, optimizer, scheduler, precision, loader, device, args, state, model_ema, mixup,
-                    guard, stop, save):
-    """The epoch from optimizer step state.step (0 unless resumed mid-epoch), timm's `Train:` line every
-    --log-interval steps, a checkpoint every --checkpoint-interval steps; -> the epoch's images/s."""
-    model.train()
-    if args.freeze_bn:
-        models.freeze_batchnorm(model)
-    num_steps = len(loader.batch_sampler) // args.grad_accum_steps
-    last_step = num_steps - 1
-    if args.perf_steps:  # the ModelZoo's throughput runs stop after --perf-steps steps
-        last_step = min(last_step, state.step + args.perf_steps - state.num_updates - 1)
-    logger = logs.TrainLogger(state.epoch, num_steps, last_step, args.log_interval, state, device)
-    for batches in logger.log_every(loader, args.grad_accum_steps):
-        loss, skipped = train_step(model, optimizer, precision, batches, device, args, model_ema, mixup)
-        state.count_step(loss, bad_images=sum(int(bad.sum()) for *_, bad in batches))
-        at_log_step = logger.update(loss, sum(len(labels) for _, labels, _ in batches),
-                                    optimizer.param_groups[0]['lr'])
-        scheduler.step()
-        guard.update(loss, skipped)
-        if at_log_step:
-            guard.check(state)  # raises after too many non-finite losses in a row
-        if stop.requested(at_log_step):
-            break
-        if args.checkpoint_interval and state.step % args.checkpoint_interval == 0 and state.step < num_steps \
-                and guard.check(state):
-            save(['last.pth.tar'])
-    return logger.images_per_sec
-
-
-def train_step(model, optimizer, precision, batches, device, args, model_ema=None, mixup=None):
-    """One optimizer step over --grad-accum-steps micro-batches of (uint8 images, labels, bad counts):
-    forward, loss, backward each; optimizer step; EMA update. -> (the global batch's mean loss, whether fp16's
-    GradScaler skipped the step). Every rank gets the same loss (one all-reduce, no sync)."""
-    optimizer.zero_grad(set_to_none=True)  # frees the last step's gradients before the activations
-    losses = []
-    for index, (images, labels, _) in enumerate(batches):
-        images, labels = to_device(images, device, args), labels.to(device, non_blocking=True)
-        targets = labels
-        if mixup is not None:
-            images, targets = mixup(images, labels)
-        if args.reprob > 0:
-            images = data.random_erase(images, args.reprob)
-        with gradients_stay_local(model, accumulating=index < len(batches) - 1):
-            with precision.autocast():
-                output = model(images)
-            loss = train_loss(output, targets, args)
-            precision.backward(loss / len(batches))  # the step's gradient: the mean over its micro-batches
-        losses.append(loss.detach().float())
-    skipped = precision.step(optimizer, args.clip_grad)
-    if model_ema is not None:
-        model_ema.update_parameters(model)
-    return distributed.mean_over_ranks(torch.stack(losses).mean()), skipped
-
-
-def gradients_stay_local(model, accumulating):
-    """DDP all-reduces the gradients in every backward; on the micro-batches before a step's last that would
-    be wasted, so there they stay local (DDP's no_sync: its forward decides, so it spans the forward)."""
-    return model.no_sync() if accumulating and hasattr(model, 'no_sync') else contextlib.nullcontext()
-
-
-@torch.no_grad()
-def validate(model, loader, device, precision, args, log_suffix=''):
-    """Loss, top-1 and top-5 over the validation set, every image counted once whatever the number of
-    processes; timm's `Test:` line, values over all ranks, every --log-interval batches."""
-    model.eval()
-    logger = logs.EvalLogger(args.log_interval, device, 'Test' + log_suffix, distributed.is_main_process())
-    empty_batch = (torch.zeros(0, 3, args.eval_size, args.eval_size, dtype=torch.uint8),
-                   torch.zeros(0, dtype=torch.long))
-    for images, labels, *_ in logger.log_every(loader, empty_batch):
-        images, labels = to_device(images, device, args), labels.to(device)
-        with precision.autocast():
-            output = model(images)
-        loss_sum = F.cross_entropy(output.float(), labels, reduction='sum')
-        logger.update(loss_sum, logs.accuracy(output, labels), labels.shape[0])
-    return logger.result()
-
-
-def evaluate_epoch(model, model_ema, val_loader, device, precision, args):
-    """timm's epoch end: each rank's BN statistics averaged, then the model and its EMA validated."""
-    distributed.average_bn_stats(model)
-    evaluation = validate(model, val_loader, device, precision, args)
-    if model_ema is None:
-        return evaluation, None
-    distributed.average_bn_stats(model_ema.module)
-    return evaluation, validate(model_ema.module, val_loader, device, precision, args, ' (EMA)')
-
-
-def evaluate(model, val_set, device, precision, args):
-    """--evaluate: validate the weights of --pretrained, or of --resume (and its EMA, if it has one)."""
-    nets = {'': model}
-    if args.resume:
-        checkpoint = weights.read_checkpoint(args.resume)
-        load_weights(model, checkpoint, use_ema=False)
-        if checkpoint.get('model_ema'):
-            nets[' (EMA)'] = load_weights(copy.deepcopy(model), checkpoint)
-    loader = make_val_loader(val_set, device, args)
-    for suffix, net in nets.items():
-        result = validate(net, loader, device, precision, args, suffix)
-        say(f"Evaluation{suffix}: loss {result['loss']:.4f}  top1 {result['top1']:.4f}  top5 {result['top5']:.4f}")
-
-
-# ----------------------------------------------------------------------------------------------
 # Set-up
 
 def resolve_args(args):
@@ -425,7 +403,10 @@ def resolve_args(args):
         ratio = global_batch(args) / args.lr_base_size
         args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == 'sqrt' else ratio)
     args.device = distributed.device_type(args.device)  # 'auto' resolved: the same answer on every rank
+    if args.channels_last is None:
+        args.channels_last = distributed.default_channels_last(torch.device(args.device))
     check_args(args)
+    run.check_output(args)  # the run folder's name; --resume auto resolved
     return args
 
 
@@ -481,26 +462,20 @@ def count_steps(train_set, args):
     return steps
 
 
-def say(message):
-    """Rank 0 prints (it alone logs)."""
-    if distributed.is_main_process():
-        print(message, flush=True)
-
-
-def describe_run(args, model, train_set, val_set, device, steps_per_epoch, optimizer, scheduler):
-    """The run in two lines (rank 0), and a warning when the warm-up never ends."""
+def describe_run(args, model, train_set, val_set, meta, steps_per_epoch, optimizer, scheduler):
+    """The run in two lines, and a warning when timm's warm-up never ends (not for a copy's own schedule)."""
     world_size = distributed.get_world_size()
     lr = f"lr {args.lr:.4g}" + (f" (--lr-base {args.lr_base:g} per {args.lr_base_size} images, {args.lr_base_scale})"
                                 if args.lr_base is not None else '')
     accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ''
-    if distributed.is_main_process() and 0 < args.epochs <= args.warmup_epochs:
-        print(f"warning: the warm-up (--warmup-epochs {args.warmup_epochs}) covers the whole run (--epochs "
-              f"{args.epochs}): the lr rises from --warmup-lr {args.warmup_lr:g} and never reaches {args.lr:g}; "
-              f"give --warmup-epochs 0, or fewer than --epochs", file=sys.stderr, flush=True)
+    if isinstance(scheduler, optim.TimmSchedule) and 0 < args.epochs <= args.warmup_epochs:
+        distributed.say(f"warning: the warm-up (--warmup-epochs {args.warmup_epochs}) covers the whole run (--epochs "
+                        f"{args.epochs}): the lr rises from --warmup-lr {args.warmup_lr:g} and never reaches "
+                        f"{args.lr:g}; give --warmup-epochs 0, or fewer than --epochs", file=sys.stderr)
     return (f"Training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
             f"{args.data_path or args.dataset}: {len(train_set)} train / {len(val_set)} val images "
-            f"({getattr(train_set, 'source', type(train_set).__name__)}), {args.num_classes} classes; "
-            f"{device.type}, {world_size} process{'es' * (world_size > 1)}\n"
+            f"({getattr(train_set, 'source', type(train_set).__name__)}), {meta['num_classes']} classes; "
+            f"{args.device}, {world_size} process{'es' * (world_size > 1)}\n"
             f"{args.epochs} epoch{'s' * (args.epochs != 1)} of {steps_per_epoch} steps, "
             f"batch {global_batch(args)} ({args.batch_size} per process{accumulated}), {lr}, "
             f"{type(optimizer).__name__}, {getattr(scheduler, 'sched', type(scheduler).__name__)} schedule")
@@ -516,17 +491,15 @@ def setup_processes(args):
     return device
 
 
-def build_model(args, device):
+def build_model(args, device, num_classes):
     """The network on its device, from --pretrained weights if given: what checkpoints and the EMA hold."""
-    model = models.create_model(args.model, num_classes=args.num_classes, drop_rate=args.drop,
+    model = models.create_model(args.model, num_classes=num_classes, drop_rate=args.drop,
                                 drop_path_rate=args.drop_path)
     if args.pretrained:
         path = fetch_published_weights(args.model) if args.pretrained is True else args.pretrained
         load_weights(model, weights.read_checkpoint(path))
     if args.sync_bn and distributed.get_world_size() > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if args.channels_last is None:
-        args.channels_last = distributed.default_channels_last(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     if device.type == 'cuda':
@@ -561,7 +534,7 @@ def fetch_published_weights(name):
 def load_weights(net, checkpoint, use_ema=True):
     """weights.load_pretrained; rank 0 says its notes (a torchvision conversion, a new classifier)."""
     for note in weights.load_pretrained(net, checkpoint, use_ema):
-        say(note)
+        distributed.say(note)
     return net
 
 
@@ -576,40 +549,6 @@ def compile_model(model, precision, args):
     return torch.compile(model, dynamic=False)
 
 
-def stage_settings(args, epoch):
-    """What the epoch trains with. Without --progressive: the flags. With it, the paper's progressive
-    learning: image size, RandAugment magnitude, mixup and dropout rise by stage."""
-    base = dict(stage=0, size=args.img_size, magnitude=None, mixup=args.mixup, drop=args.drop,
-                epochs=(0, args.epochs - 1))
-    if args.aa:
-        base['magnitude'] = data.parse_rand_augment(args.aa)['magnitude']
-    if not args.progressive:
-        return base
-    stages = args.prog_stages
-    stage_of = lambda e: min(e * stages // args.epochs, stages - 1)  # noqa: E731
-    stage = stage_of(epoch)  # a pure function of the epoch: resuming needs nothing else
-    in_stage = [e for e in range(args.epochs) if stage_of(e) == stage]
-    # The size's first stage is already a step up from the minimum (REFERENCE §4: S 171 ... 300);
-    # the others start at their minimum and reach the flag's value in the last stage.
-    size = args.prog_min_size + (args.img_size - args.prog_min_size) * (stage + 1) // stages
-    ratio = stage / max(stages - 1, 1)
-    lerp = lambda low, high: low + (high - low) * ratio  # noqa: E731
-    magnitude = base['magnitude']
-    if args.aa:  # a minimum above the flag's value is capped to it: regularization never falls
-        magnitude = lerp(min(args.prog_min_aa, magnitude), magnitude)
-    return dict(stage=stage, size=size, magnitude=magnitude, mixup=lerp(0.0, args.mixup),
-                drop=lerp(min(args.prog_min_drop, args.drop), args.drop), epochs=(in_stage[0], in_stage[-1]))
-
-
-def describe_stage(settings, args):
-    first, last = settings['epochs']
-    magnitude = 'off' if settings['magnitude'] is None else f"{settings['magnitude']:.2f}"
-    compiles = ", torch.compile compiles once for this size" if args.compile else ''
-    return (f"Stage {settings['stage'] + 1}/{args.prog_stages}: epochs {first}-{last}, image size "
-            f"{settings['size']} (eval {args.eval_size}), RandAugment magnitude {magnitude}, mixup "
-            f"{settings['mixup']:.3f}, dropout {settings['drop']:.3f}{compiles}")
-
-
 def train_transform(settings, args):
     transform = data.train_transform(
         settings['size'], scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, aa=args.aa,
@@ -620,28 +559,28 @@ def train_transform(settings, args):
 
 
 def train_sampler(dataset, args, epoch=0, start_batch=0):
-    sampler = data.EpochBatchSampler(len(dataset), args.batch_size, shuffle=True, seed=args.seed,
-                                     rank=distributed.get_rank(), world_size=distributed.get_world_size(), drop_last=True)
+    sampler = data.EpochBatchSampler(len(dataset), args.batch_size, shuffle=True, seed=args.seed, drop_last=True,
+                                     rank=distributed.get_rank(), world_size=distributed.get_world_size())
     sampler.set_epoch(epoch, start_batch)
     return sampler
 
 
-def make_val_loader(dataset, device, args):
+def make_val_loader(dataset, args):
     """Every image once over all ranks (rank r takes r, r + world_size, ...; no padding)."""
     transform = data.eval_transform(args.eval_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
     sampler = data.EpochBatchSampler(len(dataset), args.batch_size, shuffle=False, rank=distributed.get_rank(),
                                      world_size=distributed.get_world_size(), drop_last=False)
-    return make_loader(dataset, transform, sampler, device, args)
+    return make_loader(dataset, transform, sampler, args)
 
 
-def make_loader(dataset, transform, sampler, device, args):
+def make_loader(dataset, transform, sampler, args):
     return data.create_loader(data.transformed(dataset, transform), sampler, workers=args.workers,
-                              pin_memory=device.type == 'cuda')
+                              pin_memory=args.device == 'cuda')
 
 
-def to_device(images, device, args):
-    """A uint8 batch from the loader -> normalized float32 on the device, in the run's memory format."""
-    images = images.to(device, non_blocking=True)
+def to_device(images, model, args):
+    """A uint8 batch from the loader -> normalized float32 on the model's device, in the run's memory format."""
+    images = images.to(next(model.parameters()).device, non_blocking=True)
     return data.normalize(images, args.mean, args.std, channels_last=args.channels_last)
 
 

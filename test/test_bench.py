@@ -69,7 +69,7 @@ def build(*flags):
     args = train.resolve_args(train.get_args_parser().parse_args(
         ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '--device', 'cpu', '--model-ema',
          '--num-classes', '10', *flags]))
-    model_without_ddp = train.build_model(args, torch.device('cpu'))
+    model_without_ddp = train.build_model(args, torch.device('cpu'), num_classes=10)
     precision = optim.Precision('cpu')
     model_ema = optim.ModelEma(model_without_ddp, 0.99)
     model = train.distribute(model_without_ddp, torch.device('cpu'), precision, args)

@@ -20,6 +20,7 @@ from conftest import ROOT, make_image_folder, run_train
 import train  # tests reuse train.py's parser and its schedule (torchvision references' habit)
 import errors
 import logs
+import optim
 
 
 def resolved(*argv):
@@ -27,7 +28,7 @@ def resolved(*argv):
 
 
 def schedule(args):
-    return [train.stage_settings(args, epoch) for epoch in range(args.epochs)]
+    return [optim.stage_settings(args, epoch) for epoch in range(args.epochs)]
 
 
 def stage_rows(args):
