@@ -137,15 +137,16 @@ def build_trainer(impl, args, images, labels):
 
 def our_trainer(args, images, labels):
     """train.py's own parts and its train_step (one micro-batch), with the ModelZoo recipe's flags."""
+    import flags
     import train
-    flags = ['--dataset', 'synthetic', '--model', args.model, '--img-size', str(args.img_size),
+    argv = ['--dataset', 'synthetic', '--model', args.model, '--img-size', str(args.img_size),
              '-b', str(args.batch_size), '--num-classes', '1000', '--opt', 'rmsproptf', '--opt-eps', '1e-3',
              '--lr', '0.014', '--weight-decay', '1e-5', '--drop', '0.3', '--drop-path', '0.2', '--model-ema',
              '--model-ema-decay', str(EMA_DECAY), '--smoothing', str(LABEL_SMOOTHING),
              '--device', args.device.type, '--channels-last' if args.nhwc['ours'] else '--no-channels-last']
-    flags += ['--amp', '--amp-dtype', args.precision] if args.precision != 'float32' else []
-    flags += ['--compile'] if args.compile else []
-    recipe = train.resolve_args(train.get_args_parser().parse_args(flags))
+    argv += ['--amp', '--amp-dtype', args.precision] if args.precision != 'float32' else []
+    argv += ['--compile'] if args.compile else []
+    recipe = flags.resolve_args(flags.get_args_parser().parse_args(argv))
     net = train.build_model(recipe, args.device, num_classes=1000)
     optimizer, _ = train.create_optimizer(net, recipe, steps_per_epoch=1)
     precision, net, optimizer = optim.create_precision(args.device, net, optimizer, recipe.amp, recipe.amp_dtype)

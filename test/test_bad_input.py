@@ -196,11 +196,12 @@ def test_a_folder_of_48_images_with_timms_batch_of_128_is_one_error_line_before_
 
 
 def test_a_training_set_smaller_than_the_batch_of_all_processes_is_said_once(monkeypatch, capsys):
+    import flags
     import train
     monkeypatch.setenv('WORLD_SIZE', '4')
     monkeypatch.setattr(distributed, 'get_world_size', lambda: 4)
     monkeypatch.setattr(distributed, 'get_rank', lambda: 1)
-    args = train.resolve_args(train.get_args_parser().parse_args(['-b', '8', '--dataset', 'synthetic']))
+    args = flags.resolve_args(flags.get_args_parser().parse_args(['-b', '8', '--dataset', 'synthetic']))
     assert train.count_steps(list(range(32)), args) == 1
     for rank in (1, 0):  # only rank 0 says it: every rank finds the same
         monkeypatch.setenv('RANK', str(rank))

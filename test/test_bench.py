@@ -65,8 +65,9 @@ def test_without_compare_timm_the_summary_says_na_and_timm_is_never_imported(tmp
 
 def build(*flags):
     """train.py's set-up on the CPU (build_model, distribute) -> (args, model_without_ddp, model, model_ema)."""
-    import train  # noqa: F401  (tests may import it; runtime files never do)
-    args = train.resolve_args(train.get_args_parser().parse_args(
+    import flags
+    import train
+    args = flags.resolve_args(flags.get_args_parser().parse_args(
         ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '--device', 'cpu', '--model-ema',
          '--num-classes', '10', *flags]))
     model_without_ddp = train.build_model(args, torch.device('cpu'), num_classes=10)

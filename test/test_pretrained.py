@@ -671,9 +671,9 @@ def test_python_model_py_lists_every_tag_with_its_classes_sizes_and_top1():
 
 
 def test_an_unknown_tag_is_one_line_naming_the_variants_tags():
-    import train
+    import flags
     for call in (weights.published_tag, weights.published_config, weights.published_weights, predict.load_published,
-                 lambda name: train.resolve_args(train.get_args_parser().parse_args(['--model', name]))):
+                 lambda name: flags.resolve_args(flags.get_args_parser().parse_args(['--model', name]))):
         with pytest.raises(errors.CheckpointError) as error:
             call('tf_efficientnetv2_s.in22k')
         message = one_line(error)
@@ -686,9 +686,9 @@ def test_an_unknown_tag_is_one_line_naming_the_variants_tags():
 
 def test_a_tag_without_pretrained_trains_from_scratch_with_the_tags_settings():
     """As timm's create_model('VARIANT.TAG') without pretrained=True: the network, the tag's config."""
-    import train
-    def resolved(*flags):
-        return train.resolve_args(train.get_args_parser().parse_args(['--num-classes', '10', *flags]))
+    import flags
+    def resolved(*extra):
+        return flags.resolve_args(flags.get_args_parser().parse_args(['--num-classes', '10', *extra]))
     tagged = resolved('--model', 'tf_efficientnetv2_b3.in21k_ft_in1k')
     bare = resolved('--model', 'tf_efficientnetv2_b3')
     assert (tagged.mean, tagged.std, tagged.crop_pct) == (model.TF_MEAN, model.TF_STD, 0.9)

@@ -17,14 +17,14 @@ import torch
 
 from conftest import ROOT, make_image_folder, run_train
 
-import train  # tests reuse train.py's parser and its schedule (torchvision references' habit)
 import errors
+import flags  # tests reuse train.py's parser (torchvision references' habit)
 import logs
 import optim
 
 
 def resolved(*argv):
-    return train.resolve_args(train.get_args_parser().parse_args(list(argv)))
+    return flags.resolve_args(flags.get_args_parser().parse_args(list(argv)))
 
 
 def schedule(args):

@@ -127,13 +127,13 @@ def test_tensorboard_holds_train_scalars_at_log_steps_and_evaluations_at_epoch_e
 
 def test_log_tensorboard_without_the_package_is_a_one_line_error(monkeypatch):
     import importlib.util
-    import train
     import errors
+    import flags
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'tensorboard' else
                         real_find_spec(name, *a))
     with pytest.raises(errors.UsageError, match='pip install tensorboard'):
-        train.resolve_args(train.get_args_parser().parse_args(['--log-tensorboard']))
+        flags.resolve_args(flags.get_args_parser().parse_args(['--log-tensorboard']))
 
 
 def test_the_demos_first_lines_say_the_model_the_data_the_device_and_the_epochs(tmp_path):

@@ -47,9 +47,10 @@ def test_rmsproptf_matches_timm_over_20_steps_with_weight_decay_groups():
 
 def test_create_optimizer_rmsproptf_is_timms_configuration():
     from timm.optim import create_optimizer_v2
+    import flags
     import train
     ours, theirs = small_net(), small_net()
-    args = train.get_args_parser().parse_args(['--opt', 'rmsproptf', '--lr', '0.016', '--weight-decay', '1e-5',
+    args = flags.get_args_parser().parse_args(['--opt', 'rmsproptf', '--lr', '0.016', '--weight-decay', '1e-5',
                                                '--opt-eps', '1e-3', '--sched', 'step', '--epochs', '3',
                                                '--warmup-epochs', '0'])
     run_steps(ours, train.create_optimizer(ours, args, steps_per_epoch=100)[0])
