@@ -30,13 +30,14 @@ TIMM_DEFAULTS = dict(model='efficientnetv2_rw_t', batch_size=128, epochs=300, op
                      prog_min_size=128)
 MIN_IMAGE_SIZE = 32  # the network's total stride
 
+
 def default(key):
     return f"(default: {TIMM_DEFAULTS[key]}; the demo: {DEMO_DEFAULTS[key]})"
 
 
 def get_args_parser():
-    p = ArgumentParser(description="Train EfficientNetV2 with the Ascend ModelZoo recipe (timm 0.5.4's train.py), on 1 to "
-                                   "N devices.", formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Train EfficientNetV2 with the Ascend ModelZoo recipe (timm 0.5.4's train.py)",
+                       formatter_class=HelpFormatter)
     p.add_argument('data_dir', nargs='?', help='folder holding train/<class>/ and val/<class>/ (none: the demo)')
     p.add_argument('--data-path', '--data_path', '--data-dir', dest='data_path', help='the same as DATA_DIR')
     p.add_argument('--dataset', choices=data.DATASETS,
@@ -107,8 +108,8 @@ def get_args_parser():
     p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'npu', 'cpu'),
                    help='auto: cuda, else npu (with torch_npu), else cpu')
     p.add_argument('--dist-timeout', type=float, default=30, help='minutes a collective may wait')
-    p.add_argument('-j', '--workers', type=int, help='loader processes per device (default: 4, at most '
-                                                      'the cores per device; the demo: 0)')
+    p.add_argument('-j', '--workers', type=int,
+                   help='loader processes per device (default: 4, at most the cores per device; the demo: 0)')
     p.add_argument('--seed', type=int, default=42, help='data order, augmentation and initialization')
     p.add_argument('--log-interval', type=int, help=f'steps between log lines {default("log_interval")}')
     p.add_argument('--log-tensorboard', action='store_true',
@@ -132,8 +133,8 @@ def get_args_parser():
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's whole usage
-        where = '; another goes in create_optimizer() in train.py' if message.startswith(('argument --opt:',
-                                                                                           'argument --sched:')) else ''
+        choices_in_code = message.startswith(('argument --opt:', 'argument --sched:'))
+        where = '; another goes in create_optimizer() in train.py' if choices_in_code else ''
         self.exit(2, f"error: {message}{where} (python train.py --help lists the flags)\n")
 
 
@@ -152,7 +153,8 @@ def resolve_args(args):
         args.dataset = 'folder' if args.data_path else 'digits'
     if args.lr is not None and args.lr_base is not None:
         raise errors.UsageError(f"give --lr or --lr-base, not both (--lr {args.lr}, --lr-base {args.lr_base})")
-    defaults = DEMO_DEFAULTS if args.dataset == 'digits' else {**TIMM_DEFAULTS, 'workers': distributed.default_workers()}
+    timm_defaults = {**TIMM_DEFAULTS, 'workers': distributed.default_workers()}
+    defaults = DEMO_DEFAULTS if args.dataset == 'digits' else timm_defaults
     if args.dataset == 'digits' and args.progressive:
         defaults = {**defaults, **DEMO_PROGRESSIVE}
     if args.lr_base is not None:
@@ -202,17 +204,17 @@ def check_args(args):
     for name in ('img_size', 'eval_size'):
         if getattr(args, name) < MIN_IMAGE_SIZE:
             raise errors.UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} is below the minimum "
-                                   f"of {MIN_IMAGE_SIZE}")
+                                    f"of {MIN_IMAGE_SIZE}")
     if args.progressive and not 0 < args.prog_min_size <= args.img_size:
         raise errors.UsageError(f"--prog-min-size {args.prog_min_size} must be between 1 and --img-size "
-                               f"{args.img_size}; give a smaller --prog-min-size")
+                                f"{args.img_size}; give a smaller --prog-min-size")
     if args.aa:
         data.parse_rand_augment(args.aa)  # raises DataError with a one-line message
     if args.color_jitter < 0:
         raise errors.UsageError(f"--color-jitter must be 0 or more, got {args.color_jitter}")
     if isinstance(args.pretrained, str) and os.path.isdir(args.pretrained):
         raise errors.UsageError(f"--pretrained takes a weights file or no value, and {args.pretrained} is a "
-                               f"folder: put the data folder before --pretrained")
+                                f"folder: put the data folder before --pretrained")
     if args.evaluate and not (args.resume or args.pretrained):
         raise errors.UsageError("--evaluate needs weights: give --resume PATH or --pretrained [PATH]")
     if args.resume == 'auto' and not args.output:
@@ -221,4 +223,4 @@ def check_args(args):
         raise errors.UsageError("--log-tensorboard needs the tensorboard package: pip install tensorboard")
     if args.sync_bn and args.device == 'cpu':
         raise errors.UsageError("--sync-bn needs GPUs or NPUs: torch's SyncBatchNorm does not run on the "
-                               "CPU (BN statistics are still averaged across ranks before eval)")
+                                "CPU (BN statistics are still averaged across ranks before eval)")

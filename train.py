@@ -241,13 +241,14 @@ def count_steps(train_set, args):
     built (said once: every rank finds the same)."""
     steps = len(train_sampler(train_set, args)) // args.grad_accum_steps
     if steps == 0:
-        per_process = math.ceil(len(train_set) / distributed.get_world_size()) // args.grad_accum_steps
+        world_size = distributed.get_world_size()
+        per_process = math.ceil(len(train_set) / world_size) // args.grad_accum_steps
         fix = f"give -b {per_process} or less" if per_process else "use fewer processes or --grad-accum-steps"
         with distributed.one_line_errors(alike_on_every_rank=True):
-            raise errors.UsageError(f"the training set has {len(train_set)} images, fewer than one global batch of "
-                                   f"{flags.global_batch(args)} (-b {args.batch_size} x {distributed.get_world_size()} process"
-                                   f"{'es' * (distributed.get_world_size() > 1)} x --grad-accum-steps "
-                                   f"{args.grad_accum_steps}); {fix}")
+            raise errors.UsageError(
+                f"the training set has {len(train_set)} images, fewer than one global batch of "
+                f"{flags.global_batch(args)} (-b {args.batch_size} x {world_size} process{'es' * (world_size > 1)} "
+                f"x --grad-accum-steps {args.grad_accum_steps}); {fix}")
     return steps
 
 
