@@ -143,6 +143,7 @@ def get_args_parser():
     p.add_argument('--checkpoint-hist', type=int, default=0, help='keep the last K epoch checkpoints')
     p.add_argument('--evaluate', action='store_true', help='validate --resume or --pretrained only')
     p.add_argument('--strict-data', action='store_true', help='an unreadable image is an error')
+    p.add_argument('--skip-bad-shards', action='store_true', help='--dataset wds: leave out unreadable shards')
     p.add_argument('--progressive', action='store_true', help="the paper's progressive learning")
     p.add_argument('--prog-stages', type=int, default=4, help='progressive learning: stages')
     p.add_argument('--prog-min-size', type=int, help=f'progressive: first size {default("prog_min_size")}')
@@ -168,7 +169,8 @@ def datasets(args):
     PIL image or a uint8 tensor (torchvision.datasets.*, your own, a Hugging Face split): the loop wraps them
     in data.Transformed, which adds this recipe's per-image seeded augmentation."""
     return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
-                              synthetic_size=args.img_size, num_classes=args.num_classes)
+                              synthetic_size=args.img_size, num_classes=args.num_classes,
+                              skip_bad_shards=args.skip_bad_shards)
 
 
 def create_optimizer(model, args, steps_per_epoch):
