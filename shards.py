@@ -86,18 +86,24 @@ def _find_splits(path):
 
 def expand_braces(pattern):
     """'a-{0000..0002}.tar' -> ['a-0000.tar', 'a-0001.tar', 'a-0002.tar'] (zero-padded like the first number);
-    '{train,val}' lists; nested braces expand from the inside."""
-    found = re.search(r'\{([^{}]*)\}', pattern)
-    if not found:
+    '{train,val}' lists; braces may nest ('{train-{0000..0009},val-0000}')."""
+    start = pattern.find('{')
+    if start < 0:
         return [pattern]
-    start, end = found.span()
-    numbers = re.fullmatch(r'(\d+)\.\.(\d+)', found.group(1))
-    if numbers:
+    depth, choices, begin = 0, [], start + 1
+    for end in range(start, len(pattern)):
+        depth += {'{': 1, '}': -1}.get(pattern[end], 0)
+        if depth == 1 and pattern[end] == ',' or depth == 0:
+            choices.append(pattern[begin:end])
+            begin = end + 1
+        if depth == 0:
+            break
+    numbers = re.fullmatch(r'(\d+)\.\.(\d+)', choices[0])
+    if numbers and len(choices) == 1:
         first, last = numbers.groups()
         choices = [str(n).zfill(len(first)) for n in range(int(first), int(last) + 1)]
-    else:
-        choices = found.group(1).split(',')
-    return [name for choice in choices for name in expand_braces(pattern[:start] + choice + pattern[end:])]
+    rest = pattern[end + 1:]
+    return [name for choice in choices for name in expand_braces(pattern[:start] + choice + rest)]
 
 
 def _download(repo_id):
@@ -234,7 +240,7 @@ def _sample(shard, tar, key, members, target_key):
     image = next((members[extension] for extension in IMAGE_EXTENSIONS if extension in members), None)
     label_member = 'json' if target_key else 'cls'
     if image is None or label_member not in members:
-        missing = f'an image ({", ".join(IMAGE_EXTENSIONS)})' if image is None else f'a .{label_member} label'
+        missing = f'image ({key}.jpg, .jpeg, .png or .webp)' if image is None else f'{key}.{label_member} (its label)'
         raise DataError(f'sample {key} in {shard} has no {missing}; its files: '
                         f'{", ".join(key + "." + extension for extension in members)}')
     offset, size = members[label_member]
