@@ -1,20 +1,16 @@
-"""WebDataset tar shards as map-style datasets: random access through an index of member offsets.
+"""WebDataset tar shards as map-style datasets: random access through a cached index of member offsets.
 
     python train.py --dataset wds /data/imagenet-1k-wds               # a folder of shards (+ _info.json)
     python train.py --dataset wds '/data/in1k/imagenet1k-{train,validation}-{0000..1023}.tar'   # brace pattern
     python train.py --dataset wds timm/imagenet-1k-wds                # a hub dataset, downloaded once (large)
 
-The layout is timm's (timm/imagenet-1k-wds, -12k-wds, -22k-wds): shards named [PREFIX-]SPLIT-NNNN.tar holding
-samples KEY.jpg (or .jpeg, .png, .webp) + KEY.cls (the label as text) (+ KEY.json), a sample's files next to
-each other; _info.json, where present, lists each split's shards. Splits: train, and the first of
-validation/val/valid/test found (a split may also be a brace pattern of shard files in DATA).
-
-Each shard is indexed once: one pass over its tar headers (the .cls members are read, no image) gives each
-sample's image offset, size and label, saved in $XDG_CACHE_HOME/efficientnetv2/shards (default ~/.cache/...)
-under a name made of the shard's path, size and modification time (a changed shard is indexed again; the shard
-folder may be read-only). An item is then one read of the image's bytes, so everything the loop does for a folder
-holds for shards: per-image seeded augmentation, mid-epoch bitwise resume, exact distributed validation.
-The index is numpy arrays (20 bytes a sample), which loader workers share without copying.
+timm's layout (timm/imagenet-1k-wds, -12k-wds, -22k-wds): [PREFIX-]SPLIT-NNNN.tar shards of samples KEY.jpg (or
+.jpeg, .png, .webp) + KEY.cls (the label as text) (+ KEY.json), a sample's files next to each other; _info.json,
+where present, lists each split's shards. Each shard is indexed once, its tar headers walked (no image read),
+into $XDG_CACHE_HOME/efficientnetv2/shards (default ~/.cache/...), named after the shard's path, size and
+modification time. An item is then one read of the image's bytes: what the loop does for a folder (per-image
+seeded augmentation, mid-epoch bitwise resume, exact distributed validation) holds for shards. The index is
+numpy arrays, 20 bytes a sample, which loader workers read without copying.
 """
 import fcntl
 import glob
@@ -111,9 +107,9 @@ def _download(repo_id):
     try:
         return huggingface_hub.snapshot_download(repo_id, repo_type='dataset', allow_patterns=['*.tar', '*.json'])
     except Exception as error:
-        raise DataError(f'{repo_id} is no folder here and cannot be downloaded from the Hugging Face hub '
-                        f'({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}); give a '
-                        'folder of shards, or log in (huggingface-cli login) for a gated dataset') from None
+        raise DataError(f'{repo_id} is no folder here and cannot be downloaded from the Hugging Face hub ('
+                        f'{type(error).__name__}: {str(error).partition(chr(10))[0]}); give a folder of shards, '
+                        'or log in (huggingface-cli login) for a gated dataset') from None
 
 
 class ShardSamples(torch.utils.data.Dataset):
@@ -125,7 +121,9 @@ class ShardSamples(torch.utils.data.Dataset):
     def __init__(self, shards, target_key=None, strict=False, skip_bad_shards=False, lengths=None):
         lengths = lengths or {}
         self.strict, indexes, kept = strict, [], []
-        with _locked(os.path.join(CACHE, 'indexing.lock')):  # one process indexes, the others wait and load
+        os.makedirs(CACHE, exist_ok=True)
+        with open(os.path.join(CACHE, 'indexing.lock'), 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one process indexes, the others wait, then load; closing unlocks
             for shard in shards:
                 try:
                     indexes.append(_cached_index(shard, target_key))
@@ -175,23 +173,10 @@ class ShardSamples(torch.utils.data.Dataset):
     def member_name(self, index):
         """SHARD:MEMBER, the member's name read back from its tar header (the 512 bytes before its data)."""
         try:
-            header = self._read(index, before=512)[:512]
-            name = (header[345:500].rstrip(b'\0') + b'/' if header[345] else b'') + header[:100].rstrip(b'\0')
+            name = _header_name(self._read(index, before=512)[:512])
         except UnreadableImage:
-            name = f'(bytes {self.offsets[index]}..)'.encode()
-        return f'{os.fsdecode(self.shards[self.shard_ids[index]])}:{os.fsdecode(name)}'
-
-
-class _locked:
-    def __init__(self, path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        self.file = open(path, 'w')
-
-    def __enter__(self):
-        fcntl.flock(self.file, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc_info):
-        self.file.close()  # releases the lock
+            name = f'(bytes {self.offsets[index]}..)'
+        return f'{os.fsdecode(self.shards[self.shard_ids[index]])}:{name}'
 
 
 def _cached_index(shard, target_key):
@@ -277,8 +262,11 @@ def _tar_members(tar):
         elif kind == b'L':  # GNU's long name
             long_name = tar[data_offset:data_offset + size].rstrip(b'\0')
         elif kind in (b'0', b'\0'):
-            prefix = header[345:500].rstrip(b'\0')
-            yield os.fsdecode(long_name or (prefix + b'/' if prefix else b'') + header[:100].rstrip(b'\0')), \
-                data_offset, size
+            yield os.fsdecode(long_name) if long_name else _header_name(header), data_offset, size
             long_name = None
         offset = data_offset + (size + 511) // 512 * 512
+
+
+def _header_name(header):
+    prefix = header[345:500].rstrip(b'\0')  # ustar splits long names into prefix/name
+    return os.fsdecode((prefix + b'/' if prefix else b'') + header[:100].rstrip(b'\0'))

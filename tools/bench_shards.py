@@ -12,7 +12,7 @@ empty index cache: every tar header read once) and to open them again (the cache
 time; then a DataLoader as train.py makes it (data.transformed + EpochBatchSampler + create_loader, 2 workers,
 batch 64, the shuffled epoch order over all 1.28 M images) reads --images images, and each process's private
 memory (USS: Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) is read after its first batches and at the
-end. Linux only; the shards should be in the page cache (run it twice) for a fair images/s.
+end. Last, images/s of both in one process, alternating for --rounds rounds (the machine's load varies). Linux only.
 """
 import argparse
 import io
