@@ -121,8 +121,13 @@ class ShardSamples(torch.utils.data.Dataset):
     def __init__(self, shards, target_key=None, strict=False, skip_bad_shards=False, lengths=None):
         lengths = lengths or {}
         self.strict, indexes, kept = strict, [], []
-        os.makedirs(CACHE, exist_ok=True)
-        with open(os.path.join(CACHE, 'indexing.lock'), 'w') as lock:
+        try:
+            os.makedirs(CACHE, exist_ok=True)
+            lock = open(os.path.join(CACHE, 'indexing.lock'), 'w')
+        except OSError as error:
+            raise DataError(f'cannot write the shard index cache {CACHE} ({error.strerror}); set XDG_CACHE_HOME '
+                            'to a writable folder') from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one process indexes, the others wait, then load; closing unlocks
             for shard in shards:
                 try:
@@ -135,8 +140,9 @@ class ShardSamples(torch.utils.data.Dataset):
                     lost = lengths.get(shard, f'at least {error.args[1]}')  # _info.json's count, else those found
                     print(f'warning: skipping unreadable shard {shard}: {error.args[0]}; {lost} images lost',
                           file=sys.stderr, flush=True)
-        if not kept:
-            raise DataError(f'no readable shard among {len(shards)} (e.g. {shards[0]})')
+        if not sum(len(index) for index in indexes):
+            raise DataError(f'no image in the {len(shards)} shard(s) {shards[0]} ...; they should hold samples '
+                            'KEY.jpg + KEY.cls')
         self.shards = np.array([os.fsencode(shard) for shard in kept], dtype=np.bytes_)
         self.shard_ids = np.repeat(np.arange(len(kept), dtype=np.int32), [len(index) for index in indexes])
         index = np.concatenate(indexes)
@@ -190,8 +196,8 @@ def _cached_index(shard, target_key):
     if os.path.exists(cached):
         return np.load(cached)
     index = index_shard(shard, target_key)
-    np.save(cached + '.tmp.npy', index)
-    os.replace(cached + '.tmp.npy', cached)
+    np.save(f'{cached}.{os.getpid()}.tmp.npy', index)  # then renamed: a cached index is always whole
+    os.replace(f'{cached}.{os.getpid()}.tmp.npy', cached)
     return index
 
 

@@ -226,7 +226,6 @@ def test_the_index_is_made_once_and_again_when_a_shard_changes(folder, tmp_path,
     assert calls[6:] == [shard]
 
 
-
 def test_a_hub_dataset_id_that_cannot_be_fetched_is_one_error_line(cache, tmp_path):
     result = run_train('someone/no-such-shards', *RECIPE, '--output', tmp_path / 'run', check=False,
                        env=dict(cache, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf')))
