@@ -135,8 +135,8 @@ class ShardSamples(torch.utils.data.Dataset):
                     kept.append(shard)
                 except BadShard as error:
                     if not skip_bad_shards:
-                        raise DataError(f'unreadable shard {shard}: {error.args[0]}; replace it, or leave it out with '
-                                        '--skip-bad-shards') from None
+                        raise DataError(f'unreadable shard {shard}: {error.args[0]}; replace it, or leave it out '
+                                        'with --skip-bad-shards') from None
                     lost = lengths.get(shard, f'at least {error.args[1]}')  # _info.json's count, else those found
                     print(f'warning: skipping unreadable shard {shard}: {error.args[0]}; {lost} images lost',
                           file=sys.stderr, flush=True)
