@@ -1,7 +1,7 @@
 """WebDataset tar shards as map-style datasets: random access through a cached index of member offsets.
 
     python train.py --dataset wds /data/imagenet-1k-wds               # a folder of shards (+ _info.json)
-    python train.py --dataset wds '/data/in1k/imagenet1k-{train,validation}-{0000..1023}.tar'   # brace pattern
+    python train.py --dataset wds '/data/in1k/imagenet1k-{train-{0000..0099},validation-0000}.tar'  # some shards
     python train.py --dataset wds timm/imagenet-1k-wds                # a hub dataset, downloaded once (large)
 
 timm's layout (timm/imagenet-1k-wds, -12k-wds, -22k-wds): [PREFIX-]SPLIT-NNNN.tar shards of samples KEY.jpg (or
