@@ -71,7 +71,7 @@ def measure(source, root, images, workers, batch):
     import data
     result = dict(source=source)
     if source == 'shards':
-        shutil.rmtree(os.environ['XDG_CACHE_HOME'], ignore_errors=True)
+        shutil.rmtree(os.path.join(root, 'cache'), ignore_errors=True)
         for label in ('index_seconds', 'open_seconds'):  # first with an empty index cache, then with it
             start = time.perf_counter()
             train_set = data.load_datasets('wds', os.path.join(root, 'shards'))[0]
@@ -135,6 +135,7 @@ def main():
     p.add_argument('--rounds', type=int, default=5, help='images/s: rounds of --images images from each source')
     p.add_argument('--only', choices=('shards', 'folder', 'rates'), help='one measurement in this process')
     args = p.parse_args()
+    os.environ['XDG_CACHE_HOME'] = os.path.join(args.root, 'cache')  # the index cache here, emptied per run
     if not os.path.isdir(os.path.join(args.root, 'folder')):
         start = time.perf_counter()
         make(args.root, args.shards, args.per_shard, args.classes)
@@ -146,11 +147,10 @@ def main():
         print(json.dumps(measure(args.only, args.root, args.images, args.workers, args.batch)))
         return
     torch.set_num_threads(1)
-    env = dict(os.environ, XDG_CACHE_HOME=os.path.join(args.root, 'cache'))  # the index cache, emptied per run
     for source in ('folder', 'shards', 'folder', 'shards', 'rates'):  # each in a fresh process
         command = [sys.executable, __file__, args.root, '--only', source, '--images', str(args.images),
                    '--workers', str(args.workers), '--batch', str(args.batch), '--rounds', str(args.rounds)]
-        print(subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.strip(), flush=True)
+        print(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip(), flush=True)
 
 
 if __name__ == '__main__':
