@@ -3,16 +3,18 @@ A benchmark, not a test: it prints what it measured, on this machine.
 
     python tools/bench_shards.py /tmp/bench-shards              # made on first use: ~9 GB of shards, hard links
     python tools/bench_shards.py DIR --shards 1000 --per-shard 1281 --images 40000 --workers 2
+    python tools/bench_shards.py /tmp/bench-shards-128 --shards 128 --per-shard 1000 --copies   # a file per image
 
 DIR/shards: timm's layout, imagenet1k-train-0000.tar ... (ShardWriter, --per-shard samples each: KEY.jpg +
 KEY.cls, class = sample number modulo 1000) and one imagenet1k-validation-0000.tar, with _info.json;
 DIR/folder: the same images as DIR/folder/{train,val}/<class>/<key>.jpg, hard links to one small 64x48 JPEG per
-class (the shards hold the same bytes). Measured, each in a fresh process: the time to index the shards (an
-empty index cache: every tar header read once) and to open them again (the cached index), the folder's listing
-time; then a DataLoader as train.py makes it (data.transformed + EpochBatchSampler + create_loader, 2 workers,
-batch 64, the shuffled epoch order over all 1.28 M images) reads --images images, and each process's private
-memory (USS: Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) is read after its first batches and at the
-end. Last, images/s of both in one process, alternating for --rounds rounds (the machine's load varies). Linux only.
+class (the shards hold the same bytes; --copies: a copy per image). Measured, each in a fresh process: the time
+to index the shards (an empty index cache: every tar header read once) and to open them again (the cached
+index), the folder's listing time; then a DataLoader as train.py makes it (data.transformed + EpochBatchSampler +
+create_loader, 2 workers, batch 64, the shuffled epoch order over all the images) reads --images images, and each
+process's private memory (USS: Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) is read after its first
+batches and at the end. Last, images/s of both in one process, alternating for --rounds rounds (the machine's
+load varies). Linux only.
 """
 import argparse
 import io
@@ -29,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def make(root, shards, per_shard, classes):
+def make(root, shards, per_shard, classes, copies=False):
     import numpy as np
     import webdataset
     from PIL import Image
@@ -56,7 +58,8 @@ def make(root, shards, per_shard, classes):
         for index in range(count):
             folder = os.path.join(root, 'folder', 'val' if split == 'validation' else split, f'n{index % classes:08d}')
             os.makedirs(folder, exist_ok=True)
-            os.link(os.path.join(root, 'sources', f'{index % classes}.jpg'), os.path.join(folder, f'{index:08d}.jpg'))
+            source = os.path.join(root, 'sources', f'{index % classes}.jpg')
+            (shutil.copyfile if copies else os.link)(source, os.path.join(folder, f'{index:08d}.jpg'))
     with open(os.path.join(root, 'shards', '_info.json'), 'w') as file:
         json.dump(info, file)
 
@@ -132,13 +135,14 @@ def main():
     p.add_argument('--images', type=int, default=40_000)
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--batch', type=int, default=64)
+    p.add_argument('--copies', action='store_true', help='the folder of copies, not hard links (a file per image)')
     p.add_argument('--rounds', type=int, default=5, help='images/s: rounds of --images images from each source')
     p.add_argument('--only', choices=('shards', 'folder', 'rates'), help='one measurement in this process')
     args = p.parse_args()
     os.environ['XDG_CACHE_HOME'] = os.path.join(args.root, 'cache')  # the index cache here, emptied per run
     if not os.path.isdir(os.path.join(args.root, 'folder')):
         start = time.perf_counter()
-        make(args.root, args.shards, args.per_shard, args.classes)
+        make(args.root, args.shards, args.per_shard, args.classes, args.copies)
         print(f'made {args.root}: {args.shards} x {args.per_shard} images in {time.perf_counter() - start:.0f} s')
     if args.only == 'rates':
         print(json.dumps(rates(args.root, args.images, args.workers, args.batch, args.rounds)))
