@@ -62,12 +62,15 @@ def _find_splits(path):
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     info_path = os.path.join(folder, '_info.json')
     if os.path.isdir(path) and os.path.exists(info_path):
-        with open(info_path) as file:
-            info = json.load(file)
-        splits = {name: [os.path.join(folder, file) for file in split['filenames']]
-                  for name, split in info['splits'].items()}
-        lengths = {os.path.join(folder, file): count for split in info['splits'].values()
-                   for file, count in zip(split['filenames'], split.get('shard_lengths', ()))}
+        try:
+            with open(info_path) as file:
+                info = json.load(file)['splits']
+            splits = {name: [os.path.join(folder, file) for file in split['filenames']] for name, split in info.items()}
+            lengths = {os.path.join(folder, file): count for split in info.values()
+                       for file, count in zip(split['filenames'], split.get('shard_lengths', ()))}
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise DataError(f"{info_path} is not timm's _info.json ({type(error).__name__}: {error}): it needs "
+                            '{"splits": {"train": {"filenames": [...]}, ...}}; fix or remove it') from None
         return folder, splits, lengths
     files = sorted(glob.glob(os.path.join(path, '*.tar'))) if os.path.isdir(path) else expand_braces(path)
     if not files:
@@ -94,6 +97,8 @@ def expand_braces(pattern):
             begin = end + 1
         if depth == 0:
             break
+    if depth:
+        raise DataError(f'a {{ without its }} in {pattern}')
     numbers = re.fullmatch(r'(\d+)\.\.(\d+)', choices[0])
     if numbers and len(choices) == 1:
         first, last = numbers.groups()
