@@ -48,7 +48,7 @@ from randaugment import RandAugment, parse_rand_augment  # noqa: E402
 warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision',
                         category=DeprecationWarning)
 
-DATASETS = ('folder', 'hf', 'cifar10', 'cifar100', 'digits', 'synthetic')
+DATASETS = ('folder', 'hf', 'wds', 'cifar10', 'cifar100', 'digits', 'synthetic')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-cased
 
 
@@ -166,6 +166,11 @@ def read_image(path):
             encoded = file.read()
     except OSError as error:  # gone since the folder was listed, no permission, I/O error
         raise UnreadableImage(error.strerror or type(error).__name__) from None
+    return decode_image_bytes(encoded)
+
+
+def decode_image_bytes(encoded):
+    """Decode an image file's bytes to a uint8 RGB (3, H, W) tensor; raise UnreadableImage if that is impossible."""
     if not encoded:
         raise UnreadableImage('empty file')
     try:  # libjpeg-turbo / libpng through torchvision: the fast path, and it rejects truncated files
@@ -203,7 +208,7 @@ class SyntheticImages(torch.utils.data.Dataset):
 
 
 def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=224, num_classes=None,
-                  splits=(None, None), keys=(None, None)):
+                  splits=(None, None), keys=(None, None), skip_bad_shards=False):
     """-> (train_set, val_set, classes). See DATASETS; `num_classes` applies to 'synthetic' only (default 1000).
     `splits`: the (train, val) split names of 'folder' and 'hf' (default: train, and the first of VAL_SPLITS
     found); `keys`: the (image, label) columns of 'hf' (default: its Image column and its first ClassLabel one).
@@ -211,6 +216,7 @@ def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=
 
     'folder': DATA/train/<class>/**/*.jpg|jpeg|png and DATA/val/<class>/... (torchvision's ImageFolder layout).
     'hf': a Hugging Face dataset under DATA (see _load_hugging_face); needs the datasets package.
+    'wds': WebDataset tar shards (timm's imagenet-*-wds layout): a folder, a brace pattern or a hub id (shards.py).
     'cifar10', 'cifar100': torchvision's datasets on their python-format files under DATA (nothing is downloaded).
     'digits': scikit-learn's 1797 8x8 digits as uint8 tensors, a fixed stratified 80/20 split; no files needed.
     'synthetic': random images (SyntheticImages), ImageNet's 1281167 train (so a throughput run of
@@ -220,6 +226,10 @@ def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=
         return _load_folder(_existing_path(dataset, data_path), strict_data, splits)
     if dataset == 'hf':
         return _load_hugging_face(_existing_path(dataset, data_path), splits, keys)
+    if dataset == 'wds':
+        import shards
+        return shards.load_shards(data_path, *splits, target_key=keys[1], strict=strict_data,
+                                  skip_bad_shards=skip_bad_shards)
     if dataset in ('cifar10', 'cifar100'):
         return _load_cifar(dataset, _existing_path(dataset, data_path))
     if dataset == 'digits':

@@ -122,6 +122,7 @@ def get_args_parser():
     p.add_argument('--checkpoint-hist', type=int, default=0, help='keep the last K epoch checkpoints')
     p.add_argument('--evaluate', action='store_true', help='validate --resume or --pretrained only')
     p.add_argument('--strict-data', action='store_true', help='an unreadable image is an error')
+    p.add_argument('--skip-bad-shards', action='store_true', help='--dataset wds: leave out unreadable shards')
     p.add_argument('--progressive', action='store_true', help="the paper's progressive learning")
     p.add_argument('--prog-stages', type=int, default=4, help='progressive learning: stages')
     p.add_argument('--prog-min-size', type=int, help=f'progressive: first size {default("prog_min_size")}')

@@ -54,7 +54,8 @@ def datasets(args):
     wraps them in data.Transformed, which adds this recipe's per-image seeded augmentation."""
     return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
                               synthetic_size=args.img_size, num_classes=args.num_classes,
-                              splits=(args.train_split, args.val_split), keys=(args.input_key, args.target_key))
+                              splits=(args.train_split, args.val_split), keys=(args.input_key, args.target_key),
+                              skip_bad_shards=args.skip_bad_shards)
 
 
 def create_optimizer(model, args, steps_per_epoch):

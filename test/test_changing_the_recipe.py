@@ -94,7 +94,8 @@ def test_each_readme_diff_applies_to_a_fresh_copy_and_trains_an_epoch(index, cha
 
 LOADED_DATASETS = '''    return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
                               synthetic_size=args.img_size, num_classes=args.num_classes,
-                              splits=(args.train_split, args.val_split), keys=(args.input_key, args.target_key))
+                              splits=(args.train_split, args.val_split), keys=(args.input_key, args.target_key),
+                              skip_bad_shards=args.skip_bad_shards)
 '''
 USER_DATASET = '''"""A user's dataset as torchvision's tutorials write one: (PIL image, label), here drawn per index."""
 import random
