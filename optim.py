@@ -20,10 +20,9 @@ class RMSpropTF(torch.optim.Optimizer):
     one (torch: zero), eps sits inside the root, and lr is accumulated inside the momentum buffer. Weight
     decay is L2 added to the gradient. Updated with foreach kernels."""
 
-    # On the CPU, foreach ops over the whole model allocate model-sized temporaries that the allocator
-    # returns to the OS after every step; chunks of at most this many elements are reused instead, which
-    # makes it faster than timm's per-tensor loop (bench.py; docs/measurements.md, Speed). Accelerators
-    # take each group in one piece.
+    # On the CPU, foreach ops over the whole model allocate model-sized temporaries that go back to the OS
+    # after every step; chunks of at most this many elements reuse theirs and beat timm's per-tensor loop
+    # (bench.py; docs/measurements.md, Speed). Accelerators take each group in one piece.
     cpu_chunk_numel = 1 << 18
 
     def __init__(self, params, lr=1e-2, alpha=0.9, eps=1e-10, weight_decay=0.0, momentum=0.9):
@@ -131,10 +130,9 @@ class ModelEma(torch.nn.Module):
 
     @torch.no_grad()
     def update_parameters(self, model):
-        pairs = zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()])
-        floats, ints = [], []
-        for pair in pairs:
-            (floats if pair[0].is_floating_point() else ints).append(pair)
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]))
+        floats = [pair for pair in pairs if pair[0].is_floating_point()]
+        ints = [pair for pair in pairs if not pair[0].is_floating_point()]
         if floats:
             averaged, current = zip(*floats)
             torch._foreach_lerp_(list(averaged), list(current), 1.0 - self.decay)
