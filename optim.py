@@ -99,10 +99,10 @@ def learning_rate(epoch, sched, lr, epochs, warmup_lr, warmup_epochs, decay_epoc
 class TimmSchedule(torch.optim.lr_scheduler.LambdaLR):
     """timm's schedule as a torch scheduler stepped after every optimizer step: the lr of step s is
     learning_rate(s // steps_per_epoch, ...) for the first group, times its own ratio for a group created
-    with another lr. A LambdaLR because no stock scheduler gives timm's lrs: StepLR decays only at whole
-    multiples of step_size (the reference recipe decays every 2.4 epochs), SequentialLR restarts the
-    decay's count after the warm-up (timm's counts from epoch 0), and CosineAnnealingLR and LinearLR
-    update the lr recursively, at every step. test/test_utils.py compares learning_rate with timm's."""
+    with another lr. A LambdaLR because stock schedulers give other lrs: StepLR decays only where the epoch
+    is a multiple of step_size (the reference recipe decays at epoch // 2.4: 3, 5, 8, ...), SequentialLR
+    restarts the count after the warm-up (timm's runs from epoch 0), and each changes the lr at every
+    step() where timm's holds it for an epoch. test/test_utils.py compares learning_rate with timm's."""
 
     def __init__(self, optimizer, steps_per_epoch, sched, epochs, warmup_lr, warmup_epochs, decay_epochs,
                  decay_rate, min_lr):
