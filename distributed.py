@@ -129,8 +129,8 @@ def fresh_key_space(store, rank, world_size, timeout):
     """A prefix no earlier group used, agreed on through the store: rank 0 names it after a random token
     and hands it to each other rank under a key named after that rank's own random token, which no dead
     process can have written. (TORCHELASTIC_RESTART_COUNT cannot name it: each torchrun agent counts its
-    own restarts, under --rdzv-backend c10d not those after a membership change, so nodes disagree;
-    pytorch/pytorch#108158.)"""
+    own restarts, under --rdzv-backend c10d not those after a membership change, so nodes would disagree
+    and wait for the timeout; pytorch/pytorch#108158.)"""
     token = os.urandom(8).hex()
     if rank > 0:
         store.set(f'hello/{rank}', token)
@@ -159,7 +159,7 @@ def destroy_distributed():
 
 
 # ----------------------------------------------------------------------------------------------
-# Ranks and collectives (each a no-op without a process group)
+# Ranks and collectives (without a process group: one process, rank 0)
 
 def get_rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
