@@ -1,6 +1,6 @@
-"""Devices, launchers and the process group: which device this process drives, its rank under torchrun,
-torch.distributed.launch or Slurm's srun, the store the ranks meet in (also after torchrun restarts a
-group), the few collectives train.py needs, the rank-0 print, and the one-line ending of a rank.
+"""Devices and the process group: the device a process drives, its rank under torchrun,
+torch.distributed.launch or Slurm's srun, the store where the ranks meet (also after torchrun restarts
+a group), the collectives train.py needs, the rank-0 print, and how a rank ends: one line or a traceback.
 """
 import contextlib
 import datetime
@@ -20,8 +20,8 @@ from errors import CheckpointError, DataError, UsageError, one_line
 # Devices
 
 def device_type(name):
-    """'auto' picks cuda, then an Ascend npu (torch_npu imported only if installed), then cpu;
-    'cuda' or 'npu' on a machine without one is a UsageError. The same answer on every rank."""
+    """'auto': cuda, else an Ascend npu (torch_npu imported only if installed), else cpu; the same answer
+    on every rank. 'cuda' or 'npu' on a machine without one is a UsageError."""
     if name == 'auto':
         if torch.cuda.is_available():
             return 'cuda'
@@ -41,17 +41,16 @@ def device_type(name):
     return name
 
 def select_device(name, local_rank):
-    """This process's device: cuda:LOCAL_RANK, npu:LOCAL_RANK or the cpu (name as device_type)."""
+    """This process's device: cuda:LOCAL_RANK, npu:LOCAL_RANK or the cpu (name as device_type takes it)."""
     name = device_type(name)
-    if name in ('cuda', 'npu'):
-        accelerator = getattr(torch, name)  # torch.cuda, or torch.npu once torch_npu is imported
-        if local_rank >= accelerator.device_count():
-            raise UsageError(f"process {local_rank} has no {'GPU' if name == 'cuda' else 'NPU'}: "
-                             f"{accelerator.device_count()} visible; start at most that many "
-                             f"processes per node")
-        accelerator.set_device(local_rank)
-        return torch.device(name, local_rank)
-    return torch.device('cpu')
+    if name == 'cpu':
+        return torch.device('cpu')
+    accelerator = getattr(torch, name)  # torch.cuda, or torch.npu once torch_npu is imported
+    if local_rank >= accelerator.device_count():
+        raise UsageError(f"process {local_rank} has no {'GPU' if name == 'cuda' else 'NPU'}: "
+                         f"{accelerator.device_count()} visible; start at most that many processes per node")
+    accelerator.set_device(local_rank)
+    return torch.device(name, local_rank)
 
 def synchronize(device):
     if device.type == 'cuda':
@@ -65,10 +64,8 @@ def default_workers():
     return min(4, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
 
 def default_channels_last(device):
-    """The memory format train.py uses when --channels-last is not given: NHWC on CUDA (cuDNN's
-    fast depthwise and bf16 kernels want it; +30% in timm's benchmarks) and on the CPU (oneDNN:
-    forward+backward of rw_t 1.2x faster at 96 and 288 px, 1.6x at 32 px; README, Performance);
-    the NPU keeps NCHW (its adapter picks its own internal formats)."""
+    """Without --channels-last: NHWC on CUDA (cuDNN's fast depthwise and bf16 kernels want it) and on the
+    CPU (oneDNN's; docs/measurements.md, Speed); the NPU keeps NCHW (its adapter picks its own formats)."""
     return device.type in ('cuda', 'cpu')
 
 
@@ -76,14 +73,10 @@ def default_channels_last(device):
 # Launchers and the process group
 
 def distributed_env():
-    """(rank, world_size, local_rank): torchrun's (or torch.distributed.launch's) RANK, WORLD_SIZE and
-    LOCAL_RANK; else, in a process srun started, Slurm's, with no torchrun needed:
-
-        srun --ntasks-per-node=8 --gpus-per-node=8 python train.py ...   # each task sees its node's GPUs
-
-    torchrun's win when both are set (torchrun in an salloc or srun shell). The size is the step's
-    task count: a batch script also holds SLURM_PROCID=0 and SLURM_NTASKS=N, and a `python train.py`
-    there is one process (TensorFlow's SlurmClusterResolver reads the same variables)."""
+    """(rank, world_size, local_rank) from torchrun's (or torch.distributed.launch's) variables, else from
+    Slurm's in a process srun started: `srun --ntasks-per-node=8 --gpus-per-node=8 python train.py ...`.
+    The size is the step's task count: a batch script's own `python train.py` is one process, although
+    the script holds SLURM_NTASKS=N (TensorFlow's SlurmClusterResolver reads the same variables)."""
     if 'RANK' in os.environ or 'SLURM_STEP_NUM_TASKS' not in os.environ:
         return (int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
                 int(os.environ.get('LOCAL_RANK', 0)))
@@ -92,9 +85,8 @@ def distributed_env():
 
 def master_address():
     """(host, port) of the store where the ranks meet: MASTER_ADDR and MASTER_PORT (torchrun sets both);
-    under srun without them, the step's first node and a port from the job id: two jobs sharing a
-    node then differ (torch's default 29500 would collide), and 10000-29999 lies below Linux's
-    ephemeral ports (32768 up), which outgoing connections take."""
+    under srun without them, the step's first node and a port from the job id, so that two jobs on one
+    node differ (torch's 29500 would collide) and it lies below Linux's ephemeral ports (32768 up)."""
     nodelist = os.environ.get('SLURM_STEP_NODELIST') or os.environ.get('SLURM_JOB_NODELIST')
     host = os.environ.get('MASTER_ADDR') or (first_host(nodelist) if nodelist else None)
     port = os.environ.get('MASTER_PORT') or (
@@ -121,11 +113,10 @@ def init_distributed(device, timeout_minutes=30):
                             device_id=device if device.type == 'cuda' else None)
 
 def rendezvous_store(rank, world_size, timeout):
-    """The store in which the ranks exchange addresses, made as torch's env:// makes it (a client of
-    torchrun's store, else served by rank 0), but under torchrun each group gets keys of its own:
-    torchrun's store outlives its workers, and a group restarted after a failure (--max-restarts)
-    read the dead group's addresses there and failed ('Connection refused') or hung until the
-    timeout in 8 of 14 tries (pytorch/pytorch#167288; test/test_elastic.py)."""
+    """The store where the ranks exchange addresses, made as torch's env:// makes it (a client of torchrun's
+    store, else served by rank 0), but under torchrun each group gets keys of its own: torchrun's store
+    outlives its workers, and a group restarted after a failure (--max-restarts) read the dead group's
+    addresses there and failed or hung (pytorch/pytorch#167288; test/test_elastic.py)."""
     host, port = master_address()
     if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
         store = dist.PrefixStore('default_pg', dist.TCPStore(host, port, world_size, is_master=False,
@@ -135,11 +126,11 @@ def rendezvous_store(rank, world_size, timeout):
     return dist.PrefixStore('default_pg', store)
 
 def fresh_key_space(store, rank, world_size, timeout):
-    """A prefix no earlier group used, agreed on through the store. Rank 0 names it after a random
-    token and hands it to each other rank under a key named after that rank's own random token,
-    which no dead process can have written. (TORCHELASTIC_RESTART_COUNT cannot name it: each torchrun
-    agent counts its own restarts, and under --rdzv-backend c10d not those after a membership
-    change, so nodes disagree (pytorch/pytorch#108158) and the group would wait for the timeout.)"""
+    """A prefix no earlier group used, agreed on through the store: rank 0 names it after a random token
+    and hands it to each other rank under a key named after that rank's own random token, which no dead
+    process can have written. (TORCHELASTIC_RESTART_COUNT cannot name it: each torchrun agent counts its
+    own restarts, under --rdzv-backend c10d not those after a membership change, so nodes would disagree
+    and wait for the timeout; pytorch/pytorch#108158.)"""
     token = os.urandom(8).hex()
     if rank > 0:
         store.set(f'hello/{rank}', token)
@@ -168,7 +159,7 @@ def destroy_distributed():
 
 
 # ----------------------------------------------------------------------------------------------
-# Ranks and collectives
+# Ranks and collectives (without a process group: one process, rank 0)
 
 def get_rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -180,27 +171,23 @@ def is_main_process():
     """Rank 0: the one that logs and writes files."""
     return get_rank() == 0
 
-
 def say(message, file=sys.stdout):
     """Rank 0 prints (it alone logs)."""
     if is_main_process():
         print(message, file=file, flush=True)
-
 
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 def all_reduce_sum(tensor):
-    """In place over all ranks (nothing without a process group); returns the tensor."""
+    """In place over all ranks; returns the tensor."""
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 def mean_over_ranks(tensor):
-    """The mean over ranks, as a new tensor (gloo has no AVG); the tensor itself with one process."""
-    if get_world_size() == 1:
-        return tensor
+    """The mean over ranks, as a new tensor (gloo has no AVG)."""
     return all_reduce_sum(tensor.clone()) / get_world_size()
 
 def max_over_ranks(number, device):
@@ -213,12 +200,9 @@ def max_over_ranks(number, device):
 
 def average_bn_stats(model):
     """timm's distribute_bn('reduce'): average BN running statistics over ranks before eval."""
-    if get_world_size() == 1:
-        return
-    for name, buf in model.named_buffers():
+    for name, buffer in model.named_buffers():
         if 'running_mean' in name or 'running_var' in name:
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            buf.div_(get_world_size())
+            all_reduce_sum(buffer).div_(get_world_size())
 
 
 # ----------------------------------------------------------------------------------------------

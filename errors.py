@@ -25,7 +25,7 @@ def check_torchvision():
     except RuntimeError as error:
         from importlib.metadata import version
         print(f"error: torchvision {version('torchvision')} does not work with torch {torch.__version__} "
-              f"({str(error).splitlines()[0]}); install a matching pair from one index, e.g. "
+              f"({one_line(error)}); install a matching pair from one index, e.g. "
               f"pip install --force-reinstall torch torchvision", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -1,5 +1,6 @@
 """The log lines and what a run leaves to read: timm's `Train:` and `Test:` lines (the ModelZoo scripts parse
-them), the `Epoch` line and its summary.csv row, TensorBoard scalars, top-k accuracy, and curves.png.
+them), the `Epoch` line and its summary.csv row, TensorBoard scalars, top-k accuracy, and curves.png. Rank 0
+alone prints (distributed.say) and writes.
 
     python logs.py plot output/train/RUN [RUN2 ...] [--out curves.png]   # redraw / overlay curves
 """
@@ -10,7 +11,8 @@ import time
 
 import torch
 
-from distributed import all_reduce_sum, get_world_size, is_main_process, max_over_ranks, one_line_errors, synchronize
+from distributed import (all_reduce_sum, get_world_size, is_main_process, max_over_ranks, one_line_errors, say,
+                         synchronize)
 from errors import UsageError
 from run import atomic_write
 
@@ -26,9 +28,9 @@ class TrainLogger:
     TrainState: `step` steps done, loss_sum, loss_count); the clock syncs the device only at log steps."""
 
     def __init__(self, epoch, num_steps, last_step, log_interval, state, device=torch.device('cpu')):
-        self.epoch, self.num_batches, self.last_batch = epoch, num_steps, last_step
+        self.epoch, self.num_steps, self.last_step = epoch, num_steps, last_step
         self.log_interval, self.state, self.device = log_interval, state, device
-        self.first_batch, self.images_per_sec = state.step, 0.0
+        self.first_step, self.images_per_sec = state.step, 0.0
         self.step_time, self.data_time = AverageMeter(), AverageMeter()
 
     def log_every(self, loader, micro_batches=1):
@@ -37,7 +39,7 @@ class TrainLogger:
         self.last_log = data_start = time.perf_counter()
         self.steps_since_log = 0
         batches = iter(loader)
-        for _ in range(self.last_batch + 1 - self.first_batch):
+        for _ in range(self.last_step + 1 - self.first_step):
             step_batches = list(itertools.islice(batches, micro_batches))
             if len(step_batches) < micro_batches:
                 return
@@ -47,40 +49,35 @@ class TrainLogger:
 
     def update(self, loss, batch_size, lr):
         """After each step: prints the line at a log step; -> whether it was one."""
-        batch_idx, self.steps_since_log = self.state.step - 1, self.steps_since_log + 1
-        if batch_idx % self.log_interval and batch_idx != self.last_batch:
+        step, self.steps_since_log = self.state.step - 1, self.steps_since_log + 1
+        if step % self.log_interval and step != self.last_step:
             return False
         synchronize(self.device)
         now = time.perf_counter()
         seconds, steps = (now - self.last_log) / self.steps_since_log, self.steps_since_log
         self.last_log, self.steps_since_log = now, 0
-        if batch_idx - self.first_batch >= AVERAGE_AFTER_STEP:
+        if step - self.first_step >= AVERAGE_AFTER_STEP:
             self.step_time.update(seconds, steps)
         average = self.step_time.avg if self.step_time.count else seconds
         global_batch = batch_size * get_world_size()
         self.images_per_sec = global_batch / average
-        loss_now = loss.item()
+        loss_now, average_loss = loss.item(), float(self.state.loss_sum) / self.state.loss_count
         log_scalars(self.state.num_updates, 'train', loss=loss_now, lr=lr, images_per_sec=self.images_per_sec)
-        if is_main_process():
-            average_loss = float(self.state.loss_sum) / self.state.loss_count
-            print(f"Train: {self.epoch} [{batch_idx:>4d}/{self.num_batches} "
-                  f"({100.0 * batch_idx / max(self.num_batches - 1, 1):>3.0f}%)]  "
-                  f"Loss: {loss_now:#.4g} ({average_loss:#.3g})  "
-                  f"Time: {seconds:.3f}s, {global_batch / seconds:>7.2f}/s  "
-                  f"({average:.3f}s, {global_batch / average:>7.2f}/s)  "
-                  f"LR: {lr:.3e}  Data: {self.data_time.val:.3f} ({self.data_time.avg:.3f})", flush=True)
+        say(f"Train: {self.epoch} [{step:>4d}/{self.num_steps} ({100.0 * step / max(self.num_steps - 1, 1):>3.0f}%)]  "
+            f"Loss: {loss_now:#.4g} ({average_loss:#.3g})  "
+            f"Time: {seconds:.3f}s, {global_batch / seconds:>7.2f}/s  "
+            f"({average:.3f}s, {global_batch / average:>7.2f}/s)  "
+            f"LR: {lr:.3e}  Data: {self.data_time.val:.3f} ({self.data_time.avg:.3f})")
         return True
 
 class EvalLogger:
-    """Sums of one validation pass over all ranks, and timm's `Test:` line: each value is the
-    batch's over all ranks, in brackets the average so far. Every rank iterates the same number of
-    batches (a shorter shard gets empty ones) for the per-batch all-reduce: the loss sum travels as
-    float32 and the counts as int32, never float64, which Ascend's HCCL does not reduce
-    (https://www.hiascend.com/document/detail/en/canncommercial/850/API/hcclapiref/hcclcpp_07_0020.html);
-    the running totals are Python numbers on the host."""
+    """One validation pass summed over all ranks, and timm's `Test:` line: the batch's values over all ranks,
+    in brackets the average so far. Every rank iterates as many batches as the longest shard (empty ones
+    after its own) for the per-batch all-reduce, of float32 and int32 only: Ascend's HCCL reduces no float64
+    (https://www.hiascend.com/document/detail/en/canncommercial/850/API/hcclapiref/hcclcpp_07_0020.html)."""
 
-    def __init__(self, log_interval, device, name='Test', is_main=True):
-        self.log_interval, self.device, self.name, self.is_main = log_interval, device, name, is_main
+    def __init__(self, log_interval, device, name='Test'):
+        self.log_interval, self.device, self.name = log_interval, device, name
         self.totals = dict(loss=0.0, top1=0, top5=0, count=0)
         self.batch_time = AverageMeter()
 
@@ -101,13 +98,13 @@ class EvalLogger:
             self.totals[key] += value
         self.batch_time.update(time.perf_counter() - self.end)
         self.end = time.perf_counter()
-        if self.is_main and (self.batch_idx % self.log_interval == 0 or self.batch_idx == self.num_batches - 1):
+        if self.batch_idx % self.log_interval == 0 or self.batch_idx == self.num_batches - 1:
             now, average = self.averages(batch), self.averages(self.totals)
-            print(f"{self.name}: [{self.batch_idx:>4d}/{self.num_batches - 1}]  "
-                  f"Time: {self.batch_time.val:.3f} ({self.batch_time.avg:.3f})  "
-                  f"Loss: {now['loss']:>7.4f} ({average['loss']:>6.4f})  "
-                  f"Acc@1: {now['top1']:>7.4f} ({average['top1']:>7.4f})  "
-                  f"Acc@5: {now['top5']:>7.4f} ({average['top5']:>7.4f})", flush=True)
+            say(f"{self.name}: [{self.batch_idx:>4d}/{self.num_batches - 1}]  "
+                f"Time: {self.batch_time.val:.3f} ({self.batch_time.avg:.3f})  "
+                f"Loss: {now['loss']:>7.4f} ({average['loss']:>6.4f})  "
+                f"Acc@1: {now['top1']:>7.4f} ({average['top1']:>7.4f})  "
+                f"Acc@5: {now['top5']:>7.4f} ({average['top5']:>7.4f})")
 
     @staticmethod
     def averages(sums):
@@ -119,15 +116,14 @@ class EvalLogger:
         return self.averages(self.totals)
 
 class EpochLogger:
-    """The end of each epoch on rank 0: the `Epoch` line, its summary.csv row and curves.png redrawn.
-    A rerun epoch (a resumed run redoing a cut-off one) replaces its row, so the file reads as one run."""
+    """The end of each epoch: the `Epoch` line, its summary.csv row and curves.png redrawn (rank 0)."""
 
-    def __init__(self, output, is_main=True):
-        self.output, self.is_main, self.draw_curves = output, is_main, is_main
+    def __init__(self, output):
+        self.output, self.draw_curves = output, True
 
     def log(self, epoch, train_loss, evaluation, ema_evaluation, lr, images_per_sec, bad_images, step=None):
         """`step`: the optimizer steps so far, where TensorBoard draws the epoch's evaluation."""
-        if not self.is_main:
+        if not is_main_process():
             return
         log_scalars(step, 'eval', **evaluation)
         log_scalars(step, 'eval_ema', **(ema_evaluation or {}))
@@ -138,23 +134,18 @@ class EpochLogger:
                    ema_top1=f"{ema_evaluation['top1']:.4f}" if ema_evaluation else '',
                    ema_top5=f"{ema_evaluation['top5']:.4f}" if ema_evaluation else '',
                    lr=f"{lr:.6g}", images_per_sec=f"{images_per_sec:.2f}", bad_images=bad_images)
-        print(f"Epoch {epoch}: train_loss {row['train_loss']}  eval_loss {row['eval_loss']}  "
-              f"top1 {row['eval_top1']}  top5 {row['eval_top5']}"
-              + (f"  ema_top1 {row['ema_top1']}" if ema_evaluation else '')
-              + f"  lr {row['lr']}  images/s {row['images_per_sec']}  skipped_images {bad_images}", flush=True)
+        ema = f"  ema_top1 {row['ema_top1']}" if ema_evaluation else ''
+        say(f"Epoch {epoch}: train_loss {row['train_loss']}  eval_loss {row['eval_loss']}  top1 {row['eval_top1']}  "
+            f"top5 {row['eval_top5']}{ema}  lr {row['lr']}  images/s {row['images_per_sec']}  "
+            f"skipped_images {bad_images}")
         write_summary(os.path.join(self.output, 'summary.csv'), row)
-        self.draw()
-
-    def draw(self):
-        """curves.png next to summary.csv (said once if matplotlib is missing)."""
-        if not self.draw_curves:
-            return
-        try:
-            plot_curves([self.output], os.path.join(self.output, 'curves.png'))
-        except ImportError:
-            self.draw_curves = False
-            print("matplotlib is not installed: no curves.png is drawn (pip install matplotlib; "
-                  "python logs.py plot DIR draws it later)", flush=True)
+        if self.draw_curves:
+            try:
+                plot_curves([self.output], os.path.join(self.output, 'curves.png'))
+            except ImportError:  # said once
+                self.draw_curves = False
+                say("matplotlib is not installed: no curves.png is drawn (pip install matplotlib; "
+                    "python logs.py plot DIR draws it later)")
 
 def write_summary(path, row):
     """Append the epoch's row; rows of this epoch or later (from a run that was cut off and resumed)
@@ -216,13 +207,6 @@ CURVE_PANELS = (  # panel title, then (summary.csv column, line style) drawn in 
     ('images/s', (('images_per_sec', '-'),)),
 )
 
-def read_summary(path):
-    """summary.csv as {column: [float or None per epoch]} (an empty cell is None)."""
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
-    return {column: [float(row[column]) if row.get(column) else None for row in rows]
-            for column in (rows[0].keys() if rows else ())}
-
 def plot_curves(run_dirs, out_path):
     """Draw loss, top-1, lr and images/s against epoch for each run folder's summary.csv into
     out_path (PNG); several folders are overlaid, one colour each. Returns the Figure."""
@@ -231,8 +215,7 @@ def plot_curves(run_dirs, out_path):
     fig = Figure(figsize=(11, 7), layout='constrained')
     axes = fig.subplots(2, 2).flatten()
     for ax, (title, _) in zip(axes, CURVE_PANELS):
-        ax.set_title(title)
-        ax.set_xlabel('epoch')
+        ax.set(title=title, xlabel='epoch')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_yscale('log')  # early losses (an eval loss of 30 at epoch 0) would flatten the rest
@@ -240,17 +223,16 @@ def plot_curves(run_dirs, out_path):
         summary_path = os.path.join(run_dir, 'summary.csv')
         if not os.path.exists(summary_path):
             raise UsageError(f"{run_dir} has no summary.csv: not a run folder of train.py")
-        summary = read_summary(summary_path)
+        with open(summary_path, newline='') as f:
+            rows = list(csv.DictReader(f))
         name = os.path.basename(os.path.normpath(run_dir))
-        colour = f'C{index % 10}'
         for ax, (_, columns) in zip(axes, CURVE_PANELS):
             for column, style in columns:
-                points = [(e, v) for e, v in zip(summary.get('epoch', []), summary.get(column, []))
-                          if v is not None]
+                points = [(float(row['epoch']), float(row[column])) for row in rows if row.get(column)]
                 if not points:
                     continue  # e.g. ema_top1 of a run without --model-ema
                 label = column if len(run_dirs) == 1 else f'{name}: {column}'
-                ax.plot(*zip(*points), style, color=colour, label=label,
+                ax.plot(*zip(*points), style, color=f'C{index % 10}', label=label,
                         marker='o' if len(points) <= 50 else None, markersize=3)
     for ax in axes:
         if ax.lines:
@@ -262,12 +244,11 @@ def plot_curves(run_dirs, out_path):
 
 if __name__ == '__main__':
     import argparse
-    parser = argparse.ArgumentParser(description="Redraw training curves from train.py run folders.")
-    commands = parser.add_subparsers(dest='command', required=True)
-    plot = commands.add_parser('plot', help='loss, top-1, lr, images/s vs epoch; several runs overlay')
-    plot.add_argument('run_dirs', nargs='+', metavar='DIR', help='folders holding summary.csv')
-    plot.add_argument('--out', help='PNG to write; default: DIR/curves.png for one run, '
-                                    'curves.png here for several')
+    parser = argparse.ArgumentParser(description="Redraw training curves from train.py run folders: loss, "
+                                                 "top-1, lr, images/s vs epoch; several runs overlay.")
+    parser.add_argument('command', choices=['plot'])
+    parser.add_argument('run_dirs', nargs='+', metavar='DIR', help='folders holding summary.csv')
+    parser.add_argument('--out', help='PNG to write; default: DIR/curves.png for one run, curves.png here for several')
     cli = parser.parse_args()
     out = cli.out or (os.path.join(cli.run_dirs[0], 'curves.png') if len(cli.run_dirs) == 1
                       else 'curves.png')

@@ -1,12 +1,10 @@
-"""The optimizer side of the recipe: timm's RMSpropTF and parameter groups, timm's learning-rate schedules, the
-EMA of the weights, and mixed precision (native or NVIDIA apex) around the optimizer step.
-
-RMSpropTF and the schedules are our own because timm's semantics differ from torch's (TensorFlow's RMSprop; an
-lr that changes once per epoch), ModelEma because torch's AveragedModel syncs with the GPU every step: each is
-tested against timm in test/test_utils.py and timed in bench.py.
+"""The optimizer side of the recipe, the part a copy swaps: timm's RMSpropTF and parameter groups, timm's
+learning-rate schedules, the EMA of the weights, and mixed precision (native or NVIDIA apex) around the step.
+Each piece says why it is not torch's own; test/test_utils.py compares each with timm's.
 """
 import contextlib
 import copy
+import importlib
 import math
 
 import torch
@@ -19,20 +17,17 @@ from randaugment import parse_rand_augment
 # Optimizer
 
 class RMSpropTF(torch.optim.Optimizer):
-    """TensorFlow-1 RMSprop as timm implements it, updated with foreach kernels:
-    the square average starts at one (torch: zero), eps sits inside the root, and lr is
-    accumulated inside the momentum buffer. Weight decay is L2 added to the gradient."""
+    """TensorFlow-1 RMSprop as timm implements it (torch's RMSprop differs): the square average starts at
+    one (torch: zero), eps sits inside the root, and lr is accumulated inside the momentum buffer. Weight
+    decay is L2 added to the gradient. Updated with foreach kernels."""
 
-    # On the CPU, foreach ops over the whole model allocate model-sized temporaries that the
-    # allocator hands back to the OS after every step: ~140 MB of fresh pages (~37k page faults)
-    # per step for rw_t, slower than timm's per-tensor loop. Chunks of at most this many elements
-    # keep the temporaries small enough to be reused (bench.py: 1.25x faster than timm's loop
-    # instead of 1.45x slower). Accelerators take each group in one piece.
+    # On the CPU, foreach ops over the whole model allocate model-sized temporaries that go back to the OS
+    # after every step; chunks of at most this many elements reuse theirs and beat timm's per-tensor loop
+    # (bench.py; docs/measurements.md, Speed). Accelerators take each group in one piece.
     cpu_chunk_numel = 1 << 18
 
     def __init__(self, params, lr=1e-2, alpha=0.9, eps=1e-10, weight_decay=0.0, momentum=0.9):
-        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      momentum=momentum))
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -89,8 +84,7 @@ def param_groups(model, weight_decay):
 
 SCHEDULES = ('step', 'cosine', 'const')
 
-def learning_rate(epoch, sched, lr, epochs, warmup_lr, warmup_epochs, decay_epochs, decay_rate,
-                  min_lr):
+def learning_rate(epoch, sched, lr, epochs, warmup_lr, warmup_epochs, decay_epochs, decay_rate, min_lr):
     if sched not in SCHEDULES:
         raise UsageError(f"unknown schedule '{sched}': choose {', '.join(SCHEDULES)}")
     if epoch < warmup_epochs:
@@ -104,9 +98,12 @@ def learning_rate(epoch, sched, lr, epochs, warmup_lr, warmup_epochs, decay_epoc
     return lr  # 'const'
 
 class TimmSchedule(torch.optim.lr_scheduler.LambdaLR):
-    """timm's schedule as a torch scheduler, stepped after every optimizer step: the lr of step s is
-    learning_rate(s // steps_per_epoch, ...) for the first group, and that times its own ratio for any
-    group created with another lr (per-group learning rates are kept)."""
+    """timm's schedule as a torch scheduler stepped after every optimizer step: the lr of step s is
+    learning_rate(s // steps_per_epoch, ...) for the first group, times its own ratio for a group created
+    with another lr. A LambdaLR because stock schedulers give other lrs: StepLR decays only where the epoch
+    is a multiple of step_size (the reference recipe decays at epoch // 2.4: 3, 5, 8, ...), SequentialLR
+    restarts the count after the warm-up (timm's runs from epoch 0), and each changes the lr at every
+    step() where timm's holds it for an epoch. test/test_utils.py compares learning_rate with timm's."""
 
     def __init__(self, optimizer, steps_per_epoch, sched, epochs, warmup_lr, warmup_epochs, decay_epochs,
                  decay_rate, min_lr):
@@ -122,12 +119,9 @@ class TimmSchedule(torch.optim.lr_scheduler.LambdaLR):
 
 class ModelEma(torch.nn.Module):
     """timm's ModelEmaV2: a copy of the model whose parameters and buffers follow
-    e = decay * e + (1 - decay) * w after every optimizer step, from the first step on.
-
-    One foreach lerp for the floating-point tensors and a few foreach ops for the integer ones
-    (BN's num_batches_tracked, truncated as timm does). torch's AveragedModel does the same math
-    but copies a counter to the device every step (a blocking copy: a host sync on CUDA) and
-    loops over the integer buffers in Python; timm loops over every tensor (bench.py)."""
+    e = decay * e + (1 - decay) * w after every optimizer step, from the first step on. Not torch's
+    AveragedModel, which copies a counter to the device every step (a host sync on CUDA) and loops over
+    the integer buffers in Python: this is faster (bench.py; docs/measurements.md, Speed)."""
 
     def __init__(self, model, decay):
         super().__init__()
@@ -137,15 +131,13 @@ class ModelEma(torch.nn.Module):
 
     @torch.no_grad()
     def update_parameters(self, model):
-        pairs = zip([*self.module.parameters(), *self.module.buffers()],
-                    [*model.parameters(), *model.buffers()])
-        floats, ints = [], []
-        for pair in pairs:
-            (floats if pair[0].is_floating_point() else ints).append(pair)
+        pairs = list(zip([*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]))
+        floats = [pair for pair in pairs if pair[0].is_floating_point()]
+        ints = [pair for pair in pairs if not pair[0].is_floating_point()]
         if floats:
             averaged, current = zip(*floats)
             torch._foreach_lerp_(list(averaged), list(current), 1.0 - self.decay)
-        if ints:  # computed in float32 and truncated back, as timm's d * e + (1 - d) * w
+        if ints:  # BN's num_batches_tracked: computed in float32 and truncated back, as timm's d * e + (1 - d) * w
             averaged, current = (list(tensors) for tensors in zip(*ints))
             mixed = torch._foreach_mul(averaged, self.decay)
             torch._foreach_add_(mixed, torch._foreach_mul(current, 1.0 - self.decay))
@@ -157,34 +149,31 @@ class ModelEma(torch.nn.Module):
 
 class Precision:
     """Mixed precision behind four calls, native or NVIDIA apex: autocast(), backward(loss),
-    step(optimizer, clip_grad) -> whether the step was skipped, state_dict()/load_state_dict()
-    (the loss scale, saved in checkpoints). Native: torch.autocast, with a GradScaler for float16
-    (it skips a step whose gradients are not finite and lowers its scale); bfloat16 and float32
-    need none. apex: O1, set up by create_precision (apex patches the model and optimizer)."""
+    step(optimizer, clip_grad) -> whether the step was skipped, state_dict()/load_state_dict() (the loss
+    scale, saved in checkpoints). Native float16 uses a GradScaler (it skips a step whose gradients are not
+    finite and lowers its scale); bfloat16 and float32 need none. apex: O1, set up by create_precision."""
 
     def __init__(self, device_type, dtype=None, apex_optimizer=None):
         self.device_type, self.dtype, self.apex_optimizer = device_type, dtype, apex_optimizer
-        native_fp16 = dtype == torch.float16 and apex_optimizer is None
-        self.scaler = torch.amp.GradScaler(device_type, enabled=native_fp16)
+        self.apex_amp = importlib.import_module('apex.amp') if apex_optimizer is not None else None
+        self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16 and not self.apex_amp)
 
     def autocast(self):
-        if self.dtype is None or self.apex_optimizer is not None:  # apex casts by itself
+        if self.dtype is None or self.apex_amp:  # apex casts by itself
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, self.dtype)
 
     def backward(self, loss):
-        if self.apex_optimizer is None:
+        if self.apex_amp:
+            with self.apex_amp.scale_loss(loss, self.apex_optimizer) as scaled_loss:
+                scaled_loss.backward()
+        else:
             self.scaler.scale(loss).backward()
-            return
-        from apex import amp
-        with amp.scale_loss(loss, self.apex_optimizer) as scaled_loss:
-            scaled_loss.backward()
 
     def step(self, optimizer, clip_grad=None):
         scale = self.loss_scale()
-        if clip_grad:  # on the true gradients: GradScaler unscales here, apex already has
-            if self.apex_optimizer is None:
-                self.scaler.unscale_(optimizer)
+        if clip_grad:  # on the true gradients: GradScaler unscales them here (apex already has; its scaler is off)
+            self.scaler.unscale_(optimizer)
             parameters = [p for group in optimizer.param_groups for p in group['params']]
             torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
         self.scaler.step(optimizer)  # a plain optimizer.step() when the scaler is disabled
@@ -193,34 +182,30 @@ class Precision:
         return scale is not None and self.loss_scale() < scale
 
     def loss_scale(self):
-        if self.apex_optimizer is not None:
-            from apex import amp
-            return amp._amp_state.loss_scalers[0].loss_scale()
+        if self.apex_amp:
+            return self.apex_amp._amp_state.loss_scalers[0].loss_scale()
         return self.scaler.get_scale() if self.scaler.is_enabled() else None
 
     def state_dict(self):
-        if self.apex_optimizer is not None:
-            from apex import amp
-            return amp.state_dict()  # {'loss_scaler0': {'loss_scale': ..., 'unskipped': ...}}
-        return self.scaler.state_dict()  # {} when disabled
+        """apex: {'loss_scaler0': {'loss_scale': ..., 'unskipped': ...}}; the GradScaler's: {} when disabled."""
+        return self.apex_amp.state_dict() if self.apex_amp else self.scaler.state_dict()
 
     def load_state_dict(self, state):
         """Another kind's state (fp16 <-> apex, or none saved) is ignored: the scale starts afresh."""
-        if self.apex_optimizer is not None and 'loss_scaler0' in state:
-            from apex import amp
-            amp.load_state_dict(state)
+        if self.apex_amp and 'loss_scaler0' in state:
+            self.apex_amp.load_state_dict(state)
         elif self.scaler.is_enabled() and 'scale' in state:
             self.scaler.load_state_dict(state)
 
 def create_precision(device, model, optimizer, amp=False, amp_dtype=None, apex=False, say=print):
-    """-> (Precision, model, optimizer). --apex-amp uses apex O1 where apex imports (on a GPU or
-    NPU) and native mixed precision otherwise, saying so; --amp is native. The default dtype is
-    float16 on accelerators and bfloat16 on the CPU."""
+    """-> (Precision, model, optimizer). --apex-amp uses apex O1 where apex imports (on a GPU or NPU) and
+    native mixed precision otherwise, saying so; --amp is native. The default dtype is float16 on
+    accelerators and bfloat16 on the CPU."""
     dtype = getattr(torch, amp_dtype or ('bfloat16' if device.type == 'cpu' else 'float16'))
     if apex and device.type != 'cpu':
         try:
             from apex import amp as apex_amp
-        except ImportError:
+        except ImportError:  # not installed, or a recent apex without amp
             pass
         else:
             model, optimizer = apex_amp.initialize(model, optimizer, opt_level='O1')
