@@ -112,7 +112,7 @@ def train(args):
     parts = dict(model=model_without_ddp, optimizer=optimizer, scheduler=scheduler, scaler=precision,
                  model_ema=model_ema.module if model_ema else None)
     meta = dict(arch=args.model, num_classes=num_classes, classes=list(classes), args=run.plain_args(args))
-    progress = run.Supervisor(args, parts, meta, device, logs.EpochLogger(args.output, distributed.is_main_process()))
+    progress = run.Supervisor(args, parts, meta, device, logs.EpochLogger(args.output))
     if args.log_tensorboard and distributed.is_main_process():  # a resumed run redraws from its first step
         logs.open_tensorboard(args.output, first_step=progress.state.num_updates)
     distributed.say(describe_run(args, model_without_ddp, train_set, val_set, meta, steps_per_epoch, optimizer,
@@ -198,7 +198,7 @@ def validate(model, loader, precision, args, log_suffix=''):
     processes; timm's `Test:` line, values over all ranks, every --log-interval batches."""
     model.eval()
     device = next(model.parameters()).device
-    logger = logs.EvalLogger(args.log_interval, device, 'Test' + log_suffix, distributed.is_main_process())
+    logger = logs.EvalLogger(args.log_interval, device, 'Test' + log_suffix)
     empty_batch = (torch.zeros(0, 3, args.eval_size, args.eval_size, dtype=torch.uint8),
                    torch.zeros(0, dtype=torch.long))
     for images, labels, *_ in logger.log_every(loader, empty_batch):
