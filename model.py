@@ -72,8 +72,8 @@ def _variant(table, stem, head, width, depth, train_size, test_size, crop_pct=1.
 # The b-series rounds channels without timm's "+8 if 10% below" correction (round_limit 0).
 _tf = dict(tf=True, mean=TF_MEAN, std=TF_STD)
 _base = dict(tf=True, round_limit=0.0)
-RW_M_DEPTH = (1.2, 1.2, 1.2, 1.2, 1.6, 1.6)  # per stage
-#                                table  stem  head width depth    train  test  crop
+RW_M_DEPTH = (1.2, 1.2, 1.2, 1.2, 1.6, 1.6)  # efficientnetv2_rw_m's depth multiplier per stage
+# each row: stage table, stem and head channels, width and depth multipliers, train and test size[, crop]
 VARIANTS = {
     'efficientnetv2_rw_t':  _variant(V2_S,    24, 1280, 0.8, 0.9,          224, 288),
     'efficientnetv2_rw_s':  _variant(V2_RW_S, 24, 1792, 1.0, 1.0,          288, 384),

@@ -268,8 +268,7 @@ def rotate(image, degrees, fill, interpolation):
 
 
 def _with_pil(image, op):
-    """op(PIL RGB image) on a uint8 CHW tensor, by merging and splitting channel planes: cheaper than
-    transposing CHW <-> HWC."""
+    """op(PIL RGB image) on a uint8 CHW tensor, through channel planes (cheaper than transposing to HWC)."""
     rgb = Image.merge('RGB', [Image.fromarray(channel) for channel in image.numpy()])
     return torch.from_numpy(np.stack([np.asarray(band) for band in op(rgb).split()]))
 

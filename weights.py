@@ -139,7 +139,7 @@ def published_weights(name, progress=True):
 def _from_hugging_face(repo, filename, progress):
     """hf_hub_download, plus what this project promises beyond it: no request at all once the file is
     cached (it asks the hub for the newest revision on every call), the SHA-256 check, one-line errors."""
-    import huggingface_hub  # only here: importing it takes a second that reading files does not need
+    import huggingface_hub  # only here: its import is slow, and reading files does not need it
     cached = huggingface_hub.try_to_load_from_cache(repo, filename)
     if isinstance(cached, str):  # else None, or a marker that the hub once answered "no such file"
         return cached
