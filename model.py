@@ -1,14 +1,9 @@
-"""EfficientNetV2 in plain PyTorch: the whole family as tables, numerically identical to timm's.
+"""The EfficientNetV2 network: the whole family as tables, numerically identical to timm's, with timm's
+names, parameter counts and state-dict keys (so timm's weights load as they are; weights.py loads them).
 
-Every variant has timm's name, parameter count and state-dict keys, so timm's weights load as they
-are; `load_pretrained` also converts torchvision's efficientnet_v2_s/m/l. weights.py says where each
-variant's published weights come from (timm's VARIANT.TAG names), reads checkpoint files and downloads.
-
-    python model.py                       # the variants (parameters, GMACs, sizes, top-1), then the tags
+    python model.py       # the variants (parameters, GMACs, sizes, top-1), then the published weights' tags
 
     net = create_model('efficientnetv2_rw_t', num_classes=1000, drop_rate=0.3, drop_path_rate=0.2)
-    load_pretrained(net, weights.read_checkpoint(weights.published_weights('efficientnetv2_rw_t')))
-    weights.published_config('efficientnetv2_rw_t')   # the eval settings those weights were measured with
 
 Paper: Tan & Le, "EfficientNetV2: Smaller Models and Faster Training" (2021), Table 4. Imports only torch.
 """
@@ -21,12 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
-# Architecture tables: one row per stage (the paper's Table 4 layout).
-#   block: 'cn' conv-BN-SiLU with residual (FusedMBConv of expansion 1, one conv)
-#          'er' FusedMBConv (k x k expand conv, 1x1 project conv)
-#          'ir' MBConv (1x1 expand, k x k depthwise, squeeze-excite, 1x1 project)
-#   repeats, kernel, stride (of the stage's first block), expand ratio, out channels, SE ratio
-
+# Architecture tables, one row per stage (the paper's Table 4). Blocks: 'cn' ConvBlock (one conv),
+# 'er' FusedMBConv, 'ir' MBConv (the classes below); stride is the stage's first block's.
 #         block repeats kernel stride expand channels se
 V2_S = (('cn', 2, 3, 1, 1, 24, 0),
         ('er', 4, 3, 2, 4, 48, 0),
@@ -68,8 +59,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TF_MEAN, TF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
-def _variant(table, stem, head, width=1.0, depth=1.0, tf=False, round_limit=0.9,
-             train_size=224, test_size=224, crop_pct=1.0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def _variant(table, stem, head, width, depth, train_size, test_size, crop_pct=1.0, tf=False, round_limit=0.9,
+             mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """A VARIANTS entry: EfficientNetV2's arguments, and in `config` the image settings timm gives the variant."""
     config = dict(train_size=train_size, test_size=test_size, crop_pct=crop_pct,
                   interpolation='bicubic', mean=mean, std=std)
     return dict(table=table, stem=stem, head=head, width=width, depth=depth, tf=tf,
@@ -80,27 +72,24 @@ def _variant(table, stem, head, width=1.0, depth=1.0, tf=False, round_limit=0.9,
 # The b-series rounds channels without timm's "+8 if 10% below" correction (round_limit 0).
 _tf = dict(tf=True, mean=TF_MEAN, std=TF_STD)
 _base = dict(tf=True, round_limit=0.0)
+RW_M_DEPTH = (1.2, 1.2, 1.2, 1.2, 1.6, 1.6)  # efficientnetv2_rw_m's depth multiplier per stage
+# each row: stage table, stem and head channels, width and depth multipliers, train and test size[, crop]
 VARIANTS = {
-    'efficientnetv2_rw_t': _variant(V2_S, 24, 1280, 0.8, 0.9, train_size=224, test_size=288),
-    'efficientnetv2_rw_s': _variant(V2_RW_S, 24, 1792, train_size=288, test_size=384),
-    'efficientnetv2_rw_m': _variant(V2_RW_S, 24, 1792, 1.2, (1.2, 1.2, 1.2, 1.2, 1.6, 1.6),
-                                    train_size=320, test_size=416),
-    'efficientnetv2_s': _variant(V2_S, 24, 1280, train_size=288, test_size=384),
-    'efficientnetv2_m': _variant(V2_M, 24, 1280, train_size=320, test_size=416),
-    'efficientnetv2_l': _variant(V2_L, 32, 1280, train_size=384, test_size=480),
-    'efficientnetv2_xl': _variant(V2_XL, 32, 1280, train_size=384, test_size=512),
-    'tf_efficientnetv2_s': _variant(V2_S, 24, 1280, train_size=300, test_size=384, **_tf),
-    'tf_efficientnetv2_m': _variant(V2_M, 24, 1280, train_size=384, test_size=480, **_tf),
-    'tf_efficientnetv2_l': _variant(V2_L, 32, 1280, train_size=384, test_size=480, **_tf),
-    'tf_efficientnetv2_xl': _variant(V2_XL, 32, 1280, train_size=384, test_size=512, **_tf),
-    'tf_efficientnetv2_b0': _variant(V2_BASE, 32, 1280, 1.0, 1.0, train_size=192, test_size=224,
-                                     crop_pct=0.875, **_base),
-    'tf_efficientnetv2_b1': _variant(V2_BASE, 32, 1280, 1.0, 1.1, train_size=192, test_size=240,
-                                     crop_pct=0.882, **_base),
-    'tf_efficientnetv2_b2': _variant(V2_BASE, 32, 1280, 1.1, 1.2, train_size=208, test_size=260,
-                                     crop_pct=0.890, **_base),
-    'tf_efficientnetv2_b3': _variant(V2_BASE, 32, 1280, 1.2, 1.4, train_size=240, test_size=300,
-                                     crop_pct=0.904, **_base),
+    'efficientnetv2_rw_t':  _variant(V2_S,    24, 1280, 0.8, 0.9,          224, 288),
+    'efficientnetv2_rw_s':  _variant(V2_RW_S, 24, 1792, 1.0, 1.0,          288, 384),
+    'efficientnetv2_rw_m':  _variant(V2_RW_S, 24, 1792, 1.2, RW_M_DEPTH,   320, 416),
+    'efficientnetv2_s':     _variant(V2_S,    24, 1280, 1.0, 1.0,          288, 384),
+    'efficientnetv2_m':     _variant(V2_M,    24, 1280, 1.0, 1.0,          320, 416),
+    'efficientnetv2_l':     _variant(V2_L,    32, 1280, 1.0, 1.0,          384, 480),
+    'efficientnetv2_xl':    _variant(V2_XL,   32, 1280, 1.0, 1.0,          384, 512),
+    'tf_efficientnetv2_s':  _variant(V2_S,    24, 1280, 1.0, 1.0,          300, 384, **_tf),
+    'tf_efficientnetv2_m':  _variant(V2_M,    24, 1280, 1.0, 1.0,          384, 480, **_tf),
+    'tf_efficientnetv2_l':  _variant(V2_L,    32, 1280, 1.0, 1.0,          384, 480, **_tf),
+    'tf_efficientnetv2_xl': _variant(V2_XL,   32, 1280, 1.0, 1.0,          384, 512, **_tf),
+    'tf_efficientnetv2_b0': _variant(V2_BASE, 32, 1280, 1.0, 1.0,          192, 224, 0.875, **_base),
+    'tf_efficientnetv2_b1': _variant(V2_BASE, 32, 1280, 1.0, 1.1,          192, 240, 0.882, **_base),
+    'tf_efficientnetv2_b2': _variant(V2_BASE, 32, 1280, 1.1, 1.2,          208, 260, 0.890, **_base),
+    'tf_efficientnetv2_b3': _variant(V2_BASE, 32, 1280, 1.2, 1.4,          240, 300, 0.904, **_base),
 }
 
 
@@ -153,8 +142,7 @@ class SqueezeExcite(nn.Module):
         self.conv_expand = nn.Conv2d(reduced_chs, chs, 1)
 
     def forward(self, x):  # (N, C, H, W) -> same, each channel gated by a global summary
-        # Sum, then divide the (N, C, 1, 1) result: the same numbers as mean() on the CPU, but
-        # mean's backward divides the full-size gradient, one more pass over the largest tensors.
+        # mean()'s numbers, without mean's backward dividing the full-size gradient (one pass more)
         pooled = x.sum((2, 3), keepdim=True).div(x.shape[2] * x.shape[3])
         scale = self.conv_expand(F.silu(self.conv_reduce(pooled)))
         return x * scale.sigmoid()
@@ -196,16 +184,14 @@ class FusedMBConv(nn.Module):
 class MBConv(nn.Module):
     """'ir': 1x1 expand, BN, SiLU, depthwise k x k, BN, SiLU, SE, 1x1 project, BN."""
 
-    def __init__(self, in_chs, out_chs, kernel, stride, expand_ratio, se_ratio, bn, tf_same,
-                 drop_path):
+    def __init__(self, in_chs, out_chs, kernel, stride, expand_ratio, se_ratio, bn, tf_same, drop_path):
         super().__init__()
         mid_chs = make_divisible(in_chs * expand_ratio)
         self.conv_pw = conv2d(in_chs, mid_chs, 1)
         self.bn1 = bn(mid_chs)
         self.conv_dw = conv2d(mid_chs, mid_chs, kernel, stride, groups=mid_chs, tf_same=tf_same)
         self.bn2 = bn(mid_chs)
-        # The SE bottleneck width comes from the block *input*, as in the TF reference.
-        self.se = SqueezeExcite(mid_chs, round(in_chs * se_ratio))
+        self.se = SqueezeExcite(mid_chs, round(in_chs * se_ratio))  # SE width from the block's input, as TF's
         self.conv_pwl = conv2d(mid_chs, out_chs, 1)
         self.bn3 = bn(out_chs)
         self.has_skip = stride == 1 and in_chs == out_chs
@@ -277,15 +263,13 @@ class EfficientNetV2(nn.Module):
 
 
 def init_weights(m):
-    """TF/timm init: conv ~ N(0, sqrt(2 / fan_out)), fan_out = k*k*out/groups; linear ~ U(+-1/sqrt(out))."""
+    """TF/timm init: conv ~ N(0, sqrt(2 / fan_out)), fan_out = k*k*out/groups; linear ~ U(+-1/sqrt(out));
+    biases 0. BatchNorm keeps PyTorch's own init (scale 1, shift 0), which is timm's."""
     if isinstance(m, nn.Conv2d):
         fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
         nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.BatchNorm2d):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Linear):
         bound = 1.0 / math.sqrt(m.weight.shape[0])
         nn.init.uniform_(m.weight, -bound, bound)
@@ -305,8 +289,8 @@ def list_models():
 
 
 def check_model_name(name, error=ValueError):
-    """`error` naming the closest variants unless `name` is one of VARIANTS, alone or as VARIANT.TAG
-    (timm's spelling: the tag names published weights, which weights.py checks; callers pass `error`)."""
+    """Raise `error`, naming the closest variants, unless `name` is a variant, alone or as VARIANT.TAG
+    (timm's spelling; weights.py checks the tag)."""
     if name.split('.')[0] not in VARIANTS:
         close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(list_models())}"
@@ -318,22 +302,17 @@ def create_model(name, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, **ov
     VARIANTS entry (e.g. table=..., width=..., tf=...) for copy-and-modify experiments."""
     check_model_name(name)
     spec = {**VARIANTS[name.split('.')[0]], **overrides}
-    return EfficientNetV2(num_classes=num_classes, drop_rate=drop_rate,
-                          drop_path_rate=drop_path_rate, **spec)
+    return EfficientNetV2(num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **spec)
 
-
-# ----------------------------------------------------------------------------------------------
 
 def count_macs(model, size):
-    """Multiply-accumulates of one forward pass at size x size: each conv and linear layer's output
-    elements times the inputs each of them sums (BN, SE gating and activations are not counted).
-    Meant for a model built on the meta device: shapes only, no compute, no memory."""
+    """Multiply-accumulates of one forward pass at size x size: each conv and linear layer's output elements
+    times the inputs each sums (BN, SE gating, activations not counted). For a model on the meta device, by
+    hooks in eval mode: FlopCounterMode and BN's training branch are slower there (docs/measurements.md)."""
     macs = []
     def count(layer, inputs, output):
         macs.append(output.numel() * layer.weight[0].numel())  # weight[0]: one output's inputs
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    # Hooks in eval mode rather than FlopCounterMode: the counter's dispatch and batch-norm's training
-    # branch are slow on the meta device (3x slower for the table).
     was_training = model.training
     with torch.no_grad():
         model.eval()(torch.empty(1, 3, size, size, device=model.conv_stem.weight.device))
@@ -351,11 +330,10 @@ if __name__ == '__main__':
         with torch.device('meta'):
             net = create_model(name)
         cfg, params = net.config, sum(p.numel() for p in net.parameters())
-        macs = count_macs(net, cfg['train_size']) / 1e9
         tag = next((tag for tag in weights.PUBLISHED_WEIGHTS if tag.split('.')[0] == name), None)
         top1 = f"{weights.PUBLISHED_WEIGHTS[tag][2]:.3f} @{weights.published_config(tag)['test_size']}" if tag else ''
-        print(f"{name:<24}{params:>14,}{macs:>8.2f}{cfg['train_size']:>7}{cfg['test_size']:>6}"
-              f"{cfg['crop_pct']:>7.3f}   {top1:<12}{tag or 'none'}")
+        print(f"{name:<24}{params:>14,}{count_macs(net, cfg['train_size']) / 1e9:>8.2f}{cfg['train_size']:>7}"
+              f"{cfg['test_size']:>6}{cfg['crop_pct']:>7.3f}   {top1:<12}{tag or 'none'}")
     print(f"\n{'--model VARIANT.TAG --pretrained':<38}{'classes':>8}{'train':>7}{'test':>6}{'crop':>7}"
           f"   mean/std  resize    ImageNet top-1")
     for tag, (publisher, classes, top1, _) in weights.PUBLISHED_WEIGHTS.items():

@@ -5,12 +5,10 @@ timm 0.5.4's PIL results (the Ascend ModelZoo recipe's `--aa rand-m9-mstd0.5`). 
     image = rand_augment(image)              # randomness from torch's global RNG (data.py seeds it per image)
     image = rand_augment.apply('ShearX', image, level=9, sign=1)   # one op, no randomness
 
-The policy (op lists, level -> arguments, the 0.5 probability per op, magnitude noise) is timm's,
-tested against timm/data/auto_augment.py. Each op computes PIL's result with PIL's arithmetic
-(truncation, clamping, pixel centres; test/test_data.py: colour ops bit-exact, geometric ops within 1):
-torchvision's v2 op where it is exact and no slower, PIL's own op where that is faster with its
-tensor conversion (Equalize, Rotate), else a kernel here that says why it is kept. Each kept kernel
-is also faster than PIL's op with its conversion: 1.3-3.6x on a 288 px photo, one thread.
+The policy is timm's (tested against timm/data/auto_augment.py); each op gives PIL's result with PIL's
+arithmetic (test/test_data.py: colour ops bit-exact, geometric ops within 1). An op is torchvision's v2 op
+where that is exact and no slower, PIL's own where that is faster with the tensor conversion, else a kernel
+here that says why it is kept, each faster than PIL's op (times: docs/measurements.md, RandAugment's ops).
 """
 import math
 
@@ -69,9 +67,8 @@ class RandAugment:
 
     def __init__(self, magnitude=10, num_ops=2, magnitude_std=0.0, magnitude_max=10, prob=0.5, increasing=False,
                  fill=(128, 128, 128), interpolation='bicubic'):
-        self.magnitude, self.num_ops, self.magnitude_std, self.magnitude_max = (magnitude, num_ops, magnitude_std,
-                                                                                magnitude_max)
-        self.prob, self.fill, self.interpolation = prob, tuple(fill), interpolation
+        self.magnitude, self.num_ops, self.prob, self.fill = magnitude, num_ops, prob, tuple(fill)
+        self.magnitude_std, self.magnitude_max, self.interpolation = magnitude_std, magnitude_max, interpolation
         self.op_names = RAND_AUGMENT_INCREASING_OPS if increasing else RAND_AUGMENT_OPS
 
     def sample_level(self):
@@ -133,11 +130,8 @@ def parse_rand_augment(spec):
     return options
 
 
-# The ops: uint8 CHW in and out, timm's PIL results (tests: colour ops bit-exact, geometric ops within 1). OPS uses
-# torchvision's v2 op where it is bit-exact and no slower (Invert, Posterize, Brightness), else a kernel below;
-# each kept kernel says why, with times per call on a 288 px photo, one thread. Per-value maps are 256-entry numpy
-# lookup tables (np.take is several times faster than torch indexing, which needs int64); elementwise work is in
-# place, since fresh 1 MB buffers cost more in page faults than the arithmetic.
+# The ops, uint8 CHW in and out. Per-value maps are 256-entry numpy lookup tables (np.take is faster than torch
+# indexing, which needs int64); elementwise work is in place (fresh buffers cost more in page faults).
 
 def _apply_lut(image, lut):
     """out = lut[image]; lut is a (256,) uint8 array, or (3, 256) for one table per channel."""
@@ -151,7 +145,7 @@ def _apply_lut(image, lut):
 _IDENTITY_LUT = np.arange(256, dtype=np.uint8)
 
 
-# kept: TF.autocontrast scales in float32, PIL's table in float64: off by 1 on up to 22% of values
+# kept: TF.autocontrast scales in float32, PIL's table in float64: off by 1 on many values
 def auto_contrast(image):
     """PIL's ImageOps.autocontrast: stretch each channel so its min -> 0 and max -> 255."""
     luts = []
@@ -164,14 +158,13 @@ def auto_contrast(image):
     return _apply_lut(image, np.stack(luts))
 
 
-# PIL's own op (the one timm calls), exact by definition: with its tensor conversion 0.46 ms, against 0.56 ms
-# for a numpy kernel and 0.74 ms for TF.equalize
+# PIL's own op (the one timm calls), exact by definition and faster than a numpy kernel or TF.equalize
 def equalize(image):
     """PIL's ImageOps.equalize: per channel, map values through the histogram's cumulative distribution."""
     return _with_pil(image, ImageOps.equalize)
 
 
-# kept: 1.6-1.9x faster than TF.solarize (0.20 vs 0.38 ms), which also refuses timm's threshold 256 (a no-op)
+# kept: faster than TF.solarize, which also refuses timm's threshold 256 (a no-op)
 def solarize(image, threshold):
     return _apply_lut(image, np.where(_IDENTITY_LUT < threshold, _IDENTITY_LUT, 255 - _IDENTITY_LUT))
 
@@ -188,7 +181,7 @@ def _grey(image):
     return torch.from_numpy((red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16)
 
 
-# kept: TF.adjust_contrast blends towards the unrounded mean of a float grey: off by 1 on up to 89% of values
+# kept: TF.adjust_contrast blends towards the unrounded mean of a float grey: off by 1 on most values
 def contrast(image, factor):
     """PIL's Image.blend(mean grey, image, factor): float32 math, truncated, clipped, as a lookup table."""
     grey = _grey(image)
@@ -197,14 +190,14 @@ def contrast(image, factor):
     return _apply_lut(image, np.clip(blended, 0, 255).astype(np.uint8))
 
 
-# kept: TF.adjust_saturation's float grey differs from PIL's fixed-point L: off by 1 on up to 47% of values
+# kept: TF.adjust_saturation's float grey differs from PIL's fixed-point L: off by 1 on many values
 def color(image, factor):
     """PIL's Image.blend(grey, image, factor), in place on a float32 copy."""
     grey, pixels = _grey(image).float(), image.float()
     return pixels.sub_(grey).mul_(factor).add_(grey).clamp_(0, 255).to(torch.uint8)
 
 
-# kept: TF.adjust_sharpness is off by 1 on 0.3% of values and 3-12x slower (its conv2d: 1.9-5.9 vs 0.5-0.7 ms)
+# kept: TF.adjust_sharpness is off by 1 on a few values and several times slower (its conv2d)
 def sharpness(image, factor):
     """Blend with PIL's SMOOTH filter (3x3 ones with centre 5, / 13, rounded; the 1-pixel border unfiltered,
     where the blend is then the identity)."""
@@ -223,25 +216,20 @@ def sharpness(image, factor):
 # image of its centre (x + 0.5, y + 0.5), in coordinates where pixel i spans [i, i + 1); a source outside the
 # image gives `fill`; interpolation neighbours outside it are clamped to the edge; PIL truncates the result.
 
-def _cubic_weights(frac):
-    """PIL's bicubic (a = -1, sharper than torch's a = -0.75) for neighbours at -1, 0, 1, 2 of offset frac."""
-    return torch.stack([-frac + 2 * frac ** 2 - frac ** 3, 1 - 2 * frac ** 2 + frac ** 3,
-                        frac + frac ** 2 - frac ** 3, -frac ** 2 + frac ** 3], dim=1)
-
-
-# kept: TF.affine on tensors has no bicubic; its bilinear is up to 137 off at the edges and 2x slower (1.8 vs 0.9 ms)
+# kept: TF.affine on tensors has no bicubic; its bilinear is far off at the edges, and slower
 def _shift_rows(image, shifts, fill, interpolation):
     """Output row y samples input row y at x + shifts[y]: PIL's affine transform for shear-x and translate-x.
-    The shift is constant along a row, so each row needs one integer offset and one set of tap weights
-    (a gather and 4 multiply-adds: 3-5x faster than PIL's generic 2-D bicubic resampler)."""
+    The shift is constant along a row: one integer offset and one set of tap weights per row (a gather and
+    4 multiply-adds, faster than PIL's generic 2-D resampler)."""
     channels, height, width = image.shape
     source = torch.arange(width) + 0.5 + shifts[:, None]  # each output pixel's source, PIL's coordinates
     outside = (source < 0) | (source >= width)
     frac = (shifts - shifts.floor()).float()
     if interpolation == 'bilinear':
         first_tap, weights = 0, torch.stack([1 - frac, frac], dim=1)
-    else:
-        first_tap, weights = -1, _cubic_weights(frac)
+    else:  # PIL's bicubic (a = -1, sharper than torch's -0.75), for the neighbours at -1, 0, 1, 2
+        first_tap, weights = -1, torch.stack([-frac + 2 * frac ** 2 - frac ** 3, 1 - 2 * frac ** 2 + frac ** 3,
+                                              frac + frac ** 2 - frac ** 3, -frac ** 2 + frac ** 3], dim=1)
     taps = weights.shape[1]
     columns = torch.arange(width + taps - 1) + shifts.floor().long()[:, None] + first_tap
     window = image.gather(2, columns.clamp_(0, width - 1).expand(channels, -1, -1)).float()
@@ -249,7 +237,7 @@ def _shift_rows(image, shifts, fill, interpolation):
     for tap in range(1, taps):
         shifted.addcmul_(weights[:, tap, None], window[:, :, tap:tap + width])
     shifted = shifted.clamp_(0, 255).to(torch.uint8)
-    for channel, value in zip(shifted, fill):  # per channel: ~4x cheaper than a broadcast torch.where
+    for channel, value in zip(shifted, fill):  # per channel: cheaper than a broadcast torch.where
         channel.masked_fill_(outside, value)
     return shifted
 
@@ -272,7 +260,7 @@ def translate_y_rel(image, fraction, fill, interpolation):
     return translate_x_rel(image.transpose(1, 2), fraction, fill, interpolation).transpose(1, 2)
 
 
-# kept: TF.rotate on tensors has no bicubic; its bilinear (as fast: 1.8 ms) is up to 138 off at the edges
+# kept: TF.rotate on tensors has no bicubic; its bilinear, as fast, is far off at the edges
 def rotate(image, degrees, fill, interpolation):
     """PIL's Image.rotate: counter-clockwise about the centre, same size, by PIL itself."""
     resample = pil_modes_mapping[InterpolationMode(interpolation)]
@@ -280,8 +268,7 @@ def rotate(image, degrees, fill, interpolation):
 
 
 def _with_pil(image, op):
-    """op(PIL RGB image) on a uint8 CHW tensor: merging and splitting channel planes is ~3x cheaper than
-    transposing CHW <-> HWC (0.15 ms both ways at 288 px)."""
+    """op(PIL RGB image) on a uint8 CHW tensor, through channel planes (cheaper than transposing to HWC)."""
     rgb = Image.merge('RGB', [Image.fromarray(channel) for channel in image.numpy()])
     return torch.from_numpy(np.stack([np.asarray(band) for band in op(rgb).split()]))
 

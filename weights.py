@@ -1,21 +1,13 @@
-"""Checkpoint files and published weights: reading them without running their code, downloading once.
+"""Weights: the published ones by timm's name VARIANT.TAG, downloaded once and checked; checkpoint files
+read without running their code; timm's, torchvision's and train.py's weights loaded into a model.
 
-    import model, weights
-    net = model.create_model('efficientnetv2_rw_t')
-    model.load_pretrained(net, weights.read_checkpoint('output/train/RUN/model_best.pth.tar'))  # or .safetensors
-    model.load_pretrained(net, weights.read_checkpoint(weights.published_weights('efficientnetv2_rw_t')))
-    weights.published_weights('tf_efficientnetv2_s.in21k_ft_in1k')   # timm's VARIANT.TAG: other weights
+    load_pretrained(net, read_checkpoint('output/train/RUN/model_best.pth.tar'))  # or a .safetensors file
+    load_pretrained(net, read_checkpoint(published_weights('tf_efficientnetv2_s.in21k_ft_in1k')))
 
-`published_weights` fetches the file PUBLISHED_WEIGHTS names, with its publisher's own client:
-  timm's        huggingface_hub.hf_hub_download('timm/VARIANT.TAG', 'model.safetensors') into Hugging Face's
-                cache ($HF_HOME/hub, default ~/.cache/huggingface/hub, shared with timm and transformers;
-                HF_ENDPOINT selects a mirror, HF_HUB_OFFLINE=1 keeps it off the network)
-  torchvision's torch.hub.download_url_to_file into $TORCH_HOME/hub/checkpoints (torchvision's own file
-                name, so a file torchvision downloaded is reused)
-Once a file is cached the network is not asked again. A download is all or nothing: the SHA-256 its
-publisher states is checked, and a failed, cut, interrupted or corrupt download leaves no file in the
-cache and ends in one CheckpointError line naming the URL, the cache and the way out (a local copy:
-train.py --pretrained PATH, predict.py's checkpoint argument). huggingface_hub is imported only then.
+timm's files come from the Hugging Face hub into its cache (shared with timm; HF_ENDPOINT for a mirror,
+HF_HUB_OFFLINE=1 offline), torchvision's into torch.hub's; `python model.py` lists every tag. A cached file
+is not asked for again; a download is checked against the SHA-256 its publisher states, and a failed one
+leaves nothing in the cache and is one CheckpointError line naming the URL, the cache and a local copy's flag.
 """
 import argparse
 import contextlib
@@ -26,12 +18,11 @@ import os
 import re
 import sys
 
-import safetensors
 import safetensors.torch
 import torch
 
 import model as models
-from errors import CheckpointError
+from errors import CheckpointError, one_line
 
 TORCHVISION_MODELS = 'https://download.pytorch.org/models'  # the tests serve their own folder instead
 LOCAL_COPY = "give a local copy instead (train.py --pretrained PATH, predict.py's checkpoint argument)"
@@ -45,14 +36,17 @@ def read_checkpoint(path):
     """A checkpoint file's dict, tensors and plain Python types only, never code: torch.load with
     weights_only=True, or the safetensors package for a .safetensors file (timm's hub). A missing,
     broken or unsafe file is a CheckpointError of one line."""
-    if str(path).endswith('.safetensors'):
-        return _read_safetensors(path)
+    is_safetensors = str(path).endswith('.safetensors')
     try:
+        if is_safetensors:
+            return safetensors.torch.load_file(path)
         with _allow_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except Exception as e:  # unpickling errors, truncated files, foreign formats
+        if is_safetensors:
+            raise CheckpointError(f"cannot read {path} as a safetensors file: {one_line(e)}") from None
         lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         if lines[0].startswith('Weights only load failed'):  # torch names the refused callable
             detail = next((line for line in lines if 'GLOBAL' in line), lines[-1])
@@ -61,30 +55,17 @@ def read_checkpoint(path):
                 f"unpickling could run as code ({detail.rstrip('.')}); load it with "
                 f"torch.load(weights_only=False) only if you trust its source") from None
         raise CheckpointError(f"cannot read checkpoint {path} as a weights-only file "
-                                     f"(tensors and plain types): {lines[0]}") from None
-
-
-def _read_safetensors(path):
-    """The safetensors package: tensors only, nothing in the file can run."""
-    try:
-        return safetensors.torch.load_file(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except (safetensors.SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {path} as a safetensors file: {_first_line(e)}") from None
+                              f"(tensors and plain types): {lines[0]}") from None
 
 
 # ----------------------------------------------------------------------------------------------
-# Published weights by timm's name, VARIANT.TAG: every EfficientNetV2 tag timm publishes on its hub
-# (repo timm/VARIANT.TAG), and torchvision's three files, tagged tv_in1k as timm tags torchvision's
-# weights elsewhere (resnet50.tv_in1k). The tag says what they were trained on: in1k ImageNet-1k
-# (1.28 M images, 1,000 classes); in21k ImageNet-21k (~13 M images, 21,843 classes: no ImageNet-1k
-# top-1); in21k_ft_in1k in21k, then fine-tuned on in1k; ra2, agc: timm's in1k recipes (RandAugment,
-# adaptive gradient clipping). A variant's first row is its default (--pretrained with the bare name).
-# Top-1 on ImageNet-1k's validation set at the test size: timm's results/results-imagenet.csv (commit
-# 4e5207c), torchvision's docs. Eval settings: the variant's (model.VARIANTS) and the row's overrides;
-# timm squashes tf_m/l/xl and b3.in21k_ft_in1k's images to a square, data.py center-crops them.
-# Not here: gc_efficientnetv2_rw_t.agc_in1k (another network, with global-context attention).
+# Published weights by timm's name VARIANT.TAG: every EfficientNetV2 tag on timm's hub (repo timm/VARIANT.TAG)
+# and torchvision's three files, tagged tv_in1k as timm tags torchvision's weights (resnet50.tv_in1k). in1k:
+# ImageNet-1k; in21k: ImageNet-21k (21,843 classes, no ImageNet-1k top-1); in21k_ft_in1k: in21k, then in1k;
+# ra2, agc: timm's in1k recipes. A variant's first row is its default (--pretrained with the bare name). Top-1
+# on ImageNet-1k's validation set (timm's results/results-imagenet.csv at 4e5207c, torchvision's docs) at the
+# variant's eval settings with the row's overrides (timm squashes tf_m/l/xl's and b3.in21k_ft_in1k's images
+# to a square, data.py center-crops). Not here: gc_efficientnetv2_rw_t.agc_in1k, another network.
 _TF = dict(mean=models.TF_MEAN, std=models.TF_STD)
 #   VARIANT.TAG                            publisher   classes  top-1   eval overrides
 PUBLISHED_WEIGHTS = {
@@ -125,10 +106,10 @@ def published_tag(name):
     tags = [tag for tag in PUBLISHED_WEIGHTS if tag.split('.')[0] == variant]
     if not tags:
         raise CheckpointError(f"{variant} has no published ImageNet weights: train it from scratch, or "
-                                     f"start from a variant that has them (python model.py lists them)")
+                              f"start from a variant that has them (python model.py lists them)")
     if name != variant and name not in tags:
-        raise CheckpointError(f"no published weights {name}: {variant} has "
-                                     f"{', '.join(tags)} (python model.py lists every tag)")
+        raise CheckpointError(f"no published weights {name}: {variant} has {', '.join(tags)} "
+                              f"(python model.py lists every tag)")
     return tags[0] if name == variant else name
 
 
@@ -146,10 +127,9 @@ def model_config(name, published=False):
 
 
 def published_weights(name, progress=True):
-    """Local path of the published weights `name` means (VARIANT.TAG, or VARIANT: its default): the
-    cached file, without asking the network, or else downloaded now (`progress`: a line on stderr when
-    saved, torch.hub's bar on a terminal; huggingface_hub draws its own there). No such weights or a
-    failed download is a CheckpointError of one line; an unknown variant a ValueError."""
+    """Local path of the published weights `name` means (see published_tag): the cached file, or else
+    downloaded now (`progress`: a line on stderr when saved, and on a terminal the client's bar). No such
+    weights or a failed download is a CheckpointError of one line; an unknown variant a ValueError."""
     tag = published_tag(name)
     if PUBLISHED_WEIGHTS[tag][0] == 'timm':
         return _from_hugging_face(f'timm/{tag}', 'model.safetensors', progress)
@@ -159,14 +139,14 @@ def published_weights(name, progress=True):
 def _from_hugging_face(repo, filename, progress):
     """hf_hub_download, plus what this project promises beyond it: no request at all once the file is
     cached (it asks the hub for the newest revision on every call), the SHA-256 check, one-line errors."""
-    import huggingface_hub  # here, not at the top: its imports take a second that reading files does not need
+    import huggingface_hub  # only here: its import is slow, and reading files does not need it
     cached = huggingface_hub.try_to_load_from_cache(repo, filename)
     if isinstance(cached, str):  # else None, or a marker that the hub once answered "no such file"
         return cached
     url, cache = huggingface_hub.hf_hub_url(repo, filename), huggingface_hub.constants.HF_HUB_CACHE
     hub_log = logging.getLogger('huggingface_hub')
     level = hub_log.level
-    hub_log.setLevel(logging.ERROR)  # no notices while it retries (23 s for a host that is down): one line
+    hub_log.setLevel(logging.ERROR)  # no notices while it retries a host that is down: one line
     try:
         path = huggingface_hub.hf_hub_download(repo, filename)
     except Exception as e:  # its own errors, OSErrors, and its HTTP client's exceptions (a cut transfer)
@@ -183,32 +163,27 @@ def _from_hugging_face(repo, filename, progress):
 
 def _check_sha256(path, url, cache):
     """huggingface_hub checks a download's length, not its content. The hub states a large (LFS) file's
-    SHA-256 in X-Linked-Etag and the cache names the file's blob after it: compare, and remove the blob
-    and its snapshot link unless they match (also when interrupted), so nothing corrupt stays cached.
-    Not checked: files kept in git (named by a SHA-1) and caches without links (Windows, by default)."""
+    SHA-256 in X-Linked-Etag and the cache names the file's blob after it: unless they match (or when
+    interrupted), remove the blob and its snapshot link. Not checked: files kept in git (named by a
+    SHA-1) and caches without links (Windows, by default)."""
     blob = os.path.realpath(path)
     expected = os.path.basename(blob)
     if not re.fullmatch(r'[0-9a-f]{64}', expected):
         return
     try:
-        actual = _sha256(blob)
-        if actual != expected:
+        digest = hashlib.sha256()
+        with open(blob, 'rb') as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != expected:
             raise CheckpointError(
                 f"{url} does not match the SHA-256 the hub states (expected {expected[:16]}, got "
-                f"{actual[:16]}); nothing was kept in {cache}: try again, or check the mirror")
+                f"{digest.hexdigest()[:16]}); nothing was kept in {cache}: try again, or check the mirror")
     except BaseException:
         for leftover in (path, blob):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(leftover)
         raise
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _from_torchvision(file, progress):
@@ -226,10 +201,10 @@ def _from_torchvision(file, progress):
         torch.hub.download_url_to_file(url, path, sha256_prefix, progress=progress and sys.stderr.isatty())
     except RuntimeError:  # torch.hub's "invalid hash value"
         raise CheckpointError(f"{url} does not match the SHA-256 prefix in its name (expected "
-                                     f"{sha256_prefix}); nothing was kept in {folder}: try again") from None
+                              f"{sha256_prefix}); nothing was kept in {folder}: try again") from None
     except (OSError, http.client.HTTPException) as e:  # urllib's URLError and HTTPError are OSErrors
         raise CheckpointError(f"cannot download {url} to {path} ({_reason(e)}): copy that file there "
-                                     f"by hand, or {LOCAL_COPY}") from None
+                              f"by hand, or {LOCAL_COPY}") from None
     if progress:
         print(f"downloaded {url} to {path}", file=sys.stderr, flush=True)
     return path
@@ -244,10 +219,8 @@ def _reason(error):
         return f"HTTP {response.status_code} {getattr(response, 'reason_phrase', None) or response.reason}"
     if isinstance(getattr(error, 'code', None), int):  # urllib's HTTPError
         return f"HTTP {error.code} {error.reason}"
-    return _first_line(getattr(error, 'reason', None) or error)
-
-
-def _first_line(error):
+    error = getattr(error, 'reason', None) or error  # urllib's URLError holds the socket's error
+    # the first line, not errors.one_line's last: huggingface_hub's size check adds advice on the next lines
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -260,16 +233,10 @@ def _unwrap(checkpoint, use_ema):
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"checkpoint is a {type(checkpoint).__name__}, not a state dict")
     keys = ('state_dict_ema', 'model_ema', 'state_dict', 'model') if use_ema else ('state_dict', 'model')
-    for key in keys:
-        if isinstance(checkpoint.get(key), dict) and checkpoint[key]:
-            checkpoint = checkpoint[key]
-            break
-    state = {}
-    for k, v in checkpoint.items():
-        for prefix in ('module.', '_orig_mod.'):  # DDP and torch.compile wrappers
-            k = k[len(prefix):] if k.startswith(prefix) else k
-        state[k] = v
-    return state
+    key = next((key for key in keys if isinstance(checkpoint.get(key), dict) and checkpoint[key]), None)
+    state = checkpoint[key] if key else checkpoint
+    # DDP's and torch.compile's wrappers prefix the keys
+    return {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in state.items()}
 
 
 def _torchvision_names(state, model):
@@ -287,7 +254,7 @@ def _torchvision_names(state, model):
 
 def load_pretrained(model, checkpoint, use_ema=True):
     """Load timm, torchvision or own weights (a state dict, or a checkpoint dict holding one, its EMA
-    weights when present and use_ema; weights.read_checkpoint reads files) into `model`, in place. Only
+    weights when present and use_ema; read_checkpoint reads files) into `model`, in place. Only
     a classifier of another shape is skipped (fine-tuning); any other mismatch raises. -> notes to log."""
     state, notes = _unwrap(checkpoint, use_ema), []
     if 'features.0.0.weight' in state:
