@@ -24,10 +24,9 @@ import sys
 import numpy as np
 import torch
 
-from data import DataError, UnreadableImage, decode_image_bytes
+from data import DataError, UnreadableImage, choose_splits, decode_image_bytes
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
-VAL_SPLITS = ('validation', 'val', 'valid', 'test')
 SHARD_NAME = re.compile(r'(?:.*-)?([^-/]+)-\d+\.tar$')  # [PREFIX-]SPLIT-NNNN.tar
 CACHE = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'efficientnetv2', 'shards')
 
@@ -42,15 +41,13 @@ def load_shards(path, train_split=None, val_split=None, target_key=None, strict=
     if not path:
         raise DataError('--dataset wds needs a data path: a folder of shards, a brace pattern or a hub dataset id')
     folder, splits, lengths = _find_splits(path)
-    names = [train_split or 'train', val_split or next((name for name in VAL_SPLITS if name in splits), None)]
-    sets = []
-    for name, flag in zip(names, ('--train-split', '--val-split')):
+    for name in (train_split, val_split):
         if name and ('.tar' in name or '{' in name):  # a pattern of shard files, as timm's --train-split takes
             splits[name] = expand_braces(os.path.join(folder, name))
-        if name not in splits:
-            raise DataError(f"{path} has no {name or 'held-out (' + '/'.join(VAL_SPLITS) + ')'} split; its "
-                            f"splits: {', '.join(splits) or 'none'}; name the one to use with {flag}")
-        sets.append(ShardSamples(splits[name], target_key, strict, skip_bad_shards, lengths))
+    names = choose_splits(list(splits), (train_split, val_split), path)
+    sets = [ShardSamples(splits[name], target_key, strict, skip_bad_shards, lengths) for name in names]
+    for dataset in sets:  # the run's start line
+        dataset.source = f'shards of {names[0]} and {names[1]}'
     num_classes = int(max(dataset.labels.max(initial=-1) for dataset in sets)) + 1
     return sets[0], sets[1], [str(label) for label in range(num_classes)]
 

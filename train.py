@@ -239,9 +239,9 @@ def evaluate(model, val_loader, precision, args):
 
 def count_steps(train_set, args):
     """Optimizer steps per epoch; a training set smaller than one global batch is refused before the model is
-    built (said once: every rank finds the same)."""
+    built (said once: every rank finds the same), unless the run only evaluates."""
     steps = len(train_sampler(train_set, args)) // args.grad_accum_steps
-    if steps == 0:
+    if steps == 0 and not args.evaluate:
         world_size = distributed.get_world_size()
         per_process = math.ceil(len(train_set) / world_size) // args.grad_accum_steps
         fix = f"give -b {per_process} or less" if per_process else "use fewer processes or --grad-accum-steps"
@@ -250,7 +250,7 @@ def count_steps(train_set, args):
                 f"the training set has {len(train_set)} images, fewer than one global batch of "
                 f"{flags.global_batch(args)} (-b {args.batch_size} x {world_size} process{'es' * (world_size > 1)} "
                 f"x --grad-accum-steps {args.grad_accum_steps}); {fix}")
-    return steps
+    return max(steps, 1)  # --evaluate trains no step
 
 
 def describe_run(args, model, train_set, val_set, meta, steps_per_epoch, optimizer, scheduler):

@@ -641,7 +641,7 @@ def test_train_pretrained_with_an_unreachable_hub_is_one_error_line_and_leaves_n
     """huggingface_hub retries a host that does not answer for 23 s before this one line."""
     monkeypatch.setenv('HF_ENDPOINT', f'http://127.0.0.1:{closed_port()}')
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1)
-    result = run_train(data_dir, '--model', ARCH, '--pretrained', '--img-size', '32', '-j', '0',
+    result = run_train(data_dir, '--model', ARCH, '--pretrained', '--img-size', '32', '-b', '2', '-j', '0',
                        '--output', tmp_path / 'run', check=False)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
