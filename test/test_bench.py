@@ -63,13 +63,13 @@ def test_without_compare_timm_the_summary_says_na_and_timm_is_never_imported(tmp
 # ----------------------------------------------------------------------------------------------
 # train.py's speed switches, checked on the run it sets up (no training step: compiling is slow)
 
-def build(*flags):
+def build(*extra):
     """train.py's set-up on the CPU (build_model, distribute) -> (args, model_without_ddp, model, model_ema)."""
     import flags
     import train
     args = flags.resolve_args(flags.get_args_parser().parse_args(
         ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '--device', 'cpu', '--model-ema',
-         '--num-classes', '10', *flags]))
+         '--num-classes', '10', *extra]))
     model_without_ddp = train.build_model(args, torch.device('cpu'), num_classes=10)
     precision = optim.Precision('cpu')
     model_ema = optim.ModelEma(model_without_ddp, 0.99)
