@@ -1,5 +1,5 @@
 """timm's RandAugment on uint8 (3, H, W) tensors: its policy, its spec grammar and its 15 ops, giving
-timm 0.5.4's PIL results (the Ascend ModelZoo recipe's `--aa rand-m9-mstd0.5`). data.train_transform uses it.
+timm 0.5.4's PIL results (the Ascend ModelZoo recipe's `--aa rand-m9-mstd0.5`). transforms.train_transform uses it.
 
     rand_augment = RandAugment(**parse_rand_augment('rand-m9-mstd0.5'), fill=(124, 116, 104))
     image = rand_augment(image)              # randomness from torch's global RNG (data.py seeds it per image)
@@ -10,7 +10,8 @@ tested against timm/data/auto_augment.py. Each op computes PIL's result with PIL
 (truncation, clamping, pixel centres; test/test_data.py: colour ops bit-exact, geometric ops within 1):
 torchvision's v2 op where it is exact and no slower, PIL's own op where that is faster with its
 tensor conversion (Equalize, Rotate), else a kernel here that says why it is kept. Each kept kernel
-is also faster than PIL's op with its conversion: 1.3-3.6x on a 288 px photo, one thread.
+is also faster than PIL's op with its conversion (docs/measurements.md, "RandAugment's ops"); the whole
+input pipeline against timm's: `python bench.py --compare-timm --no-step`.
 """
 import math
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import data
 import model as models
 import run
+import transforms
 import utils
 import weights
 
@@ -81,7 +82,8 @@ def get_args_parser():
     p.add_argument('--eval-size', type=int,
                    help='validation size (default: --img-size; with --progressive the test size)')
     p.add_argument('--crop-pct', type=float, help="eval resize = size / crop_pct (default: the variant's)")
-    p.add_argument('--interpolation', choices=data.INTERPOLATIONS, help="resize interpolation (default: the variant's)")
+    p.add_argument('--interpolation', choices=transforms.INTERPOLATIONS,
+                   help="resize interpolation (default: the variant's)")
     p.add_argument('--mean', type=float, nargs=3, help="normalization (default: the variant's)")
     p.add_argument('--std', type=float, nargs=3, help="normalization (default: the variant's)")
     p.add_argument('--scale', type=float, nargs=2, help=f'RandomResizedCrop area range {default("scale")}')
@@ -256,7 +258,7 @@ def train(args):
             say(describe_stage(settings, args))
         sampler = train_sampler(train_set, args, epoch, start_batch=state.step * args.grad_accum_steps)
         loader = make_loader(train_set, train_transform(settings, args), sampler, device, args)
-        mixup = (data.MixupCutmix(settings['mixup'], args.cutmix, args.smoothing, args.num_classes)
+        mixup = (transforms.MixupCutmix(settings['mixup'], args.cutmix, args.smoothing, args.num_classes)
                  if settings['mixup'] > 0 or args.cutmix > 0 else None)
         model_without_ddp.drop_rate = settings['drop']
         if state.step == 0 or state.epoch_lr is None:  # None: a checkpoint from before it was saved
@@ -324,7 +326,7 @@ def train_step(model, optimizer, precision, batches, device, args, model_ema=Non
         if mixup is not None:
             images, targets = mixup(images, labels)
         if args.reprob > 0:
-            images = data.random_erase(images, args.reprob)
+            images = transforms.random_erase(images, args.reprob)
         with gradients_stay_local(model, accumulating=index < len(batches) - 1):
             with precision.autocast():
                 output = model(images)
@@ -446,7 +448,7 @@ def check_args(args):
         raise utils.UsageError(f"--prog-min-size {args.prog_min_size} must be between 1 and --img-size "
                                f"{args.img_size}; give a smaller --prog-min-size")
     if args.aa:
-        data.parse_rand_augment(args.aa)  # raises DataError with a one-line message
+        transforms.parse_rand_augment(args.aa)  # raises DataError with a one-line message
     if args.color_jitter < 0:
         raise utils.UsageError(f"--color-jitter must be 0 or more, got {args.color_jitter}")
     if isinstance(args.pretrained, str) and os.path.isdir(args.pretrained):
@@ -579,7 +581,7 @@ def stage_settings(args, epoch):
     base = dict(stage=0, size=args.img_size, magnitude=None, mixup=args.mixup, drop=args.drop,
                 epochs=(0, args.epochs - 1))
     if args.aa:
-        base['magnitude'] = data.parse_rand_augment(args.aa)['magnitude']
+        base['magnitude'] = transforms.parse_rand_augment(args.aa)['magnitude']
     if not args.progressive:
         return base
     stages = args.prog_stages
@@ -607,13 +609,11 @@ def describe_stage(settings, args):
             f"{settings['mixup']:.3f}, dropout {settings['drop']:.3f}{compiles}")
 
 
-def train_transform(settings, args):
-    transform = data.train_transform(
+def train_transform(settings, args):  # progressive learning: the stage's size and RandAugment magnitude
+    return transforms.train_transform(
         settings['size'], scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, aa=args.aa,
-        interpolation=args.interpolation, mean=args.mean, color_jitter=args.color_jitter)
-    if transform.rand_augment is not None:  # progressive learning: the stage's magnitude
-        transform.rand_augment.magnitude = settings['magnitude']
-    return transform
+        magnitude=settings['magnitude'], interpolation=args.interpolation, mean=args.mean,
+        color_jitter=args.color_jitter)
 
 
 def train_sampler(dataset, args, epoch=0, start_batch=0):
@@ -625,7 +625,7 @@ def train_sampler(dataset, args, epoch=0, start_batch=0):
 
 def make_val_loader(dataset, device, args):
     """Every image once over all ranks (rank r takes r, r + world_size, ...; no padding)."""
-    transform = data.eval_transform(args.eval_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
+    transform = transforms.eval_transform(args.eval_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
     sampler = data.EpochBatchSampler(len(dataset), args.batch_size, shuffle=False, rank=utils.get_rank(),
                                      world_size=utils.get_world_size(), drop_last=False)
     return make_loader(dataset, transform, sampler, device, args)
@@ -639,7 +639,7 @@ def make_loader(dataset, transform, sampler, device, args):
 def to_device(images, device, args):
     """A uint8 batch from the loader -> normalized float32 on the device, in the run's memory format."""
     images = images.to(device, non_blocking=True)
-    return data.normalize(images, args.mean, args.std, channels_last=args.channels_last)
+    return transforms.normalize(images, args.mean, args.std, channels_last=args.channels_last)
 
 
 if __name__ == '__main__':

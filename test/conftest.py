@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # What a copy of the recipe takes (README, "What to copy"): train.py and the files it imports.
-RUNTIME_FILES = ('train.py', 'model.py', 'data.py', 'randaugment.py', 'utils.py', 'run.py', 'weights.py')
+RUNTIME_FILES = ('train.py', 'model.py', 'data.py', 'transforms.py', 'randaugment.py', 'utils.py', 'run.py',
+                 'weights.py')
 COLOURS = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 200, 40)]
 
 
