@@ -26,8 +26,8 @@ the table is printed above it and everything, every window included, goes to --j
   (VmHWM, reset through /proc/self/clear_refs) in a child forked per implementation before this
   process allocates anything big: an allocator that has served one model would flatter the next.
 - pipeline: images/s from JPEG files to a normalized float batch on --device (decode,
-  RandomResizedCrop, flip, RandAugment --aa, collate, normalize). Ours: data.py's ImageFolder,
-  train_transform, create_loader, normalize. timm: PIL decode, create_transform(is_training,
+  RandomResizedCrop, flip, RandAugment --aa, collate, normalize). Ours: data.py's ImageFolder and
+  create_loader, transforms.py's train_transform and normalize. timm: PIL decode, create_transform(is_training,
   use_prefetcher=True), fast_collate, normalize: timm 0.5.4's default loader. Each window starts a
   fresh loader and leaves the first two batches of every worker untimed (start-up: a new process's
   imports, lookup tables and first-touch memory, which train.py pays once an epoch); with 0 workers torch
@@ -55,6 +55,7 @@ import data
 import distributed
 import model as models
 import optim
+import transforms
 
 EMA_DECAY = 0.9999
 LABEL_SMOOTHING = 0.1
@@ -324,12 +325,12 @@ def our_batches(samples, args, workers):
     root = os.path.commonpath([path for path, _ in samples])
     dataset = data.ImageFolder(root, [os.path.relpath(path, root) for path, _ in samples],
                                [label for _, label in samples])
-    transform = data.train_transform(args.pipeline_size, aa=args.aa, interpolation='bicubic',
+    transform = transforms.train_transform(args.pipeline_size, aa=args.aa, interpolation='bicubic',
                                      mean=models.IMAGENET_MEAN)
     sampler = data.EpochBatchSampler(len(dataset), args.pipeline_batch, shuffle=True,
                                      seed=args.seed, drop_last=True)
     for images, _, _ in data.create_loader(data.Transformed(dataset, transform), sampler, workers=workers):
-        yield data.normalize(images.to(args.device), models.IMAGENET_MEAN, models.IMAGENET_STD)
+        yield transforms.normalize(images.to(args.device), models.IMAGENET_MEAN, models.IMAGENET_STD)
 
 
 class PilImages(torch.utils.data.Dataset):

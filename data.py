@@ -1,28 +1,16 @@
-"""Pixels to tensors: datasets, the epoch batch sampler, per-image transforms and per-batch augmentation.
+"""Images to batches: datasets, the epoch batch sampler and the loader (the transforms are transforms.py).
 
     train_set, val_set, classes = load_datasets('folder', '/data/imagenet')   # DATA/{train,val}/<class>/*.jpg
     sampler = EpochBatchSampler(len(train_set), 256, shuffle=True, drop_last=True, seed=42, rank=r, world_size=n)
     sampler.set_epoch(epoch)
-    transform = train_transform(288, aa='rand-m9-mstd0.5', mean=model.IMAGENET_MEAN)
-    loader = create_loader(transformed(train_set, transform), sampler, workers=8)
-    mix = MixupCutmix(mixup, cutmix, smoothing, num_classes) if mixup > 0 or cutmix > 0 else None
-    for images, labels, bad_counts in loader:                              # uint8 (N,3,H,W) on the CPU
-        images = random_erase(normalize(images.to(device), model.IMAGENET_MEAN, model.IMAGENET_STD), prob)
-        images, targets = mix(images, labels) if mix else (images, labels)
+    loader = create_loader(transformed(train_set, transforms.train_transform(288)), sampler, workers=8)
+    for images, labels, bad_images in loader:                              # uint8 (N,3,H,W) on the CPU
 
-1. Datasets: any map-style dataset of (image, label), the image a PIL image or a uint8 (C, H, W) tensor:
-   torchvision.datasets.*, your own, a Hugging Face split (rows {'image': ..., 'label': ...}). load_datasets()
-   gives the built-in ones (an image folder, CIFAR, the digits demo, synthetic images). Transformed wraps any of
-   them for the loader: (index, item seed) keys, uint8 RGB tensors, a transform seeded per item, bad-image counts.
-2. Sampling: EpochBatchSampler yields batches of (index, item seed), a pure function of (seed, epoch, rank,
-   world_size). Each item's transform runs on torch's RNG reseeded with mix_seed(seed, epoch, index), so it
-   depends only on (seed, epoch, index): not on the worker count, the world size or a resume.
-3. Per-image transforms (loader workers, CPU, uint8 in and out): train_transform (RandomResizedCrop, flip,
-   RandAugment or colour jitter) and eval_transform (resize, centre crop), as in the Ascend ModelZoo recipe
-   (timm 0.5.4). RandAugment, timm's policy and PIL results on uint8 tensors, lives in randaugment.py.
-4. Per-batch, on the device: normalize, random_erase, MixupCutmix (timm's prefetcher does the same on the GPU).
-
-Per worker this pipeline gives 1.5-2x the images/s of timm's (bench.py; docs/measurements.md says where from).
+Datasets: any map-style dataset of (image, label), the image a PIL image, a uint8 (C, H, W) tensor or (H, W[, C])
+array, or Hugging Face rows; load_datasets() gives the built-in ones. Transformed wraps any of them for the loader:
+(index, item seed) keys, uint8 RGB tensors, a transform seeded per item, counts of unreadable images replaced.
+Sampling: EpochBatchSampler's batches of (index, item seed) are a pure function of (seed, epoch, rank, world_size);
+an item's seed depends only on (seed, epoch, index): not on the workers, the world size or a resume.
 """
 import gc
 import io
@@ -41,8 +29,6 @@ from PIL import Image  # noqa: E402
 from torchvision.io import ImageReadMode, decode_image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-from randaugment import RandAugment, parse_rand_augment  # noqa: E402
-
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec) and warns on every call. They are still
 # the fastest JPEG/PNG path in this environment; read_image falls back to PIL for anything they refuse.
 warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision',
@@ -57,11 +43,9 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-cased
 # ----------------------------------------------------------------------------------------------------------------
 
 class Transformed(torch.utils.data.Dataset):
-    """A dataset of (image, label) as the training loop loads it. Keys are (index, item seed) pairs from
-    EpochBatchSampler (a plain int: seed 0); items are (uint8 RGB (3, H, W) tensor, int label, bad_count), the
-    image passed through `transform` on torch's RNG seeded with the item's seed. The dataset's images may be PIL
-    images or uint8 (1 or 3, H, W) tensors; a third value in its items is the number of unreadable files
-    replaced to make that item (ImageFolder), else the count is 0."""
+    """A dataset of (image, label) as the loop loads it: keys (index, item seed) from EpochBatchSampler (an int: seed
+    0), items (uint8 RGB (3, H, W) tensor, int label, bad_images), the image through `transform` on torch's RNG
+    seeded with the item's seed. bad_images: the dataset's third value (ImageFolder's replaced files), else 0."""
 
     def __init__(self, dataset, transform=None):
         self.dataset, self.transform = dataset, transform
@@ -74,7 +58,7 @@ class Transformed(torch.utils.data.Dataset):
         item = self.dataset[index]
         if isinstance(item, dict):  # a Hugging Face datasets row
             item = _row_image_and_label(item)
-        image, label, *bad_count = item
+        image, label, *bad_images = item
         image = as_uint8_rgb(image)
         if self.transform is not None:
             # fork_rng restores the caller's CPU RNG afterwards (workers=0 must not disturb the training loop).
@@ -82,7 +66,7 @@ class Transformed(torch.utils.data.Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.default_generator.manual_seed(item_seed)
                 image = self.transform(image)
-        return image, int(label), bad_count[0] if bad_count else 0
+        return image, int(label), bad_images[0] if bad_images else 0
 
 
 def _row_image_and_label(row):
@@ -110,16 +94,18 @@ def as_uint8_rgb(image):
 
 def transformed(dataset, transform):
     """The dataset as the loop loads it: Transformed(dataset, transform), except synthetic images, which are made
-    at the transform's size instead and not augmented (a throughput run measures the step, not the pipeline)."""
+    at the size of the transform's last crop instead and not augmented (a throughput run measures the step, not
+    the pipeline)."""
     if isinstance(dataset, SyntheticImages):
-        return SyntheticImages(len(dataset), transform.size, dataset.num_classes)
+        crops = [step for step in transform.transforms if isinstance(step, (v2.RandomResizedCrop, v2.CenterCrop))]
+        return SyntheticImages(len(dataset), crops[-1].size[0], dataset.num_classes)
     return Transformed(dataset, transform)
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Image files under `root`, given relative to it with their labels, as (uint8 image, label, bad_count),
-    decoded on access. An unreadable file is replaced by the next readable one (bad_count 1, one warning per file)
-    or, when strict, raises DataError.
+    """Image files under `root`, given relative to it with their labels, as (uint8 image, label, bad_images),
+    decoded on access. An unreadable file is replaced by the next readable one (bad_images 1, one warning per
+    file) or, when strict, raises DataError.
 
     The list is two numpy arrays (paths as fixed-width bytes, labels as int32), not Python objects: loader
     workers read them without touching reference counts, so their pages stay shared, not copied per worker."""
@@ -209,18 +195,16 @@ class SyntheticImages(torch.utils.data.Dataset):
 
 def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=224, num_classes=None,
                   splits=(None, None), keys=(None, None), skip_bad_shards=False):
-    """-> (train_set, val_set, classes). See DATASETS; `num_classes` applies to 'synthetic' only (default 1000).
-    `splits`: the (train, val) split names of 'folder' and 'hf' (default: train, and the first of VAL_SPLITS
-    found); `keys`: the (image, label) columns of 'hf' (default: its Image column and its first ClassLabel one).
-    The built-in sets say in `source` which splits and columns they are (the run's start line).
+    """-> (train_set, val_set, classes); `num_classes`: 'synthetic' only (default 1000); `splits`: (train, val)
+    names (default: train, and the first of VAL_SPLITS found); `keys`: 'hf''s (image, label) columns. The sets
+    say in `source` which splits and columns they are (the run's start line).
 
     'folder': DATA/train/<class>/**/*.jpg|jpeg|png and DATA/val/<class>/... (torchvision's ImageFolder layout).
     'hf': a Hugging Face dataset under DATA (see _load_hugging_face); needs the datasets package.
     'wds': WebDataset tar shards (timm's imagenet-*-wds layout): a folder, a brace pattern or a hub id (shards.py).
     'cifar10', 'cifar100': torchvision's datasets on their python-format files under DATA (nothing is downloaded).
     'digits': scikit-learn's 1797 8x8 digits as uint8 tensors, a fixed stratified 80/20 split; no files needed.
-    'synthetic': random images (SyntheticImages), ImageNet's 1281167 train (so a throughput run of
-        --perf-steps at any batch size and world size stays inside one epoch) and 1280 val.
+    'synthetic': random images, ImageNet's 1281167 train (a --perf-steps run stays in one epoch) and 1280 val.
     """
     if dataset == 'folder':
         return _load_folder(_existing_path(dataset, data_path), strict_data, splits)
@@ -370,6 +354,7 @@ def _load_cifar(dataset, root):
 def _load_digits():
     try:
         from sklearn.datasets import load_digits  # imported here: only this demo dataset needs scikit-learn
+        from sklearn.model_selection import train_test_split
     except ImportError:
         raise DataError('the digits demo needs scikit-learn: pip install scikit-learn (or pip install -r '
                         'requirements.txt)') from None
@@ -377,39 +362,19 @@ def _load_digits():
     grey = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # values 0..16 -> 0..255
     images = torch.from_numpy(grey)[:, None].expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(digits.target)
-    train_indices, val_indices = stratified_split(digits.target, val_fraction=0.2, seed=0)
+    train_indices, val_indices = (torch.from_numpy(np.sort(indices)) for indices in train_test_split(
+        np.arange(len(labels)), test_size=0.2, stratify=digits.target, random_state=0))  # each in the files' order
     return (torch.utils.data.TensorDataset(images[train_indices], labels[train_indices]),
             torch.utils.data.TensorDataset(images[val_indices], labels[val_indices]), [str(d) for d in range(10)])
-
-
-def stratified_split(labels, val_fraction, seed):
-    """-> (train indices, val indices), each sorted; every class keeps round(val_fraction * count) for val."""
-    random_state = np.random.RandomState(seed)
-    train, val = [], []
-    for label in np.unique(labels):
-        members = random_state.permutation(np.flatnonzero(labels == label))
-        val_count = int(round(val_fraction * len(members)))
-        val += members[:val_count].tolist()
-        train += members[val_count:].tolist()
-    return torch.tensor(sorted(train)), torch.tensor(sorted(val))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Sampling
 # ----------------------------------------------------------------------------------------------------------------
 
-_MASK64 = (1 << 64) - 1
-
-
 def mix_seed(*values):
-    """A 63-bit seed from integers (splitmix64 chained over them): nearby inputs give unrelated seeds."""
-    state = 0
-    for value in values:
-        state = ((state ^ (value & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
-        state = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        state = ((state ^ (state >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state ^= state >> 31
-    return state >> 1
+    """A 63-bit seed from integers (numpy's SeedSequence): nearby inputs give unrelated seeds."""
+    return int(np.random.SeedSequence([value % 2 ** 64 for value in values]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -436,15 +401,11 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         """Select the epoch; start_batch skips the epoch's first batches without loading them (exact resume)."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def rank_indices(self):
+    def rank_indices(self, rng):
         if not self.shuffle:
-            return list(range(self.rank, self.dataset_len, self.world_size))
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        order = torch.randperm(self.dataset_len, generator=generator).tolist()
+            return np.arange(self.rank, self.dataset_len, self.world_size)
         padded_len = math.ceil(self.dataset_len / self.world_size) * self.world_size
-        while len(order) < padded_len:
-            order += order[:padded_len - len(order)]
-        return order[self.rank::self.world_size]
+        return np.resize(rng.permutation(self.dataset_len), padded_len)[self.rank::self.world_size]  # wraps around
 
     def __len__(self):
         """Batches in the whole epoch for this rank (start_batch is not subtracted)."""
@@ -455,15 +416,18 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def __iter__(self):
-        indices = self.rank_indices()
+        rng = np.random.default_rng(mix_seed(self.seed, self.epoch))
+        # Drawn first, for every index: an item's seed is a function of (seed, epoch, index) alone, whatever rank,
+        # world size or worker loads it (cheaper than a SeedSequence per item: docs/measurements.md).
+        item_seeds = rng.integers(0, 2 ** 63, size=self.dataset_len)
+        indices = self.rank_indices(rng)
         for batch in range(self.start_batch, len(self)):
             chunk = indices[batch * self.batch_size:(batch + 1) * self.batch_size]
-            # An item's seed is the same whatever rank, world size or worker loads it.
-            yield [(index, mix_seed(self.seed, self.epoch, index)) for index in chunk]
+            yield list(zip(chunk.tolist(), item_seeds[chunk].tolist()))
 
 
 def create_loader(dataset, batch_sampler, *, workers, pin_memory=False):
-    """A DataLoader over the sampler's batches; items collate to (uint8 images, int64 labels, int64 bad_counts).
+    """A DataLoader over the sampler's batches; items collate to (uint8 images, int64 labels, int64 bad_images).
 
     It owns a torch.Generator, so starting an epoch's iterator does not draw from the global RNG (bitwise
     resume). Workers copy the dataset (and its transform) when they start: train.py makes a new loader each
@@ -475,7 +439,7 @@ def create_loader(dataset, batch_sampler, *, workers, pin_memory=False):
 class FrozenHeapLoader(torch.utils.data.DataLoader):
     """A DataLoader whose workers fork from a frozen heap. A forked worker shares the main process's pages until
     it writes to them, and its garbage collector writes to every object it scans: a full collection in a worker
-    copies the interpreter's whole heap (~90 MiB per worker at 1.28 M files, README). Objects frozen (gc.freeze)
+    copies the interpreter's whole heap (docs/measurements.md). Objects frozen (gc.freeze)
     before the fork are never scanned there; the main process unfreezes its own right after."""
 
     def __iter__(self):
@@ -487,173 +451,3 @@ class FrozenHeapLoader(torch.utils.data.DataLoader):
             return super().__iter__()  # forks the workers
         finally:
             gc.unfreeze()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Per-image transforms: uint8 (3, H, W) tensor in and out, randomness from torch's global RNG only
-# ----------------------------------------------------------------------------------------------------------------
-
-INTERPOLATIONS = ('bilinear', 'bicubic')  # the modes timm's configs use; names of torchvision's InterpolationMode
-
-
-def _check_interpolation(name):
-    if name not in INTERPOLATIONS:
-        raise DataError(f'unknown interpolation {name!r}; use one of {", ".join(INTERPOLATIONS)}')
-    return name
-
-
-def _uniform(low, high):
-    return float(torch.empty(()).uniform_(low, high))
-
-
-def random_crop_box(height, width, scale, ratio):
-    """RandomResizedCrop's box (top, left, crop_height, crop_width): timm's and torchvision's algorithm."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * _uniform(*scale)
-        aspect = math.exp(_uniform(*log_ratio))
-        crop_width = int(round(math.sqrt(target_area * aspect)))
-        crop_height = int(round(math.sqrt(target_area / aspect)))
-        if 0 < crop_width <= width and 0 < crop_height <= height:
-            top = int(torch.randint(0, height - crop_height + 1, ()))
-            left = int(torch.randint(0, width - crop_width + 1, ()))
-            return top, left, crop_height, crop_width
-    # Ten misses (extreme aspect ratios): the whole image, cut to the nearest allowed aspect ratio, centred.
-    crop_height, crop_width = height, width
-    if width / height < min(ratio):
-        crop_height = int(round(width / min(ratio)))
-    elif width / height > max(ratio):
-        crop_width = int(round(height * max(ratio)))
-    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
-
-
-class TrainTransform:
-    """RandomResizedCrop -> horizontal flip -> RandAugment or colour jitter (timm's order). `size` and
-    `rand_augment.magnitude` may be changed between epochs, or a new transform assigned to dataset.transform."""
-
-    def __init__(self, size, scale, ratio, hflip, rand_augment, interpolation, color_jitter=None):
-        self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
-        self.rand_augment, self.interpolation, self.color_jitter = rand_augment, interpolation, color_jitter
-
-    def __call__(self, image):
-        top, left, height, width = random_crop_box(image.shape[-2], image.shape[-1], self.scale, self.ratio)
-        # Resizing the uint8 tensor (torchvision's SIMD path, antialiased like PIL) is ~2x faster than PIL.
-        image = TF.resized_crop(image, top, left, height, width, [self.size, self.size],
-                                interpolation=TF.InterpolationMode(self.interpolation), antialias=True)
-        if self.hflip > 0 and float(torch.rand(())) < self.hflip:
-            image = image.flip(-1)
-        if self.rand_augment is not None:
-            image = self.rand_augment(image)
-        if self.color_jitter is not None:
-            image = self.color_jitter(image)
-        return image
-
-    def __repr__(self):
-        return (f'TrainTransform(size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, '
-                f'interpolation={self.interpolation}, rand_augment={self.rand_augment}, '
-                f'color_jitter={self.color_jitter})')
-
-
-def train_transform(size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, aa=None,
-                    interpolation='bicubic', mean=(0.5, 0.5, 0.5), color_jitter=0.0):
-    """The training transform; `aa` is a timm RandAugment spec such as 'rand-m9-mstd0.5' (None: no RandAugment).
-    `mean`, the model's normalization mean, only sets the fill colour of RandAugment's geometric ops (timm:
-    round(255 * mean)); the default grey gives (128, 128, 128), timm RandAugment's fill when given no mean.
-    `color_jitter`: brightness, contrast and saturation factors in [1 - c, 1 + c], only without RandAugment
-    (timm 0.5.4's --color-jitter, 0.4 by default in its train.py)."""
-    _check_interpolation(interpolation)
-    rand_augment = jitter = None
-    if aa:
-        fill = tuple(min(255, round(255 * channel_mean)) for channel_mean in mean)
-        rand_augment = RandAugment(**parse_rand_augment(aa), fill=fill, interpolation=interpolation)
-    elif color_jitter:
-        jitter = v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter)
-    return TrainTransform(size, tuple(scale), tuple(ratio), hflip, rand_augment, interpolation, jitter)
-
-
-class EvalTransform:
-    """Resize the shorter side to floor(size / crop_pct), then centre-crop size x size (timm's eval transform)."""
-
-    def __init__(self, size, crop_pct, interpolation):
-        self.size, self.crop_pct, self.interpolation = size, crop_pct, interpolation
-        self.resize_to = math.floor(size / crop_pct)
-
-    def __call__(self, image):
-        image = TF.resize(image, [self.resize_to], interpolation=TF.InterpolationMode(self.interpolation),
-                          antialias=True)
-        return TF.center_crop(image, [self.size, self.size])
-
-    def __repr__(self):
-        return f'EvalTransform(size={self.size}, crop_pct={self.crop_pct}, interpolation={self.interpolation})'
-
-
-def eval_transform(size, *, crop_pct=1.0, interpolation='bicubic'):
-    return EvalTransform(size, crop_pct, _check_interpolation(interpolation))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Per-batch, on the device
-# ----------------------------------------------------------------------------------------------------------------
-
-def normalize(images_uint8, mean, std, *, channels_last=False):
-    """uint8 (N, 3, H, W) -> float32 (x / 255 - mean) / std, computed as timm's prefetcher does: (x - 255 mean) /
-    (255 std), on whatever device the images are."""
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    images = images_uint8.to(dtype=torch.float32, memory_format=memory_format)
-    # Made on the CPU and sent without blocking: torch.tensor(..., device='cuda') waits for the GPU to
-    # finish all queued work (a host sync in every training step).
-    mean = torch.tensor([255 * m for m in mean]).view(1, -1, 1, 1).to(images.device, non_blocking=True)
-    std = torch.tensor([255 * s for s in std]).view(1, -1, 1, 1).to(images.device, non_blocking=True)
-    return images.sub_(mean).div_(std)
-
-
-def _erase_box(height, width):
-    """timm RandomErasing's box: area 2%..1/3 of the image, log-uniform aspect 0.3..3.3, 10 tries."""
-    log_aspect = (math.log(0.3), math.log(1 / 0.3))
-    for _ in range(10):
-        target_area = _uniform(0.02, 1 / 3) * height * width
-        aspect = math.exp(_uniform(*log_aspect))
-        box_height = int(round(math.sqrt(target_area * aspect)))
-        box_width = int(round(math.sqrt(target_area / aspect)))
-        if box_width < width and box_height < height:
-            top = int(torch.randint(0, height - box_height + 1, ()))
-            left = int(torch.randint(0, width - box_width + 1, ()))
-            return top, left, box_height, box_width
-    return 0, 0, 0, 0
-
-
-def random_erase(images, prob):
-    """timm's RandomErasing(mode='pixel', max_count=1) on a normalized batch: with probability `prob` per sample,
-    one rectangle is replaced by N(0, 1) noise. Returns a new tensor; boxes are drawn on the CPU, the noise and
-    the masking happen on the images' device in a few batched kernels."""
-    if prob <= 0:
-        return images
-    batch, _, height, width = images.shape
-    boxes = [_erase_box(height, width) if float(torch.rand(())) <= prob else (0, 0, 0, 0) for _ in range(batch)]
-    boxes = torch.tensor(boxes).to(images.device, non_blocking=True)  # no host sync (see normalize)
-    top, left, box_height, box_width = boxes.view(batch, 4, 1, 1).unbind(1)
-    rows = torch.arange(height, device=images.device).view(1, height, 1)
-    columns = torch.arange(width, device=images.device).view(1, 1, width)
-    in_box = (rows >= top) & (rows < top + box_height) & (columns >= left) & (columns < left + box_width)
-    return torch.where(in_box[:, None], torch.randn_like(images), images)
-
-
-class MixupCutmix:
-    """Mix each batch with itself rolled by one (torchvision's MixUp / CutMix, one picked at random per batch
-    when both are on) and fold label smoothing into the soft targets: t * (1 - s) + s / K, which is exactly
-    timm's Mixup target (smoothing is affine, so smoothing then mixing = mixing then smoothing).
-    Callable(images, int labels) -> (mixed images, soft targets); needs mixup > 0 or cutmix > 0."""
-
-    def __init__(self, mixup, cutmix, smoothing, num_classes):
-        mixers = [mixer(alpha=alpha, num_classes=num_classes)
-                  for mixer, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if alpha > 0]
-        if not mixers:
-            raise ValueError(f'MixupCutmix needs mixup > 0 or cutmix > 0, got {mixup} and {cutmix}; '
-                             'use None for neither')
-        self.mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
-        self.smoothing, self.num_classes = smoothing, num_classes
-
-    def __call__(self, images, labels):
-        images, targets = self.mix(images, labels)
-        return images, targets * (1 - self.smoothing) + self.smoothing / self.num_classes

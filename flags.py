@@ -14,6 +14,7 @@ import errors
 import model as models
 import optim
 import run
+import transforms
 import weights
 
 # The zero-setup demo (python train.py), measured in the README: 96-98% top-1 (10 epochs: 95.8%).
@@ -55,7 +56,7 @@ def get_args_parser():
     p.add_argument('--eval-size', type=int,
                    help='validation size (default: --img-size; with --progressive the test size)')
     p.add_argument('--crop-pct', type=float, help="eval resize = size / crop_pct (default: the variant's)")
-    p.add_argument('--interpolation', choices=data.INTERPOLATIONS, help="resize interpolation (default: the variant's)")
+    p.add_argument('--interpolation', choices=transforms.INTERPOLATIONS, help="resize interpolation (default: the variant's)")
     p.add_argument('--mean', type=float, nargs=3, help="normalization (default: the variant's)")
     p.add_argument('--std', type=float, nargs=3, help="normalization (default: the variant's)")
     p.add_argument('--scale', type=float, nargs=2, help=f'RandomResizedCrop area range {default("scale")}')
@@ -210,7 +211,7 @@ def check_args(args):
         raise errors.UsageError(f"--prog-min-size {args.prog_min_size} must be between 1 and --img-size "
                                 f"{args.img_size}; give a smaller --prog-min-size")
     if args.aa:
-        data.parse_rand_augment(args.aa)  # raises DataError with a one-line message
+        transforms.parse_rand_augment(args.aa)  # raises DataError with a one-line message
     if args.color_jitter < 0:
         raise errors.UsageError(f"--color-jitter must be 0 or more, got {args.color_jitter}")
     if isinstance(args.pretrained, str) and os.path.isdir(args.pretrained):

@@ -29,6 +29,7 @@ import data  # first: it checks that torchvision fits this torch (errors.check_t
 import distributed
 import errors
 import model as models
+import transforms
 import weights
 
 EXPORT_TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch in float32
@@ -127,7 +128,7 @@ def image_paths(paths):
 def classify(net, info, paths, topk=5, device=torch.device('cpu'), batch_size=32):
     """Yield (path, [(class name, probability)] best first) per readable image; unreadable files
     are reported on stderr and skipped."""
-    transform = data.eval_transform(info['size'], crop_pct=info['crop_pct'],
+    transform = transforms.eval_transform(info['size'], crop_pct=info['crop_pct'],
                                     interpolation=info['interpolation'])
     net = net.to(device)
     topk = min(topk, len(info['classes']))
@@ -141,7 +142,7 @@ def classify(net, info, paths, topk=5, device=torch.device('cpu'), batch_size=32
                 print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr, flush=True)
         if not images:
             continue
-        inputs = data.normalize(torch.stack(images).to(device), info['mean'], info['std'])
+        inputs = transforms.normalize(torch.stack(images).to(device), info['mean'], info['std'])
         probabilities = net(inputs).float().softmax(dim=1)
         values, indices = probabilities.topk(topk, dim=1)
         for path, row_values, row_indices in zip(batch_paths, values.tolist(), indices.tolist()):

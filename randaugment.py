@@ -1,5 +1,5 @@
 """timm's RandAugment on uint8 (3, H, W) tensors: its policy, its spec grammar and its 15 ops, giving
-timm 0.5.4's PIL results (the Ascend ModelZoo recipe's `--aa rand-m9-mstd0.5`). data.train_transform uses it.
+timm 0.5.4's PIL results (the Ascend ModelZoo recipe's `--aa rand-m9-mstd0.5`). transforms.train_transform uses it.
 
     rand_augment = RandAugment(**parse_rand_augment('rand-m9-mstd0.5'), fill=(124, 116, 104))
     image = rand_augment(image)              # randomness from torch's global RNG (data.py seeds it per image)

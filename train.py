@@ -39,6 +39,7 @@ import logs
 import model as models
 import optim
 import run
+import transforms
 import weights
 
 # fp16's GradScaler skips the optimizer step when gradients overflow; the schedule moves on all the same.
@@ -123,7 +124,7 @@ def train(args):
             distributed.say(optim.describe_stage(settings, args))
         sampler = train_sampler(train_set, args, epoch, start_batch=progress.state.step * args.grad_accum_steps)
         loader = make_loader(train_set, train_transform(settings, args), sampler, args)
-        mixup = (data.MixupCutmix(settings['mixup'], args.cutmix, args.smoothing, num_classes)
+        mixup = (transforms.MixupCutmix(settings['mixup'], args.cutmix, args.smoothing, num_classes)
                  if settings['mixup'] > 0 or args.cutmix > 0 else None)
         model_without_ddp.drop_rate = settings['drop']
         images_per_sec = train_one_epoch(model, optimizer, scheduler, precision, loader, args, progress,
@@ -173,7 +174,7 @@ def train_step(model, optimizer, precision, batches, args, model_ema=None, mixup
         if mixup is not None:
             images, targets = mixup(images, labels)
         if args.reprob > 0:
-            images = data.random_erase(images, args.reprob)
+            images = transforms.random_erase(images, args.reprob)
         with gradients_stay_local(model, accumulating=index < len(batches) - 1):
             with precision.autocast():
                 output = model(images)
@@ -340,13 +341,11 @@ def compile_model(model, precision, args):
     return torch.compile(model, dynamic=False)
 
 
-def train_transform(settings, args):
-    transform = data.train_transform(
+def train_transform(settings, args):  # progressive learning: the stage's size and RandAugment magnitude
+    return transforms.train_transform(
         settings['size'], scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, aa=args.aa,
-        interpolation=args.interpolation, mean=args.mean, color_jitter=args.color_jitter)
-    if transform.rand_augment is not None:  # progressive learning: the stage's magnitude
-        transform.rand_augment.magnitude = settings['magnitude']
-    return transform
+        magnitude=settings['magnitude'], interpolation=args.interpolation, mean=args.mean,
+        color_jitter=args.color_jitter)
 
 
 def train_sampler(dataset, args, epoch=0, start_batch=0):
@@ -358,7 +357,7 @@ def train_sampler(dataset, args, epoch=0, start_batch=0):
 
 def make_val_loader(dataset, args):
     """Every image once over all ranks (rank r takes r, r + world_size, ...; no padding)."""
-    transform = data.eval_transform(args.eval_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
+    transform = transforms.eval_transform(args.eval_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
     sampler = data.EpochBatchSampler(len(dataset), args.batch_size, shuffle=False, rank=distributed.get_rank(),
                                      world_size=distributed.get_world_size(), drop_last=False)
     return make_loader(dataset, transform, sampler, args)
@@ -372,7 +371,7 @@ def make_loader(dataset, transform, sampler, args):
 def to_device(images, model, args):
     """A uint8 batch from the loader -> normalized float32 on the model's device, in the run's memory format."""
     images = images.to(next(model.parameters()).device, non_blocking=True)
-    return data.normalize(images, args.mean, args.std, channels_last=args.channels_last)
+    return transforms.normalize(images, args.mean, args.std, channels_last=args.channels_last)
 
 
 if __name__ == '__main__':

@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # What a copy of the recipe takes (README, "What to copy"): train.py and the files it imports.
-RUNTIME_FILES = ('train.py', 'flags.py', 'model.py', 'data.py', 'randaugment.py', 'optim.py', 'run.py', 'logs.py',
-                 'distributed.py', 'weights.py', 'errors.py')
+RUNTIME_FILES = ('train.py', 'flags.py', 'model.py', 'data.py', 'transforms.py', 'randaugment.py', 'optim.py',
+                 'run.py', 'logs.py', 'distributed.py', 'weights.py', 'errors.py')
 COLOURS = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 200, 40)]
 
 

@@ -1,7 +1,7 @@
-"""data.py and randaugment.py as a specification: what the datasets, the sampler, the transforms, RandAugment and
-the batch augmentations promise.
+"""data.py, transforms.py and randaugment.py as a specification: what the datasets, the sampler, the transforms,
+RandAugment and the batch augmentations promise.
 
-timm (test-only) is the oracle for RandAugment's ops and spec grammar, the eval transform and the Mixup targets.
+timm (test-only) is the oracle for RandAugment's ops and spec grammar, the transforms and the Mixup targets.
 Run: .venv/bin/python -m pytest test/test_data.py -q
 """
 import os
@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import model  # noqa: E402
 import randaugment  # noqa: E402
+import transforms  # noqa: E402
 from data import DataError  # noqa: E402
 
 timm_aa = pytest.importorskip('timm.data.auto_augment')
@@ -42,6 +44,11 @@ def to_tensor(pixels):
 
 def to_numpy(image):
     return image.permute(1, 2, 0).numpy().astype(int)
+
+
+def steps(transform, kind):
+    """The steps of a v2.Compose that are of this kind."""
+    return [step for step in transform.transforms if isinstance(step, kind)]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -158,13 +165,13 @@ def test_rand_augment_draws_ops_with_replacement_each_applied_with_prob_half(mon
 
 @pytest.mark.parametrize('height, width', [(48, 64), (8, 8), (300, 17)])
 def test_train_transform_gives_uint8_images_of_the_requested_size_even_from_tiny_images(height, width):
-    transform = data.train_transform(32, aa='rand-m9-mstd0.5-n4')
+    transform = transforms.train_transform(32, aa='rand-m9-mstd0.5-n4')
     image = to_tensor(natural_image(height, width))
     for seed in range(20):
         torch.manual_seed(seed)
         out = transform(image)
         assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
-    out = data.eval_transform(32, crop_pct=0.875)(image)
+    out = transforms.eval_transform(32, crop_pct=0.875)(image)
     assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
 
 
@@ -172,28 +179,44 @@ def test_rand_augment_fills_with_the_given_mean_like_timm_and_with_timms_grey_by
     from timm.data import create_transform
     timm_rand_augment, = [t for t in create_transform(32, is_training=True, auto_augment='rand-m9').transforms
                           if type(t).__name__ == 'RandAugment']  # mean: ImageNet's, timm's default
-    ours = data.train_transform(32, aa='rand-m9', mean=model.IMAGENET_MEAN).rand_augment
+    ours, = steps(transforms.train_transform(32, aa='rand-m9', mean=model.IMAGENET_MEAN), randaugment.RandAugment)
     assert ours.fill == timm_rand_augment.ops[0].hparams['img_mean'] == (124, 116, 104)
-    assert data.train_transform(32, aa='rand-m9').rand_augment.fill == timm_aa._HPARAMS_DEFAULT['img_mean']
+    grey, = steps(transforms.train_transform(32, aa='rand-m9'), randaugment.RandAugment)
+    assert grey.fill == timm_aa._HPARAMS_DEFAULT['img_mean']
 
 
-def test_progressive_learning_can_change_the_size_and_magnitude_between_stages():
-    transform = data.train_transform(24, aa='rand-m5-mstd0.5')
+def test_progressive_learning_gives_each_stage_its_size_and_rand_augment_magnitude():
     image = to_tensor(natural_image())
-    transform.size, transform.rand_augment.magnitude = 40, 10
-    assert transform(image).shape == (3, 40, 40) and transform.rand_augment.sample_level() > 8
+    first, last = (transforms.train_transform(24, aa='rand-m5-mstd0.5'),
+                   transforms.train_transform(40, aa='rand-m5-mstd0.5', magnitude=10))
+    assert first(image).shape == (3, 24, 24) and last(image).shape == (3, 40, 40)
+    (first_augment,), (last_augment,) = (steps(transform, randaugment.RandAugment) for transform in (first, last))
+    assert first_augment.magnitude == 5 and last_augment.magnitude_std == 0.5 and last_augment.sample_level() > 8
     with pytest.raises(DataError, match='interpolation'):
-        data.train_transform(24, interpolation='random')
+        transforms.train_transform(24, interpolation='random')
 
 
 def test_train_transform_without_augmentation_matches_timm_resize():
     """Full-image crop, no flip: our uint8 tensor resize agrees with timm's PIL bicubic resize."""
     from timm.data.transforms import RandomResizedCropAndInterpolation
     pixels = natural_image(64, 64)
-    ours = data.train_transform(40, scale=(1, 1), ratio=(1, 1), hflip=0)(to_tensor(pixels))
+    ours = transforms.train_transform(40, scale=(1, 1), ratio=(1, 1), hflip=0)(to_tensor(pixels))
     timm_crop = RandomResizedCropAndInterpolation(40, scale=(1, 1), ratio=(1, 1), interpolation='bicubic')
     expected = np.asarray(timm_crop(Image.fromarray(pixels))).astype(int)
     assert np.abs(to_numpy(ours) - expected).mean() < 1.0
+
+
+def test_train_transform_is_a_v2_compose_where_hflip_0_draws_no_flip():
+    """One line adds a v2 transform; the demo's --hflip 0 keeps the random stream of the crop alone."""
+    names = [type(step).__name__ for step in transforms.train_transform(32, aa='rand-m9').transforms]
+    assert names == ['RandomResizedCrop', 'RandomHorizontalFlip', 'RandAugment']
+    image, crop = to_tensor(natural_image()), v2.RandomResizedCrop(32, (0.5, 1), antialias=True,
+                                                                   interpolation=v2.InterpolationMode.BICUBIC)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ours, after_ours = transforms.train_transform(32, scale=(0.5, 1), hflip=0)(image), torch.rand(())
+        torch.manual_seed(seed)
+        assert torch.equal(ours, crop(image)) and torch.equal(after_ours, torch.rand(()))
 
 
 def test_colour_jitter_is_timms_and_only_without_rand_augment():
@@ -201,23 +224,23 @@ def test_colour_jitter_is_timms_and_only_without_rand_augment():
     from timm.data import create_transform
     timm_jitter, = [t for t in create_transform(32, is_training=True, color_jitter=0.4).transforms
                     if type(t).__name__ == 'ColorJitter']
-    ours = data.train_transform(32, color_jitter=0.4).color_jitter
+    ours, = steps(transforms.train_transform(32, color_jitter=0.4), v2.ColorJitter)
     for factor in ('brightness', 'contrast', 'saturation', 'hue'):
         assert getattr(ours, factor) == getattr(timm_jitter, factor)
-    assert data.train_transform(32, color_jitter=0.4, aa='rand-m9').color_jitter is None
-    assert data.train_transform(32).color_jitter is None
+    assert not steps(transforms.train_transform(32, color_jitter=0.4, aa='rand-m9'), v2.ColorJitter)
+    assert not steps(transforms.train_transform(32), v2.ColorJitter)
     image = to_tensor(natural_image(48, 48))
     torch.manual_seed(0)
-    jittered = data.train_transform(32, scale=(1, 1), ratio=(1, 1), hflip=0, color_jitter=0.4)(image)
+    jittered = transforms.train_transform(32, scale=(1, 1), ratio=(1, 1), hflip=0, color_jitter=0.4)(image)
     torch.manual_seed(0)
-    plain = data.train_transform(32, scale=(1, 1), ratio=(1, 1), hflip=0)(image)
+    plain = transforms.train_transform(32, scale=(1, 1), ratio=(1, 1), hflip=0)(image)
     assert jittered.dtype == torch.uint8 and not torch.equal(jittered, plain)
 
 
 def test_eval_transform_resizes_the_shorter_side_then_centre_crops_like_timm():
     from timm.data import create_transform
     pixels = natural_image(60, 90)
-    ours = data.eval_transform(32, crop_pct=0.875)(to_tensor(pixels))  # shorter side -> floor(32 / 0.875) = 36
+    ours = transforms.eval_transform(32, crop_pct=0.875)(to_tensor(pixels))  # shorter side -> floor(32 / 0.875) = 36
     timm_eval = create_transform(32, is_training=False, crop_pct=0.875, interpolation='bicubic',
                                  use_prefetcher=True)  # uint8 output, no normalisation
     expected = np.asarray(timm_eval(Image.fromarray(pixels))).transpose(1, 2, 0).astype(int)
@@ -231,7 +254,7 @@ def digits():
 
 
 def test_an_items_augmentation_is_a_pure_function_of_index_and_seed(digits):
-    train_set = data.Transformed(digits[0], data.train_transform(32, aa='rand-m9-mstd0.5', mean=(0.5, 0.5, 0.5)))
+    train_set = data.Transformed(digits[0], transforms.train_transform(32, aa='rand-m9-mstd0.5', mean=(0.5, 0.5, 0.5)))
     rng_state = torch.get_rng_state()
     first, again, other_seed = train_set[(5, 123)], train_set[(5, 123)], train_set[(5, 124)]
     assert torch.equal(first[0], again[0]) and not torch.equal(first[0], other_seed[0])
@@ -241,7 +264,7 @@ def test_an_items_augmentation_is_a_pure_function_of_index_and_seed(digits):
 
 
 def test_loader_batches_are_identical_with_0_and_2_workers_and_leave_the_global_rng_alone(digits):
-    train_set = data.Transformed(digits[0], data.train_transform(32, aa='rand-m9-mstd0.5', mean=(0.5, 0.5, 0.5)))
+    train_set = data.Transformed(digits[0], transforms.train_transform(32, aa='rand-m9-mstd0.5', mean=(0.5, 0.5, 0.5)))
     sampler = data.EpochBatchSampler(len(train_set), 16, shuffle=True, drop_last=True, seed=3)
     sampler.set_epoch(2, start_batch=len(sampler) - 4)
     rng_state = torch.get_rng_state()
@@ -337,7 +360,7 @@ def test_folder_dataset_reads_the_imagefolder_layout(image_tree):
     image, label, bad_count = train_set[3]
     assert image.dtype == torch.uint8 and image.shape == (3, 30, 40) and (label, bad_count) == (1, 0)
     assert np.abs(to_numpy(train_set[2][0]) - natural_image(30, 40, 2)).max() == 0  # PNG is lossless
-    assert data.Transformed(val_set, data.eval_transform(24))[(1, 99)][0].shape == (3, 24, 24)
+    assert data.Transformed(val_set, transforms.eval_transform(24))[(1, 99)][0].shape == (3, 24, 24)
 
 
 def test_the_held_out_folder_is_the_first_of_validation_val_valid_test_unless_val_split_names_one(image_tree):
@@ -455,9 +478,14 @@ def test_digits_are_1797_images_in_a_fixed_stratified_split(digits):
         assert abs(in_val / (in_train + in_val) - 0.2) < 0.01
     train_again, val_again, _ = data.load_datasets('digits')
     assert torch.equal(train_again.tensors[0], images) and val_again.tensors[1].tolist() == val_labels
-    all_labels = np.array(labels.tolist() + val_labels)
-    train_indices, val_indices = data.stratified_split(all_labels, val_fraction=0.2, seed=0)
-    assert sorted(train_indices.tolist() + val_indices.tolist()) == list(range(1797))  # disjoint and complete
+    from sklearn.datasets import load_digits
+    everything = load_digits()
+    expected = np.column_stack([np.rint(everything.images.reshape(1797, -1) * (255 / 16)), everything.target])
+
+    def rows(dataset):  # (64 grey pixels, label) per image
+        images, labels = dataset.tensors
+        return torch.cat([images[:, 0].flatten(1).long(), labels[:, None].long()], dim=1).tolist()
+    assert sorted(rows(train_set) + rows(val_set)) == sorted(expected.astype(int).tolist())  # disjoint and complete
 
 
 def test_synthetic_images_skip_augmentation_but_take_the_transform_size():
@@ -466,8 +494,9 @@ def test_synthetic_images_skip_augmentation_but_take_the_transform_size():
     image, label, bad_count = train_set[(70, 5)]
     assert image.shape == (3, 16, 16) and (label, bad_count) == (0, 0)
     assert torch.equal(image, train_set[6][0])  # a pool of 64, indexed modulo
-    loaded = data.transformed(train_set, data.train_transform(24, aa='rand-m9'))
+    loaded = data.transformed(train_set, transforms.train_transform(24, aa='rand-m9'))
     assert loaded[(70, 5)][0].shape == (3, 24, 24) and torch.equal(loaded[(70, 5)][0], loaded[6][0])
+    assert data.transformed(val_set, transforms.eval_transform(20, crop_pct=0.875))[3][0].shape == (3, 20, 20)
     assert len(loaded) == len(train_set) and loaded[(70, 5)][1:] == (0, 0)
 
 
@@ -486,7 +515,7 @@ class PilImages(torch.utils.data.Dataset):
 
 def test_any_dataset_of_pil_images_or_uint8_tensors_loads_as_uint8_rgb_with_seeded_transforms():
     import torchvision
-    transform = data.train_transform(24, aa='rand-m9-mstd0.5')
+    transform = transforms.train_transform(24, aa='rand-m9-mstd0.5')
     for dataset in (PilImages(), torchvision.datasets.FakeData(size=6, image_size=(3, 28, 36), num_classes=4),
                     torch.utils.data.TensorDataset(torch.randint(0, 256, (4, 1, 20, 20), dtype=torch.uint8),
                                                    torch.arange(4))):
@@ -517,7 +546,7 @@ def test_numpy_images_as_opencv_and_albumentations_give_them_load_like_pil_image
         image = data.Transformed([(grey, 0)])[0][0]
         assert torch.equal(image[0], torch.from_numpy(np.ascontiguousarray(grey.reshape(20, -1))))
         assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
-    seeded = data.Transformed([(pixels, 0)], data.train_transform(16, aa='rand-m9'))
+    seeded = data.Transformed([(pixels, 0)], transforms.train_transform(16, aa='rand-m9'))
     assert torch.equal(seeded[(0, 5)][0], data.Transformed([(Image.fromarray(pixels), 0)], seeded.transform)[(0, 5)][0])
 
 
@@ -540,20 +569,20 @@ def test_normalize_is_timms_prefetcher_normalisation_in_either_memory_format():
     expected = (images.float() / 255 - torch.tensor(model.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
         model.IMAGENET_STD).view(1, 3, 1, 1)
     for channels_last in (False, True):
-        out = data.normalize(images, model.IMAGENET_MEAN, model.IMAGENET_STD, channels_last=channels_last)
+        out = transforms.normalize(images, model.IMAGENET_MEAN, model.IMAGENET_STD, channels_last=channels_last)
         assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-5)
         assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def test_random_erase_with_prob_zero_leaves_the_batch_alone():
     images = torch.randn(4, 3, 16, 16)
-    assert data.random_erase(images, 0.0) is images
+    assert transforms.random_erase(images, 0.0) is images
 
 
 def test_random_erase_with_prob_one_replaces_exactly_one_rectangle_per_sample():
     torch.manual_seed(0)
     images = torch.full((64, 3, 32, 40), 7.0)
-    erased = data.random_erase(images, 1.0)
+    erased = transforms.random_erase(images, 1.0)
     for sample in erased != images:
         changed = sample.all(dim=0)
         assert torch.equal(changed, sample.any(dim=0))  # all channels
@@ -572,7 +601,7 @@ def mixed_lambda(mixed, first, second):
 def test_mixup_mixes_each_image_with_its_neighbour_and_folds_smoothing_into_timms_targets():
     from timm.data.mixup import mixup_target
     torch.manual_seed(1)
-    mix = data.MixupCutmix(mixup=0.8, cutmix=0.0, smoothing=0.1, num_classes=5)
+    mix = transforms.MixupCutmix(mixup=0.8, cutmix=0.0, smoothing=0.1, num_classes=5)
     images, labels = torch.rand(2, 3, 8, 8) + 1, torch.tensor([1, 3])
     mixed, targets = mix(images.clone(), labels)
     lam = mixed_lambda(mixed[0], images[0], images[1])
@@ -584,7 +613,7 @@ def test_mixup_mixes_each_image_with_its_neighbour_and_folds_smoothing_into_timm
 
 def test_cutmix_pastes_a_box_and_weights_targets_by_its_area():
     torch.manual_seed(2)
-    mix = data.MixupCutmix(mixup=0.0, cutmix=1.0, smoothing=0.0, num_classes=4)
+    mix = transforms.MixupCutmix(mixup=0.0, cutmix=1.0, smoothing=0.0, num_classes=4)
     images, labels = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16)]), torch.tensor([0, 2])
     mixed, targets = mix(images.clone(), labels)
     pasted = float(mixed[0].mean())  # fraction of image 0 covered by image 1
@@ -596,9 +625,9 @@ def test_mixup_cutmix_refuses_both_off_and_picks_one_per_batch_when_both_are_on(
     """Both off means no mixer at all (callers hold None), never a mixer that silently does nothing."""
     for mixup, cutmix in ((0, 0), (0.0, -1.0)):
         with pytest.raises(ValueError, match='mixup > 0 or cutmix > 0'):
-            data.MixupCutmix(mixup, cutmix, 0.1, 10)
+            transforms.MixupCutmix(mixup, cutmix, 0.1, 10)
     torch.manual_seed(3)
-    mix = data.MixupCutmix(0.2, 1.0, 0.0, 10)
+    mix = transforms.MixupCutmix(0.2, 1.0, 0.0, 10)
     images, labels = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)]), torch.tensor([0, 1])
     kinds = set()
     for _ in range(20):

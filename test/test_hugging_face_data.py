@@ -18,6 +18,7 @@ from conftest import COLOURS, ROOT, summary_rows, train_command
 datasets = pytest.importorskip('datasets')
 
 import data  # noqa: E402
+import transforms  # noqa: E402
 
 CLASSES = ['red', 'blue', 'green']
 COARSE = ['warm', 'cool']  # blue is cool
@@ -81,7 +82,7 @@ def test_a_dataset_saved_to_disk_loads_its_class_names_and_images_through_the_sa
     train_set, val_set, classes = data.load_datasets('hf', str(tmp_path / 'saved'))
     assert classes == CLASSES and (len(train_set), len(val_set)) == (6, 3)
     assert train_set.column_names == ['image', 'label']
-    image, label, bad_count = data.Transformed(train_set, data.train_transform(24, aa='rand-m9'))[(4, 9)]
+    image, label, bad_count = data.Transformed(train_set, transforms.train_transform(24, aa='rand-m9'))[(4, 9)]
     assert image.shape == (3, 24, 24) and image.dtype == torch.uint8 and (label, bad_count) == (1, 0)
     assert torch.equal(data.Transformed(val_set)[2][0], torch.from_numpy(np.array(
         make_split(3, 1)[2]['img'])).permute(2, 0, 1))  # the decoded pixels, untouched without a transform

@@ -15,6 +15,7 @@ from conftest import ROOT, make_image_folder, run_train
 import data
 import model as models
 import predict
+import transforms
 
 # torchvision 0.29 deprecates its decoders and warns on every call; data.py silences that, pytest re-enables it.
 pytestmark = pytest.mark.filterwarnings('ignore:The image decoding and encoding capabilities:DeprecationWarning')
@@ -50,10 +51,10 @@ def overfit(tmp_path_factory):
     data_dir = make_image_folder(root / 'data', classes=2, train_per_class=16, val_per_class=3)
     size, config = 32, models.VARIANTS[ARCH]['config']
     train_set, _, classes = data.load_datasets('folder', data_dir)
-    train_set = data.Transformed(train_set, data.eval_transform(size, crop_pct=config['crop_pct'],
+    train_set = data.Transformed(train_set, transforms.eval_transform(size, crop_pct=config['crop_pct'],
                                                                 interpolation=config['interpolation']))
     images, labels, _ = zip(*(train_set[i] for i in range(len(train_set))))
-    images, labels = data.normalize(torch.stack(images), config['mean'], config['std']), torch.tensor(labels)
+    images, labels = transforms.normalize(torch.stack(images), config['mean'], config['std']), torch.tensor(labels)
     torch.manual_seed(0)
     net = models.create_model(ARCH, num_classes=len(classes)).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)

@@ -140,7 +140,7 @@ def test_the_demos_first_lines_say_the_model_the_data_the_device_and_the_epochs(
     result = run_train('--perf-steps', '1', '--output', tmp_path / 'out')
     first = result.stdout.splitlines()[:3]
     assert first[0] == f"Output: {tmp_path / 'out'}"
-    assert first[1].startswith('Training tf_efficientnetv2_b0 (5.87M parameters) on digits: 1438 train / 359 val')
+    assert first[1].startswith('Training tf_efficientnetv2_b0 (5.87M parameters) on digits: 1437 train / 360 val')
     assert first[1].endswith('10 classes; cpu, 1 process')
     assert first[2].startswith('15 epochs of 22 steps, batch 64 (64 per process), lr 0.002, AdamW, cosine schedule')
     assert 'warning' not in result.stderr

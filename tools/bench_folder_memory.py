@@ -56,12 +56,13 @@ def private_mib(pid):
 def listed(implementation, root):
     """-> (dataset for the loader, seconds to list the folder)."""
     import data
+    import transforms
     import torchvision
     from torchvision.transforms import v2
     start = time.perf_counter()
     if implementation == 'ours':
         train_set = data.load_datasets('folder', root)[0]
-        dataset = data.Transformed(train_set, data.eval_transform(32))
+        dataset = data.Transformed(train_set, transforms.eval_transform(32))
     else:
         dataset = torchvision.datasets.ImageFolder(os.path.join(root, 'train'), transform=v2.Compose([
             v2.PILToTensor(), v2.Resize(32), v2.CenterCrop(32)]))

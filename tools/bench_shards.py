@@ -72,6 +72,7 @@ def private_mib(pid):
 
 def measure(source, root, images, workers, batch):
     import data
+    import transforms
     result = dict(source=source)
     if source == 'shards':
         shutil.rmtree(os.path.join(root, 'cache'), ignore_errors=True)
@@ -84,7 +85,7 @@ def measure(source, root, images, workers, batch):
         train_set = data.load_datasets('folder', os.path.join(root, 'folder'))[0]
         result['listing_seconds'] = round(time.perf_counter() - start, 2)
     sampler = data.EpochBatchSampler(len(train_set), batch, shuffle=True, seed=0, drop_last=True)
-    loader = data.create_loader(data.transformed(train_set, data.eval_transform(32)), sampler, workers=workers)
+    loader = data.create_loader(data.transformed(train_set, transforms.eval_transform(32)), sampler, workers=workers)
     batches = iter(loader)
     read = 0
     for _ in range(2 * workers):
@@ -107,6 +108,7 @@ def rates(root, images, workers, batch, rounds):
     """images/s of both sources in one process, alternating (the machine's load changes from minute to minute):
     each round reads `images` images from each, the epoch's order of a new epoch each round."""
     import data
+    import transforms
     sources = {'folder': data.load_datasets('folder', os.path.join(root, 'folder'))[0],
                'shards': data.load_datasets('wds', os.path.join(root, 'shards'))[0]}
     found = {source: [] for source in sources}
@@ -114,7 +116,7 @@ def rates(root, images, workers, batch, rounds):
         for source, train_set in sources.items():
             sampler = data.EpochBatchSampler(len(train_set), batch, shuffle=True, seed=0, drop_last=True)
             sampler.set_epoch(epoch)
-            loader = data.create_loader(data.transformed(train_set, data.eval_transform(32)), sampler, workers=workers)
+            loader = data.create_loader(data.transformed(train_set, transforms.eval_transform(32)), sampler, workers=workers)
             batches, read = iter(loader), 0
             next(batches)  # the workers have started
             start = time.perf_counter()
