@@ -93,9 +93,8 @@ def as_uint8_rgb(image):
 
 
 def transformed(dataset, transform):
-    """The dataset as the loop loads it: Transformed(dataset, transform), except synthetic images, which are made
-    at the size of the transform's last crop instead and not augmented (a throughput run measures the step, not
-    the pipeline)."""
+    """Transformed(dataset, transform); synthetic images are made at the transform's last crop size instead, not
+    augmented (a throughput run measures the step, not the pipeline)."""
     if isinstance(dataset, SyntheticImages):
         crops = [step for step in transform.transforms if isinstance(step, (v2.RandomResizedCrop, v2.CenterCrop))]
         return SyntheticImages(len(dataset), crops[-1].size[0], dataset.num_classes)
@@ -103,11 +102,9 @@ def transformed(dataset, transform):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """Image files under `root`, given relative to it with their labels, as (uint8 image, label, bad_images),
-    decoded on access. An unreadable file is replaced by the next readable one (bad_images 1, one warning per
-    file) or, when strict, raises DataError.
-
-    The list is two numpy arrays (paths as fixed-width bytes, labels as int32), not Python objects: loader
+    """Image files under `root` (paths relative to it, with labels) as (uint8 image, label, bad_images), decoded on
+    access; an unreadable file is replaced by the next readable one (bad_images 1, one warning per file) or, when
+    strict, raises DataError. The list is two numpy arrays (paths as fixed-width bytes, labels as int32): loader
     workers read them without touching reference counts, so their pages stay shared, not copied per worker."""
 
     def __init__(self, root, paths, labels, strict=False):

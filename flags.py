@@ -56,7 +56,8 @@ def get_args_parser():
     p.add_argument('--eval-size', type=int,
                    help='validation size (default: --img-size; with --progressive the test size)')
     p.add_argument('--crop-pct', type=float, help="eval resize = size / crop_pct (default: the variant's)")
-    p.add_argument('--interpolation', choices=transforms.INTERPOLATIONS, help="resize interpolation (default: the variant's)")
+    p.add_argument('--interpolation', choices=transforms.INTERPOLATIONS,
+                   help="resize interpolation (default: the variant's)")
     p.add_argument('--mean', type=float, nargs=3, help="normalization (default: the variant's)")
     p.add_argument('--std', type=float, nargs=3, help="normalization (default: the variant's)")
     p.add_argument('--scale', type=float, nargs=2, help=f'RandomResizedCrop area range {default("scale")}')

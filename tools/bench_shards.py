@@ -116,7 +116,8 @@ def rates(root, images, workers, batch, rounds):
         for source, train_set in sources.items():
             sampler = data.EpochBatchSampler(len(train_set), batch, shuffle=True, seed=0, drop_last=True)
             sampler.set_epoch(epoch)
-            loader = data.create_loader(data.transformed(train_set, transforms.eval_transform(32)), sampler, workers=workers)
+            loader = data.create_loader(data.transformed(train_set, transforms.eval_transform(32)), sampler,
+                                        workers=workers)
             batches, read = iter(loader), 0
             next(batches)  # the workers have started
             start = time.perf_counter()
