@@ -53,6 +53,21 @@ def private_mib(pid):
     return sum(int(fields[key].split()[0]) for key in ('Private_Clean', 'Private_Dirty')) / 1024
 
 
+def read_through(batches, images, workers):
+    """Reads `images` images from a started loader -> (images read, images/s after the workers' first batches,
+    private MiB of [main, *workers] after those first batches, the same at the end)."""
+    read = 0
+    for _ in range(2 * workers):
+        read += len(next(batches)[0])
+    pids = [worker.pid for worker in batches._workers]
+    at_start = [private_mib(pid) for pid in [os.getpid(), *pids]]
+    start = time.perf_counter()
+    while read < images:
+        read += len(next(batches)[0])
+    rate = read / (time.perf_counter() - start)
+    return read, rate, at_start, [private_mib(pid) for pid in [os.getpid(), *pids]]
+
+
 def listed(implementation, root):
     """-> (dataset for the loader, seconds to list the folder)."""
     import data
@@ -77,16 +92,7 @@ def measure(implementation, root, images, workers, batch):
         sampler = [(index, index) for index in torch.randperm(len(dataset), generator=generator)[:images].tolist()]
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers)
     batches = iter(loader)
-    read = 0
-    for _ in range(2 * workers):
-        read += len(next(batches)[0])
-    pids = [worker.pid for worker in batches._workers]
-    at_start = [private_mib(pid) for pid in [os.getpid(), *pids]]
-    start = time.perf_counter()
-    while read < images:
-        read += len(next(batches)[0])
-    rate = read / (time.perf_counter() - start)
-    at_end = [private_mib(pid) for pid in [os.getpid(), *pids]]
+    read, rate, at_start, at_end = read_through(batches, images, workers)
     result = dict(implementation=implementation, files=len(dataset), listing_seconds=round(seconds, 2),
                   images_read=read, images_per_sec=round(rate),
                   main_private_mib=[round(at_start[0], 1), round(at_end[0], 1)],  # at start, at the end

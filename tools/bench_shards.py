@@ -29,6 +29,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench_folder_memory import read_through  # noqa: E402  (tools/, this script's folder)
 
 
 def make(root, shards, per_shard, classes, copies=False):
@@ -64,12 +65,6 @@ def make(root, shards, per_shard, classes, copies=False):
         json.dump(info, file)
 
 
-def private_mib(pid):
-    with open(f'/proc/{pid}/smaps_rollup') as f:
-        fields = dict(line.split(':', 1) for line in f if ':' in line)
-    return sum(int(fields[key].split()[0]) for key in ('Private_Clean', 'Private_Dirty')) / 1024
-
-
 def measure(source, root, images, workers, batch):
     import data
     import transforms
@@ -87,16 +82,7 @@ def measure(source, root, images, workers, batch):
     sampler = data.EpochBatchSampler(len(train_set), batch, shuffle=True, seed=0, drop_last=True)
     loader = data.create_loader(data.transformed(train_set, transforms.eval_transform(32)), sampler, workers=workers)
     batches = iter(loader)
-    read = 0
-    for _ in range(2 * workers):
-        read += len(next(batches)[0])
-    pids = [worker.pid for worker in batches._workers]
-    at_start = [private_mib(pid) for pid in [os.getpid(), *pids]]
-    start = time.perf_counter()
-    while read < images:
-        read += len(next(batches)[0])
-    rate = read / (time.perf_counter() - start)
-    at_end = [private_mib(pid) for pid in [os.getpid(), *pids]]
+    read, rate, at_start, at_end = read_through(batches, images, workers)
     result.update(images=len(train_set), images_read=read, images_per_sec=round(rate),
                   main_private_mib=[round(at_start[0], 1), round(at_end[0], 1)],  # after the first batches, at the end
                   worker_private_mib=[[round(a, 1), round(b, 1)] for a, b in zip(at_start[1:], at_end[1:])])
