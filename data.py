@@ -6,11 +6,8 @@
     loader = create_loader(transformed(train_set, transforms.train_transform(288)), sampler, workers=8)
     for images, labels, bad_images in loader:                              # uint8 (N,3,H,W) on the CPU
 
-Datasets: any map-style dataset of (image, label), the image a PIL image, a uint8 (C, H, W) tensor or (H, W[, C])
-array, or Hugging Face rows; load_datasets() gives the built-in ones. Transformed wraps any of them for the loader:
-(index, item seed) keys, uint8 RGB tensors, a transform seeded per item, counts of unreadable images replaced.
-Sampling: EpochBatchSampler's batches of (index, item seed) are a pure function of (seed, epoch, rank, world_size);
-an item's seed depends only on (seed, epoch, index): not on the workers, the world size or a resume.
+Any map-style dataset of (image, label) loads through Transformed; an item's seed depends only on (seed, epoch,
+index), not on the workers, the world size or a resume.
 """
 import gc
 import io
@@ -22,30 +19,31 @@ import warnings
 import numpy as np
 import torch
 
-from errors import DataError, check_torchvision
+from errors import DataError, check_torchvision, import_beside
 check_torchvision()  # before torchvision's imports: a torch/torchvision mismatch is said in one line
-import torchvision.transforms.v2.functional as TF  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.io import ImageReadMode, decode_image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec) and warns on every call. They are still
 # the fastest JPEG/PNG path in this environment; read_image falls back to PIL for anything they refuse.
-warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision',
-                        category=DeprecationWarning)
+warnings.filterwarnings('ignore', 'The image decoding and encoding capabilities of TorchVision', DeprecationWarning)
 
 DATASETS = ('folder', 'hf', 'wds', 'cifar10', 'cifar100', 'digits', 'synthetic')
+VAL_SPLITS = ('validation', 'val', 'valid', 'test')  # the held-out split by default: the first found
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-cased
+_DATA_PATH_HINTS = {'folder': 'the folder holding train/<class>/ and val/<class>/',
+                    'hf': "a dataset saved with datasets' save_to_disk, or a folder of the hub's parquet files",
+                    'cifar10': "the folder holding torchvision's cifar-10-batches-py/",
+                    'cifar100': "the folder holding torchvision's cifar-100-python/"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Datasets
-# ----------------------------------------------------------------------------------------------------------------
 
 class Transformed(torch.utils.data.Dataset):
-    """A dataset of (image, label) as the loop loads it: keys (index, item seed) from EpochBatchSampler (an int: seed
-    0), items (uint8 RGB (3, H, W) tensor, int label, bad_images), the image through `transform` on torch's RNG
-    seeded with the item's seed. bad_images: the dataset's third value (ImageFolder's replaced files), else 0."""
+    """A dataset of (image, label) or Hugging Face rows as the loop loads it: keys (index, item seed) (an int: seed
+    0), items (uint8 RGB (3, H, W), int label, bad_images: the dataset's third value, else 0), transformed per item."""
 
     def __init__(self, dataset, transform=None):
         self.dataset, self.transform = dataset, transform
@@ -57,7 +55,10 @@ class Transformed(torch.utils.data.Dataset):
         index, item_seed = key if isinstance(key, tuple) else (key, 0)
         item = self.dataset[index]
         if isinstance(item, dict):  # a Hugging Face datasets row
-            item = _row_image_and_label(item)
+            if 'image' not in item or 'label' not in item:
+                raise DataError(f"a Hugging Face dataset row needs 'image' and 'label' columns, this one has "
+                                f"{', '.join(item)}: rename them, e.g. split.rename_columns({{'img': 'image'}})")
+            item = item['image'], item['label']
         image, label, *bad_images = item
         image = as_uint8_rgb(image)
         if self.transform is not None:
@@ -69,18 +70,10 @@ class Transformed(torch.utils.data.Dataset):
         return image, int(label), bad_images[0] if bad_images else 0
 
 
-def _row_image_and_label(row):
-    if 'image' not in row or 'label' not in row:
-        raise DataError(f"a Hugging Face dataset row needs 'image' and 'label' columns, this one has "
-                        f"{', '.join(row)}: rename them, e.g. split.rename_columns({{'img': 'image'}})")
-    return row['image'], row['label']
-
-
 def as_uint8_rgb(image):
-    """A PIL image, a uint8 (1 or 3, H, W) tensor or a uint8 (H, W) or (H, W, 1 or 3) numpy array (OpenCV's,
-    albumentations') -> uint8 (3, H, W) tensor."""
+    """A PIL image, uint8 (1 or 3, H, W) tensor or uint8 (H, W[, 1 or 3]) array (OpenCV's) -> uint8 (3, H, W)."""
     if isinstance(image, Image.Image):
-        return TF.pil_to_tensor(image if image.mode == 'RGB' else image.convert('RGB'))
+        return v2.functional.pil_to_tensor(image if image.mode == 'RGB' else image.convert('RGB'))
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (image.ndim == 2 or (
             image.ndim == 3 and image.shape[2] in (1, 3))):
         image = torch.from_numpy(np.ascontiguousarray(image.reshape(*image.shape[:2], -1))).permute(2, 0, 1)
@@ -93,8 +86,7 @@ def as_uint8_rgb(image):
 
 
 def transformed(dataset, transform):
-    """Transformed(dataset, transform); synthetic images are made at the transform's last crop size instead, not
-    augmented (a throughput run measures the step, not the pipeline)."""
+    """Transformed(dataset, transform); SyntheticImages are remade at the transform's last crop size instead."""
     if isinstance(dataset, SyntheticImages):
         crops = [step for step in transform.transforms if isinstance(step, (v2.RandomResizedCrop, v2.CenterCrop))]
         return SyntheticImages(len(dataset), crops[-1].size[0], dataset.num_classes)
@@ -143,13 +135,12 @@ class UnreadableImage(Exception):
 
 
 def read_image(path):
-    """Decode an image file to a uint8 RGB (3, H, W) tensor; raise UnreadableImage if that is impossible."""
+    """decode_image_bytes of the file at `path`."""
     try:
         with open(path, 'rb') as file:
-            encoded = file.read()
+            return decode_image_bytes(file.read())
     except OSError as error:  # gone since the folder was listed, no permission, I/O error
         raise UnreadableImage(error.strerror or type(error).__name__) from None
-    return decode_image_bytes(encoded)
 
 
 def decode_image_bytes(encoded):
@@ -162,8 +153,7 @@ def decode_image_bytes(encoded):
         pass
     try:  # PIL reads some files torchvision refuses (e.g. a BMP or GIF saved as .jpg)
         with Image.open(io.BytesIO(encoded)) as image:
-            pixels = np.array(image.convert('RGB'))
-        return torch.from_numpy(pixels).permute(2, 0, 1)
+            return torch.from_numpy(np.array(image.convert('RGB'))).permute(2, 0, 1)
     except Image.UnidentifiedImageError:
         raise UnreadableImage('not a JPEG or PNG image') from None
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
@@ -171,16 +161,14 @@ def decode_image_bytes(encoded):
 
 
 class SyntheticImages(torch.utils.data.Dataset):
-    """Random uint8 images made in memory, for throughput runs: a pool of 64 at `image_size`, indexed modulo.
-    The loop does not augment them (see `transformed`), so a benchmark measures the training step, not the input
-    pipeline; progressive learning's sizes still apply."""
+    """Random uint8 images made in memory, for throughput runs: a pool of 64 at `image_size`, indexed modulo; not
+    augmented (`transformed`), so a benchmark measures the training step, not the input pipeline."""
     pool_size = 64
 
     def __init__(self, length, image_size, num_classes):
         self.length, self.image_size, self.num_classes = length, image_size, num_classes
-        generator = torch.Generator().manual_seed(image_size)
         self.pool = torch.randint(0, 256, (self.pool_size, 3, image_size, image_size), dtype=torch.uint8,
-                                  generator=generator)
+                                  generator=torch.Generator().manual_seed(image_size))
 
     def __len__(self):
         return self.length
@@ -192,38 +180,32 @@ class SyntheticImages(torch.utils.data.Dataset):
 
 def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=224, num_classes=None,
                   splits=(None, None), keys=(None, None), skip_bad_shards=False):
-    """-> (train_set, val_set, classes); `num_classes`: 'synthetic' only (default 1000); `splits`: (train, val)
-    names (default: train, and the first of VAL_SPLITS found); `keys`: 'hf''s (image, label) columns. The sets
-    say in `source` which splits and columns they are (the run's start line).
-
-    'folder': DATA/train/<class>/**/*.jpg|jpeg|png and DATA/val/<class>/... (torchvision's ImageFolder layout).
-    'hf': a Hugging Face dataset under DATA (see _load_hugging_face); needs the datasets package.
-    'wds': WebDataset tar shards (timm's imagenet-*-wds layout): a folder, a brace pattern or a hub id (shards.py).
-    'cifar10', 'cifar100': torchvision's datasets on their python-format files under DATA (nothing is downloaded).
-    'digits': scikit-learn's 1797 8x8 digits as uint8 tensors, a fixed stratified 80/20 split; no files needed.
-    'synthetic': random images, ImageNet's 1281167 train (a --perf-steps run stays in one epoch) and 1280 val.
-    """
+    """-> (train_set, val_set, classes), the sets' `source` naming their splits and columns (the start line).
+    `splits`: (train, val) names (see choose_splits); `keys`: the (image, label) columns; `num_classes`: synthetic's.
+    'folder': DATA/{train,val}/<class>/**/*.jpg|jpeg|png (torchvision's ImageFolder layout); 'hf': hugging_face.py;
+    'wds': tar shards (shards.py); 'cifar10', 'cifar100': torchvision's files under DATA (nothing is downloaded);
+    'digits': scikit-learn's 1797 8x8 digits, a fixed stratified 80/20 split; 'synthetic': random images, ImageNet's
+    1281167 train (a --perf-steps run stays in one epoch) and 1280 val."""
+    hint = _DATA_PATH_HINTS.get(dataset)
+    if hint and not data_path:
+        raise DataError(f'dataset {dataset!r} needs a data path: {hint}')
+    if hint and not os.path.isdir(data_path):
+        raise DataError(f'data path {data_path} does not exist or is not a folder; give {hint}')
     if dataset == 'folder':
-        return _load_folder(_existing_path(dataset, data_path), strict_data, splits)
+        return _load_folder(data_path, strict_data, splits)
     if dataset == 'hf':
-        return _load_hugging_face(_existing_path(dataset, data_path), splits, keys)
+        return import_beside('hugging_face', '--dataset hf').load_hugging_face(data_path, splits, keys)
     if dataset == 'wds':
-        import shards
-        return shards.load_shards(data_path, *splits, target_key=keys[1], strict=strict_data,
-                                  skip_bad_shards=skip_bad_shards)
+        return import_beside('shards', '--dataset wds').load_shards(data_path, *splits, target_key=keys[1],
+                                                                    strict=strict_data, skip_bad_shards=skip_bad_shards)
     if dataset in ('cifar10', 'cifar100'):
-        return _load_cifar(dataset, _existing_path(dataset, data_path))
+        return _load_cifar(dataset, data_path)
     if dataset == 'digits':
         return _load_digits()
     if dataset == 'synthetic':
-        num_classes = num_classes or 1000
-        classes = [f'class_{i}' for i in range(num_classes)]
-        return (SyntheticImages(1281167, synthetic_size, num_classes),
-                SyntheticImages(1280, synthetic_size, num_classes), classes)
+        sets = [SyntheticImages(length, synthetic_size, num_classes or 1000) for length in (1281167, 1280)]
+        return *sets, [f'class_{i}' for i in range(sets[0].num_classes)]
     raise DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
-
-
-VAL_SPLITS = ('validation', 'val', 'valid', 'test')  # the held-out split by default: the first found
 
 
 def choose_splits(available, splits, where, kind='split', suffix=''):
@@ -239,21 +221,6 @@ def choose_splits(available, splits, where, kind='split', suffix=''):
             raise DataError(f"{where} has {problem}; its {kind}s: {', '.join(available) or 'none'}; name the one "
                             f"to use with {flag}")
     return train, val
-
-
-_DATA_PATH_HINTS = {'folder': 'the folder holding train/<class>/ and val/<class>/',
-                    'hf': "a dataset saved with datasets' save_to_disk, or a folder of the hub's parquet files",
-                    'cifar10': "the folder holding torchvision's cifar-10-batches-py/",
-                    'cifar100': "the folder holding torchvision's cifar-100-python/"}
-
-
-def _existing_path(dataset, data_path):
-    if not data_path:
-        raise DataError(f'dataset {dataset!r} needs a data path: {_DATA_PATH_HINTS[dataset]}')
-    if not os.path.isdir(data_path):
-        raise DataError(f'data path {data_path} does not exist or is not a folder; give '
-                        f'{_DATA_PATH_HINTS[dataset]}')
-    return data_path
 
 
 def _load_folder(root, strict, splits):
@@ -274,8 +241,7 @@ def _load_folder(root, strict, splits):
 
 
 def _scan_class_folders(folder):
-    """-> (sorted class names, paths relative to folder, labels) for folder/<class>/**/<image>; hidden entries
-    are ignored."""
+    """-> (sorted class names, paths relative to folder, labels) for folder/<class>/**/<image>, hidden ones ignored."""
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith('.'))
     if not classes:
         raise DataError(f'{folder} has no class folders; expected {folder}/<class>/*.jpg')
@@ -300,51 +266,14 @@ def find_images(folder):
     return sorted(found)
 
 
-def _load_hugging_face(root, splits, keys):
-    """A Hugging Face dataset with a train and a held-out split (see choose_splits), an image column and a
-    class-label column: saved with DatasetDict.save_to_disk, or the hub's layout of parquet files
-    (data/train-*.parquet, data/test-*.parquet, converted once to Arrow files in the datasets cache). Rows are
-    read from memory-mapped Arrow files, so loader workers share them; images decode on access."""
-    try:
-        import datasets
-    except ImportError:
-        raise DataError('--dataset hf needs the datasets package: pip install datasets') from None
-    datasets.disable_progress_bars()  # logs are plain lines
-    try:
-        is_saved = os.path.exists(os.path.join(root, 'dataset_dict.json'))
-        loaded = datasets.load_from_disk(root) if is_saved else datasets.load_dataset(root)
-    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
-        raise DataError(f'cannot read {root} as a Hugging Face dataset: {str(error).splitlines()[0]}') from None
-    names = choose_splits(list(loaded), splits, root)
-    features = loaded[names[0]].features
-    columns = [[name for name, kind in features.items() if isinstance(kind, type_)]
-               for type_ in (datasets.Image, datasets.ClassLabel)]
-    chosen = [key or (found[0] if found else None) for key, found in zip(keys, columns)]
-    for flag, kind, key in zip(('--input-key', '--target-key'), ('Image', 'ClassLabel'), chosen):
-        if key not in features:
-            described = ', '.join(f'{name} ({type(kind).__name__})' for name, kind in features.items())
-            raise DataError(f"{root} has no {f'column {key}' if key else f'datasets.{kind} column'}; its columns "
-                            f"are {described}: name the one to use with {flag}")
-    image_column, label_column = chosen
-    renames = {old: new for old, new in ((image_column, 'image'), (label_column, 'label')) if old != new}
-    train_set, val_set = (loaded[name].select_columns(chosen).rename_columns(renames) for name in names)
-    others = [name for name in columns[1] if name != label_column]
-    train_set.source = val_set.source = f"splits {', '.join(names)}, columns {', '.join(chosen)}" + (
-        f" (other class labels: {', '.join(others)}; --target-key picks one)" if others else '')
-    labels = features[label_column]  # a ClassLabel has names; plain integers count up from 0
-    classes = labels.names if hasattr(labels, 'names') else [str(i) for i in range(max(train_set['label']) + 1)]
-    return train_set, val_set, list(classes)
-
-
 def _load_cifar(dataset, root):
     from torchvision.datasets import CIFAR10, CIFAR100
     cifar = CIFAR10 if dataset == 'cifar10' else CIFAR100
     try:
         train_set, val_set = [cifar(root, train=train, download=False) for train in (True, False)]
     except RuntimeError:  # torchvision: 'Dataset not found or corrupted'
-        raise DataError(f'no {dataset} files under {root} (expected {os.path.join(root, cifar.base_folder)}); '
-                        f'fetch them once with torchvision.datasets.{cifar.__name__}({root!r}, download=True)'
-                        ) from None
+        raise DataError(f'no {dataset} files under {root} (expected {os.path.join(root, cifar.base_folder)}); fetch '
+                        f'them once with torchvision.datasets.{cifar.__name__}({root!r}, download=True)') from None
     return train_set, val_set, list(train_set.classes)
 
 
@@ -367,7 +296,6 @@ def _load_digits():
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Sampling
-# ----------------------------------------------------------------------------------------------------------------
 
 def mix_seed(*values):
     """A 63-bit seed from integers (numpy's SeedSequence): nearby inputs give unrelated seeds."""
@@ -378,38 +306,27 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     """Batches of (index, item seed) for one rank, a pure function of (seed, epoch, rank, world_size).
 
     shuffle=True (training): one permutation per (seed, epoch), the same on every rank, padded by repeating its
-    start to a multiple of world_size (like DistributedSampler, so ranks step in lockstep); rank r takes every
-    world_size-th index from r. Then the ranks' k-th batches together are exactly the k-th batch a single process
-    with batch size world_size * batch_size would see, augmentations included.
-    shuffle=False (evaluation): rank r takes range(r, n, world_size) with no padding, so every image counts
-    exactly once; the last batches may be short and uneven across ranks.
-    drop_last drops each rank's incomplete last batch.
-    """
+    start to a multiple of world_size (as DistributedSampler: ranks step in lockstep); rank r takes every
+    world_size-th index from r, so the ranks' k-th batches together are the k-th batch of one process with batch
+    size world_size * batch_size, augmentations included. shuffle=False (evaluation): rank r takes range(r, n,
+    world_size), unpadded: every image counts once; the last batches may be short and uneven across ranks.
+    drop_last drops each rank's incomplete last batch."""
 
     def __init__(self, dataset_len, batch_size, *, shuffle, seed=0, rank=0, world_size=1, drop_last):
         if dataset_len < 1 or batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f'need dataset_len >= 1, batch_size >= 1 and 0 <= rank < world_size, got '
                              f'{dataset_len}, {batch_size}, {rank}, {world_size}')
         self.dataset_len, self.batch_size, self.shuffle, self.drop_last = dataset_len, batch_size, shuffle, drop_last
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.start_batch = 0, 0
+        self.seed, self.rank, self.world_size, self.epoch, self.start_batch = seed, rank, world_size, 0, 0
 
     def set_epoch(self, epoch, start_batch=0):
         """Select the epoch; start_batch skips the epoch's first batches without loading them (exact resume)."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def rank_indices(self, rng):
-        if not self.shuffle:
-            return np.arange(self.rank, self.dataset_len, self.world_size)
-        padded_len = math.ceil(self.dataset_len / self.world_size) * self.world_size
-        return np.resize(rng.permutation(self.dataset_len), padded_len)[self.rank::self.world_size]  # wraps around
-
     def __len__(self):
         """Batches in the whole epoch for this rank (start_batch is not subtracted)."""
-        if self.shuffle:
-            count = math.ceil(self.dataset_len / self.world_size)
-        else:
-            count = len(range(self.rank, self.dataset_len, self.world_size))
+        count = (math.ceil(self.dataset_len / self.world_size) if self.shuffle
+                 else len(range(self.rank, self.dataset_len, self.world_size)))
         return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def __iter__(self):
@@ -417,27 +334,26 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         # Drawn first, for every index: an item's seed is a function of (seed, epoch, index) alone, whatever rank,
         # world size or worker loads it (cheaper than a SeedSequence per item: docs/measurements.md).
         item_seeds = rng.integers(0, 2 ** 63, size=self.dataset_len)
-        indices = self.rank_indices(rng)
+        padded_len = math.ceil(self.dataset_len / self.world_size) * self.world_size  # the permutation wraps around
+        indices = (np.resize(rng.permutation(self.dataset_len), padded_len) if self.shuffle
+                   else np.arange(self.dataset_len))[self.rank::self.world_size]
         for batch in range(self.start_batch, len(self)):
             chunk = indices[batch * self.batch_size:(batch + 1) * self.batch_size]
             yield list(zip(chunk.tolist(), item_seeds[chunk].tolist()))
 
 
 def create_loader(dataset, batch_sampler, *, workers, pin_memory=False):
-    """A DataLoader over the sampler's batches; items collate to (uint8 images, int64 labels, int64 bad_images).
-
-    It owns a torch.Generator, so starting an epoch's iterator does not draw from the global RNG (bitwise
-    resume). Workers copy the dataset (and its transform) when they start: train.py makes a new loader each
-    epoch, so progressive learning's new sizes reach them."""
+    """A DataLoader over the sampler's batches, items collated to (uint8 images, int64 labels, int64 bad_images), with
+    its own torch.Generator: an epoch's iterator draws nothing from the global RNG (bitwise resume). Workers copy
+    the dataset and transform as they start: train.py makes a loader each epoch, so progressive sizes reach them."""
     return FrozenHeapLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
                             prefetch_factor=2 if workers > 0 else None, generator=torch.Generator())
 
 
 class FrozenHeapLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose workers fork from a frozen heap. A forked worker shares the main process's pages until
-    it writes to them, and its garbage collector writes to every object it scans: a full collection in a worker
-    copies the interpreter's whole heap (docs/measurements.md). Objects frozen (gc.freeze)
-    before the fork are never scanned there; the main process unfreezes its own right after."""
+    """A DataLoader whose workers fork from a frozen heap: a forked worker's garbage collector writes to every object
+    it scans, so a full collection copies the interpreter's whole heap into it (docs/measurements.md). Objects frozen
+    (gc.freeze) before the fork are never scanned there; the main process unfreezes its own right after."""
 
     def __iter__(self):
         if self.num_workers == 0:

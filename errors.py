@@ -1,6 +1,7 @@
 """The errors that end a run in one line (`error: ...`, exit status 2, no traceback), and the reading of
 one line out of an error. Imports nothing of the project: every file may raise these.
 """
+import importlib
 import sys
 
 import torch
@@ -36,3 +37,13 @@ def one_line(error):
     for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
         last = last[len(prefix):] if last.startswith(prefix) else last
     return last
+
+
+def import_beside(name, feature):
+    """NAME.py, beside the copy as only `feature` needs it (README, "What to copy"); missing, it is one error line."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name != name:
+            raise
+        raise UsageError(f"{feature} needs {name}.py beside train.py: copy it from the project") from None

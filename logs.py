@@ -1,19 +1,14 @@
 """The log lines and what a run leaves to read: timm's `Train:` and `Test:` lines (the ModelZoo scripts parse
-them), the `Epoch` line and its summary.csv row, TensorBoard scalars, top-k accuracy, and curves.png. Rank 0
-alone prints (distributed.say) and writes.
-
-    python logs.py plot output/train/RUN [RUN2 ...] [--out curves.png]   # redraw / overlay curves
+them), the `Epoch` line and its summary.csv row (and curves.png: curves.py), TensorBoard scalars, top-k accuracy.
+Rank 0 alone prints (distributed.say) and writes.
 """
-import csv
 import itertools
 import os
 import time
 
 import torch
 
-from distributed import (all_reduce_sum, get_world_size, is_main_process, max_over_ranks, one_line_errors, say,
-                         synchronize)
-from errors import UsageError
+from distributed import all_reduce_sum, get_world_size, is_main_process, max_over_ranks, say, synchronize
 from run import atomic_write
 
 
@@ -23,9 +18,8 @@ from run import atomic_write
 AVERAGE_AFTER_STEP = 3  # warm-up steps left out of the running images/s, as the ModelZoo parser wants
 
 class TrainLogger:
-    """Times an epoch's optimizer steps and prints timm's `Train:` line at log steps: every `log_interval`-th
-    step and the last one to run. Progress and the epoch's loss sum are read from `state` (run.py's
-    TrainState: `step` steps done, loss_sum, loss_count); the clock syncs the device only at log steps."""
+    """Times an epoch's optimizer steps and prints timm's `Train:` line every `log_interval`-th step and at the
+    last; progress and the loss sum come from `state` (run.TrainState). The device syncs only at log steps."""
 
     def __init__(self, epoch, num_steps, last_step, log_interval, state, device=torch.device('cpu')):
         self.epoch, self.num_steps, self.last_step = epoch, num_steps, last_step
@@ -116,7 +110,7 @@ class EvalLogger:
         return self.averages(self.totals)
 
 class EpochLogger:
-    """The end of each epoch: the `Epoch` line, its summary.csv row and curves.png redrawn (rank 0)."""
+    """The end of each epoch (rank 0): the `Epoch` line, its summary.csv row, curves.png redrawn (curves.py)."""
 
     def __init__(self, output):
         self.output, self.draw_curves = output, True
@@ -141,15 +135,15 @@ class EpochLogger:
         write_summary(os.path.join(self.output, 'summary.csv'), row)
         if self.draw_curves:
             try:
-                plot_curves([self.output], os.path.join(self.output, 'curves.png'))
+                import curves  # beside the copy
+                curves.plot_curves([self.output], os.path.join(self.output, 'curves.png'))
             except ImportError:  # said once
                 self.draw_curves = False
-                say("matplotlib is not installed: no curves.png is drawn (pip install matplotlib; "
-                    "python logs.py plot DIR draws it later)")
+                say("no curves.png is drawn: it needs matplotlib (pip install matplotlib) and curves.py beside "
+                    "train.py; python curves.py DIR draws it later")
 
 def write_summary(path, row):
-    """Append the epoch's row; rows of this epoch or later (from a run that was cut off and resumed)
-    are replaced, so the file always reads as one uninterrupted run."""
+    """Append the epoch's row, replacing rows of this epoch or later (a resumed run's): one uninterrupted run."""
     rows = []
     if os.path.exists(path):
         with open(path) as f:
@@ -163,9 +157,8 @@ def write_summary(path, row):
 _tensorboard = None
 
 def open_tensorboard(folder, first_step=0):
-    """From now on log_scalars writes TensorBoard event files into `folder` (`tensorboard --logdir
-    output/train` shows every run). A resumed run purges what an earlier one wrote from its first step
-    on, so redone steps are not drawn twice. The tensorboard package is needed (train.py checks first)."""
+    """From now on log_scalars writes TensorBoard event files into `folder` (`tensorboard --logdir output/train`).
+    A resumed run purges what an earlier one wrote from its first step on: redone steps are not drawn twice."""
     global _tensorboard
     from torch.utils.tensorboard import SummaryWriter
     _tensorboard = SummaryWriter(folder, purge_step=first_step or None, flush_secs=30)
@@ -195,68 +188,3 @@ def accuracy(output, target, topk=(1, 5)):
     pred = output.topk(maxk, dim=1).indices
     hit = pred.eq(target[:, None])
     return torch.stack([hit[:, :min(k, maxk)].any(dim=1).sum() for k in topk])
-
-
-# ----------------------------------------------------------------------------------------------
-# Training curves from summary.csv (matplotlib, imported only to draw them, with the Agg canvas)
-
-CURVE_PANELS = (  # panel title, then (summary.csv column, line style) drawn in it
-    ('loss (log scale)', (('train_loss', '-'), ('eval_loss', '--'))),
-    ('top-1 (%)', (('eval_top1', '-'), ('ema_top1', '--'))),
-    ('learning rate', (('lr', '-'),)),
-    ('images/s', (('images_per_sec', '-'),)),
-)
-
-def plot_curves(run_dirs, out_path):
-    """Draw loss, top-1, lr and images/s against epoch for each run folder's summary.csv into
-    out_path (PNG); several folders are overlaid, one colour each. Returns the Figure."""
-    from matplotlib.figure import Figure  # ImportError when matplotlib is missing: callers decide
-    from matplotlib.ticker import MaxNLocator
-    fig = Figure(figsize=(11, 7), layout='constrained')
-    axes = fig.subplots(2, 2).flatten()
-    for ax, (title, _) in zip(axes, CURVE_PANELS):
-        ax.set(title=title, xlabel='epoch')
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    axes[0].set_yscale('log')  # early losses (an eval loss of 30 at epoch 0) would flatten the rest
-    for index, run_dir in enumerate(run_dirs):
-        summary_path = os.path.join(run_dir, 'summary.csv')
-        if not os.path.exists(summary_path):
-            raise UsageError(f"{run_dir} has no summary.csv: not a run folder of train.py")
-        with open(summary_path, newline='') as f:
-            rows = list(csv.DictReader(f))
-        name = os.path.basename(os.path.normpath(run_dir))
-        for ax, (_, columns) in zip(axes, CURVE_PANELS):
-            for column, style in columns:
-                points = [(float(row['epoch']), float(row[column])) for row in rows if row.get(column)]
-                if not points:
-                    continue  # e.g. ema_top1 of a run without --model-ema
-                label = column if len(run_dirs) == 1 else f'{name}: {column}'
-                ax.plot(*zip(*points), style, color=f'C{index % 10}', label=label,
-                        marker='o' if len(points) <= 50 else None, markersize=3)
-    for ax in axes:
-        if ax.lines:
-            ax.legend(fontsize='small')
-    fig.suptitle(', '.join(os.path.basename(os.path.normpath(d)) for d in run_dirs))
-    atomic_write(out_path, lambda f: fig.savefig(f, dpi=100, format='png'))  # never half a PNG
-    return fig
-
-
-if __name__ == '__main__':
-    import argparse
-    parser = argparse.ArgumentParser(description="Redraw training curves from train.py run folders: loss, "
-                                                 "top-1, lr, images/s vs epoch; several runs overlay.")
-    parser.add_argument('command', choices=['plot'])
-    parser.add_argument('run_dirs', nargs='+', metavar='DIR', help='folders holding summary.csv')
-    parser.add_argument('--out', help='PNG to write; default: DIR/curves.png for one run, curves.png here for several')
-    cli = parser.parse_args()
-    out = cli.out or (os.path.join(cli.run_dirs[0], 'curves.png') if len(cli.run_dirs) == 1
-                      else 'curves.png')
-    with one_line_errors():
-        try:
-            plot_curves(cli.run_dirs, out)
-        except ImportError:
-            raise UsageError("drawing curves needs matplotlib: pip install matplotlib") from None
-        except OSError as e:
-            raise UsageError(f"cannot write {out}: {e.strerror}") from None
-    print(f"wrote {out}")

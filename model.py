@@ -1,17 +1,14 @@
 """The EfficientNetV2 network: the whole family as tables, numerically identical to timm's, with timm's
 names, parameter counts and state-dict keys (so timm's weights load as they are; weights.py loads them).
-
-    python model.py       # the variants (parameters, GMACs, sizes, top-1), then the published weights' tags
+`python published.py` lists the variants with their sizes and published weights.
 
     net = create_model('efficientnetv2_rw_t', num_classes=1000, drop_rate=0.3, drop_path_rate=0.2)
 
-Paper: Tan & Le, "EfficientNetV2: Smaller Models and Faster Training" (2021), Table 4. Imports only torch.
-"""
+Paper: Tan & Le, "EfficientNetV2: Smaller Models and Faster Training" (2021), Table 4. Imports only torch."""
 import difflib
 import math
 from functools import partial
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -62,10 +59,9 @@ TF_MEAN, TF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 def _variant(table, stem, head, width, depth, train_size, test_size, crop_pct=1.0, tf=False, round_limit=0.9,
              mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """A VARIANTS entry: EfficientNetV2's arguments, and in `config` the image settings timm gives the variant."""
-    config = dict(train_size=train_size, test_size=test_size, crop_pct=crop_pct,
-                  interpolation='bicubic', mean=mean, std=std)
-    return dict(table=table, stem=stem, head=head, width=width, depth=depth, tf=tf,
-                round_limit=round_limit, config=config)
+    return dict(table=table, stem=stem, head=head, width=width, depth=depth, tf=tf, round_limit=round_limit,
+                config=dict(train_size=train_size, test_size=test_size, crop_pct=crop_pct, interpolation='bicubic',
+                            mean=mean, std=std))
 
 
 # tf_*: ports of Google's weights, so BN eps 1e-3 and TensorFlow 'SAME' padding.
@@ -103,8 +99,8 @@ def make_divisible(channels, divisor=8, round_limit=0.9):
 # Layers
 
 class Conv2dSame(nn.Conv2d):
-    """TensorFlow 'SAME' padding for strided convs: computed from the input size at run time,
-    with the odd extra pixel at the bottom/right (what Google's weights were trained with)."""
+    """TensorFlow 'SAME' padding for strided convs (Google's weights were trained with it): computed from the input
+    size at run time, the odd extra pixel at the bottom/right."""
 
     def forward(self, x):
         pads = []
@@ -214,8 +210,7 @@ class EfficientNetV2(nn.Module):
                  num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, in_chans=3, config=None):
         super().__init__()
         bn = partial(nn.BatchNorm2d, eps=1e-3 if tf else 1e-5)
-        def chs(c):
-            return make_divisible(c * width, round_limit=round_limit)
+        chs = lambda c: make_divisible(c * width, round_limit=round_limit)  # noqa: E731
         depths = depth if isinstance(depth, (tuple, list)) else (depth,) * len(table)
         repeats = [math.ceil(row[1] * d) for row, d in zip(table, depths)]
         self.config = dict(config or {})
@@ -225,17 +220,13 @@ class EfficientNetV2(nn.Module):
         self.bn1 = bn(chs(stem))
         in_chs, index, stages = chs(stem), 0, []
         for (kind, _, kernel, stride, expand, out, se), n in zip(table, repeats):
+            block = {'cn': ConvBlock, 'er': partial(FusedMBConv, expand_ratio=expand),
+                     'ir': partial(MBConv, expand_ratio=expand, se_ratio=se)}[kind]
             blocks = []
             for i in range(n):
                 # Stochastic depth grows linearly with the block's index over the whole network.
-                args = dict(in_chs=in_chs, out_chs=chs(out), kernel=kernel, stride=stride if i == 0
-                            else 1, bn=bn, tf_same=tf, drop_path=drop_path_rate * index / sum(repeats))
-                if kind == 'cn':
-                    blocks.append(ConvBlock(**args))
-                elif kind == 'er':
-                    blocks.append(FusedMBConv(expand_ratio=expand, **args))
-                else:
-                    blocks.append(MBConv(expand_ratio=expand, se_ratio=se, **args))
+                blocks.append(block(in_chs, chs(out), kernel, stride if i == 0 else 1, bn=bn, tf_same=tf,
+                                    drop_path=drop_path_rate * index / sum(repeats)))
                 in_chs, index = chs(out), index + 1
             stages.append(nn.Sequential(*blocks))
         self.blocks = nn.Sequential(*stages)
@@ -243,7 +234,7 @@ class EfficientNetV2(nn.Module):
         self.conv_head = conv2d(in_chs, self.num_features, 1)
         self.bn2 = bn(self.num_features)
         self.reset_classifier(num_classes)
-        if not self.conv_stem.weight.is_meta:  # a shape-only model has nothing to fill (python model.py)
+        if not self.conv_stem.weight.is_meta:  # a shape-only model has nothing to fill (python published.py)
             self.apply(init_weights)
 
     def reset_classifier(self, num_classes):
@@ -252,8 +243,7 @@ class EfficientNetV2(nn.Module):
         init_weights(self.classifier)
 
     def forward_features(self, x):  # (N, 3, H, W) -> (N, num_features, H/32, W/32)
-        x = F.silu(self.bn1(self.conv_stem(x)))
-        x = self.blocks(x)
+        x = self.blocks(F.silu(self.bn1(self.conv_stem(x))))
         return F.silu(self.bn2(self.conv_head(x)))
 
     def forward(self, x):  # (N, 3, H, W) -> (N, num_classes)
@@ -277,8 +267,7 @@ def init_weights(m):
 
 
 def freeze_batchnorm(model):
-    """BatchNorm in eval mode inside a training model: it normalizes with its running statistics
-    and leaves them unchanged; its scale and shift still train (fine-tuning with small batches)."""
+    """Small-batch fine-tuning: BatchNorm in eval mode uses and keeps its running statistics; scale and shift train."""
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()
@@ -289,8 +278,7 @@ def list_models():
 
 
 def check_model_name(name, error=ValueError):
-    """Raise `error`, naming the closest variants, unless `name` is a variant, alone or as VARIANT.TAG
-    (timm's spelling; weights.py checks the tag)."""
+    """Raise `error`, naming close variants, unless `name` is a variant or VARIANT.TAG (published.py checks the tag)."""
     if name.split('.')[0] not in VARIANTS:
         close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(list_models())}"
@@ -303,42 +291,3 @@ def create_model(name, num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, **ov
     check_model_name(name)
     spec = {**VARIANTS[name.split('.')[0]], **overrides}
     return EfficientNetV2(num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate, **spec)
-
-
-def count_macs(model, size):
-    """Multiply-accumulates of one forward pass at size x size: each conv and linear layer's output elements
-    times the inputs each sums (BN, SE gating, activations not counted). For a model on the meta device, by
-    hooks in eval mode: FlopCounterMode and BN's training branch are slower there (docs/measurements.md)."""
-    macs = []
-    def count(layer, inputs, output):
-        macs.append(output.numel() * layer.weight[0].numel())  # weight[0]: one output's inputs
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    with torch.no_grad():
-        model.eval()(torch.empty(1, 3, size, size, device=model.conv_stem.weight.device))
-    model.train(was_training)
-    for hook in hooks:
-        hook.remove()
-    return sum(macs)
-
-
-if __name__ == '__main__':
-    import weights  # the published weights' table (this file alone needs only torch)
-    print(f"{'model':<24}{'params':>14}{'GMACs':>8}{'train':>7}{'test':>6}{'crop':>7}   ImageNet top-1 "
-          f"of the default weights (--pretrained)")
-    for name in list_models():
-        with torch.device('meta'):
-            net = create_model(name)
-        cfg, params = net.config, sum(p.numel() for p in net.parameters())
-        tag = next((tag for tag in weights.PUBLISHED_WEIGHTS if tag.split('.')[0] == name), None)
-        top1 = f"{weights.PUBLISHED_WEIGHTS[tag][2]:.3f} @{weights.published_config(tag)['test_size']}" if tag else ''
-        print(f"{name:<24}{params:>14,}{count_macs(net, cfg['train_size']) / 1e9:>8.2f}{cfg['train_size']:>7}"
-              f"{cfg['test_size']:>6}{cfg['crop_pct']:>7.3f}   {top1:<12}{tag or 'none'}")
-    print(f"\n{'--model VARIANT.TAG --pretrained':<38}{'classes':>8}{'train':>7}{'test':>6}{'crop':>7}"
-          f"   mean/std  resize    ImageNet top-1")
-    for tag, (publisher, classes, top1, _) in weights.PUBLISHED_WEIGHTS.items():
-        cfg = weights.published_config(tag)
-        norm = '0.5' if cfg['mean'] == TF_MEAN else 'ImageNet'
-        top1 = f"{top1:.3f} @{cfg['test_size']}" if top1 else 'none: 21k classes'
-        print(f"{tag:<38}{classes:>8,}{cfg['train_size']:>7}{cfg['test_size']:>6}{cfg['crop_pct']:>7.3f}"
-              f"   {norm:<10}{cfg['interpolation']:<10}{top1} ({publisher})")

@@ -9,7 +9,7 @@
 Both take the checkpoint's EMA weights when it holds them, and the run's evaluation settings (size,
 crop_pct, interpolation, mean/std) from the arguments stored in it; --size overrides the size.
 Without a checkpoint (classify: the first PATH is an image or a folder), --model NAME takes the
-variant's published ImageNet weights, or VARIANT.TAG's (weights.published_weights: downloaded once into
+variant's published ImageNet weights, or VARIANT.TAG's (published.published_weights: downloaded once into
 Hugging Face's or torch's cache), their eval transform and ImageNet's class names. Notes go to stderr.
 `classify` prints one line per image (folders are searched recursively for .jpg/.jpeg/.png):
     photos/cat.jpg  tabby 91.20%  tiger_cat 6.31%  Egyptian_cat 1.94%  lynx 0.21%  tiger 0.09%
@@ -30,6 +30,7 @@ import distributed
 import errors
 import model as models
 import transforms
+import published
 import weights
 
 EXPORT_TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch in float32
@@ -47,7 +48,7 @@ def load_model(path, model_name=None):
     net = models.create_model(arch, num_classes=num_classes)
     for note in weights.load_pretrained(net, checkpoint, use_ema=True):
         print(note, file=sys.stderr)  # stdout is for results
-    config = weights.model_config(arch)  # a VARIANT.TAG run (train.py --model): that tag's
+    config = published.model_config(arch)  # a VARIANT.TAG run (train.py --model): that tag's
     classes = checkpoint.get('classes') or [str(i) for i in range(num_classes)]
     info = dict(arch=arch, classes=list(classes), ema=bool(checkpoint.get('model_ema')),
                 size=saved.get('eval_size') or saved.get('img_size') or config['test_size'],
@@ -62,13 +63,13 @@ def load_published(name):
     in eval mode on the CPU; info dict as load_model's, with the eval settings those weights were
     measured with and ImageNet-1k's class names; ImageNet-21k's 21,843 are numbered)."""
     models.check_model_name(name, error=errors.UsageError)
-    tag = weights.published_tag(name)  # CheckpointError, one line, for a variant without weights
-    config, (publisher, num_classes) = weights.published_config(tag), weights.PUBLISHED_WEIGHTS[tag][:2]
+    tag = published.published_tag(name)  # CheckpointError, one line, for a variant without weights
+    config, (publisher, num_classes) = published.published_config(tag), published.PUBLISHED_WEIGHTS[tag][:2]
     net = models.create_model(name, num_classes=num_classes)
-    for note in weights.load_pretrained(net, weights.read_checkpoint(weights.published_weights(name))):
+    for note in weights.load_pretrained(net, weights.read_checkpoint(published.published_weights(name))):
         print(note, file=sys.stderr)  # stdout is for results
     classes = imagenet_classes() if num_classes == 1000 else [str(i) for i in range(num_classes)]
-    file = tag if publisher == 'timm' else weights.TORCHVISION_FILES[tag]
+    file = tag if publisher == 'timm' else published.TORCHVISION_FILES[tag]
     info = dict(arch=name, classes=classes, ema=False, published=f'{publisher}:{file}',
                 size=config['test_size'], crop_pct=config['crop_pct'],
                 interpolation=config['interpolation'], mean=config['mean'], std=config['std'])

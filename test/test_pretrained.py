@@ -36,6 +36,7 @@ from test_model import assert_same, images, timm_reference
 
 import errors
 import model
+import published
 import predict
 import weights
 
@@ -74,8 +75,18 @@ def use_endpoint(monkeypatch, endpoint):
 @pytest.fixture
 def no_retry_waits(monkeypatch):
     """huggingface_hub waits before it retries: 1+2+4+8+8 s for a host that does not answer, 1 s per
-    retry of a cut transfer. In this process the waits are skipped (the subprocess tests wait them)."""
+    retry of a cut transfer. In this process the waits are skipped."""
     monkeypatch.setattr(time, 'sleep', lambda seconds: None)
+
+
+@pytest.fixture
+def no_retry_waits_in_subprocesses(tmp_path, monkeypatch):
+    """The same for the programs the test starts: a sitecustomize module on their PYTHONPATH skips the waits
+    (the retries themselves still run, against the closed port)."""
+    folder = tmp_path / 'no_waits'
+    folder.mkdir()
+    (folder / 'sitecustomize.py').write_text('import time\ntime.sleep = lambda seconds: None\n')
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join(filter(None, [str(folder), os.environ.get('PYTHONPATH')])))
 
 
 class Hub(http.server.BaseHTTPRequestHandler):
@@ -222,7 +233,7 @@ def one_line(error):
 def test_published_timm_weights_download_into_the_hub_cache_and_give_timms_outputs(hub, timm_b0,
                                                                                    timm_b0_file):
     publish(hub, timm_b0_file)
-    path = weights.published_weights(ARCH, progress=False)
+    path = published.published_weights(ARCH, progress=False)
     snapshot, blob = snapshot_and_blob(timm_b0_file)
     assert path == os.path.join(hub_cache(), snapshot)
     assert os.path.realpath(path) == os.path.realpath(os.path.join(hub_cache(), blob))
@@ -238,9 +249,9 @@ def test_published_timm_weights_download_into_the_hub_cache_and_give_timms_outpu
 
 def test_the_second_call_is_a_cache_hit_without_a_request(hub, timm_b0_file):
     publish(hub, timm_b0_file)
-    first = weights.published_weights(ARCH, progress=False)
+    first = published.published_weights(ARCH, progress=False)
     hub.routes.clear()  # were the network asked again, the download would fail
-    assert weights.published_weights(ARCH) == first and hub.requests == DOWNLOAD
+    assert published.published_weights(ARCH) == first and hub.requests == DOWNLOAD
 
 
 def test_offline_mode_uses_the_cache_and_without_it_is_one_line_and_no_request(hub, timm_b0_file,
@@ -248,30 +259,30 @@ def test_offline_mode_uses_the_cache_and_without_it_is_one_line_and_no_request(h
     monkeypatch.setattr(hub_constants, 'HF_HUB_OFFLINE', True)  # HF_HUB_OFFLINE=1
     publish(hub, timm_b0_file)
     with pytest.raises(errors.CheckpointError) as error:
-        weights.published_weights(ARCH, progress=False)
+        published.published_weights(ARCH, progress=False)
     message = one_line(error)
     assert 'HF_HUB_OFFLINE' in message and hub_cache() in message and '--pretrained PATH' in message
     assert hub.requests == [] and cache_contents() == []
     monkeypatch.setattr(hub_constants, 'HF_HUB_OFFLINE', False)
-    path = weights.published_weights(ARCH, progress=False)
+    path = published.published_weights(ARCH, progress=False)
     monkeypatch.setattr(hub_constants, 'HF_HUB_OFFLINE', True)
-    assert weights.published_weights(ARCH, progress=False) == path and hub.requests == DOWNLOAD
+    assert published.published_weights(ARCH, progress=False) == path and hub.requests == DOWNLOAD
 
 
 def test_a_sha256_mismatch_is_refused_in_one_line_and_nothing_stays_in_the_cache(hub, timm_b0_file):
     publish(hub, timm_b0_file, stated_sha256='f' * 64)
     with pytest.raises(errors.CheckpointError) as error:
-        weights.published_weights(ARCH, progress=False)
+        published.published_weights(ARCH, progress=False)
     assert 'SHA-256' in one_line(error) and 'ffffffff' in str(error.value)
     assert hub.requests == DOWNLOAD and cache_contents() == []
     publish(hub, timm_b0_file)  # the next try downloads again, and keeps the right file
-    path = weights.published_weights(ARCH, progress=False)
+    path = published.published_weights(ARCH, progress=False)
     assert open(path, 'rb').read() == timm_b0_file
 
 
 def test_without_a_stated_sha256_the_file_is_kept_when_complete_and_a_cdn_etag_is_no_hash(hub, timm_b0_file):
     publish(hub, timm_b0_file, stated_sha256=None)
-    path = weights.published_weights(ARCH, progress=False)
+    path = published.published_weights(ARCH, progress=False)
     assert open(path, 'rb').read() == timm_b0_file
     assert os.path.basename(os.path.realpath(path)) == 'e' * 40  # named by the pointer's git hash
 
@@ -283,7 +294,7 @@ def test_a_transfer_that_ends_early_leaves_no_partial_file_and_says_so_in_one_li
     publish(hub, timm_b0_file)
     hub.plan = [dict(send=half, announce=False)]
     with pytest.raises(errors.CheckpointError) as error:
-        weights.published_weights(ARCH, progress=False)
+        published.published_weights(ARCH, progress=False)
     message = one_line(error)
     assert message.startswith(f'cannot download {hub.url}{HUB_PATH} into {hub_cache()}')
     assert f'size {whole} but has size {half}' in message and '--pretrained PATH' in message
@@ -294,7 +305,7 @@ def test_a_transfer_cut_once_resumes_where_it_stopped_and_the_file_is_whole(hub,
                                                                             no_retry_waits):
     publish(hub, timm_b0_file)
     hub.plan = [dict(send=len(timm_b0_file) - 1000)]  # the client keeps what it has read
-    path = weights.published_weights(ARCH, progress=False)
+    path = published.published_weights(ARCH, progress=False)
     assert open(path, 'rb').read() == timm_b0_file and hub.requests == DOWNLOAD + [f'GET {CDN_PATH}']
 
 
@@ -304,7 +315,7 @@ def test_a_transfer_cut_for_good_leaves_no_partial_file_and_says_so_in_one_line(
     publish(hub, timm_b0_file)
     hub.plan = [dict(send=len(timm_b0_file) // 2, then_drop=True)]
     with pytest.raises(errors.CheckpointError) as error:
-        weights.published_weights(ARCH, progress=False)
+        published.published_weights(ARCH, progress=False)
     message = one_line(error)
     assert message.startswith(f'cannot download {hub.url}{HUB_PATH} into {hub_cache()}')
     assert '--pretrained PATH' in message
@@ -315,7 +326,7 @@ def test_ctrl_c_during_the_transfer_leaves_no_partial_file(hub, timm_b0_file):
     publish(hub, timm_b0_file)
     hub.plan = [dict(send=1000, interrupt=True)]
     with pytest.raises(KeyboardInterrupt):
-        weights.published_weights(ARCH, progress=False)
+        published.published_weights(ARCH, progress=False)
     assert hub.requests == DOWNLOAD and cache_contents() == []
 
 
@@ -324,7 +335,7 @@ def test_an_unreachable_hub_is_one_line_naming_the_url_the_cache_and_a_local_fil
     port = closed_port()
     use_endpoint(monkeypatch, f'http://127.0.0.1:{port}')
     with pytest.raises(errors.CheckpointError) as error:
-        weights.published_weights(ARCH, progress=False)
+        published.published_weights(ARCH, progress=False)
     message = one_line(error)
     assert f'http://127.0.0.1:{port}{HUB_PATH}' in message and hub_cache() in message
     assert '--pretrained PATH' in message and cache_contents() == []
@@ -332,7 +343,7 @@ def test_an_unreachable_hub_is_one_line_naming_the_url_the_cache_and_a_local_fil
 
 def test_a_missing_file_on_the_hub_names_the_http_status(hub):
     with pytest.raises(errors.CheckpointError, match='HTTP 404'):
-        weights.published_weights(ARCH, progress=False)
+        published.published_weights(ARCH, progress=False)
     assert hub.requests == [f'HEAD {HUB_PATH}'] and cache_contents() == []
 
 
@@ -355,7 +366,7 @@ def torchvision_style(monkeypatch, tmp_path):
     state = model.create_model(ARCH).state_dict()
     torch.save(state, folder / 'weights.pth')
     sha256 = hashlib.sha256((folder / 'weights.pth').read_bytes()).hexdigest()
-    monkeypatch.setattr(weights, 'TORCHVISION_MODELS', folder.as_uri())
+    monkeypatch.setattr(published, 'TORCHVISION_MODELS', folder.as_uri())
     return dict(folder=folder, weights=state, sha256=sha256)
 
 
@@ -363,9 +374,9 @@ def test_torchvision_style_weights_are_checked_against_the_hash_prefix_in_their_
                                                                                        monkeypatch):
     folder, sha256 = torchvision_style['folder'], torchvision_style['sha256']
     (folder / 'weights.pth').rename(folder / f'b0-{sha256[:8]}.pth')
-    monkeypatch.setitem(weights.PUBLISHED_WEIGHTS, HUB_ID, ('torchvision', 1000, None, {}))
-    monkeypatch.setitem(weights.TORCHVISION_FILES, HUB_ID, f'b0-{sha256[:8]}.pth')
-    path = weights.published_weights(ARCH, progress=False)
+    monkeypatch.setitem(published.PUBLISHED_WEIGHTS, HUB_ID, ('torchvision', 1000, None, {}))
+    monkeypatch.setitem(published.TORCHVISION_FILES, HUB_ID, f'b0-{sha256[:8]}.pth')
+    path = published.published_weights(ARCH, progress=False)
     assert path == os.path.join(torch_cache(), f'b0-{sha256[:8]}.pth')  # torchvision's own cache name
     assert cache_contents() == [f'b0-{sha256[:8]}.pth']
     net = model.create_model(ARCH)
@@ -373,7 +384,7 @@ def test_torchvision_style_weights_are_checked_against_the_hash_prefix_in_their_
     for key, value in net.state_dict().items():
         assert torch.equal(value, torchvision_style['weights'][key]), key
     (folder / f'b0-{sha256[:8]}.pth').unlink()  # the second call reads the cache
-    assert weights.published_weights(ARCH, progress=False) == path
+    assert published.published_weights(ARCH, progress=False) == path
 
 
 def test_torchvision_weights_whose_hash_differs_from_their_name_are_refused(torchvision_style):
@@ -381,28 +392,28 @@ def test_torchvision_weights_whose_hash_differs_from_their_name_are_refused(torc
     (torchvision_style['folder'] / 'weights.pth').rename(
         torchvision_style['folder'] / 'efficientnet_v2_s-dd5fe13b.pth')
     with pytest.raises(errors.CheckpointError) as error:
-        weights.published_weights('efficientnetv2_s', progress=False)
+        published.published_weights('efficientnetv2_s', progress=False)
     assert 'expected dd5fe13b' in one_line(error) and torch_cache() in str(error.value)
     assert cache_contents() == []
 
 
 def test_an_unreachable_torchvision_file_is_one_line_naming_the_url_and_the_cache_path(torchvision_style):
     with pytest.raises(errors.CheckpointError) as error:
-        weights.published_weights('efficientnetv2_s', progress=False)
+        published.published_weights('efficientnetv2_s', progress=False)
     message = one_line(error)
-    assert message.startswith(f"cannot download {weights.TORCHVISION_MODELS}/efficientnet_v2_s-dd5fe13b.pth")
+    assert message.startswith(f"cannot download {published.TORCHVISION_MODELS}/efficientnet_v2_s-dd5fe13b.pth")
     assert os.path.join(torch_cache(), 'efficientnet_v2_s-dd5fe13b.pth') in message
     assert '--pretrained PATH' in message and cache_contents() == []
 
 
 def test_a_variant_without_published_weights_is_refused_in_one_line():
-    for call in (weights.published_weights, weights.published_config):
+    for call in (published.published_weights, published.published_config):
         with pytest.raises(errors.CheckpointError) as error:
             call('efficientnetv2_xl')
         assert 'efficientnetv2_xl has no published ImageNet weights' in one_line(error)
     assert cache_contents() == []
     with pytest.raises(ValueError, match='did you mean'):
-        weights.published_weights('efficientnetv2_rwt')
+        published.published_weights('efficientnetv2_rwt')
 
 
 def test_huggingface_hub_is_imported_only_for_a_download():
@@ -435,13 +446,13 @@ DEFAULT_WEIGHTS = {
 
 def test_every_efficientnetv2_tag_timm_publishes_is_a_row_with_timms_classes_and_eval_config():
     timm_tags = {tag for name in model.VARIANTS for tag in timm.list_pretrained(name + '.*')}
-    assert {tag for tag, row in weights.PUBLISHED_WEIGHTS.items() if row[0] == 'timm'} == timm_tags
+    assert {tag for tag, row in published.PUBLISHED_WEIGHTS.items() if row[0] == 'timm'} == timm_tags
     assert len(timm_tags) == 20 and 'tf_efficientnetv2_xl.in21k' in timm_tags
     for tag in timm_tags:
-        expected, (_, classes, top1, _) = timm.models.get_pretrained_cfg(tag), weights.PUBLISHED_WEIGHTS[tag]
+        expected, (_, classes, top1, _) = timm.models.get_pretrained_cfg(tag), published.PUBLISHED_WEIGHTS[tag]
         assert expected.hf_hub_id == f'timm/{tag}' and classes == expected.num_classes, tag
         assert (top1 is None) == (classes == 21843) and classes in (1000, 21843), tag  # 21k: no in1k top-1
-        config = weights.published_config(tag)
+        config = published.published_config(tag)
         assert config['train_size'] == expected.input_size[-1], tag
         assert config['test_size'] == (expected.test_input_size or expected.input_size)[-1], tag
         assert (config['crop_pct'], config['interpolation']) == (expected.crop_pct, expected.interpolation), tag
@@ -452,11 +463,11 @@ def test_a_bare_variant_name_means_the_weights_it_meant_before_tags():
     for name in model.VARIANTS:
         if name == 'efficientnetv2_xl':
             continue  # none (test_a_variant_without_published_weights_is_refused_in_one_line)
-        tag = weights.published_tag(name)
-        publisher = weights.PUBLISHED_WEIGHTS[tag][0]
-        file = tag if publisher == 'timm' else weights.TORCHVISION_FILES[tag]
+        tag = published.published_tag(name)
+        publisher = published.PUBLISHED_WEIGHTS[tag][0]
+        file = tag if publisher == 'timm' else published.TORCHVISION_FILES[tag]
         assert f'{publisher}:{file}' == DEFAULT_WEIGHTS[name] and tag.split('.')[0] == name
-        assert weights.published_config(name) == weights.published_config(tag)
+        assert published.published_config(name) == published.published_config(tag)
     assert set(DEFAULT_WEIGHTS) == set(model.VARIANTS) - {'efficientnetv2_xl'}
 
 
@@ -464,13 +475,13 @@ def test_a_bare_variant_name_means_the_weights_it_meant_before_tags():
                                                        ('efficientnetv2_m', 'EfficientNet_V2_M_Weights'),
                                                        ('efficientnetv2_l', 'EfficientNet_V2_L_Weights')])
 def test_torchvision_rows_carry_torchvisions_file_top1_and_eval_transform(name, torchvision_weights):
-    published = getattr(torchvision.models, torchvision_weights).IMAGENET1K_V1
-    tag = weights.published_tag(name)
-    publisher, classes, top1, _ = weights.PUBLISHED_WEIGHTS[tag]
-    assert f'{weights.TORCHVISION_MODELS}/{weights.TORCHVISION_FILES[tag]}' == published.url
+    theirs = getattr(torchvision.models, torchvision_weights).IMAGENET1K_V1
+    tag = published.published_tag(name)
+    publisher, classes, top1, _ = published.PUBLISHED_WEIGHTS[tag]
+    assert f'{published.TORCHVISION_MODELS}/{published.TORCHVISION_FILES[tag]}' == theirs.url
     assert (publisher, classes, tag) == ('torchvision', 1000, f'{name}.tv_in1k')
-    assert top1 == published.meta['_metrics']['ImageNet-1K']['acc@1']
-    transform, config = published.transforms(), weights.published_config(name)
+    assert top1 == theirs.meta['_metrics']['ImageNet-1K']['acc@1']
+    transform, config = theirs.transforms(), published.published_config(name)
     assert transform.resize_size == [config['test_size']] == transform.crop_size  # crop_pct 1
     assert config['crop_pct'] == 1.0 and config['interpolation'] == transform.interpolation.value
     assert (list(config['mean']), list(config['std'])) == (transform.mean, transform.std)
@@ -577,8 +588,9 @@ def test_an_unknown_model_name_is_a_usage_error_naming_close_matches(tmp_path):
             load()
 
 
-def test_classify_with_an_unreachable_hub_is_one_error_line_with_exit_status_2(tmp_path, monkeypatch):
-    """huggingface_hub retries a host that does not answer for 23 s before this one line."""
+def test_classify_with_an_unreachable_hub_is_one_error_line_with_exit_status_2(tmp_path, monkeypatch,
+                                                                              no_retry_waits_in_subprocesses):
+    """huggingface_hub retries a host that does not answer (23 s of waits, skipped here) before this one line."""
     port = closed_port()
     monkeypatch.setenv('HF_ENDPOINT', f'http://127.0.0.1:{port}/')  # a trailing slash, as often typed
     result = run_predict('classify', '--model', ARCH, an_image(tmp_path))
@@ -636,9 +648,9 @@ def test_train_pretrained_without_a_path_downloads_once_and_starts_from_those_we
     assert hub.requests == DOWNLOAD
 
 
-def test_train_pretrained_with_an_unreachable_hub_is_one_error_line_and_leaves_no_run_folder(tmp_path,
-                                                                                           monkeypatch):
-    """huggingface_hub retries a host that does not answer for 23 s before this one line."""
+def test_train_pretrained_with_an_unreachable_hub_is_one_error_line_and_leaves_no_run_folder(
+        tmp_path, monkeypatch, no_retry_waits_in_subprocesses):
+    """huggingface_hub retries a host that does not answer (23 s of waits, skipped here) before this one line."""
     monkeypatch.setenv('HF_ENDPOINT', f'http://127.0.0.1:{closed_port()}')
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1)
     result = run_train(data_dir, '--model', ARCH, '--pretrained', '--img-size', '32', '-b', '2', '-j', '0',
@@ -652,16 +664,16 @@ def test_train_pretrained_with_an_unreachable_hub_is_one_error_line_and_leaves_n
 # ----------------------------------------------------------------------------------------------
 # Weights by tag: --model VARIANT.TAG (timm's spelling)
 
-def test_python_model_py_lists_every_tag_with_its_classes_sizes_and_top1():
-    result = subprocess.run([sys.executable, 'model.py'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_python_published_py_lists_every_tag_with_its_classes_sizes_and_top1():
+    result = subprocess.run([sys.executable, 'published.py'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
-    for tag, (publisher, classes, top1, _) in weights.PUBLISHED_WEIGHTS.items():
-        config = weights.published_config(tag)
+    for tag, (publisher, classes, top1, _) in published.PUBLISHED_WEIGHTS.items():
+        config = published.published_config(tag)
         settings = [f'{classes:,}', str(config['train_size']), str(config['test_size']), f"{config['crop_pct']:.3f}",
                     '0.5' if config['mean'] == model.TF_MEAN else 'ImageNet', config['interpolation']]
-        published = [f'{top1:.3f}', f"@{config['test_size']}"] if top1 else ['none:', '21k', 'classes']
-        assert rows[tag][1:] == [*settings, *published, f'({publisher})'], rows[tag]
+        top1_words = [f'{top1:.3f}', f"@{config['test_size']}"] if top1 else ['none:', '21k', 'classes']
+        assert rows[tag][1:] == [*settings, *top1_words, f'({publisher})'], rows[tag]
     assert rows['tf_efficientnetv2_s.in21k_ft_in1k'][1:8] == ['1,000', '300', '384', '1.000', '0.5', 'bicubic',
                                                               '84.332']
     assert rows['tf_efficientnetv2_l.in21k'][1:8] == ['21,843', '384', '480', '1.000', '0.5', 'bicubic', 'none:']
@@ -672,15 +684,16 @@ def test_python_model_py_lists_every_tag_with_its_classes_sizes_and_top1():
 
 def test_an_unknown_tag_is_one_line_naming_the_variants_tags():
     import flags
-    for call in (weights.published_tag, weights.published_config, weights.published_weights, predict.load_published,
+    for call in (published.published_tag, published.published_config, published.published_weights,
+                 predict.load_published,
                  lambda name: flags.resolve_args(flags.get_args_parser().parse_args(['--model', name]))):
         with pytest.raises(errors.CheckpointError) as error:
             call('tf_efficientnetv2_s.in22k')
         message = one_line(error)
         assert message.startswith('no published weights tf_efficientnetv2_s.in22k: tf_efficientnetv2_s has ')
-        assert 'tf_efficientnetv2_s.in21k_ft_in1k' in message and 'python model.py' in message
+        assert 'tf_efficientnetv2_s.in21k_ft_in1k' in message and 'python published.py' in message
     with pytest.raises(ValueError, match='did you mean tf_efficientnetv2_s'):
-        weights.published_tag('tf_efficientnetv2_ss.in1k')
+        published.published_tag('tf_efficientnetv2_ss.in1k')
     assert cache_contents() == []
 
 
@@ -710,9 +723,9 @@ def test_a_tag_offline_is_one_error_line_naming_its_file_and_once_cached_it_load
     assert lines[0].startswith(f'error: cannot download {hub.url}/timm/{tag}/resolve/main/model.safetensors '
                                f'into {hub_cache()} (HF_HUB_OFFLINE is set and the file is not cached)')
     assert '--pretrained PATH' in lines[0] and not (tmp_path / 'run').exists() and hub.requests == []
-    published = model.create_model('tf_efficientnetv2_s')  # stands for the weights timm publishes
-    publish(hub, safetensors.torch.save(published.state_dict()), hub_id=tag)
-    weights.published_weights(tag, progress=False)  # into the cache, online
+    weights_of_timm = model.create_model('tf_efficientnetv2_s')  # stands for the weights timm publishes
+    publish(hub, safetensors.torch.save(weights_of_timm.state_dict()), hub_id=tag)
+    published.published_weights(tag, progress=False)  # into the cache, online
     result = run_train(*tiny, '--output', tmp_path / 'run', env=offline)
     assert re.search(rf'^Training {re.escape(tag)} \(20\.18M parameters\) on ', result.stdout, re.M), result.stdout
     assert re.search(r'^classifier left as initialised \(checkpoint has 1000 classes, model 2\)$',

@@ -19,7 +19,7 @@ from conftest import ROOT, make_image_folder, run_train
 
 import errors
 import flags  # tests reuse train.py's parser (torchvision references' habit)
-import logs
+import curves
 import optim
 
 
@@ -143,7 +143,7 @@ def test_curves_png_is_drawn_each_epoch_with_one_point_per_epoch(runs):
     assert header[:8] == b'\x89PNG\r\n\x1a\n'
     width, height = struct.unpack('>II', header[16:24])
     assert width > 600 and height > 400
-    figure = logs.plot_curves([runs['root'] / 'whole'], runs['root'] / 'again.png')
+    figure = curves.plot_curves([runs['root'] / 'whole'], runs['root'] / 'again.png')
     lines = {line.get_label(): list(line.get_xdata()) for ax in figure.axes for line in ax.lines}
     assert set(lines) == {'train_loss', 'eval_loss', 'eval_top1', 'ema_top1', 'lr', 'images_per_sec'}
     assert all(xs == [0, 1, 2, 3] for xs in lines.values())
@@ -151,11 +151,11 @@ def test_curves_png_is_drawn_each_epoch_with_one_point_per_epoch(runs):
 
 def test_plot_command_overlays_several_runs(runs):
     out = runs['root'] / 'both.png'
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'logs.py'), 'plot', runs['root'] / 'whole',
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'curves.py'), runs['root'] / 'whole',
                              runs['root'] / 'resumed', '--out', out], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    figure = logs.plot_curves([runs['root'] / 'whole', runs['root'] / 'resumed'], out)
+    figure = curves.plot_curves([runs['root'] / 'whole', runs['root'] / 'resumed'], out)
     points = {line.get_label(): len(line.get_xdata()) for line in figure.axes[0].lines}
     assert points == {'whole: train_loss': 4, 'whole: eval_loss': 4, 'resumed: train_loss': 2,
                       'resumed: eval_loss': 2}
