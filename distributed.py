@@ -1,7 +1,5 @@
-"""Devices and the process group: the device a process drives, its rank under torchrun,
-torch.distributed.launch or Slurm's srun, the store where the ranks meet (also after torchrun restarts
-a group), the collectives train.py needs, the rank-0 print, and how a rank ends: one line or a traceback.
-"""
+"""Devices, ranks under torchrun, torch.distributed.launch or Slurm's srun, the store where they meet (also after
+torchrun restarts a group), the collectives train.py needs, the rank-0 print, how a rank ends: one line or traceback."""
 import contextlib
 import datetime
 import importlib.util
@@ -20,21 +18,17 @@ from errors import CheckpointError, DataError, UsageError, one_line
 # Devices
 
 def device_type(name):
-    """'auto': cuda, else an Ascend npu (torch_npu imported only if installed), else cpu; the same answer
-    on every rank. 'cuda' or 'npu' on a machine without one is a UsageError."""
+    """'auto': cuda, else an Ascend npu, else cpu, alike on every rank; 'cuda' or 'npu' without one is a UsageError."""
     if name == 'auto':
         if torch.cuda.is_available():
             return 'cuda'
-        if importlib.util.find_spec('torch_npu'):
-            import torch_npu  # noqa: F401  (registers the device)
-            if torch.npu.is_available():
-                return 'npu'
-        return 'cpu'
+        npu = importlib.util.find_spec('torch_npu') and importlib.import_module('torch_npu')  # registers the device
+        return 'npu' if npu and torch.npu.is_available() else 'cpu'
     if name == 'cuda' and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
     if name == 'npu':
         try:
-            import torch_npu  # noqa: F401
+            importlib.import_module('torch_npu')
         except ImportError:
             raise UsageError("--device npu: torch_npu is not installed (Ascend's PyTorch "
                              "adapter); install it or use --device cpu") from None
@@ -73,20 +67,17 @@ def default_channels_last(device):
 # Launchers and the process group
 
 def distributed_env():
-    """(rank, world_size, local_rank) from torchrun's (or torch.distributed.launch's) variables, else from
-    Slurm's in a process srun started: `srun --ntasks-per-node=8 --gpus-per-node=8 python train.py ...`.
-    The size is the step's task count: a batch script's own `python train.py` is one process, although
-    the script holds SLURM_NTASKS=N (TensorFlow's SlurmClusterResolver reads the same variables)."""
+    """(rank, world_size, local_rank) from torchrun's (or torch.distributed.launch's) variables, else from Slurm's in an
+    srun step (`srun --ntasks-per-node=8 python train.py`; as TensorFlow's SlurmClusterResolver): the step's task count,
+    so a batch script's own `python train.py` is one process despite SLURM_NTASKS=N."""
     if 'RANK' in os.environ or 'SLURM_STEP_NUM_TASKS' not in os.environ:
-        return (int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)),
-                int(os.environ.get('LOCAL_RANK', 0)))
-    return (int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_STEP_NUM_TASKS']),
-            int(os.environ['SLURM_LOCALID']))
+        return tuple(int(os.environ.get(key, default)) for key, default in (('RANK', 0), ('WORLD_SIZE', 1),
+                                                                               ('LOCAL_RANK', 0)))
+    return tuple(int(os.environ[key]) for key in ('SLURM_PROCID', 'SLURM_STEP_NUM_TASKS', 'SLURM_LOCALID'))
 
 def master_address():
-    """(host, port) of the store where the ranks meet: MASTER_ADDR and MASTER_PORT (torchrun sets both);
-    under srun without them, the step's first node and a port from the job id, so that two jobs on one
-    node differ (torch's 29500 would collide) and it lies below Linux's ephemeral ports (32768 up)."""
+    """(host, port) of the store: MASTER_ADDR and MASTER_PORT (torchrun sets both), else the srun step's first node and
+    a port from the job id: jobs sharing a node differ (torch's 29500 would collide), below ephemeral ports (32768)."""
     nodelist = os.environ.get('SLURM_STEP_NODELIST') or os.environ.get('SLURM_JOB_NODELIST')
     host = os.environ.get('MASTER_ADDR') or (first_host(nodelist) if nodelist else None)
     port = os.environ.get('MASTER_PORT') or (
@@ -103,34 +94,27 @@ def first_host(nodelist):
     return re.sub(r'\[([^\]\-,]*)[^\]]*\]', r'\1', first)
 
 def init_distributed(device, timeout_minutes=30):
-    """One process group over all ranks: nccl for GPUs, hccl for NPUs, gloo for CPUs. A collective
-    that waits longer than the timeout fails (the launcher then stops every rank)."""
+    """One process group over all ranks; a collective waiting past the timeout fails (the launcher stops all)."""
     backend = {'cuda': 'nccl', 'npu': 'hccl'}.get(device.type, 'gloo')
     rank, world_size, _ = distributed_env()
     timeout = datetime.timedelta(minutes=timeout_minutes)
     dist.init_process_group(backend, store=rendezvous_store(rank, world_size, timeout), rank=rank,
-                            world_size=world_size, timeout=timeout,
-                            device_id=device if device.type == 'cuda' else None)
+                            world_size=world_size, timeout=timeout, device_id=device if device.type == 'cuda' else None)
 
 def rendezvous_store(rank, world_size, timeout):
-    """The store where the ranks exchange addresses, made as torch's env:// makes it (a client of torchrun's
-    store, else served by rank 0), but under torchrun each group gets keys of its own: torchrun's store
-    outlives its workers, and a group restarted after a failure (--max-restarts) read the dead group's
-    addresses there and failed or hung (pytorch/pytorch#167288; test/test_elastic.py)."""
+    """The store where the ranks meet, as torch's env:// makes it (a client of torchrun's, else served by rank 0),
+    but under torchrun each group gets keys of its own: torchrun's store outlives its workers, and a group restarted
+    (--max-restarts) read the dead group's addresses there and failed or hung (pytorch/pytorch#167288)."""
     host, port = master_address()
-    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
-        store = dist.PrefixStore('default_pg', dist.TCPStore(host, port, world_size, is_master=False,
-                                                             timeout=timeout))
-        return dist.PrefixStore(fresh_key_space(store, rank, world_size, timeout), store)
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
-    return dist.PrefixStore('default_pg', store)
+    agent = os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+    store = dist.PrefixStore('default_pg', dist.TCPStore(host, port, world_size, is_master=rank == 0 and not agent,
+                                                         timeout=timeout, multi_tenant=not agent))
+    return dist.PrefixStore(fresh_key_space(store, rank, world_size, timeout), store) if agent else store
 
 def fresh_key_space(store, rank, world_size, timeout):
-    """A prefix no earlier group used, agreed on through the store: rank 0 names it after a random token
-    and hands it to each other rank under a key named after that rank's own random token, which no dead
-    process can have written. (TORCHELASTIC_RESTART_COUNT cannot name it: each torchrun agent counts its
-    own restarts, under --rdzv-backend c10d not those after a membership change, so nodes would disagree
-    and wait for the timeout; pytorch/pytorch#108158.)"""
+    """A prefix no earlier group used: rank 0 names it after a random token, handed to each rank under a key named after
+    the rank's own random token, which no dead process can have written. Not the restart count: each torchrun agent
+    counts its own (under c10d, not after a membership change), so nodes would disagree (pytorch/pytorch#108158)."""
     token = os.urandom(8).hex()
     if rank > 0:
         store.set(f'hello/{rank}', token)
@@ -172,7 +156,6 @@ def is_main_process():
     return get_rank() == 0
 
 def say(message, file=sys.stdout):
-    """Rank 0 prints (it alone logs)."""
     if is_main_process():
         print(message, file=file, flush=True)
 
@@ -210,9 +193,9 @@ def average_bn_stats(model):
 
 @contextlib.contextmanager
 def one_line_errors(alike_on_every_rank=False):
-    """Bad input (flags, data, checkpoints) or a loss that stays non-finite ends the program with one line,
-    `error: ...`, and exit status 2, no traceback: said by rank 0 when every rank finds the same (the
-    flags; the all-reduced loss), else by the rank that hit it. The launcher stops the others."""
+    """Bad input (flags, data, checkpoints) or a loss that stays non-finite ends the program with `error: ...`,
+    exit status 2, no traceback: said by rank 0 when every rank finds the same (flags; the all-reduced loss), else
+    by the rank that hit it. The launcher stops the others."""
     rank, world_size, _ = distributed_env()
     where = f' (rank {rank})' if world_size > 1 else ''
     try:
@@ -233,14 +216,11 @@ def one_line_errors(alike_on_every_rank=False):
         raise  # a bug: the traceback, each line prefixed [rankN] by torch.distributed
 
 def is_peer_failure(error):
-    """Whether a collective failed because another rank went away (that rank reports its own
-    error) or stopped answering for --dist-timeout (it says nothing). torch raises a DistError for
-    NCCL, the stores (DistNetworkError, DistStoreError) and some HCCL timeouts; gloo and HCCL raise
-    a plain RuntimeError, known by its message: gloo's when the peer closed the connection or a wait
-    timed out (after which every later collective says 'Application timeout caused pair closure')."""
+    """Whether a collective failed because another rank went away (it reports its own error) or went silent for
+    --dist-timeout: a DistError (NCCL, the stores, some HCCL timeouts), or gloo's and HCCL's RuntimeError known by its
+    message (after a gloo timeout every later one says 'Application timeout caused pair closure')."""
     signs = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'Timed out waiting',
-             'Application timeout caused pair closure', 'Socket closed', 'Socket unexpectedly closed',
-             'Read timeout', 'Write timeout', 'Watchdog caught collective operation timeout',
-             'timed out in blocking wait')
+             'Application timeout caused pair closure', 'Socket closed', 'Socket unexpectedly closed', 'Read timeout',
+             'Write timeout', 'Watchdog caught collective operation timeout', 'timed out in blocking wait')
     return isinstance(error, dist.DistError) or (
         isinstance(error, RuntimeError) and any(sign in str(error) for sign in signs))

@@ -47,17 +47,15 @@ def get_args_parser():
     p.add_argument('--val-split', help=f"held-out folder or split (default: the first of {', '.join(data.VAL_SPLITS)})")
     p.add_argument('--input-key', help='--dataset hf: the image column (default: the Image one)')
     p.add_argument('--target-key', help='--dataset hf: the label column (default: the first ClassLabel one)')
-    p.add_argument('--model', help=f'variant or VARIANT.TAG (weights), see python model.py {default("model")}')
+    p.add_argument('--model', help=f'variant or VARIANT.TAG (weights), see python published.py {default("model")}')
     p.add_argument('--num-classes', type=int, help='classifier outputs (default: the number of class folders)')
     p.add_argument('--pretrained', nargs='?', const=True, metavar='PATH',
                    help="start from weights: no value: the published weights --model names "
                         "(downloaded once); PATH: a timm, torchvision or train.py file")
     p.add_argument('--img-size', type=int, help="train size (default: the variant's; the demo: 32)")
-    p.add_argument('--eval-size', type=int,
-                   help='validation size (default: --img-size; with --progressive the test size)')
+    p.add_argument('--eval-size', type=int, help='validation size (default: --img-size; --progressive: the test size)')
     p.add_argument('--crop-pct', type=float, help="eval resize = size / crop_pct (default: the variant's)")
-    p.add_argument('--interpolation', choices=transforms.INTERPOLATIONS,
-                   help="resize interpolation (default: the variant's)")
+    p.add_argument('--interpolation', choices=transforms.INTERPOLATIONS, help="resize (default: the variant's)")
     p.add_argument('--mean', type=float, nargs=3, help="normalization (default: the variant's)")
     p.add_argument('--std', type=float, nargs=3, help="normalization (default: the variant's)")
     p.add_argument('--scale', type=float, nargs=2, help=f'RandomResizedCrop area range {default("scale")}')
@@ -65,8 +63,7 @@ def get_args_parser():
                    help='RandomResizedCrop aspect range (default: 3/4 4/3)')
     p.add_argument('--hflip', type=float, help=f'horizontal flip probability {default("hflip")}')
     p.add_argument('--aa', help='RandAugment in timm\'s grammar, e.g. rand-m9-mstd0.5 (default: none)')
-    p.add_argument('--color-jitter', type=float,
-                   help=f'colour jitter strength, used without --aa {default("color_jitter")}')
+    p.add_argument('--color-jitter', type=float, help=f'colour jitter, without --aa {default("color_jitter")}')
     p.add_argument('--reprob', type=float, default=0.0, help='random erasing probability')
     p.add_argument('--mixup', type=float, default=0.0, help='mixup alpha (0: off)')
     p.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha (0: off)')
@@ -91,16 +88,14 @@ def get_args_parser():
     p.add_argument('--lr-base-scale', choices=('linear', 'sqrt'),
                    help='how --lr-base scales with the global batch (default: sqrt for adamw, else linear)')
     p.add_argument('--warmup-lr', type=float, default=1e-4, help='lr of the first warm-up epoch')
-    p.add_argument('--warmup-epochs', type=int,
-                   help=f'epochs of linear warm-up from --warmup-lr {default("warmup_epochs")}')
+    p.add_argument('--warmup-epochs', type=int, help=f'linear warm-up from --warmup-lr {default("warmup_epochs")}')
     p.add_argument('--min-lr', type=float, help=f'end of the cosine {default("min_lr")}')
     p.add_argument('--decay-epochs', type=float, default=100, help='step schedule: epochs per decay')
     p.add_argument('--decay-rate', type=float, default=0.1, help='step schedule: lr factor per decay')
     p.add_argument('--model-ema', action='store_true', help='keep, validate and report an EMA of the weights')
     p.add_argument('--model-ema-decay', type=float, help=f'EMA decay per step {default("model_ema_decay")}')
     p.add_argument('--amp', action='store_true', help='native mixed precision')
-    p.add_argument('--amp-dtype', choices=('float16', 'bfloat16'),
-                   help='autocast dtype (default: float16; on the CPU bfloat16)')
+    p.add_argument('--amp-dtype', choices=('float16', 'bfloat16'), help='(default: float16; on the CPU bfloat16)')
     p.add_argument('--apex-amp', action='store_true', help='NVIDIA apex O1 where it imports, else --amp')
     p.add_argument('--channels-last', action=argparse.BooleanOptionalAction,
                    help='NHWC activations (default: on for CUDA and the CPU, off for the NPU)')
@@ -169,7 +164,9 @@ def resolve_args(args):
     models.check_model_name(args.model, error=errors.UsageError)
     # Published weights are evaluated and fine-tuned with the settings they were measured with.
     published = args.pretrained is True
-    config = weights.model_config(args.model, published)  # VARIANT.TAG: that tag's, with --pretrained or not
+    config = models.VARIANTS[args.model.split('.')[0]]['config']
+    if published or '.' in args.model:  # VARIANT.TAG: that tag's, with --pretrained or not (timm's create_model)
+        config = weights.published().published_config(args.model)
     args.img_size = args.img_size or config['train_size']
     # Progressive learning trains up to the train size and evaluates at the test size, as does
     # --evaluate --pretrained (to compare with the published top-1).
@@ -184,6 +181,7 @@ def resolve_args(args):
         args.lr_base_scale = args.lr_base_scale or ('sqrt' if args.opt == 'adamw' else 'linear')  # timm 1.x's
         ratio = global_batch(args) / args.lr_base_size
         args.lr = args.lr_base * (ratio ** 0.5 if args.lr_base_scale == 'sqrt' else ratio)
+    args.rand_augment = transforms.parse_rand_augment(args.aa) if args.aa else None  # --aa's options, or None
     args.device = distributed.device_type(args.device)  # 'auto' resolved: the same answer on every rank
     if args.channels_last is None:
         args.channels_last = distributed.default_channels_last(torch.device(args.device))
@@ -211,8 +209,6 @@ def check_args(args):
     if args.progressive and not 0 < args.prog_min_size <= args.img_size:
         raise errors.UsageError(f"--prog-min-size {args.prog_min_size} must be between 1 and --img-size "
                                 f"{args.img_size}; give a smaller --prog-min-size")
-    if args.aa:
-        transforms.parse_rand_augment(args.aa)  # raises DataError with a one-line message
     if args.color_jitter < 0:
         raise errors.UsageError(f"--color-jitter must be 0 or more, got {args.color_jitter}")
     if isinstance(args.pretrained, str) and os.path.isdir(args.pretrained):

@@ -1,7 +1,5 @@
-"""The optimizer side of the recipe, the part a copy swaps: timm's RMSpropTF and parameter groups, timm's
-learning-rate schedules, the EMA of the weights, and mixed precision (native or NVIDIA apex) around the step.
-Each piece says why it is not torch's own; test/test_utils.py compares each with timm's.
-"""
+"""The optimizer side of the recipe, the part a copy swaps: timm's RMSpropTF, parameter groups, lr schedules, the
+weights' EMA, mixed precision, progressive learning. Each says why it is not torch's; test/test_utils.py checks."""
 import contextlib
 import copy
 import importlib
@@ -10,20 +8,17 @@ import math
 import torch
 
 from errors import UsageError
-from randaugment import parse_rand_augment
 
 
 # ----------------------------------------------------------------------------------------------
 # Optimizer
 
 class RMSpropTF(torch.optim.Optimizer):
-    """TensorFlow-1 RMSprop as timm implements it (torch's RMSprop differs): the square average starts at
-    one (torch: zero), eps sits inside the root, and lr is accumulated inside the momentum buffer. Weight
-    decay is L2 added to the gradient. Updated with foreach kernels."""
+    """TensorFlow-1 RMSprop as timm's (not torch's): the square average starts at one (torch: zero), eps sits
+    inside the root, lr is accumulated in the momentum buffer; weight decay is L2 added to the gradient."""
 
-    # On the CPU, foreach ops over the whole model allocate model-sized temporaries that go back to the OS
-    # after every step; chunks of at most this many elements reuse theirs and beat timm's per-tensor loop
-    # (bench.py; docs/measurements.md, Speed). Accelerators take each group in one piece.
+    # On the CPU, foreach ops over the whole model allocate model-sized temporaries, returned to the OS every
+    # step; chunks of this many elements reuse theirs (docs/measurements.md, Speed). Accelerators: one piece.
     cpu_chunk_numel = 1 << 18
 
     def __init__(self, params, lr=1e-2, alpha=0.9, eps=1e-10, weight_decay=0.0, momentum=0.9):
@@ -35,21 +30,16 @@ class RMSpropTF(torch.optim.Optimizer):
             params = [p for p in group['params'] if p.grad is not None]
             for p in params:
                 if not self.state[p]:
-                    self.state[p]['square_avg'] = torch.ones_like(p)
-                    self.state[p]['momentum_buffer'] = torch.zeros_like(p)
-            for chunk in self._chunks(params):
+                    self.state[p].update(square_avg=torch.ones_like(p), momentum_buffer=torch.zeros_like(p))
+            chunk, numel = [], 0
+            for p in params:
+                if chunk and p.device.type == 'cpu' and numel + p.numel() > self.cpu_chunk_numel:
+                    self._update(group, chunk)
+                    chunk, numel = [], 0
+                chunk.append(p)
+                numel += p.numel()
+            if chunk:
                 self._update(group, chunk)
-
-    def _chunks(self, params):
-        chunk, numel = [], 0
-        for p in params:
-            if chunk and p.device.type == 'cpu' and numel + p.numel() > self.cpu_chunk_numel:
-                yield chunk
-                chunk, numel = [], 0
-            chunk.append(p)
-            numel += p.numel()
-        if chunk:
-            yield chunk
 
     def _update(self, group, params):
         grads = [p.grad for p in params]
@@ -70,6 +60,7 @@ class RMSpropTF(torch.optim.Optimizer):
         else:
             torch._foreach_addcdiv_(params, grads, denom, value=-group['lr'])
 
+
 def param_groups(model, weight_decay):
     """timm's grouping: biases and 1-D parameters (BN) get no weight decay."""
     decay, no_decay = [], []
@@ -84,6 +75,7 @@ def param_groups(model, weight_decay):
 
 SCHEDULES = ('step', 'cosine', 'const')
 
+
 def learning_rate(epoch, sched, lr, epochs, warmup_lr, warmup_epochs, decay_epochs, decay_rate, min_lr):
     if sched not in SCHEDULES:
         raise UsageError(f"unknown schedule '{sched}': choose {', '.join(SCHEDULES)}")
@@ -92,18 +84,14 @@ def learning_rate(epoch, sched, lr, epochs, warmup_lr, warmup_epochs, decay_epoc
     if sched == 'step':
         return lr * decay_rate ** (epoch // decay_epochs)
     if sched == 'cosine':
-        if epoch >= epochs:
-            return min_lr
-        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
+        return min_lr if epoch >= epochs else min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
     return lr  # 'const'
 
+
 class TimmSchedule(torch.optim.lr_scheduler.LambdaLR):
-    """timm's schedule as a torch scheduler stepped after every optimizer step: the lr of step s is
-    learning_rate(s // steps_per_epoch, ...) for the first group, times its own ratio for a group created
-    with another lr. A LambdaLR because stock schedulers give other lrs: StepLR decays only where the epoch
-    is a multiple of step_size (the reference recipe decays at epoch // 2.4: 3, 5, 8, ...), SequentialLR
-    restarts the count after the warm-up (timm's runs from epoch 0), and each changes the lr at every
-    step() where timm's holds it for an epoch. test/test_utils.py compares learning_rate with timm's."""
+    """timm's schedule per optimizer step: step s gets learning_rate(s // steps_per_epoch), times a group's lr ratio
+    to group 0. Not StepLR (decays only at multiples of step_size; the recipe's epoch // 2.4 decays at 3, 5, 8, ...)
+    nor SequentialLR (restarts the count after the warm-up); both change the lr each step(), timm's once an epoch."""
 
     def __init__(self, optimizer, steps_per_epoch, sched, epochs, warmup_lr, warmup_epochs, decay_epochs,
                  decay_rate, min_lr):
@@ -118,16 +106,14 @@ class TimmSchedule(torch.optim.lr_scheduler.LambdaLR):
 # EMA of weights and BN buffers
 
 class ModelEma(torch.nn.Module):
-    """timm's ModelEmaV2: a copy of the model whose parameters and buffers follow
-    e = decay * e + (1 - decay) * w after every optimizer step, from the first step on. Not torch's
-    AveragedModel, which copies a counter to the device every step (a host sync on CUDA) and loops over
-    the integer buffers in Python: this is faster (bench.py; docs/measurements.md, Speed)."""
+    """timm's ModelEmaV2: a copy whose parameters and buffers follow e = decay * e + (1 - decay) * w after every
+    optimizer step, from the first on. Faster than torch's AveragedModel, which copies a counter to the device
+    each step (a host sync on CUDA) and loops over integer buffers in Python (docs/measurements.md, Speed)."""
 
     def __init__(self, model, decay):
         super().__init__()
-        self.module = copy.deepcopy(model).eval()
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
-        self.module.requires_grad_(False)
 
     @torch.no_grad()
     def update_parameters(self, model):
@@ -148,10 +134,8 @@ class ModelEma(torch.nn.Module):
 # Mixed precision
 
 class Precision:
-    """Mixed precision behind four calls, native or NVIDIA apex: autocast(), backward(loss),
-    step(optimizer, clip_grad) -> whether the step was skipped, state_dict()/load_state_dict() (the loss
-    scale, saved in checkpoints). Native float16 uses a GradScaler (it skips a step whose gradients are not
-    finite and lowers its scale); bfloat16 and float32 need none. apex: O1, set up by create_precision."""
+    """Native or apex O1: autocast(), backward(loss), step(optimizer, clip_grad) -> skipped?, state_dict (loss scale).
+    Native float16 has a GradScaler (skips non-finite steps, lowers its scale); bfloat16 and float32 need none."""
 
     def __init__(self, device_type, dtype=None, apex_optimizer=None):
         self.device_type, self.dtype, self.apex_optimizer = device_type, dtype, apex_optimizer
@@ -174,8 +158,7 @@ class Precision:
         scale = self.loss_scale()
         if clip_grad:  # on the true gradients: GradScaler unscales them here (apex already has; its scaler is off)
             self.scaler.unscale_(optimizer)
-            parameters = [p for group in optimizer.param_groups for p in group['params']]
-            torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group['params']], clip_grad)
         self.scaler.step(optimizer)  # a plain optimizer.step() when the scaler is disabled
         self.scaler.update()
         # A skipped step halves the scale; reading it costs no extra sync (the scaler synced to decide).
@@ -186,8 +169,7 @@ class Precision:
             return self.apex_amp._amp_state.loss_scalers[0].loss_scale()
         return self.scaler.get_scale() if self.scaler.is_enabled() else None
 
-    def state_dict(self):
-        """apex: {'loss_scaler0': {'loss_scale': ..., 'unskipped': ...}}; the GradScaler's: {} when disabled."""
+    def state_dict(self):  # apex: {'loss_scaler0': {...}}; the GradScaler's: {} when disabled
         return self.apex_amp.state_dict() if self.apex_amp else self.scaler.state_dict()
 
     def load_state_dict(self, state):
@@ -197,10 +179,10 @@ class Precision:
         elif self.scaler.is_enabled() and 'scale' in state:
             self.scaler.load_state_dict(state)
 
+
 def create_precision(device, model, optimizer, amp=False, amp_dtype=None, apex=False, say=print):
-    """-> (Precision, model, optimizer). --apex-amp uses apex O1 where apex imports (on a GPU or NPU) and
-    native mixed precision otherwise, saying so; --amp is native. The default dtype is float16 on
-    accelerators and bfloat16 on the CPU."""
+    """-> (Precision, model, optimizer). --amp: native; --apex-amp: apex O1 where it imports (GPU, NPU), else native,
+    saying so. The default dtype is float16 on accelerators, bfloat16 on the CPU."""
     dtype = getattr(torch, amp_dtype or ('bfloat16' if device.type == 'cpu' else 'float16'))
     if apex and device.type != 'cpu':
         try:
@@ -222,12 +204,10 @@ def create_precision(device, model, optimizer, amp=False, amp_dtype=None, apex=F
 def stage_settings(args, epoch):
     """What the epoch trains with. Without --progressive: the flags. With it, the paper's progressive
     learning: image size, RandAugment magnitude, mixup and dropout rise by stage."""
-    base = dict(stage=0, size=args.img_size, magnitude=None, mixup=args.mixup, drop=args.drop,
-                epochs=(0, args.epochs - 1))
-    if args.aa:
-        base['magnitude'] = parse_rand_augment(args.aa)['magnitude']
+    magnitude = args.rand_augment['magnitude'] if args.rand_augment else None
     if not args.progressive:
-        return base
+        return dict(stage=0, size=args.img_size, magnitude=magnitude, mixup=args.mixup, drop=args.drop,
+                    epochs=(0, args.epochs - 1))
     stages = args.prog_stages
     stage_of = lambda e: min(e * stages // args.epochs, stages - 1)  # noqa: E731
     stage = stage_of(epoch)  # a pure function of the epoch: resuming needs nothing else
@@ -237,8 +217,7 @@ def stage_settings(args, epoch):
     size = args.prog_min_size + (args.img_size - args.prog_min_size) * (stage + 1) // stages
     ratio = stage / max(stages - 1, 1)
     lerp = lambda low, high: low + (high - low) * ratio  # noqa: E731
-    magnitude = base['magnitude']
-    if args.aa:  # a minimum above the flag's value is capped to it: regularization never falls
+    if args.rand_augment:  # a minimum above the flag's value is capped to it: regularization never falls
         magnitude = lerp(min(args.prog_min_aa, magnitude), magnitude)
     return dict(stage=stage, size=size, magnitude=magnitude, mixup=lerp(0.0, args.mixup),
                 drop=lerp(min(args.prog_min_drop, args.drop), args.drop), epochs=(in_stage[0], in_stage[-1]))

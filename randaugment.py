@@ -1,14 +1,13 @@
-"""timm's RandAugment on uint8 (3, H, W) tensors: its policy, its spec grammar and its 15 ops, giving
-timm 0.5.4's PIL results (the Ascend ModelZoo recipe's `--aa rand-m9-mstd0.5`). transforms.train_transform uses it.
+"""timm's RandAugment on uint8 (3, H, W) tensors: its policy, spec grammar and 15 ops, giving timm 0.5.4's PIL
+results (the Ascend ModelZoo recipe's `--aa rand-m9-mstd0.5`). transforms.train_transform uses it.
 
     rand_augment = RandAugment(**parse_rand_augment('rand-m9-mstd0.5'), fill=(124, 116, 104))
     image = rand_augment(image)              # randomness from torch's global RNG (data.py seeds it per image)
     image = rand_augment.apply('ShearX', image, level=9, sign=1)   # one op, no randomness
 
-The policy is timm's (tested against timm/data/auto_augment.py); each op gives PIL's result with PIL's
-arithmetic (test/test_data.py: colour ops bit-exact, geometric ops within 1). An op is torchvision's v2 op
-where that is exact and no slower, PIL's own where that is faster with the tensor conversion, else a kernel
-here that says why it is kept, each faster than PIL's op (times: docs/measurements.md, RandAugment's ops).
+test/test_data.py checks the policy against timm's and each op against PIL's (colour ops bit-exact, geometric
+within 1). An op is torchvision's v2 op where exact and no slower, else PIL's or a kernel here, each commented
+with why it is kept (times: docs/measurements.md, RandAugment's ops).
 """
 import math
 
@@ -23,41 +22,31 @@ from errors import DataError
 RAND_AUGMENT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
                     'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
                     'TranslateYRel')
-RAND_AUGMENT_INCREASING_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
-                               'SolarizeIncreasing', 'SolarizeAdd', 'ColorIncreasing', 'ContrastIncreasing',
-                               'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY',
-                               'TranslateXRel', 'TranslateYRel')
+_ENHANCE_OPS = ('Color', 'Contrast', 'Brightness', 'Sharpness')
 _GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
 
 
-def _enhance_factor(level, sign):  # 0.1 .. 1.9 as the level grows; 1.0 leaves the image alone
-    return (level / 10 * 1.8 + 0.1,)
-
-
-def _enhance_increasing_factor(level, sign):  # 1.0 -/+ up to 0.9: stronger either way as the level grows
-    return (max(0.1, 1.0 + sign * level / 10 * 0.9),)
+def _signed(scale):  # sign * scale at level 10: the geometric ops go either way
+    return lambda level, sign: (sign * level / 10 * scale,)
 
 
 # timm's level -> op arguments, level on its 0..10 scale; `sign` is a fresh random +-1 per op application.
+# An *Increasing variant grows stronger with the level (its plain op weakens or flips at high levels).
 LEVEL_TO_ARGS = {
-    'AutoContrast': lambda level, sign: (),
-    'Equalize': lambda level, sign: (),
-    'Invert': lambda level, sign: (),
-    'Rotate': lambda level, sign: (sign * level / 10 * 30,),                            # degrees
-    'Posterize': lambda level, sign: (int(level / 10 * 4),),                            # bits kept, 0..4
+    'AutoContrast': lambda level, sign: (), 'Equalize': lambda level, sign: (), 'Invert': lambda level, sign: (),
+    'Rotate': _signed(30), 'ShearX': _signed(0.3), 'ShearY': _signed(0.3),         # degrees; shear factor
+    'TranslateXRel': _signed(0.45), 'TranslateYRel': _signed(0.45),                 # fraction of the size
+    'Posterize': lambda level, sign: (int(level / 10 * 4),),                        # bits kept, 0..4
     'PosterizeIncreasing': lambda level, sign: (4 - int(level / 10 * 4),),
-    'Solarize': lambda level, sign: (min(256, int(level / 10 * 256)),),                 # threshold
+    'Solarize': lambda level, sign: (min(256, int(level / 10 * 256)),),             # threshold
     'SolarizeIncreasing': lambda level, sign: (256 - min(256, int(level / 10 * 256)),),
-    'SolarizeAdd': lambda level, sign: (min(128, int(level / 10 * 110)),),              # added below 128
-    'Color': _enhance_factor, 'ColorIncreasing': _enhance_increasing_factor,
-    'Contrast': _enhance_factor, 'ContrastIncreasing': _enhance_increasing_factor,
-    'Brightness': _enhance_factor, 'BrightnessIncreasing': _enhance_increasing_factor,
-    'Sharpness': _enhance_factor, 'SharpnessIncreasing': _enhance_increasing_factor,
-    'ShearX': lambda level, sign: (sign * level / 10 * 0.3,),                           # shear factor
-    'ShearY': lambda level, sign: (sign * level / 10 * 0.3,),
-    'TranslateXRel': lambda level, sign: (sign * level / 10 * 0.45,),                   # fraction of the size
-    'TranslateYRel': lambda level, sign: (sign * level / 10 * 0.45,),
+    'SolarizeAdd': lambda level, sign: (min(128, int(level / 10 * 110)),),          # added below 128
+    **{name: lambda level, sign: (level / 10 * 1.8 + 0.1,) for name in _ENHANCE_OPS},  # 0.1..1.9; 1.0: no change
+    **{name + 'Increasing': lambda level, sign: (max(0.1, 1.0 + sign * level / 10 * 0.9),)  # 1.0 -/+ up to 0.9
+       for name in _ENHANCE_OPS},
 }
+RAND_AUGMENT_INCREASING_OPS = tuple(name + 'Increasing' if name + 'Increasing' in LEVEL_TO_ARGS else name
+                                    for name in RAND_AUGMENT_OPS)
 
 
 class RandAugment:
@@ -94,16 +83,10 @@ class RandAugment:
             return OPS[name](image, *args, fill=self.fill, interpolation=self.interpolation)
         return OPS[name.replace('Increasing', '')](image, *args)
 
-    def __repr__(self):
-        return (f'RandAugment(magnitude={self.magnitude}, num_ops={self.num_ops}, magnitude_std='
-                f'{self.magnitude_std}, magnitude_max={self.magnitude_max}, prob={self.prob}, '
-                f'increasing={self.op_names is RAND_AUGMENT_INCREASING_OPS})')
-
 
 def parse_rand_augment(spec):
-    """timm's RandAugment spec -> RandAugment keyword arguments. 'rand' then dash-separated sections:
-    m<magnitude> n<num_ops> mstd<std> (over 100: uniform) mmax<max level> p<prob> inc<0|1>; e.g. 'rand-m9-mstd0.5'.
-    Defaults are timm's: magnitude 10, 2 ops, std 0, max 10, prob 0.5, not increasing."""
+    """timm's spec -> RandAugment's keyword arguments: 'rand' then dash-separated m<magnitude> n<num_ops>
+    mstd<std> (over 100: uniform) mmax<max level> p<prob> inc<0|1>, e.g. 'rand-m9-mstd0.5'; defaults timm's."""
     example = "e.g. 'rand-m9-mstd0.5' (sections m, n, mstd, mmax, p, inc)"
     sections = str(spec).split('-')
     if sections[0] != 'rand':
@@ -158,9 +141,8 @@ def auto_contrast(image):
     return _apply_lut(image, np.stack(luts))
 
 
-# PIL's own op (the one timm calls), exact by definition and faster than a numpy kernel or TF.equalize
+# PIL's own ImageOps.equalize (timm's op): exact by definition, faster than a numpy kernel or TF.equalize
 def equalize(image):
-    """PIL's ImageOps.equalize: per channel, map values through the histogram's cumulative distribution."""
     return _with_pil(image, ImageOps.equalize)
 
 
@@ -199,8 +181,7 @@ def color(image, factor):
 
 # kept: TF.adjust_sharpness is off by 1 on a few values and several times slower (its conv2d)
 def sharpness(image, factor):
-    """Blend with PIL's SMOOTH filter (3x3 ones with centre 5, / 13, rounded; the 1-pixel border unfiltered,
-    where the blend is then the identity)."""
+    """Blend with PIL's SMOOTH filter (3x3 ones, centre 5, / 13, rounded); the 1-pixel border stays as it is."""
     pixels = image.float()
     vertical_sums = pixels[:, :-2] + pixels[:, 1:-1]
     vertical_sums += pixels[:, 2:]
@@ -212,15 +193,13 @@ def sharpness(image, factor):
     return pixels.clamp_(0, 255).to(torch.uint8)
 
 
-# Geometric ops: PIL's Image.transform(AFFINE) semantics. Output pixel (x, y) samples the input at the affine
-# image of its centre (x + 0.5, y + 0.5), in coordinates where pixel i spans [i, i + 1); a source outside the
-# image gives `fill`; interpolation neighbours outside it are clamped to the edge; PIL truncates the result.
+# Geometric ops, PIL's Image.transform(AFFINE): output pixel (x, y) samples the input at the affine image of
+# (x + 0.5, y + 0.5), pixel i spanning [i, i + 1); sources outside give `fill`, neighbours are clamped to the edge.
 
 # kept: TF.affine on tensors has no bicubic; its bilinear is far off at the edges, and slower
 def _shift_rows(image, shifts, fill, interpolation):
-    """Output row y samples input row y at x + shifts[y]: PIL's affine transform for shear-x and translate-x.
-    The shift is constant along a row: one integer offset and one set of tap weights per row (a gather and
-    4 multiply-adds, faster than PIL's generic 2-D resampler)."""
+    """Output row y samples input row y at x + shifts[y] (PIL's shear-x, translate-x): one offset and one set of
+    tap weights per row, so a gather and 4 multiply-adds (faster than PIL's 2-D resampler); PIL truncates."""
     channels, height, width = image.shape
     source = torch.arange(width) + 0.5 + shifts[:, None]  # each output pixel's source, PIL's coordinates
     outside = (source < 0) | (source >= width)
@@ -247,17 +226,13 @@ def shear_x(image, factor, fill, interpolation):  # PIL: transform(AFFINE, (1, f
     return _shift_rows(image, factor * row_centres, fill, interpolation)
 
 
-def shear_y(image, factor, fill, interpolation):  # PIL: transform(AFFINE, (1, 0, 0, factor, 1, 0))
-    return shear_x(image.transpose(1, 2), factor, fill, interpolation).transpose(1, 2)
-
-
 def translate_x_rel(image, fraction, fill, interpolation):  # PIL: (1, 0, fraction * width, 0, 1, 0)
     shifts = torch.full((image.shape[1],), fraction * image.shape[2], dtype=torch.float64)
     return _shift_rows(image, shifts, fill, interpolation)
 
 
-def translate_y_rel(image, fraction, fill, interpolation):
-    return translate_x_rel(image.transpose(1, 2), fraction, fill, interpolation).transpose(1, 2)
+def _along_y(op_along_x):  # ShearY, TranslateYRel: the x op on the transposed image
+    return lambda image, *args, **kwargs: op_along_x(image.transpose(1, 2), *args, **kwargs).transpose(1, 2)
 
 
 # kept: TF.rotate on tensors has no bicubic; its bilinear, as fast, is far off at the edges
@@ -276,4 +251,4 @@ def _with_pil(image, op):
 OPS = {'AutoContrast': auto_contrast, 'Equalize': equalize, 'Invert': TF.invert, 'Posterize': TF.posterize,
        'Solarize': solarize, 'SolarizeAdd': solarize_add, 'Color': color, 'Contrast': contrast,
        'Brightness': TF.adjust_brightness, 'Sharpness': sharpness, 'Rotate': rotate, 'ShearX': shear_x,
-       'ShearY': shear_y, 'TranslateXRel': translate_x_rel, 'TranslateYRel': translate_y_rel}
+       'ShearY': _along_y(shear_x), 'TranslateXRel': translate_x_rel, 'TranslateYRel': _along_y(translate_x_rel)}

@@ -1,17 +1,8 @@
-"""The run around train.py's recipe: nothing lost. One object sits beside the epoch loop:
-
-    progress = run.Supervisor(args, parts, meta, device, epoch_logger)   # resumes --resume, makes --output
-    progress.after_step(loss, skipped, at_log_step, last_of_epoch)        # -> stop here (a signal)
-    progress.ends_before_validation(); progress.end_epoch(evaluation, ema_evaluation, images_per_sec)
-
-and its pieces: TrainState (where the run stands), save_checkpoint/load_checkpoint over a dict of named parts
-(model, optimizer, scheduler, scaler, model_ema), StopSignals (SIGTERM/SIGINT), NonFiniteGuard, the run folder,
-and files written whole (atomic_write: a kill or a full disk never leaves half a file).
-
-Why a resumed run matches an uninterrupted one bit for bit: the data order and each image's augmentation are
-functions of (seed, epoch, index) (data.py), the lr a function of the step; a checkpoint holds all the rest as
-tensors and plain types: the parts' state dicts, the TrainState, and per rank the RNG and BatchNorm states.
-"""
+"""The run around train.py's recipe, nothing lost: the Supervisor beside the epoch loop, and its pieces: TrainState,
+checkpoints of named parts (model, optimizer, scheduler, scaler, model_ema), StopSignals, NonFiniteGuard, the run
+folder, files written whole (atomic_write: a kill or a full disk never leaves half a file). A resumed run matches an
+uninterrupted one bit for bit: the data order and augmentations are functions of (seed, epoch, index) (data.py), the
+lr of the step, and a checkpoint holds the rest: the parts, the TrainState, per rank the RNG and BatchNorm states."""
 import errno
 import glob
 import json
@@ -41,9 +32,8 @@ RESUME_FREE_ARGS = {'data_dir', 'data_path', 'output', 'resume', 'workers', 'log
 
 
 class Supervisor:
-    """Beside the epoch loop: the TrainState (resumed from --resume), checkpoints (every --checkpoint-interval
-    steps, at each epoch's end, on a stop signal), stop signals, the non-finite guard and the epoch's log row
-    (epoch_logger.log). Creating it resumes, creates the run folder and installs the signal handlers."""
+    """The TrainState, checkpoints (every --checkpoint-interval steps, at epoch ends, on a stop signal), stop
+    signals, the non-finite guard, the epoch's log row. Creating it resumes, makes the run folder, sets handlers."""
 
     def __init__(self, args, parts, meta, device, epoch_logger):
         self.args, self.parts, self.meta, self.device, self.epoch_logger = args, parts, meta, device, epoch_logger
@@ -58,8 +48,7 @@ class Supervisor:
         save_checkpoint(self.args.output, names, self.parts, self.state, self.meta)
 
     def after_step(self, loss, skipped, at_log_step, last_of_epoch):
-        """After a counted step: the guard (it raises at a log step after too many non-finite losses), a
-        checkpoint every --checkpoint-interval steps (the epoch's end saves its last); -> whether to stop here."""
+        """The guard; a checkpoint every --checkpoint-interval steps (not at an epoch's end); -> whether to stop."""
         self.guard.update(loss, skipped)
         if at_log_step:
             self.guard.check(self.state)
@@ -78,15 +67,17 @@ class Supervisor:
         return bool(self.args.perf_steps) and self.state.num_updates >= self.args.perf_steps
 
     def end_epoch(self, evaluation, ema_evaluation, images_per_sec):
-        """The epoch's log row, best metric and checkpoints (none after a non-finite loss); -> whether to go on
-        (not after a stop signal that came during validation)."""
+        """The epoch's log row, best metric and checkpoints (none after a non-finite loss); -> whether to go on.
+        The file is written once, linked as model_best and checkpoint-E, and renamed to last.pth.tar only then: a
+        kill before the rename redoes the epoch, and a resumed run never sees a model_best older than best_epoch."""
         state, epoch, args = self.state, self.state.epoch, self.args
         finite = self.guard.check(state)
         self.epoch_logger.log(epoch, float(state.loss_sum) / max(state.loss_count, 1), evaluation, ema_evaluation,
                               state.epoch_lr, images_per_sec, state.bad_images, step=state.num_updates)
         is_best = state.finish_epoch((ema_evaluation or evaluation)['top1'], finite)
         if finite:
-            self.save(epoch_checkpoint_names(epoch, is_best, args.checkpoint_hist))
+            self.save(['model_best.pth.tar'] * is_best + [f'checkpoint-{epoch}.pth.tar'] * bool(args.checkpoint_hist)
+                      + ['last.pth.tar'])
             old = os.path.join(args.output, f'checkpoint-{epoch - args.checkpoint_hist}.pth.tar')
             if args.checkpoint_hist and is_main_process() and os.path.exists(old):
                 os.remove(old)
@@ -100,8 +91,7 @@ class Supervisor:
         finite, last = self.guard.check(self.state), os.path.join(self.args.output, 'last.pth.tar')
         if finite and not saved:
             self.save(['last.pth.tar'])
-        done = f"checkpoint saved to {last}" if finite else \
-            "the loss was not finite, so the last good checkpoint was kept"
+        done = f"checkpoint saved to {last}" if finite else "the loss was not finite, so the last good one was kept"
         say(f"Stopped by {signal.Signals(self.stop.signal).name} at epoch {self.state.epoch}, step {self.state.step}; "
             f"{done}. To continue, run the same command with --output {self.args.output} --resume auto")
 
@@ -112,10 +102,9 @@ class Supervisor:
 
 @dataclass
 class TrainState:
-    """Where the run stands beyond the parts' state dicts: `step` optimizer steps of `epoch` done; loss_sum, the
-    float32 sum of their global-batch losses (a device tensor while the epoch runs: no sync), and loss_count;
-    bad_images, the unreadable files met; epoch_lr, the lr the epoch began with (its summary row's); `ranks`,
-    per rank the RNG states and, with several processes, the BatchNorm statistics (filled at each save)."""
+    """Beyond the parts' state dicts: `step` optimizer steps of `epoch` done; loss_sum, the float32 sum of their
+    global-batch losses (a device tensor during the epoch: no sync); bad_images, unreadable files met; epoch_lr,
+    the lr the epoch began with (its summary row's); `ranks`, per rank the RNG and BatchNorm states (at saves)."""
     epoch: int = 0
     step: int = 0
     num_updates: int = 0
@@ -140,48 +129,33 @@ class TrainState:
         self.epoch, self.step, self.loss_sum, self.loss_count, self.bad_images = self.epoch + 1, 0, 0.0, 0, 0
         return is_best
 
-    def to_checkpoint(self):
-        return {f.name: getattr(self, f.name) for f in fields(self)} | dict(loss_sum=float(self.loss_sum))
-
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: a dict of named parts (each with state_dict / load_state_dict), the state, the run's facts
 
 def save_checkpoint(folder, names, parts, state, meta):
-    """A collective: every rank adds its random streams and BatchNorm statistics to state.ranks; rank 0 writes
+    """A collective: state.ranks gets each rank's random streams and, with several processes, its BatchNorm
+    statistics (each rank updates its own with its batches; the EMA's are never synced); rank 0 writes
     {part: its state_dict or None, the state's fields, meta} once, as the last of `names`, the others linked."""
-    state.ranks = rank_states(parts['model'], parts.get('model_ema'))
+    mine, several = dict(rng=rng_state()), get_world_size() > 1
+    for key, module in (('buffers', parts['model']), ('ema_buffers', parts.get('model_ema'))):
+        if several and module is not None:
+            mine[key] = {name: b.cpu() for name, b in module.named_buffers()}
+    state.ranks = [None] * get_world_size() if several else [mine]
+    if several:
+        dist.all_gather_object(state.ranks, mine)
     if not is_main_process():
         return
     checkpoint = {name: part.state_dict() if part is not None else None for name, part in parts.items()}
+    state_fields = {f.name: getattr(state, f.name) for f in fields(state)} | dict(loss_sum=float(state.loss_sum))
     *others, last = [os.path.join(folder, name) for name in names]
-    atomic_save(checkpoint | state.to_checkpoint() | meta, last, links=others)
-
-
-def epoch_checkpoint_names(epoch, is_best, keep_epochs):
-    """model_best, checkpoint-E, then last: the file is written once under a temporary name, linked to the others
-    in this order, and renamed to last.pth.tar only then, so a kill before that rename redoes the epoch (and a
-    resumed run never sees a model_best.pth.tar older than its best_epoch)."""
-    return ['model_best.pth.tar'] * is_best + [f'checkpoint-{epoch}.pth.tar'] * bool(keep_epochs) + ['last.pth.tar']
-
-
-def rank_states(model, model_ema=None):
-    """What differs between ranks, in rank order: the random streams and, with several processes, the BatchNorm
-    statistics (each rank updates its own copy with its own batches; the EMA's are never synced)."""
-    state = dict(rng=rng_state())
-    if get_world_size() == 1:
-        return [state]
-    state['buffers'] = {name: b.cpu() for name, b in model.named_buffers()}
-    if model_ema is not None:
-        state['ema_buffers'] = {name: b.cpu() for name, b in model_ema.named_buffers()}
-    states = [None] * get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+    atomic_save(checkpoint | state_fields | meta, last, links=others)
 
 
 def load_checkpoint(path, parts, state, args, num_classes):
-    """Continue from a train.py checkpoint (of this version or earlier ones): the parts, the state, and this
-    rank's random and BatchNorm states. Every rank reads the file."""
+    """Continue from a train.py checkpoint (of this version or earlier ones); every rank reads the file. Each rank
+    restores its random streams and BatchNorm statistics; in another world size rank 0 goes on with the saved
+    streams, the others start new ones."""
     checkpoint = weights.read_checkpoint(path)
     check_resumable(path, checkpoint, args, num_classes)
     for name, part in parts.items():
@@ -198,18 +172,18 @@ def load_checkpoint(path, parts, state, args, num_classes):
             part.load_state_dict(checkpoint[name])
     for field in fields(state):
         setattr(state, field.name, checkpoint.get(field.name, getattr(state, field.name)))
-    rank = get_rank()
-    if len(state.ranks) == get_world_size():
-        saved = state.ranks[rank]
-        set_rng_state(saved['rng'])
-        with torch.no_grad():  # several processes: this rank's own BatchNorm statistics
-            for module, key in ((parts['model'], 'buffers'), (parts.get('model_ema'), 'ema_buffers')):
-                for name, buffer in module.named_buffers() if module is not None and key in saved else ():
-                    buffer.copy_(saved[key][name])
-    else:  # another world size: rank 0 goes on with the saved streams, the others start new ones
-        set_rng_state(state.ranks[0]['rng'])
-        if rank > 0:
-            torch.manual_seed(data.mix_seed(args.seed, rank, state.epoch, state.step))
+    rank, same_world = get_rank(), len(state.ranks) == get_world_size()
+    saved = state.ranks[rank if same_world else 0]
+    torch.set_rng_state(saved['rng']['torch'])
+    random.setstate(saved['rng']['python'])
+    if 'cuda' in saved['rng'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved['rng']['cuda'])
+    if not same_world and rank > 0:
+        torch.manual_seed(data.mix_seed(args.seed, rank, state.epoch, state.step))
+    with torch.no_grad():
+        for module, key in ((parts['model'], 'buffers'), (parts.get('model_ema'), 'ema_buffers')):
+            for name, buffer in module.named_buffers() if same_world and module is not None and key in saved else ():
+                buffer.copy_(saved[key][name])
     say(f"Resumed from {path}: epoch {state.epoch}, step {state.step}")
 
 
@@ -249,21 +223,13 @@ def rng_state():
     return state
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state['torch'])
-    random.setstate(state['python'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
-
-
 # ----------------------------------------------------------------------------------------------
 # Stopping: on a signal, and on a loss that stays non-finite
 
 class StopSignals:
-    """SIGTERM / SIGINT ask for a stop after the current step, with a checkpoint. One request often arrives
-    twice within milliseconds (Ctrl-C reaches torchrun and its workers, and torchrun relays it; Slurm signals
-    every process): repeats within SIGNAL_REPEAT_SECONDS are that request; a later signal stops at once, without
-    saving. Several processes agree at log steps, so a signal to any of them stops all."""
+    """SIGTERM / SIGINT: stop after this step, with a checkpoint. One request often arrives twice within
+    milliseconds (Ctrl-C reaches torchrun and its workers, and torchrun relays it; Slurm signals every process),
+    hence the SIGNAL_REPEAT_SECONDS window; a later signal stops at once, unsaved. A signal to any rank stops all."""
 
     def __init__(self, device):
         self.device, self.signal, self.first_time = device, None, None
@@ -280,19 +246,15 @@ class StopSignals:
 
     def requested(self, at_log_step=True):
         """One process checks its flag every step; several agree at log steps (one all-reduce)."""
-        if get_world_size() == 1:
-            return self.signal is not None
-        if not at_log_step:
-            return False
-        flag = torch.tensor([float(self.signal or 0)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.signal = int(flag.item()) or None
-        return self.signal is not None
+        if get_world_size() > 1 and at_log_step:
+            flag = torch.tensor([float(self.signal or 0)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.signal = int(flag.item()) or None
+        return self.signal is not None and (get_world_size() == 1 or at_log_step)
 
 
 class NonFiniteGuard:
-    """Counts consecutive non-finite losses on the device (no sync per step; steps fp16's GradScaler skipped do
-    not count), and stops the run after NONFINITE_LIMIT of them, across epoch ends."""
+    """Non-finite losses in a row across epoch ends, on the device (no sync per step; fp16's skipped steps ignored)."""
 
     def __init__(self, device):
         self.streak = torch.zeros((), device=device, dtype=torch.long)
@@ -302,8 +264,8 @@ class NonFiniteGuard:
             self.streak = (self.streak + 1) * (~torch.isfinite(loss))
 
     def check(self, state):
-        """Raises FloatingPointError after NONFINITE_LIMIT non-finite losses in a row; -> whether the last was
-        finite (checkpoints are written only then). Every rank agrees: the losses are all-reduced."""
+        """Raises after NONFINITE_LIMIT in a row; -> whether the last loss was finite (checkpoints are written
+        only then). Every rank agrees: the losses are all-reduced."""
         streak = int(self.streak)
         if streak >= NONFINITE_LIMIT:
             raise FloatingPointError(f"the loss was not finite for {streak} consecutive steps (epoch {state.epoch}, "
@@ -319,8 +281,7 @@ def check_output(args):
     """Before anything is built: the default run folder's name, --resume auto resolved to the folder's
     last.pth.tar (or to a fresh start), and a folder already holding a run refused."""
     if not args.output:
-        stamp = time.strftime('%Y%m%d-%H%M%S')
-        args.output = os.path.join('output', 'train', f"{stamp}-{args.model}-{args.img_size}")
+        args.output = os.path.join('output', 'train', f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}-{args.img_size}")
     last = os.path.join(args.output, 'last.pth.tar')
     if args.resume == 'auto':
         args.resume = last if os.path.exists(last) else None
@@ -330,14 +291,12 @@ def check_output(args):
 
 
 def create_output(args):
-    """Once the inputs are known to be good, rank 0 makes the folder, with args.yaml, and removes the temporary
-    files of a save cut off by a kill."""
+    """Rank 0, once the inputs are known good: the folder, args.yaml, and a killed save's temporary files removed."""
     if not is_main_process():
         return
     try:
         os.makedirs(args.output, exist_ok=True)
-        with tempfile.TemporaryFile(dir=args.output):  # a unique name: runs may share a folder
-            pass
+        tempfile.TemporaryFile(dir=args.output).close()  # a unique name: runs may share a folder
     except OSError as e:
         raise UsageError(f"cannot write to --output {args.output}: {e.strerror}") from None
     for stale in glob.glob(os.path.join(glob.escape(args.output), '.*.tmp')):
@@ -393,23 +352,17 @@ def temporary_path(path):
 
 
 def link_or_copy(source, path):
-    """`path` gets `source`'s bytes atomically: a hard link, or a copy where the filesystem has none. The names
-    share one file until one is replaced by a rename (atomic_write), which leaves the other's bytes as they were."""
+    """`path` gets `source`'s bytes atomically: a hard link, or a copy (atomic_write) where the filesystem has none.
+    The names share one file until one is replaced by a rename, which leaves the other's bytes as they were."""
     tmp = temporary_path(path)
+    if os.path.lexists(tmp):
+        os.remove(tmp)  # link() does not overwrite, and open() would write through a stale link
     try:
-        if os.path.lexists(tmp):
-            os.remove(tmp)  # link() does not overwrite, and open() would write through a stale link
-        try:
-            os.link(source, tmp)
-        except OSError:  # FAT, some network and FUSE filesystems
-            with open(source, 'rb') as original, open(tmp, 'wb') as f:
-                shutil.copyfileobj(original, f)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.link(source, tmp)
+    except OSError:  # FAT, some network and FUSE filesystems
+        with open(source, 'rb') as original:
+            return atomic_write(path, lambda f: shutil.copyfileobj(original, f))
+    os.replace(tmp, path)
 
 
 def is_disk_full(error):

@@ -7,8 +7,6 @@
         --weight-decay 1e-5 --drop 0.3 --drop-connect 0.2 --aa rand-m9-mstd0.5 --lr .014 \
         --log-interval 1 --img-size 288 --apex-amp --model-ema --model-ema-decay 0.9999 --mixup 0.2
     torchrun --nproc_per_node=8 train.py /data/imagenet ... --lr .112     # 1 node x 8 devices
-    torchrun --nproc_per_node=2 train.py /data/imagenet ... --grad-accum-steps 4 --lr-base .014
-                                                  # the 8-device batch (8 x 256) on 2 devices, lr from it
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
         train.py /data/imagenet ... --lr .224         # 2 nodes: the same on HOST1 with --node_rank=1
     python -m torch.distributed.launch --nproc_per_node=8 train.py ...   # the ModelZoo's launcher
@@ -16,11 +14,10 @@
     torchrun --max-restarts 3 ... train.py ... --output DIR --resume auto  # a dead worker: restart, resume
     bash test/train_full_8p.sh --data_path=/data/imagenet    # the ModelZoo's scripts (README)
 
-`-b` is per device and logged images/s are global; a launcher's WORLD_SIZE turns on distributed mode.
-Top to bottom: the three places a copy changes first: datasets(), create_optimizer() (with its schedule)
-and train_loss(); main(), train() (the epoch loop), train_one_epoch, train_step, validate; the set-up.
-The flags are flags.py's; checkpoints, exact resume, stop signals and the non-finite guard run.py's (one
-run.Supervisor beside the loop); the log lines logs.py's; processes and devices distributed.py's.
+`-b` is per device, logged images/s are global; a launcher's WORLD_SIZE turns on distributed mode. Top to
+bottom: the three places a copy changes first (datasets, create_optimizer with its schedule, train_loss); main,
+train (the epoch loop), train_one_epoch, train_step, validate; the set-up. The flags are flags.py's; checkpoints,
+resume, stop signals and the non-finite guard run.py's (run.Supervisor); processes and devices distributed.py's.
 """
 import contextlib
 import copy
@@ -50,9 +47,8 @@ warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler\.step
 # The three places a copy of this recipe changes first: the data, the optimizer, the loss
 
 def datasets(args):
-    """-> (train_set, val_set, class names). Any map-style datasets of (image, label) fit here, the image a
-    PIL image, a uint8 tensor or numpy array (torchvision.datasets.*, your own, a Hugging Face split): the loop
-    wraps them in data.Transformed, which adds this recipe's per-image seeded augmentation."""
+    """-> (train_set, val_set, class names): any map-style datasets of (image, label), the image a PIL image, a
+    uint8 tensor or array (torchvision.datasets.*, yours, a Hugging Face split); data.Transformed augments them."""
     return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
                               synthetic_size=args.img_size, num_classes=args.num_classes,
                               splits=(args.train_split, args.val_split), keys=(args.input_key, args.target_key),
@@ -75,9 +71,8 @@ def create_optimizer(model, args, steps_per_epoch):
 
 
 def train_loss(output, targets, args):
-    """timm's: soft-target cross entropy after mixup/cutmix (their targets hold the smoothing), else
-    label-smoothing cross entropy; in float32 whatever the autocast dtype. validate() reports plain cross
-    entropy whatever this returns (timm's eval loss): after a change the two loss curves differ in kind."""
+    """timm's: soft-target cross entropy after mixup/cutmix (their targets hold the smoothing), else label-smoothing
+    cross entropy; in float32. validate() reports plain cross entropy whatever this returns (timm's eval loss)."""
     smoothing = 0.0 if targets.ndim == 2 else args.smoothing
     return F.cross_entropy(output.float(), targets, label_smoothing=smoothing)
 
@@ -239,8 +234,7 @@ def evaluate(model, val_loader, precision, args):
 # Set-up
 
 def count_steps(train_set, args):
-    """Optimizer steps per epoch; a training set smaller than one global batch is refused before the model is
-    built (said once: every rank finds the same), unless the run only evaluates."""
+    """Optimizer steps per epoch; a training set smaller than one global batch is refused (unless evaluating)."""
     steps = len(train_sampler(train_set, args)) // args.grad_accum_steps
     if steps == 0 and not args.evaluate:
         world_size = distributed.get_world_size()
@@ -288,7 +282,7 @@ def build_model(args, device, num_classes):
     model = models.create_model(args.model, num_classes=num_classes, drop_rate=args.drop,
                                 drop_path_rate=args.drop_path)
     if args.pretrained:
-        path = fetch_published_weights(args.model) if args.pretrained is True else args.pretrained
+        path = weights.published().fetch(args.model) if args.pretrained is True else args.pretrained
         load_weights(model, weights.read_checkpoint(path))
     if args.sync_bn and distributed.get_world_size() > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -313,16 +307,6 @@ def distribute(model_without_ddp, device, precision, args):
     return model
 
 
-def fetch_published_weights(name):
-    """The variant's published weights, downloaded once per node: local rank 0 fetches them while
-    the others wait, then find them in the cache."""
-    local_rank = distributed.distributed_env()[2]
-    if local_rank == 0:
-        path = weights.published_weights(name)
-    distributed.barrier()
-    return path if local_rank == 0 else weights.published_weights(name, progress=False)
-
-
 def load_weights(net, checkpoint, use_ema=True):
     """weights.load_pretrained; rank 0 says its notes (a torchvision conversion, a new classifier)."""
     for note in weights.load_pretrained(net, checkpoint, use_ema):
@@ -343,7 +327,7 @@ def compile_model(model, precision, args):
 
 def train_transform(settings, args):  # progressive learning: the stage's size and RandAugment magnitude
     return transforms.train_transform(
-        settings['size'], scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, aa=args.aa,
+        settings['size'], scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, aa=args.rand_augment,
         magnitude=settings['magnitude'], interpolation=args.interpolation, mean=args.mean,
         color_jitter=args.color_jitter)
 

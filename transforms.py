@@ -4,10 +4,9 @@
     images = random_erase(normalize(images.to(device), model.IMAGENET_MEAN, model.IMAGENET_STD), prob)
     images, targets = MixupCutmix(mixup, cutmix, smoothing, num_classes)(images, labels)
 
-1. Per image (loader workers, CPU, uint8 (3, H, W) in and out, randomness from torch's global RNG, which
-   data.Transformed seeds per item): train_transform and eval_transform, the Ascend ModelZoo recipe's (timm
-   0.5.4's), each a v2.Compose of torchvision's transforms, so one line adds another (as torchvision's
-   references/classification/presets.py do). RandAugment, timm's policy on uint8 tensors, is randaugment.py.
+1. Per image (loader workers, CPU, uint8 (3, H, W) in and out, torch's global RNG, seeded per item by
+   data.Transformed): the Ascend ModelZoo recipe's train_transform and eval_transform, each a v2.Compose, so one
+   line adds a transform (as torchvision's references/classification/presets.py). RandAugment: randaugment.py.
 2. Per batch, on the device: normalize, random_erase, MixupCutmix (timm's prefetcher does the same on the GPU).
 """
 import math
@@ -29,26 +28,23 @@ def _interpolation_mode(name):
     return v2.InterpolationMode(name)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 1. Per image
-# ----------------------------------------------------------------------------------------------------------------
+# 1. Per image ---------------------------------------------------------------------------------------------------
 
 def train_transform(size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, aa=None, magnitude=None,
                     interpolation='bicubic', mean=(0.5, 0.5, 0.5), color_jitter=0.0):
     """RandomResizedCrop -> horizontal flip -> RandAugment or colour jitter (timm's order).
 
-    `aa`: a timm RandAugment spec such as 'rand-m9-mstd0.5' (None: no RandAugment); `magnitude` replaces its m
-    (progressive learning's per stage). `mean`, the model's normalization mean, only sets the fill colour of
-    RandAugment's geometric ops (timm: round(255 * mean)); the default grey gives timm's fill without a mean.
-    `color_jitter`: brightness, contrast and saturation factors in [1 - c, 1 + c], only without RandAugment
-    (timm 0.5.4's --color-jitter). The crop box is timm's algorithm, but torchvision draws the aspect ratio from
-    float32 logarithms (timm: float64), so a box side can differ from timm's by a pixel for the same draws."""
+    `aa`: a timm RandAugment spec ('rand-m9-mstd0.5') or parse_rand_augment's dict (train.py's), None for none;
+    `magnitude` replaces its m (progressive learning's per stage); `mean`, the model's normalization mean, sets
+    the fill of RandAugment's geometric ops (timm: round(255 * mean)). `color_jitter` c: brightness, contrast,
+    saturation in [1 - c, 1 + c], only without RandAugment (timm 0.5.4's). The crop is timm's algorithm, but
+    torchvision's float32 log-ratio (timm: float64) can move a box side by a pixel for the same draws."""
     mode = _interpolation_mode(interpolation)
     steps = [v2.RandomResizedCrop(size, scale, ratio, interpolation=mode, antialias=True)]
     if hflip > 0:  # no flip, no draw: the random stream stays that of the steps kept
         steps.append(v2.RandomHorizontalFlip(hflip))
     if aa:
-        options = parse_rand_augment(aa)
+        options = parse_rand_augment(aa) if isinstance(aa, str) else dict(aa)
         if magnitude is not None:
             options['magnitude'] = magnitude
         fill = tuple(min(255, round(255 * channel_mean)) for channel_mean in mean)
@@ -64,9 +60,7 @@ def eval_transform(size, *, crop_pct=1.0, interpolation='bicubic'):
                        v2.CenterCrop(size)])
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Per batch, on the device
-# ----------------------------------------------------------------------------------------------------------------
+# 2. Per batch, on the device -----------------------------------------------------------------------------------
 
 def normalize(images_uint8, mean, std, *, channels_last=False):
     """uint8 (N, 3, H, W) -> float32 (x / 255 - mean) / std, computed as timm's prefetcher does: (x - 255 mean) /
@@ -80,16 +74,12 @@ def normalize(images_uint8, mean, std, *, channels_last=False):
     return images.sub_(mean).div_(std)
 
 
-def _uniform(low, high):
-    return float(torch.empty(()).uniform_(low, high))
-
-
 def _erase_box(height, width):
     """timm RandomErasing's box: area 2%..1/3 of the image, log-uniform aspect 0.3..3.3, 10 tries."""
     log_aspect = (math.log(0.3), math.log(1 / 0.3))
     for _ in range(10):
-        target_area = _uniform(0.02, 1 / 3) * height * width
-        aspect = math.exp(_uniform(*log_aspect))
+        target_area = float(torch.empty(()).uniform_(0.02, 1 / 3)) * height * width
+        aspect = math.exp(float(torch.empty(()).uniform_(*log_aspect)))
         box_height = int(round(math.sqrt(target_area * aspect)))
         box_width = int(round(math.sqrt(target_area / aspect)))
         if box_width < width and box_height < height:
@@ -116,10 +106,9 @@ def random_erase(images, prob):
 
 
 class MixupCutmix:
-    """Mix each batch with itself rolled by one (torchvision's MixUp / CutMix, one picked at random per batch
-    when both are on) and fold label smoothing into the soft targets: t * (1 - s) + s / K, which is exactly
-    timm's Mixup target (smoothing is affine, so smoothing then mixing = mixing then smoothing).
-    Callable(images, int labels) -> (mixed images, soft targets); needs mixup > 0 or cutmix > 0."""
+    """(images, int labels) -> (mixed images, soft targets): each batch mixed with itself rolled by one (torchvision's
+    MixUp / CutMix, one picked at random when both are on; needs mixup > 0 or cutmix > 0), label smoothing folded
+    in as t * (1 - s) + s / K: exactly timm's Mixup target (smoothing is affine, so it commutes with mixing)."""
 
     def __init__(self, mixup, cutmix, smoothing, num_classes):
         mixers = [mixer(alpha=alpha, num_classes=num_classes)

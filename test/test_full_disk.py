@@ -104,3 +104,24 @@ def test_a_run_on_a_100_mb_filesystem_saves_one_checkpoint_and_resumes_from_it_e
     assert 'epoch 1, step 0' in resumed.stdout
     ours, theirs = load(elsewhere / 'last.pth.tar'), load(uninterrupted / 'last.pth.tar')
     assert all(torch.equal(ours['model'][name], tensor) for name, tensor in theirs['model'].items())
+
+
+@pytest.mark.parametrize('links', ['hard links', 'no links'])
+def test_a_save_under_several_names_gives_each_the_same_bytes_and_leaves_no_temporary_file(links, tmp_path,
+                                                                                            monkeypatch):
+    """model_best and checkpoint-E are hard links of last.pth.tar's bytes, or copies on a filesystem without
+    links (FAT, some network and FUSE filesystems); replacing one later leaves the others' bytes as they were."""
+    import run
+    if links == 'no links':
+        def refuse(source, target):
+            raise OSError(1, 'Operation not permitted')
+        monkeypatch.setattr(os, 'link', refuse)
+    (tmp_path / 'model_best.pth.tar').write_bytes(b'an older best')
+    names = [tmp_path / name for name in ('model_best.pth.tar', 'checkpoint-3.pth.tar', 'last.pth.tar')]
+    run.atomic_save({'step': torch.arange(5)}, names[-1], links=names[:-1])
+    assert {name.read_bytes() for name in names} == {names[-1].read_bytes()}
+    assert torch.equal(torch.load(names[0], weights_only=True)['step'], torch.arange(5))
+    assert (names[0].stat().st_ino == names[-1].stat().st_ino) == (links == 'hard links')
+    run.atomic_write(names[-1], lambda f: f.write(b'the next epoch'))
+    assert names[-1].read_bytes() == b'the next epoch' and torch.load(names[1], weights_only=True)['step'].numel() == 5
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(name.name for name in names)
