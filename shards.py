@@ -115,8 +115,8 @@ def _download(repo_id):
 
 
 class ShardSamples(torch.utils.data.Dataset):
-    """The samples of a list of shards as (uint8 image, label, bad_count), decoded on access. As data.ImageFolder:
-    an unreadable image is replaced by the next readable one (bad_count 1, one warning naming shard and member)
+    """The samples of a list of shards as (uint8 image, label, bad_images), decoded on access. As data.ImageFolder:
+    an unreadable image is replaced by the next readable one (bad_images 1, one warning naming shard and member)
     or, when strict, raises DataError. A shard that is not a whole tar archive raises DataError, or with
     skip_bad_shards is left out with a warning saying how many images that loses."""
 
