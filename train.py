@@ -158,9 +158,8 @@ def train_one_epoch(model, optimizer, scheduler, precision, loader, args, progre
 
 
 def train_step(model, optimizer, precision, batches, args, model_ema=None, mixup=None):
-    """One optimizer step over --grad-accum-steps micro-batches of (uint8 images, labels, bad counts):
-    forward, loss, backward each; optimizer step; EMA update. -> (the global batch's mean loss, whether fp16's
-    GradScaler skipped the step). Every rank gets the same loss (one all-reduce, no sync)."""
+    """One optimizer step over --grad-accum-steps micro-batches: forward, loss, backward each; step; EMA update.
+    -> (the global batch's mean loss, the same on every rank: one all-reduce, no sync; whether fp16 skipped it)."""
     optimizer.zero_grad(set_to_none=True)  # frees the last step's gradients before the activations
     losses = []
     for index, (images, labels, _) in enumerate(batches):
@@ -190,8 +189,7 @@ def gradients_stay_local(model, accumulating):
 
 @torch.no_grad()
 def validate(model, loader, precision, args, log_suffix=''):
-    """Loss, top-1 and top-5 over the validation set, every image counted once whatever the number of
-    processes; timm's `Test:` line, values over all ranks, every --log-interval batches."""
+    """Loss, top-1, top-5 over the validation set, each image once over all ranks; timm's `Test:` lines."""
     model.eval()
     device = next(model.parameters()).device
     logger = logs.EvalLogger(args.log_interval, device, 'Test' + log_suffix)
