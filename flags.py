@@ -1,7 +1,5 @@
-"""train.py's command line: timm 0.5.4's flags with their meanings (README, "Flags"), the defaults of the demo and
-of timm for what is left unset, the variant's published settings, and the checks that turn bad values into one
-line. Tests and bench.py build their runs with get_args_parser() and resolve_args(), as torchvision's references do.
-"""
+"""train.py's command line: timm 0.5.4's flags (README, "Flags"), the demo's and timm's defaults, the variant's
+settings, the checks of bad values (one line each). Tests and bench.py use get_args_parser() and resolve_args()."""
 import argparse
 import importlib.util
 import os
@@ -164,9 +162,7 @@ def resolve_args(args):
     models.check_model_name(args.model, error=errors.UsageError)
     # Published weights are evaluated and fine-tuned with the settings they were measured with.
     published = args.pretrained is True
-    config = models.VARIANTS[args.model.split('.')[0]]['config']
-    if published or '.' in args.model:  # VARIANT.TAG: that tag's, with --pretrained or not (timm's create_model)
-        config = weights.published().published_config(args.model)
+    config = weights.model_config(args.model, published)
     args.img_size = args.img_size or config['train_size']
     # Progressive learning trains up to the train size and evaluates at the test size, as does
     # --evaluate --pretrained (to compare with the published top-1).

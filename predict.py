@@ -48,7 +48,7 @@ def load_model(path, model_name=None):
     net = models.create_model(arch, num_classes=num_classes)
     for note in weights.load_pretrained(net, checkpoint, use_ema=True):
         print(note, file=sys.stderr)  # stdout is for results
-    config = published.model_config(arch)  # a VARIANT.TAG run (train.py --model): that tag's
+    config = weights.model_config(arch)  # a VARIANT.TAG run (train.py --model): that tag's
     classes = checkpoint.get('classes') or [str(i) for i in range(num_classes)]
     info = dict(arch=arch, classes=list(classes), ema=bool(checkpoint.get('model_ema')),
                 size=saved.get('eval_size') or saved.get('img_size') or config['test_size'],

@@ -88,12 +88,6 @@ def published_config(name):
     return {**models.VARIANTS[tag.split('.')[0]]['config'], **PUBLISHED_WEIGHTS[tag][3]}
 
 
-
-def model_config(name):
-    """The settings to train and evaluate --model NAME with: a tag's (as timm's create_model takes them, its
-    weights loaded or not), else the variant's."""
-    return published_config(name) if '.' in name else models.VARIANTS[name]['config']
-
 def published_weights(name, progress=True):
     """Local path of the published weights `name` means (see published_tag): the cached file, or else
     downloaded now (`progress`: a line on stderr when saved, and on a terminal the client's bar). No such

@@ -278,8 +278,7 @@ class NonFiniteGuard:
 # The run folder, and files written whole
 
 def check_output(args):
-    """Before anything is built: the default run folder's name, --resume auto resolved to the folder's
-    last.pth.tar (or to a fresh start), and a folder already holding a run refused."""
+    """Before anything is built: the run folder's default name, --resume auto resolved, a folder with a run refused."""
     if not args.output:
         args.output = os.path.join('output', 'train', f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}-{args.img_size}")
     last = os.path.join(args.output, 'last.pth.tar')

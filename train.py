@@ -182,8 +182,7 @@ def train_step(model, optimizer, precision, batches, args, model_ema=None, mixup
 
 
 def gradients_stay_local(model, accumulating):
-    """DDP all-reduces the gradients in every backward; on the micro-batches before a step's last that would
-    be wasted, so there they stay local (DDP's no_sync: its forward decides, so it spans the forward)."""
+    """DDP's no_sync (spanning the forward, where DDP decides) on micro-batches before a step's last: no all-reduce."""
     return model.no_sync() if accumulating and hasattr(model, 'no_sync') else contextlib.nullcontext()
 
 

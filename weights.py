@@ -9,6 +9,7 @@ import contextlib
 import safetensors.torch
 import torch
 
+import model as models
 from errors import CheckpointError, import_beside, one_line
 
 # timm's train.py stores its arguments, an argparse.Namespace (a plain attribute bag), in every
@@ -45,6 +46,13 @@ def read_checkpoint(path):
 def published():
     """published.py: the published weights by tag (beside the copy)."""
     return import_beside('published', 'the published weights by tag (--model VARIANT.TAG, --pretrained alone)')
+
+
+def model_config(name, published_weights=False):
+    """--model NAME's settings: a tag's (with its weights or not, as timm's create_model), else the variant's."""
+    if published_weights or '.' in name:  # the default weights' settings for a bare name
+        return published().published_config(name)
+    return models.VARIANTS[name]['config']
 
 
 # ----------------------------------------------------------------------------------------------
