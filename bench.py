@@ -11,8 +11,9 @@ code), in one process.
 The last line is always `summary: step ours/timm X.XX, pipeline ours/timm Y.YY` (n/a without timm);
 the table is printed above it and everything, every window included, goes to --json.
 
-- step: one training step on a synthetic uint8 batch already on the device: normalize, forward
-  (autocast unless --precision float32), label-smoothing loss, backward, RMSpropTF, EMA update.
+- step: one training step on a synthetic uint8 batch on the CPU, as the loader gives it: copy images and
+  labels to the device, normalize, forward (autocast unless --precision float32), label-smoothing loss,
+  backward, RMSpropTF, EMA update.
   Ours: train.py's own train_step over the parts train.py builds (build_model, create_optimizer,
   optim.create_precision, optim.ModelEma) with the ModelZoo recipe's flags. timm: timm.create_model,
   its RMSpropTF looping over tensors (timm 0.5.4, the ModelZoo's; timm 1.0 picks foreach on CUDA) and
@@ -176,11 +177,13 @@ def timm_trainer(args, images, labels):
     mean = torch.tensor([255 * m for m in models.IMAGENET_MEAN], device=args.device).view(1, 3, 1, 1)
     std = torch.tensor([255 * s for s in models.IMAGENET_STD], device=args.device).view(1, 3, 1, 1)
 
-    def step():
-        normalized = images.to(dtype=torch.float32, memory_format=memory_format('timm', args)).sub_(mean).div_(std)
+    def step():  # timm's prefetcher copies each batch to the device without blocking, then normalizes it
+        on_device = images.to(args.device, non_blocking=True)
+        targets = labels.to(args.device, non_blocking=True)
+        normalized = on_device.to(dtype=torch.float32, memory_format=memory_format('timm', args)).sub_(mean).div_(std)
         with autocast():
             output = forward(normalized)
-        loss = F.cross_entropy(output.float(), labels, label_smoothing=LABEL_SMOOTHING)
+        loss = F.cross_entropy(output.float(), targets, label_smoothing=LABEL_SMOOTHING)
         optimizer.zero_grad(set_to_none=True)  # timm's train.py: after the forward
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -190,12 +193,15 @@ def timm_trainer(args, images, labels):
 
 
 def synthetic_batch(impl, args):
-    """A batch of random uint8 images on the device, as the loader hands them over, and its labels."""
+    """A batch of random uint8 images and its labels on the CPU, as the loader hands them over (in page-locked
+    memory on an accelerator, as train.py's loader pins them): each step copies them to the device."""
     generator = torch.Generator().manual_seed(args.seed)
     images = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8,
                            generator=generator)
     labels = torch.randint(0, 1000, (args.batch_size,), generator=generator)
-    return images.to(args.device), labels.to(args.device)
+    if args.device.type != 'cpu':
+        return images.pin_memory(), labels.pin_memory()
+    return images, labels
 
 
 def build_and_warm_up(impl, args, images, labels, steps=None):

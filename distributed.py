@@ -40,11 +40,20 @@ def select_device(name, local_rank):
     if name == 'cpu':
         return torch.device('cpu')
     accelerator = getattr(torch, name)  # torch.cuda, or torch.npu once torch_npu is imported
-    if local_rank >= accelerator.device_count():
-        raise UsageError(f"process {local_rank} has no {'GPU' if name == 'cuda' else 'NPU'}: "
-                         f"{accelerator.device_count()} visible; start at most that many processes per node")
-    accelerator.set_device(local_rank)
-    return torch.device(name, local_rank)
+    index = device_index(local_rank, accelerator.device_count(), 'GPU' if name == 'cuda' else 'NPU')
+    accelerator.set_device(index)
+    return torch.device(name, index)
+
+def device_index(local_rank, visible, kind='GPU'):
+    """The local rank, or under srun with devices bound per task (--gpus-per-task, --ntasks-per-gpu: each task
+    sees only its own, yet SLURM_LOCALID counts the node's tasks) the local rank modulo the devices it sees."""
+    if local_rank < visible:
+        return local_rank
+    bound = any(key in os.environ for key in ('SLURM_GPUS_PER_TASK', 'SLURM_NTASKS_PER_GPU'))
+    if visible and bound and ranks_from_slurm():
+        return local_rank % visible
+    raise UsageError(f"process {local_rank} has no {kind}: {visible} visible; start at most that many processes "
+                     f"per node")
 
 def synchronize(device):
     if device.type == 'cuda':
@@ -70,10 +79,14 @@ def distributed_env():
     """(rank, world_size, local_rank) from torchrun's (or torch.distributed.launch's) variables, else from Slurm's in an
     srun step (`srun --ntasks-per-node=8 python train.py`; as TensorFlow's SlurmClusterResolver): the step's task count,
     so a batch script's own `python train.py` is one process despite SLURM_NTASKS=N."""
-    if 'RANK' in os.environ or 'SLURM_STEP_NUM_TASKS' not in os.environ:
+    if not ranks_from_slurm():
         return tuple(int(os.environ.get(key, default)) for key, default in (('RANK', 0), ('WORLD_SIZE', 1),
                                                                                ('LOCAL_RANK', 0)))
     return tuple(int(os.environ[key]) for key in ('SLURM_PROCID', 'SLURM_STEP_NUM_TASKS', 'SLURM_LOCALID'))
+
+def ranks_from_slurm():
+    """Whether this process is a task of an srun step started without torchrun (which sets RANK)."""
+    return 'RANK' not in os.environ and 'SLURM_STEP_NUM_TASKS' in os.environ
 
 def master_address():
     """(host, port) of the store: MASTER_ADDR and MASTER_PORT (torchrun sets both), else the srun step's first node and
@@ -155,7 +168,7 @@ def is_main_process():
     """Rank 0: the one that logs and writes files."""
     return get_rank() == 0
 
-def say(message, file=sys.stdout):
+def say(message, file=None):  # None: sys.stdout as it is now (redirect_stdout, pytest)
     if is_main_process():
         print(message, file=file, flush=True)
 

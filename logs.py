@@ -66,14 +66,16 @@ class TrainLogger:
 
 class EvalLogger:
     """One validation pass summed over all ranks, and timm's `Test:` line: the batch's values over all ranks,
-    in brackets the average so far. Every rank iterates as many batches as the longest shard (empty ones
-    after its own) for the per-batch all-reduce, of float32 and int32 only: Ascend's HCCL reduces no float64
+    in brackets the average so far. The sums stay on the device until a log line, which reads them once; every
+    rank iterates as many batches as the longest shard (empty ones after its own), so all reach the same log
+    lines and their all-reduces, of float32 and int32 only: Ascend's HCCL reduces no float64
     (https://www.hiascend.com/document/detail/en/canncommercial/850/API/hcclapiref/hcclcpp_07_0020.html)."""
 
     def __init__(self, log_interval, device, name='Test'):
         self.log_interval, self.device, self.name = log_interval, device, name
         self.totals = dict(loss=0.0, top1=0, top5=0, count=0)
         self.batch_time = AverageMeter()
+        self.unread = []  # (loss sum, [top-1, top-5, count]) of each batch since the last log line, on the device
 
     def log_every(self, loader, empty_batch):
         """The loader's batches, then `empty_batch` until this rank has had as many as the longest."""
@@ -84,21 +86,34 @@ class EvalLogger:
             yield batch
 
     def update(self, loss_sum, hits, count):
-        """loss_sum: the batch's summed loss (a tensor); hits: its top-1 and top-5 counts (a tensor)."""
-        counts = torch.cat([hits, hits.new_tensor([count])]).int()
-        batch = dict(loss=all_reduce_sum(loss_sum.detach().float()).item(),
-                     **dict(zip(('top1', 'top5', 'count'), all_reduce_sum(counts).tolist())))
-        for key, value in batch.items():
-            self.totals[key] += value
+        """loss_sum: the batch's summed loss; hits: its top-1 and top-5 counts (tensors on the device)."""
+        counts = torch.cat([hits, hits.new_full((1,), count)]).int()  # a fill on the device, not a copy to it
+        self.unread.append((loss_sum.detach().float(), counts))
+        at_log_line = self.batch_idx % self.log_interval == 0 or self.batch_idx == self.num_batches - 1
+        batch = self.read_unread() if at_log_line else None  # the read waits for the device: time it too
         self.batch_time.update(time.perf_counter() - self.end)
         self.end = time.perf_counter()
-        if self.batch_idx % self.log_interval == 0 or self.batch_idx == self.num_batches - 1:
-            now, average = self.averages(batch), self.averages(self.totals)
-            say(f"{self.name}: [{self.batch_idx:>4d}/{self.num_batches - 1}]  "
-                f"Time: {self.batch_time.val:.3f} ({self.batch_time.avg:.3f})  "
-                f"Loss: {now['loss']:>7.4f} ({average['loss']:>6.4f})  "
-                f"Acc@1: {now['top1']:>7.4f} ({average['top1']:>7.4f})  "
-                f"Acc@5: {now['top5']:>7.4f} ({average['top5']:>7.4f})")
+        if batch is None:
+            return
+        now, average = self.averages(batch), self.averages(self.totals)
+        say(f"{self.name}: [{self.batch_idx:>4d}/{self.num_batches - 1}]  "
+            f"Time: {self.batch_time.val:.3f} ({self.batch_time.avg:.3f})  "
+            f"Loss: {now['loss']:>7.4f} ({average['loss']:>6.4f})  "
+            f"Acc@1: {now['top1']:>7.4f} ({average['top1']:>7.4f})  "
+            f"Acc@5: {now['top5']:>7.4f} ({average['top5']:>7.4f})")
+
+    def read_unread(self):
+        """Adds the batches since the last log line, each summed over all ranks, to the totals (one read);
+        -> the last batch's sums."""
+        losses = all_reduce_sum(torch.stack([loss for loss, _ in self.unread]))
+        counts = all_reduce_sum(torch.stack([counts for _, counts in self.unread]))
+        rows = torch.cat([losses[:, None].double(), counts.double()], dim=1).tolist()
+        self.unread = []
+        for loss, top1, top5, count in rows:
+            batch = dict(loss=loss, top1=int(top1), top5=int(top5), count=int(count))
+            for key, value in batch.items():
+                self.totals[key] += value
+        return batch
 
     @staticmethod
     def averages(sums):

@@ -138,8 +138,8 @@ class SqueezeExcite(nn.Module):
         self.conv_expand = nn.Conv2d(reduced_chs, chs, 1)
 
     def forward(self, x):  # (N, C, H, W) -> same, each channel gated by a global summary
-        # mean()'s numbers, without mean's backward dividing the full-size gradient (one pass more)
-        pooled = x.sum((2, 3), keepdim=True).div(x.shape[2] * x.shape[3])
+        # mean, not sum: CUDA's autocast runs sum in float32, which would copy every expanded activation
+        pooled = x.mean((2, 3), keepdim=True)
         scale = self.conv_expand(F.silu(self.conv_reduce(pooled)))
         return x * scale.sigmoid()
 

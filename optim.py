@@ -134,13 +134,16 @@ class ModelEma(torch.nn.Module):
 # Mixed precision
 
 class Precision:
-    """Native or apex O1: autocast(), backward(loss), step(optimizer, clip_grad) -> skipped?, state_dict (loss scale).
-    Native float16 has a GradScaler (skips non-finite steps, lowers its scale); bfloat16 and float32 need none."""
+    """Native or apex O1: autocast(), backward(loss), step(optimizer, clip_grad) -> skipped, state_dict (loss scale).
+    Native float16 has a GradScaler (skips non-finite steps, lowers its scale); bfloat16 and float32 need none.
+    `skipped` is False where no step is skipped, a bool under apex, and a bool tensor on the device under the
+    GradScaler: it stays there, so a step waits for the device only in the scaler's own check."""
 
     def __init__(self, device_type, dtype=None, apex_optimizer=None):
         self.device_type, self.dtype, self.apex_optimizer = device_type, dtype, apex_optimizer
         self.apex_amp = importlib.import_module('apex.amp') if apex_optimizer is not None else None
-        self.scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16 and not self.apex_amp)
+        self.scaler = grad_scaler(device_type, enabled=dtype == torch.float16 and not self.apex_amp)
+        self.apex_overflowed = False
 
     def autocast(self):
         if self.dtype is None or self.apex_amp:  # apex casts by itself
@@ -148,21 +151,32 @@ class Precision:
         return torch.autocast(self.device_type, self.dtype)
 
     def backward(self, loss):
-        if self.apex_amp:
-            with self.apex_amp.scale_loss(loss, self.apex_optimizer) as scaled_loss:
-                scaled_loss.backward()
-        else:
+        if not self.apex_amp:
             self.scaler.scale(loss).backward()
+            return
+        scale = self.loss_scale()
+        with self.apex_amp.scale_loss(loss, self.apex_optimizer) as scaled_loss:
+            scaled_loss.backward()
+        # apex checks the gradients as scale_loss exits: after an overflow it has already lowered its scale and
+        # turned the next optimizer.step() into a no-op, so only the scale before and after tells a skipped step.
+        self.apex_overflowed |= self.loss_scale() < scale
 
     def step(self, optimizer, clip_grad=None):
-        scale = self.loss_scale()
         if clip_grad:  # on the true gradients: GradScaler unscales them here (apex already has; its scaler is off)
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group['params']], clip_grad)
-        self.scaler.step(optimizer)  # a plain optimizer.step() when the scaler is disabled
+        if self.apex_amp:
+            optimizer.step()
+            skipped, self.apex_overflowed = self.apex_overflowed, False
+            return skipped
+        if not self.scaler.is_enabled():
+            optimizer.step()
+            return False
+        # The scale as a tensor (get_scale() would wait for the device); a skipped step lowers it.
+        scale = self.scaler._get_scale_async().clone()
+        self.scaler.step(optimizer)
         self.scaler.update()
-        # A skipped step halves the scale; reading it costs no extra sync (the scaler synced to decide).
-        return scale is not None and self.loss_scale() < scale
+        return self.scaler._get_scale_async() < scale
 
     def loss_scale(self):
         if self.apex_amp:
@@ -178,6 +192,14 @@ class Precision:
             self.apex_amp.load_state_dict(state)
         elif self.scaler.is_enabled() and 'scale' in state:
             self.scaler.load_state_dict(state)
+
+
+def grad_scaler(device_type, enabled):
+    """torch's GradScaler; on an Ascend NPU torch_npu's, as Ascend documents: it also reads the NPU's overflow
+    flags (fp16 there may saturate instead of reaching inf) and all-reduces the overflow over ranks."""
+    if device_type == 'npu' and enabled:
+        return importlib.import_module('torch_npu.npu.amp').GradScaler()
+    return torch.amp.GradScaler(device_type, enabled=enabled)
 
 
 def create_precision(device, model, optimizer, amp=False, amp_dtype=None, apex=False, say=print):

@@ -137,7 +137,7 @@ def save_checkpoint(folder, names, parts, state, meta):
     """A collective: state.ranks gets each rank's random streams and, with several processes, its BatchNorm
     statistics (each rank updates its own with its batches; the EMA's are never synced); rank 0 writes
     {part: its state_dict or None, the state's fields, meta} once, as the last of `names`, the others linked."""
-    mine, several = dict(rng=rng_state()), get_world_size() > 1
+    mine, several = dict(rng=rng_state(model_device(parts))), get_world_size() > 1
     for key, module in (('buffers', parts['model']), ('ema_buffers', parts.get('model_ema'))):
         if several and module is not None:
             mine[key] = {name: b.cpu() for name, b in module.named_buffers()}
@@ -176,8 +176,9 @@ def load_checkpoint(path, parts, state, args, num_classes):
     saved = state.ranks[rank if same_world else 0]
     torch.set_rng_state(saved['rng']['torch'])
     random.setstate(saved['rng']['python'])
-    if 'cuda' in saved['rng'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(saved['rng']['cuda'])
+    device = model_device(parts)
+    if device_rng(device) is not None and device.type in saved['rng']:
+        device_rng(device).set_rng_state(saved['rng'][device.type])
     if not same_world and rank > 0:
         torch.manual_seed(data.mix_seed(args.seed, rank, state.epoch, state.step))
     with torch.no_grad():
@@ -215,12 +216,24 @@ def plain_args(args):
     return {key: (list(value) if isinstance(value, tuple) else value) for key, value in vars(args).items()}
 
 
-def rng_state():
-    """Every random stream the training step draws from, as tensors and plain types."""
+def rng_state(device):
+    """Every random stream the training step draws from, as tensors and plain types: the CPU's, Python's and,
+    under the device's name ('cuda', 'npu'), the device's own (dropout, drop path and random erasing draw there)."""
     state = dict(torch=torch.get_rng_state(), python=random.getstate())
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state()
+    if device_rng(device) is not None:
+        state[device.type] = device_rng(device).get_rng_state()
     return state
+
+
+def device_rng(device):
+    """torch.cuda, torch.npu, ...: the module holding `device`'s random stream (that of the current device);
+    None for the CPU, whose stream is torch's own, and for devices without one."""
+    module = getattr(torch, device.type, None)
+    return module if hasattr(module, 'get_rng_state') else None
+
+
+def model_device(parts):
+    return next(parts['model'].parameters()).device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,9 +272,13 @@ class NonFiniteGuard:
     def __init__(self, device):
         self.streak = torch.zeros((), device=device, dtype=torch.long)
 
-    def update(self, loss, skipped):
-        if not skipped:
-            self.streak = (self.streak + 1) * (~torch.isfinite(loss))
+    def update(self, loss, skipped=False):
+        """`skipped`: Precision.step's answer, a bool or (fp16's GradScaler) a bool tensor on the device."""
+        counted = (self.streak + 1) * (~torch.isfinite(loss))
+        if isinstance(skipped, torch.Tensor):
+            self.streak = torch.where(skipped, self.streak, counted)
+        elif not skipped:
+            self.streak = counted
 
     def check(self, state):
         """Raises after NONFINITE_LIMIT in a row; -> whether the last loss was finite (checkpoints are written

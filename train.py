@@ -163,7 +163,7 @@ def train_step(model, optimizer, precision, batches, args, model_ema=None, mixup
     optimizer.zero_grad(set_to_none=True)  # frees the last step's gradients before the activations
     losses = []
     for index, (images, labels, _) in enumerate(batches):
-        images, labels = to_device(images, model, args), labels.to(images.device, non_blocking=True)
+        images, labels = to_device(images, labels, model, args)
         targets = labels
         if mixup is not None:
             images, targets = mixup(images, labels)
@@ -195,7 +195,7 @@ def validate(model, loader, precision, args, log_suffix=''):
     empty_batch = (torch.zeros(0, 3, args.eval_size, args.eval_size, dtype=torch.uint8),
                    torch.zeros(0, dtype=torch.long))
     for images, labels, *_ in logger.log_every(loader, empty_batch):
-        images, labels = to_device(images, model, args), labels.to(device)
+        images, labels = to_device(images, labels, model, args)
         with precision.autocast():
             output = model(images)
         loss_sum = F.cross_entropy(output.float(), labels, reduction='sum')
@@ -346,13 +346,16 @@ def make_val_loader(dataset, args):
 
 def make_loader(dataset, transform, sampler, args):
     return data.create_loader(data.transformed(dataset, transform), sampler, workers=args.workers,
-                              pin_memory=args.device == 'cuda')
+                              pin_memory=args.device != 'cpu')  # page-locked: copies to a GPU/NPU overlap
 
 
-def to_device(images, model, args):
-    """A uint8 batch from the loader -> normalized float32 on the model's device, in the run's memory format."""
-    images = images.to(next(model.parameters()).device, non_blocking=True)
-    return transforms.normalize(images, args.mean, args.std, channels_last=args.channels_last)
+def to_device(images, labels, model, args):
+    """A batch from the loader (uint8 images, labels) on the model's device, without waiting for it; the images
+    normalized to float32 in the run's memory format."""
+    device = next(model.parameters()).device
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    return transforms.normalize(images, args.mean, args.std, channels_last=args.channels_last), labels
 
 
 if __name__ == '__main__':

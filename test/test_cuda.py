@@ -219,6 +219,20 @@ def runs(data_dir, constant_model, tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 # The model on CUDA against the CPU, in float32
 
+def test_squeeze_excite_pools_in_the_autocast_dtype_on_cuda():
+    """timm's mean, not sum, which CUDA's autocast runs in float32: under float16 autocast every SE block
+    pools its expanded activation in float16, without a float32 copy of it."""
+    import model as models
+    net = models.create_model('tf_efficientnetv2_b0', num_classes=10).cuda()
+    dtypes = []
+    for module in net.modules():
+        if isinstance(module, models.SqueezeExcite):
+            module.conv_reduce.register_forward_pre_hook(lambda _, inputs: dtypes.append(inputs[0].dtype))
+    with torch.autocast('cuda', torch.float16):
+        net(torch.randn(2, 3, 64, 64, device='cuda'))
+    assert dtypes and set(dtypes) == {torch.float16}
+
+
 @pytest.mark.parametrize('memory_format', ['nchw', 'channels_last'])
 def test_model_outputs_on_cuda_match_the_cpu_in_float32(memory_format):
     """Eval mode, rw_t at 64 px. Tolerance 1e-4 of the largest logit: float32 itself differs from a
@@ -406,13 +420,14 @@ def test_resume_after_sigterm_on_cuda_matches_the_uninterrupted_fp16_run(sigterm
 @pytest.mark.skipif(torch.cuda.is_available() and not apex_amp_imports(),
                     reason='needs NVIDIA apex with apex.amp (the PyPI package named apex is unrelated)')
 def test_apex_amp_resume_restores_apexs_loss_scale(data_dir, tmp_path):
-    """--apex-amp (O1, fp16): steps 2 and 3 overflow, apex's scaler skips them and halves its scale;
+    """--apex-amp (O1, fp16): steps 2-7 overflow, six in a row, over run.py's limit of five: apex skips
+    them and halves its scale each time, and the run goes on (Precision sees apex's skips as skipped);
     run.py saves precision.state_dict() (apex's amp.state_dict()) under 'scaler'; a second epoch
     resumed from that checkpoint keeps the lowered scale (fresh, it would be 2**16 again)."""
     output = tmp_path / 'out'
     apex = [data_dir, *TINY, '--apex-amp', '--seed', '3', '--output', output]
-    Run(train_command(*apex, '--epochs', '1', faults=['--inf-loss-steps', '2,3'])).stdout()
+    Run(train_command(*apex, '--epochs', '1', faults=['--inf-loss-steps', '2,3,4,5,6,7'])).stdout()
     first = load(output / 'last.pth.tar')['scaler']['loss_scaler0']['loss_scale']
-    assert first <= FP16_INITIAL_SCALE / 4
+    assert first <= FP16_INITIAL_SCALE / 2 ** 6
     assert 'Resumed from' in Run(train_command(*apex, '--epochs', '2', '--resume', 'auto')).stdout()
     assert load(output / 'last.pth.tar')['scaler']['loss_scaler0']['loss_scale'] == first

@@ -36,6 +36,7 @@ import pytest
 import torch
 
 import distributed
+import errors
 
 from conftest import ROOT, RUNTIME_FILES, make_image_folder, run_train
 
@@ -287,6 +288,31 @@ def test_a_batch_script_without_srun_is_one_process(monkeypatch):
     for key, value in dict(SLURM_JOB_ID='7', SLURM_PROCID='0', SLURM_LOCALID='0', SLURM_NTASKS='4').items():
         monkeypatch.setenv(key, value)
     assert distributed.distributed_env() == (0, 1, 0)
+
+
+def test_srun_tasks_bound_to_gpus_of_their_own_each_take_one_they_see(monkeypatch):
+    """srun --gpus-per-task=1: each of 8 tasks sees one GPU, its own, while SLURM_LOCALID runs 0-7 (so a task
+    would ask for a GPU it cannot see). Bound tasks take the local rank modulo what they see; unbound, or under
+    torchrun, a local rank beyond the visible GPUs stays a usage error."""
+    for key in [*LAUNCHER_VARIABLES, *(key for key in os.environ if key.startswith('SLURM_'))]:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in srun_env(5, 8, 1).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda index: None)
+    with pytest.raises(errors.UsageError, match='process 5 has no GPU: 1 visible'):
+        distributed.select_device('cuda', 5)
+    for binding in ('SLURM_GPUS_PER_TASK', 'SLURM_NTASKS_PER_GPU'):
+        monkeypatch.setenv(binding, '1')
+        assert distributed.select_device('cuda', 5) == torch.device('cuda', 0)
+        monkeypatch.delenv(binding)
+    monkeypatch.setenv('SLURM_GPUS_PER_TASK', '2')
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert distributed.select_device('cuda', 5) == torch.device('cuda', 1)
+    monkeypatch.setenv('RANK', '5')  # torchrun's ranks: its local ranks must each have a GPU
+    with pytest.raises(errors.UsageError, match='process 5 has no GPU: 2 visible'):
+        distributed.select_device('cuda', 5)
 
 
 def free_slurm_job_id():

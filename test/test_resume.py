@@ -310,3 +310,18 @@ def test_an_accumulating_run_killed_between_micro_batches_resumes_bitwise(data_d
     resumed = run_to_end(data_dir, cut, 0, *ACCUMULATING, '--resume', 'auto')
     assert resumed_step(resumed.stdout) == (1, 1)
     assert_same_run(cut, whole)
+
+
+def test_a_checkpoint_holds_the_random_stream_of_whatever_accelerator_trains(monkeypatch):
+    """Dropout, drop path and random erasing draw from the device's own stream: run.rng_state saves it under
+    the device's name ('npu' as 'cuda', through torch.npu as torch.cuda); the CPU and meta devices have none
+    beyond torch's own."""
+    import types
+    import run
+    npu = types.SimpleNamespace(get_rng_state=lambda: torch.tensor([7, 8], dtype=torch.uint8))
+    monkeypatch.setattr(torch, 'npu', npu, raising=False)
+    saved = run.rng_state(types.SimpleNamespace(type='npu'))
+    assert set(saved) == {'torch', 'python', 'npu'} and saved['npu'].tolist() == [7, 8]
+    assert run.device_rng(types.SimpleNamespace(type='npu')) is npu
+    for device in ('cpu', 'meta'):
+        assert set(run.rng_state(torch.device(device))) == {'torch', 'python'}

@@ -4,6 +4,9 @@ import errno
 import math
 import os
 import shutil
+import sys
+import types
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -248,9 +251,11 @@ def test_precision_fp16_skips_a_non_finite_step_halves_the_scale_and_saves_it():
     net = small_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     precision = optim.Precision('cpu', torch.float16)
-    assert fp16_step(precision, net, optimizer) is False
+    skipped = fp16_step(precision, net, optimizer)
+    assert isinstance(skipped, torch.Tensor) and skipped.device == torch.device('cpu')  # not read back: no sync
+    assert not skipped
     before = copy.deepcopy(list(net.parameters()))
-    assert fp16_step(precision, net, optimizer, loss_factor=float('inf')) is True
+    assert fp16_step(precision, net, optimizer, loss_factor=float('inf'))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert precision.loss_scale() == 2.0 ** 15
     restored = optim.Precision('cpu', torch.float16)
@@ -264,7 +269,7 @@ def test_precision_clips_the_unscaled_gradients_under_fp16():
     net = small_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
     precision = optim.Precision('cpu', torch.float16)
-    assert fp16_step(precision, net, optimizer, clip_grad=1e-3) is False
+    assert not fp16_step(precision, net, optimizer, clip_grad=1e-3)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()]))
     assert norm == pytest.approx(1e-3, rel=1e-3)  # clipped once unscaled (scaled, it would end 65536x smaller)
 
@@ -280,3 +285,74 @@ def test_precision_without_mixed_precision_is_a_plain_backward_and_step():
     nn.functional.cross_entropy(reference(torch.randn(4, 3, 8, 8)), torch.randint(0, 5, (4,))).backward()
     optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters()))
+
+
+def apex_stand_in(initial_scale=2.0 ** 16):
+    """apex.amp's loss scaling as apex/amp/handle.py does it (O1, dynamic scale): scale_loss yields loss * scale;
+    as it exits, gradients with an inf or NaN halve the scale and turn the next optimizer.step() into a no-op,
+    others are unscaled. -> (the apex package, its amp module) to put in sys.modules."""
+    scaler = types.SimpleNamespace(scale=initial_scale)
+    scaler.loss_scale = lambda: scaler.scale
+
+    @contextmanager
+    def scale_loss(loss, optimizer):
+        yield loss.float() * scaler.scale
+        grads = [p.grad for group in optimizer.param_groups for p in group['params'] if p.grad is not None]
+        if all(torch.isfinite(g).all() for g in grads):
+            for g in grads:
+                g.div_(scaler.scale)
+            return
+        scaler.scale /= 2
+        step = optimizer.step
+
+        def skip_step():
+            optimizer.step = step
+        optimizer.step = skip_step
+
+    amp = types.ModuleType('apex.amp')
+    amp.scale_loss, amp._amp_state = scale_loss, types.SimpleNamespace(loss_scalers=[scaler])
+    amp.state_dict = lambda: {'loss_scaler0': {'loss_scale': scaler.scale}}
+    apex = types.ModuleType('apex')
+    apex.amp = amp
+    return apex, amp
+
+
+def test_apex_steps_skipped_for_overflow_never_count_as_non_finite_losses(monkeypatch):
+    """Six overflowing steps in a row, one more than run.py's limit: apex lowers its scale as scale_loss exits
+    and skips each optimizer step; Precision.step reports each as skipped, so the run goes on with the weights
+    untouched. Then a finite step trains and ends the streak."""
+    apex, amp = apex_stand_in()
+    monkeypatch.setitem(sys.modules, 'apex', apex)
+    monkeypatch.setitem(sys.modules, 'apex.amp', amp)
+    net = small_net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    precision = optim.Precision('cpu', torch.float16, apex_optimizer=optimizer)
+    guard, state = run.NonFiniteGuard(torch.device('cpu')), run.TrainState()
+    before = copy.deepcopy(list(net.parameters()))
+    for step in range(run.NONFINITE_LIMIT + 1):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(net(torch.randn(4, 3, 8, 8)), torch.randint(0, 5, (4,))) * float('inf')
+        precision.backward(loss)
+        skipped = precision.step(optimizer)
+        assert skipped is True, step
+        guard.update(loss.detach(), skipped)
+        assert guard.check(state) is True  # no error, and the untouched weights may be saved
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert precision.loss_scale() == 2.0 ** 16 / 2 ** (run.NONFINITE_LIMIT + 1)
+    optimizer.zero_grad()
+    loss = nn.functional.cross_entropy(net(torch.randn(4, 3, 8, 8)), torch.randint(0, 5, (4,)))
+    precision.backward(loss)
+    assert precision.step(optimizer) is False
+    assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_the_non_finite_guard_counts_only_steps_not_skipped_whether_told_by_a_bool_or_a_device_tensor():
+    """fp16's GradScaler answers with a bool tensor on the device (no sync), apex with a bool."""
+    guard, state, inf = run.NonFiniteGuard(torch.device('cpu')), run.TrainState(), torch.tensor(float('inf'))
+    for skipped in [torch.tensor(True), True] * run.NONFINITE_LIMIT:
+        guard.update(inf, skipped)
+    assert guard.check(state) is True
+    for skipped in [torch.tensor(False), False] * (run.NONFINITE_LIMIT // 2) + [False]:
+        guard.update(inf, skipped)
+    with pytest.raises(FloatingPointError, match='not finite for 5 consecutive steps'):
+        guard.check(state)
