@@ -9,10 +9,13 @@
 Any map-style dataset of (image, label) loads through Transformed; an item's seed depends only on (seed, epoch,
 index), not on the workers, the world size or a resume.
 """
+import atexit
 import gc
 import io
 import math
+import multiprocessing
 import os
+import signal
 import sys
 import warnings
 
@@ -32,6 +35,10 @@ warnings.filterwarnings('ignore', 'The image decoding and encoding capabilities 
 DATASETS = ('folder', 'hf', 'wds', 'cifar10', 'cifar100', 'digits', 'synthetic')
 VAL_SPLITS = ('validation', 'val', 'valid', 'test')  # the held-out split by default: the first found
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-cased
+# What schedulers send every process of a job to end it (Slurm's scancel and time limit, Kubernetes, systemd,
+# `timeout`, Ctrl-C in a terminal, sbatch --signal=USR1@SECONDS): the main process stops with a checkpoint
+# (run.StopSignals), loader workers leave the stop to it (create_loader).
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 _DATA_PATH_HINTS = {'folder': 'the folder holding train/<class>/ and val/<class>/',
                     'hf': "a dataset saved with datasets' save_to_disk, or a folder of the hub's parquet files",
                     'cifar10': "the folder holding torchvision's cifar-10-batches-py/",
@@ -345,22 +352,48 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 def create_loader(dataset, batch_sampler, *, workers, pin_memory=False):
     """A DataLoader over the sampler's batches, items collated to (uint8 images, int64 labels, int64 bad_images), with
     its own torch.Generator: an epoch's iterator draws nothing from the global RNG (bitwise resume). Workers copy
-    the dataset and transform as they start: train.py makes a loader each epoch, so progressive sizes reach them."""
+    the dataset and transform as they start: train.py makes a loader each epoch, so progressive sizes reach them.
+    Workers ignore JOB_SIGNALS: signalled with the whole job, they go on until the main process, which stops
+    after its step and saves, ends them (torch's workers also end when their main process dies)."""
     return FrozenHeapLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
-                            prefetch_factor=2 if workers > 0 else None, generator=torch.Generator())
+                            prefetch_factor=2 if workers > 0 else None, generator=torch.Generator(),
+                            worker_init_fn=ignore_job_signals)
+
+
+def ignore_job_signals(worker_id):
+    """In a loader worker: JOB_SIGNALS ignored, then unblocked (FrozenHeapLoader forks with them blocked)."""
+    for job_signal in JOB_SIGNALS:
+        signal.signal(job_signal, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, JOB_SIGNALS)
+
+
+@atexit.register  # after multiprocessing's own exit handler, so it runs before it
+def end_workers():
+    """Loader workers still alive at exit (an error left an epoch unfinished) end here: multiprocessing's exit
+    handler would send them SIGTERM, which they ignore, and then wait for them forever. torch's handler of
+    their deaths (SIGCHLD) is removed first: at exit a killed worker is no error."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in workers:
+        worker.kill()
 
 
 class FrozenHeapLoader(torch.utils.data.DataLoader):
     """A DataLoader whose workers fork from a frozen heap: a forked worker's garbage collector writes to every object
     it scans, so a full collection copies the interpreter's whole heap into it (docs/measurements.md). Objects frozen
-    (gc.freeze) before the fork are never scanned there; the main process unfreezes its own right after."""
+    (gc.freeze) before the fork are never scanned there; the main process unfreezes its own right after. The fork
+    happens with JOB_SIGNALS blocked: a signal to the job then finds a worker ignoring it, or waits for the main
+    process, never a worker that has not yet set its handlers (ignore_job_signals)."""
 
     def __iter__(self):
         if self.num_workers == 0:
             return super().__iter__()
         gc.collect()  # what is garbage now would never be collected once frozen
         gc.freeze()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
         try:
             return super().__iter__()  # forks the workers
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             gc.unfreeze()

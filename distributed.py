@@ -61,6 +61,33 @@ def synchronize(device):
     elif device.type == 'npu':
         torch.npu.synchronize()
 
+def reset_peak_memory(device):
+    """Starts a new peak for peak_memory_mib: the accelerator's allocator statistics, or on Linux the process's
+    peak resident set (VmHWM, reset through /proc/self/clear_refs)."""
+    accelerator = getattr(torch, device.type, None)
+    if hasattr(accelerator, 'reset_peak_memory_stats'):
+        accelerator.reset_peak_memory_stats(device)
+        return
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:  # not Linux, or not allowed: the peak counts from the process's start
+        pass
+
+def peak_memory_mib(device):
+    """The most memory held since reset_peak_memory: allocated on a GPU/NPU (torchvision's references' "max mem"),
+    resident in this process on the CPU (its loader workers not counted)."""
+    accelerator = getattr(torch, device.type, None)
+    if hasattr(accelerator, 'max_memory_allocated'):
+        return accelerator.max_memory_allocated(device) / 2 ** 20
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:')) / 1024
+    except (OSError, StopIteration):
+        import resource  # the peak since the process started: KiB on Linux, bytes on macOS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / (2 ** 20 if sys.platform == 'darwin' else 1024)
+
 def default_workers():
     """timm's 4 loader processes per device, but not more than this device's share of the cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
@@ -107,12 +134,24 @@ def first_host(nodelist):
     return re.sub(r'\[([^\]\-,]*)[^\]]*\]', r'\1', first)
 
 def init_distributed(device, timeout_minutes=30):
-    """One process group over all ranks; a collective waiting past the timeout fails (the launcher stops all)."""
+    """One process group over all ranks, and a CPU one beside it (cpu_group); a collective waiting past the timeout
+    fails (the launcher stops all)."""
+    global _cpu_group
     backend = {'cuda': 'nccl', 'npu': 'hccl'}.get(device.type, 'gloo')
     rank, world_size, _ = distributed_env()
     timeout = datetime.timedelta(minutes=timeout_minutes)
     dist.init_process_group(backend, store=rendezvous_store(rank, world_size, timeout), rank=rank,
                             world_size=world_size, timeout=timeout, device_id=device if device.type == 'cuda' else None)
+    if backend != 'gloo':
+        _cpu_group = dist.new_group(backend='gloo', timeout=timeout)
+
+
+_cpu_group = None  # beside an NCCL or HCCL group; with gloo's the default group is on the CPU already
+
+def cpu_group():
+    """The ranks' process group on the CPU, for what they agree on without making a GPU or NPU wait (None: the
+    default group)."""
+    return _cpu_group
 
 def rendezvous_store(rank, world_size, timeout):
     """The store where the ranks meet, as torch's env:// makes it (a client of torchrun's, else served by rank 0),
@@ -150,7 +189,10 @@ def fresh_key_space(store, rank, world_size, timeout):
     return token
 
 def destroy_distributed():
-    """After success only: with a rank gone, tearing the group down can block."""
+    """After success only: with a rank gone, tearing the group down can block. No reference to a group may outlive
+    this: gloo's threads would then end with the interpreter and abort it."""
+    global _cpu_group
+    _cpu_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

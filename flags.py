@@ -37,6 +37,9 @@ def default(key):
 def get_args_parser():
     p = ArgumentParser(description="Train EfficientNetV2 with the Ascend ModelZoo recipe (timm 0.5.4's train.py)",
                        formatter_class=HelpFormatter)
+    p.add_argument('-c', '--config', metavar='FILE',
+                   help="flags from a YAML file (timm's -c), e.g. a run's args.yaml to repeat that run; the command "
+                        "line overrides them; output, resume and local_rank are not taken from it")
     p.add_argument('data_dir', nargs='?', help='folder holding train/<class>/ and val/<class>/ (none: the demo)')
     p.add_argument('--data-path', '--data_path', '--data-dir', dest='data_path', help='the same as DATA_DIR')
     p.add_argument('--dataset', choices=data.DATASETS,
@@ -142,6 +145,39 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def parse_args(argv=None):
+    """The command line over -c FILE's flags: the file's values replace the parser's defaults."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**read_config(args.config, {action.dest for action in parser._actions}))
+        args = parser.parse_args(argv)
+    return args
+
+
+NOT_FROM_CONFIG = ('output', 'resume', 'local_rank', 'config')  # they name one run, not a recipe
+
+
+def read_config(path, flag_names):
+    """A YAML mapping of flags by their argparse names (batch_size: 256), as args.yaml holds them."""
+    import yaml
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except OSError as error:
+        raise errors.UsageError(f"cannot read -c {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise errors.UsageError(f"-c {path} is not YAML: {errors.one_line(error)}") from None
+    if not isinstance(config, dict):
+        raise errors.UsageError(f"-c {path} holds no flags: give one per line, e.g. 'lr: 0.014'")
+    unknown = sorted(set(config) - set(flag_names) - {'rand_augment'})  # args.yaml's --aa, parsed
+    if unknown:
+        raise errors.UsageError(f"-c {path}: unknown flags {', '.join(unknown)} (python train.py --help lists them)")
+    if config.get('lr_base') is not None:
+        config.pop('lr', None)  # args.yaml's lr is the one --lr-base gave: --lr-base again gives it
+    return {key: value for key, value in config.items() if key in flag_names and key not in NOT_FROM_CONFIG}
+
+
 def resolve_args(args):
     """Fill unset flags (the demo's or timm's defaults, the variant's config) and reject bad values."""
     args.data_path = args.data_path or args.data_dir
@@ -155,6 +191,10 @@ def resolve_args(args):
         defaults = {**defaults, **DEMO_PROGRESSIVE}
     if args.lr_base is not None:
         defaults = {key: value for key, value in defaults.items() if key != 'lr'}
+    run.resolve_resume(args)  # --resume auto: the run folder's last.pth.tar, or none
+    if args.model is None and args.resume:  # the checkpoint's variant and image settings, where not given
+        for key, value in run.checkpoint_settings(args.resume).items():
+            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     size_chosen = args.img_size is not None or 'img_size' in defaults
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -182,7 +222,7 @@ def resolve_args(args):
     if args.channels_last is None:
         args.channels_last = distributed.default_channels_last(torch.device(args.device))
     check_args(args)
-    run.check_output(args)  # the run folder's name; --resume auto resolved
+    run.check_output(args)  # the run folder's name
     return args
 
 
@@ -212,8 +252,6 @@ def check_args(args):
                                 f"folder: put the data folder before --pretrained")
     if args.evaluate and not (args.resume or args.pretrained):
         raise errors.UsageError("--evaluate needs weights: give --resume PATH or --pretrained [PATH]")
-    if args.resume == 'auto' and not args.output:
-        raise errors.UsageError("--resume auto needs --output DIR (the run folder to continue)")
     if args.log_tensorboard and importlib.util.find_spec('tensorboard') is None:
         raise errors.UsageError("--log-tensorboard needs the tensorboard package: pip install tensorboard")
     if args.sync_bn and args.device == 'cpu':

@@ -107,7 +107,7 @@ class EvalLogger:
         -> the last batch's sums."""
         losses = all_reduce_sum(torch.stack([loss for loss, _ in self.unread]))
         counts = all_reduce_sum(torch.stack([counts for _, counts in self.unread]))
-        rows = torch.cat([losses[:, None].double(), counts.double()], dim=1).tolist()
+        rows = torch.cat([losses[:, None], counts.float()], dim=1).tolist()  # a batch's counts are exact in float32
         self.unread = []
         for loss, top1, top5, count in rows:
             batch = dict(loss=loss, top1=int(top1), top5=int(top5), count=int(count))
@@ -130,8 +130,10 @@ class EpochLogger:
     def __init__(self, output):
         self.output, self.draw_curves = output, True
 
-    def log(self, epoch, train_loss, evaluation, ema_evaluation, lr, images_per_sec, bad_images, step=None):
-        """`step`: the optimizer steps so far, where TensorBoard draws the epoch's evaluation."""
+    def log(self, epoch, train_loss, evaluation, ema_evaluation, lr, images_per_sec, bad_images, peak_memory_mib,
+            step=None):
+        """`step`: the optimizer steps so far, where TensorBoard draws the epoch's evaluation; `peak_memory_mib`:
+        the epoch's (distributed.peak_memory_mib)."""
         if not is_main_process():
             return
         log_scalars(step, 'eval', **evaluation)
@@ -142,11 +144,12 @@ class EpochLogger:
                    eval_top1=f"{evaluation['top1']:.4f}", eval_top5=f"{evaluation['top5']:.4f}",
                    ema_top1=f"{ema_evaluation['top1']:.4f}" if ema_evaluation else '',
                    ema_top5=f"{ema_evaluation['top5']:.4f}" if ema_evaluation else '',
-                   lr=f"{lr:.6g}", images_per_sec=f"{images_per_sec:.2f}", bad_images=bad_images)
+                   lr=f"{lr:.6g}", images_per_sec=f"{images_per_sec:.2f}", bad_images=bad_images,
+                   peak_memory_mib=f"{peak_memory_mib:.0f}")
         ema = f"  ema_top1 {row['ema_top1']}" if ema_evaluation else ''
         say(f"Epoch {epoch}: train_loss {row['train_loss']}  eval_loss {row['eval_loss']}  top1 {row['eval_top1']}  "
             f"top5 {row['eval_top5']}{ema}  lr {row['lr']}  images/s {row['images_per_sec']}  "
-            f"skipped_images {bad_images}")
+            f"peak_memory_mib {row['peak_memory_mib']}  skipped_images {bad_images}")
         write_summary(os.path.join(self.output, 'summary.csv'), row)
         if self.draw_curves:
             try:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import data
 import weights
-from distributed import get_rank, get_world_size, is_main_process, say
+from distributed import cpu_group, get_rank, get_world_size, is_main_process, peak_memory_mib, say
 from errors import CheckpointError, UsageError
 
 NONFINITE_LIMIT = 5        # consecutive non-finite losses before the run stops
@@ -42,7 +42,7 @@ class Supervisor:
             load_checkpoint(args.resume, parts, self.state, args, meta['num_classes'])
         create_output(args)
         self.first_epoch = self.state.epoch
-        self.stop, self.guard = StopSignals(device), NonFiniteGuard(device)
+        self.stop, self.guard = StopSignals(), NonFiniteGuard(device)
 
     def save(self, names):
         save_checkpoint(self.args.output, names, self.parts, self.state, self.meta)
@@ -52,7 +52,7 @@ class Supervisor:
         self.guard.update(loss, skipped)
         if at_log_step:
             self.guard.check(self.state)
-        if self.stop.requested(at_log_step):
+        if self.stop.requested():
             return True
         interval = self.args.checkpoint_interval
         if interval and self.state.step % interval == 0 and not last_of_epoch and self.guard.check(self.state):
@@ -61,7 +61,7 @@ class Supervisor:
 
     def ends_before_validation(self):
         """After an epoch's steps: a stop signal (saved, and said how to go on) or --perf-steps done."""
-        if self.stop.signal:
+        if self.stop.agree():
             self.stopped(saved=False)
             return True
         return bool(self.args.perf_steps) and self.state.num_updates >= self.args.perf_steps
@@ -73,7 +73,8 @@ class Supervisor:
         state, epoch, args = self.state, self.state.epoch, self.args
         finite = self.guard.check(state)
         self.epoch_logger.log(epoch, float(state.loss_sum) / max(state.loss_count, 1), evaluation, ema_evaluation,
-                              state.epoch_lr, images_per_sec, state.bad_images, step=state.num_updates)
+                              state.epoch_lr, images_per_sec, state.bad_images, peak_memory_mib(self.device),
+                              step=state.num_updates)
         is_best = state.finish_epoch((ema_evaluation or evaluation)['top1'], finite)
         if finite:
             self.save(['model_best.pth.tar'] * is_best + [f'checkpoint-{epoch}.pth.tar'] * bool(args.checkpoint_hist)
@@ -81,7 +82,7 @@ class Supervisor:
             old = os.path.join(args.output, f'checkpoint-{epoch - args.checkpoint_hist}.pth.tar')
             if args.checkpoint_hist and is_main_process() and os.path.exists(old):
                 os.remove(old)
-        if epoch + 1 < args.epochs and self.stop.requested():
+        if self.stop.agree() and epoch + 1 < args.epochs:
             self.stopped(saved=True)
             return False
         return True
@@ -240,30 +241,59 @@ def model_device(parts):
 # Stopping: on a signal, and on a loss that stays non-finite
 
 class StopSignals:
-    """SIGTERM / SIGINT: stop after this step, with a checkpoint. One request often arrives twice within
-    milliseconds (Ctrl-C reaches torchrun and its workers, and torchrun relays it; Slurm signals every process),
-    hence the SIGNAL_REPEAT_SECONDS window; a later signal stops at once, unsaved. A signal to any rank stops all."""
+    """A job signal (data.JOB_SIGNALS: SIGTERM, SIGINT, SIGHUP, SIGUSR1) asks the run to stop after the current step,
+    with a checkpoint; rank 0 says so as it arrives. One request often arrives twice within milliseconds (Slurm
+    signals every process, torchrun relays what it gets), hence the SIGNAL_REPEAT_SECONDS window; a later signal
+    stops at once, unsaved. Ranks agree without making the device wait: at each step every rank puts its flag into
+    an all-reduce on the CPU group (distributed.cpu_group), started without waiting and read at the next step, so
+    all stop after the same step, at most two after the signal, whatever --log-interval is."""
 
-    def __init__(self, device):
-        self.device, self.signal, self.first_time = device, None, None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self.on_signal)
+    def __init__(self):
+        self.received, self.first_time = None, None  # this process's signal
+        self.signal = None  # the one all ranks stop for
+        self.round = None  # (flag, work) of the all-reduce started at the last step
+        for job_signal in data.JOB_SIGNALS:
+            signal.signal(job_signal, self.on_signal)
 
     def on_signal(self, signum, frame):
         now = time.monotonic()
         if self.first_time is None:
-            self.signal, self.first_time = signum, now
+            self.received, self.first_time = signum, now
+            if is_main_process():  # os.write: a print() here could land inside one the signal interrupted
+                os.write(1, f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint\n".encode())
         elif now - self.first_time > SIGNAL_REPEAT_SECONDS:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
-    def requested(self, at_log_step=True):
-        """One process checks its flag every step; several agree at log steps (one all-reduce)."""
-        if get_world_size() > 1 and at_log_step:
-            flag = torch.tensor([float(self.signal or 0)], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.signal = int(flag.item()) or None
-        return self.signal is not None and (get_world_size() == 1 or at_log_step)
+    def requested(self):
+        """Every rank, once a step: whether all stop now (with one process: whether it got a signal)."""
+        if get_world_size() == 1:
+            self.signal = self.received
+        elif not self.finish_round():
+            self.start_round()
+        return self.signal is not None
+
+    def agree(self):
+        """Every rank, between epochs: as requested(), from a round waited for."""
+        if get_world_size() == 1:
+            self.signal = self.received
+        elif not self.finish_round():
+            self.start_round()
+            self.finish_round()
+        return self.signal is not None
+
+    def start_round(self):
+        flag = torch.tensor([self.received or 0], dtype=torch.int32)
+        self.round = flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group(), async_op=True)
+
+    def finish_round(self):
+        """Waits for the round in flight, if any; -> whether it agreed on a stop."""
+        if self.round is None:
+            return False
+        flag, work = self.round
+        work.wait()
+        self.round, self.signal = None, int(flag) or None
+        return self.signal is not None
 
 
 class NonFiniteGuard:
@@ -294,14 +324,33 @@ class NonFiniteGuard:
 # ----------------------------------------------------------------------------------------------
 # The run folder, and files written whole
 
+def resolve_resume(args):
+    """--resume auto: --output's last.pth.tar where there is one, else a fresh start (None)."""
+    if args.resume != 'auto':
+        return
+    if not args.output:
+        raise UsageError("--resume auto needs --output DIR (the run folder to continue)")
+    last = os.path.join(args.output, 'last.pth.tar')
+    args.resume = last if os.path.exists(last) else None
+
+
+VARIANT_SETTINGS = ('img_size', 'eval_size', 'crop_pct', 'interpolation', 'mean', 'std')
+
+
+def checkpoint_settings(path):
+    """What a train.py checkpoint names of its run: the variant (arch, as --model) and its image settings."""
+    checkpoint = weights.read_checkpoint(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('arch'), str):
+        return {}  # not a train.py checkpoint: check_resumable says so
+    saved = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
+    return dict(model=checkpoint['arch'], **{key: saved[key] for key in VARIANT_SETTINGS if saved.get(key) is not None})
+
+
 def check_output(args):
-    """Before anything is built: the run folder's default name, --resume auto resolved, a folder with a run refused."""
+    """Before anything is built: the run folder's default name; a folder with a run refused unless resumed."""
     if not args.output:
         args.output = os.path.join('output', 'train', f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}-{args.img_size}")
-    last = os.path.join(args.output, 'last.pth.tar')
-    if args.resume == 'auto':
-        args.resume = last if os.path.exists(last) else None
-    elif not args.resume and not args.evaluate and os.path.exists(last):
+    if not args.resume and not args.evaluate and os.path.exists(os.path.join(args.output, 'last.pth.tar')):
         raise UsageError(f"{args.output} already holds a run; continue it with --resume auto or choose another "
                          f"--output")
 

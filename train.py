@@ -39,6 +39,7 @@ import run
 import transforms
 import weights
 
+SMALL_TRAINING_SET_STEPS = 10  # steps per epoch at or below which timm's ImageNet-length defaults are warned of
 # fp16's GradScaler skips the optimizer step when gradients overflow; the schedule moves on all the same.
 warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`')
 
@@ -82,16 +83,18 @@ def train_loss(output, targets, args):
 
 def main(argv=None):
     with distributed.one_line_errors(alike_on_every_rank=True):
-        args = flags.resolve_args(flags.get_args_parser().parse_args(argv))
+        args = flags.resolve_args(flags.parse_args(argv))
     with distributed.one_line_errors():
-        train(args)
+        stopped_by = train(args)
     if not args.evaluate:
         distributed.say(f"Output: {args.output}")
     distributed.destroy_distributed()
+    if stopped_by:  # as a process killed by the signal would: a scheduler tells a stopped run from a finished one
+        sys.exit(128 + stopped_by)
 
 
 def train(args):
-    """Set up, then the epoch loop: train, validate, report, save."""
+    """Set up, then the epoch loop: train, validate, report, save. -> the signal that stopped it, or None."""
     device = setup_processes(args)
     train_set, val_set, classes = datasets(args)
     num_classes = args.num_classes or len(classes)
@@ -114,6 +117,7 @@ def train(args):
     distributed.say(describe_run(args, model_without_ddp, train_set, val_set, meta, steps_per_epoch, optimizer,
                                  scheduler))
     for epoch in range(progress.state.epoch, args.epochs):
+        distributed.reset_peak_memory(device)  # the Epoch line's peak_memory_mib is this epoch's
         settings = optim.stage_settings(args, epoch)
         if args.progressive and epoch in (progress.first_epoch, settings['epochs'][0]):
             distributed.say(optim.describe_stage(settings, args))
@@ -125,10 +129,10 @@ def train(args):
         images_per_sec = train_one_epoch(model, optimizer, scheduler, precision, loader, args, progress,
                                          model_ema, mixup)
         if progress.ends_before_validation():  # a stop signal (saved, said how to go on), or --perf-steps done
-            return
+            return progress.stop.signal
         evaluation, ema_evaluation = evaluate_epoch(model_without_ddp, model_ema, val_loader, precision, args)
         if not progress.end_epoch(evaluation, ema_evaluation, images_per_sec):  # a stop signal while validating
-            return
+            return progress.stop.signal
     progress.report_best()
 
 
@@ -218,6 +222,10 @@ def evaluate(model, val_loader, precision, args):
     nets = {'': model}
     if args.resume:
         checkpoint = weights.read_checkpoint(args.resume)
+        arch = checkpoint.get('arch')
+        if isinstance(arch, str) and arch.split('.')[0] != args.model.split('.')[0]:
+            raise errors.UsageError(f"{args.resume} holds {arch}, not --model {args.model}: leave --model out to "
+                                    f"evaluate it as the checkpoint's, or give --model {arch}")
         load_weights(model, checkpoint, use_ema=False)
         if checkpoint.get('model_ema'):
             nets[' (EMA)'] = load_weights(copy.deepcopy(model), checkpoint)
@@ -246,8 +254,15 @@ def count_steps(train_set, args):
 
 
 def describe_run(args, model, train_set, val_set, meta, steps_per_epoch, optimizer, scheduler):
-    """The run in two lines, and a warning when timm's warm-up never ends (not for a copy's own schedule)."""
+    """The run in two lines (three when drop_last leaves images out), with a warning when timm's ImageNet-length
+    defaults meet a small training set, and when timm's warm-up never ends (not for a copy's own schedule)."""
     world_size = distributed.get_world_size()
+    timm_length = (args.epochs, args.batch_size) == (flags.TIMM_DEFAULTS['epochs'], flags.TIMM_DEFAULTS['batch_size'])
+    if timm_length and not args.pretrained and steps_per_epoch <= SMALL_TRAINING_SET_STEPS:
+        distributed.say(f"warning: timm's ImageNet defaults on {len(train_set)} images: {args.epochs} epochs of "
+                        f"{steps_per_epoch} step{'s' * (steps_per_epoch > 1)} (batch {args.batch_size}) from random "
+                        f"weights; a small folder learns far more from published weights: see the README's recipe "
+                        f"(Training on your own images: --pretrained --epochs 15 -b 64 ...)", file=sys.stderr)
     lr = f"lr {args.lr:.4g}" + (f" (--lr-base {args.lr_base:g} per {args.lr_base_size} images, {args.lr_base_scale})"
                                 if args.lr_base is not None else '')
     accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ''
@@ -259,9 +274,21 @@ def describe_run(args, model, train_set, val_set, meta, steps_per_epoch, optimiz
             f"{args.data_path or args.dataset}: {len(train_set)} train / {len(val_set)} val images "
             f"({getattr(train_set, 'source', type(train_set).__name__)}), {meta['num_classes']} classes; "
             f"{args.device}, {world_size} process{'es' * (world_size > 1)}\n"
-            f"{args.epochs} epoch{'s' * (args.epochs != 1)} of {steps_per_epoch} steps, "
+            f"{args.epochs} epoch{'s' * (args.epochs != 1)} of {steps_per_epoch} step{'s' * (steps_per_epoch != 1)}, "
             f"batch {flags.global_batch(args)} ({args.batch_size} per process{accumulated}), {lr}, "
-            f"{type(optimizer).__name__}, {getattr(scheduler, 'sched', type(scheduler).__name__)} schedule")
+            f"{type(optimizer).__name__}, {getattr(scheduler, 'sched', type(scheduler).__name__)} schedule"
+            f"{left_out_images(len(train_set), steps_per_epoch, args)}")
+
+
+def left_out_images(dataset_len, steps_per_epoch, args):
+    """A start line counting the images drop_last leaves out of each epoch, with the -b that would use them all."""
+    left_out = dataset_len - steps_per_epoch * flags.global_batch(args)
+    if left_out <= 0 or args.evaluate:
+        return ''
+    per_process = math.ceil(dataset_len / distributed.get_world_size())
+    fits = [b for b in range(args.batch_size // 2, args.batch_size + 1) if per_process % (b * args.grad_accum_steps) == 0]
+    hint = f"-b {fits[-1]} uses them all" if fits else "the next epoch leaves out others"
+    return f"\n{left_out} of {dataset_len} training images are left out of each epoch (drop_last): {hint}"
 
 
 def setup_processes(args):

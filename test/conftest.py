@@ -73,7 +73,8 @@ def load(path):
 
 
 def summary_rows(output):
-    """summary.csv's rows without the images/s column (a timing, different in every run)."""
+    """summary.csv's rows without the images/s and peak memory columns (measurements, different in every run)."""
     import csv
     with open(os.path.join(output, 'summary.csv')) as f:
-        return [{k: v for k, v in row.items() if k != 'images_per_sec'} for row in csv.DictReader(f)]
+        return [{k: v for k, v in row.items() if k not in ('images_per_sec', 'peak_memory_mib')}
+                for row in csv.DictReader(f)]

@@ -74,6 +74,8 @@ def files(tmp_path_factory):
                    root / f'evil_{flag}.pth.tar')
         made[f'marker_{flag}'] = marker
     (root / 'a_file').write_text('not a folder\n')
+    (root / 'unknown_flag.yaml').write_text('lr: 0.01\nlayer_decay: 0.8\n')  # a timm flag not here
+    (root / 'a_list.yaml').write_text('- lr\n- 0.01\n')
     return made
 
 
@@ -125,6 +127,13 @@ CASES = {
                                        "argument --opt: invalid choice: 'adam' (choose from 'rmsproptf', 'sgd', "
                                        "'adamw'); another goes in create_optimizer() in train.py"),
     'flag_that_does_not_exist': (['{good}', *RESUME, '--layer-decay', '0.8'], 'unrecognized arguments: --layer-decay'),
+    'config_with_a_flag_that_does_not_exist': (['{good}', *RESUME, '-c', '{root}/unknown_flag.yaml'],
+                                               'unknown_flag.yaml: unknown flags layer_decay'),
+    'config_that_is_not_a_mapping': (['{good}', *RESUME, '-c', '{root}/a_list.yaml'], 'holds no flags'),
+    'config_that_is_missing': (['{good}', *RESUME, '-c', '{root}/nothing.yaml'], 'cannot read -c'),
+    'evaluate_a_checkpoint_of_another_variant': (['{good}', '--evaluate', '--resume', '{root}/rw_t.pth.tar'],
+                                                 'holds efficientnetv2_rw_t, not --model tf_efficientnetv2_b0: '
+                                                 'leave --model out'),
     # New runs: no folder may be left behind (NEW_RUNS), nor one in the default output/train/.
     'missing_data_path_new_run': (['{root}/no_such_folder', '--output', '{root}/new_run_1'], 'does not exist'),
     'missing_checkpoint_new_run': (['{good}', '--output', '{root}/new_run_2', '--resume', '{root}/nothing.pth'],

@@ -38,7 +38,7 @@ import torch
 import distributed
 import errors
 
-from conftest import ROOT, RUNTIME_FILES, make_image_folder, run_train
+from conftest import ROOT, RUNTIME_FILES, make_image_folder, run_train, summary_rows
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
 TINY = ['--img-size', '32', '-j', '0']
@@ -345,9 +345,7 @@ def test_two_processes_started_with_only_slurm_variables_train_together(slurm_pr
     """The same numbers as torch.distributed.launch's 2 processes, logged by rank 0 alone."""
     assert losses(slurm_processes['stdout']) == losses(two_processes['stdout'])
     assert untimed_test_lines(slurm_processes['stdout']) == untimed_test_lines(two_processes['stdout'])
-    def unspeeded(output):
-        return [{k: v for k, v in row.items() if k != 'images_per_sec'} for row in summary(output)]
-    assert unspeeded(slurm_processes['output']) == unspeeded(two_processes['output'])
+    assert summary_rows(slurm_processes['output']) == summary_rows(two_processes['output'])
     assert 'Train:' not in slurm_processes['rank_1'] and 'Test' not in slurm_processes['rank_1']
 
 

@@ -182,6 +182,44 @@ def hung(data_dir, tmp_path_factory):
     return dict(output=output, code=code, text=text, problem=problem)
 
 
+SIGTERM_AT_STEP = 2  # of epoch 0's 4
+
+
+@pytest.fixture(scope='module')
+def signalled_job(data_dir, tmp_path_factory):
+    """SIGTERM to every process of the job (tools/faults.py: rank 0 signals its own process group, loader workers
+    included, and torchrun's, which relays it to each rank's group) during rank 0's second step, with a log
+    interval longer than the epoch and no step checkpoints; then the same command again, to the end."""
+    output = str(tmp_path_factory.mktemp('signalled_job') / 'out')
+    stop = ['-j', '2', '--log-interval', '100', '--checkpoint-interval', '0']
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--monitor-interval=0.1',
+               f'--master_port={free_port()}', 'tools/faults.py', '--sigterm-group-at-loss', str(SIGTERM_AT_STEP),
+               '--', data_dir, *RECIPE, *stop, '--output', output]
+    stopped = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT,
+                             start_new_session=True)
+    position = checkpoint_position(os.path.join(output, 'last.pth.tar'))
+    code, text = finish(*start_torchrun(data_dir, output, 0, *stop), time.monotonic() + TIMEOUT)
+    return dict(output=output, stopped=stopped, position=position, code=code, text=text)
+
+
+def test_sigterm_to_the_job_under_torchrun_stops_every_rank_within_two_steps_and_resumes_bitwise(
+        signalled_job, uninterrupted):
+    """The ranks agree on the stop over their CPU group a step after the signal, whatever --log-interval is: the
+    checkpoint holds the signal's step or the next; no rank ends with a traceback, none of their loader workers
+    dies of the signal, rank 0 says once that it stops and once how to go on; the resumed run ends as the
+    uninterrupted one."""
+    stopped = signalled_job['stopped']
+    out, err = stopped.stdout, stopped.stderr
+    assert signalled_job['position'][0] == 0, (signalled_job['position'], out[-3000:], err[-3000:])
+    assert signalled_job['position'][1] in (SIGTERM_AT_STEP, SIGTERM_AT_STEP + 1), out[-3000:]
+    assert out.count('SIGTERM: stopping after this step, with a checkpoint') == 1, out[-3000:]
+    assert out.count('Stopped by SIGTERM at epoch 0') == 1, out[-3000:]
+    assert stopped.returncode != 0  # torchrun, signalled itself, relays and ends with its SignalException
+    assert '[rank0]' not in err and '[rank1]' not in err and 'DataLoader worker' not in err, err[-3000:]
+    assert signalled_job['code'] == 0 and 'Resumed from' in signalled_job['text'], signalled_job['text'][-3000:]
+    assert_same_run(signalled_job['output'], uninterrupted)
+
+
 def assert_same_run(output, reference):
     """last.pth.tar's modules, optimizer state and position, and summary.csv, bit for bit."""
     ours, theirs = load(os.path.join(output, 'last.pth.tar')), load(os.path.join(reference, 'last.pth.tar'))

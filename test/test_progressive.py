@@ -4,7 +4,6 @@ The stage schedule is checked as a function of the epoch; small runs on a genera
 check the log, resuming across a stage boundary, two processes, curves.png and running without
 matplotlib.
 """
-import csv
 import os
 import re
 import socket
@@ -15,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder, run_train
+from conftest import ROOT, make_image_folder, run_train, summary_rows
 
 import errors
 import flags  # tests reuse train.py's parser (torchvision references' habit)
@@ -130,11 +129,7 @@ def test_progressive_run_resumed_at_a_stage_boundary_equals_the_uninterrupted_ru
     for part in ('model', 'model_ema'):
         for key, value in whole[part].items():
             assert torch.equal(value, resumed[part][key]), (part, key)
-    def last_row(folder):
-        with open(runs['root'] / folder / 'summary.csv') as f:
-            row = list(csv.DictReader(f))[-1]
-        return {k: v for k, v in row.items() if k != 'images_per_sec'}  # the only timing column
-    assert last_row('whole') == last_row('resumed')
+    assert summary_rows(runs['root'] / 'whole')[-1] == summary_rows(runs['root'] / 'resumed')[-1]
 
 
 def test_curves_png_is_drawn_each_epoch_with_one_point_per_epoch(runs):

@@ -159,3 +159,65 @@ def test_a_folder_with_train_and_valid_trains_with_no_flag_and_names_its_folders
                        '-j', '0', '--warmup-epochs', '0', '--output', tmp_path / 'out')
     assert ': 16 train / 6 val images (folders train/ and valid/), 2 classes; cpu, 1 process' in result.stdout
     assert result.stdout.count('Test: [') >= 1 and 'Epoch 0:' in result.stdout
+
+
+def test_the_epoch_lines_and_summary_carry_the_epochs_peak_memory(modelzoo_run):
+    """The process's peak resident set on the CPU (allocated memory on a GPU), in MiB: more than torch itself."""
+    lines = [line for line in modelzoo_run['stdout'].splitlines() if line.startswith('Epoch')]
+    assert len(lines) == 2 and all(int(re.search(r'  peak_memory_mib (\d+)  ', line).group(1)) > 100 for line in lines)
+    with open(modelzoo_run['output'] / 'summary.csv') as f:
+        assert [int(row['peak_memory_mib']) > 100 for row in csv.DictReader(f)] == [True, True]
+
+
+@pytest.fixture(scope='module')
+def b0_run(tmp_path_factory):
+    """A run of tf_efficientnetv2_b0, not the folder default (rw_t): 1 epoch of 4 steps at 32 px."""
+    from conftest import make_image_folder
+    root = tmp_path_factory.mktemp('b0')
+    data_dir = make_image_folder(root / 'data', classes=2, train_per_class=8, val_per_class=3)
+    output = root / 'out'
+    result = run_train(data_dir, '--model', 'tf_efficientnetv2_b0', '--img-size', '32', '-b', '4', '-j', '0',
+                       '--epochs', '1', '--warmup-epochs', '0', '--lr', '1e-3', '--output', output)
+    return dict(data=data_dir, output=output, stdout=result.stdout)
+
+
+def test_evaluate_resume_without_model_evaluates_the_checkpoint_as_the_variant_it_names(b0_run):
+    """Its variant and image size come from the checkpoint: the numbers of the run's own validation."""
+    result = run_train(b0_run['data'], '--evaluate', '--resume', b0_run['output'] / 'last.pth.tar', '-j', '0')
+    evaluated = re.search(r'^Evaluation: loss (\S+)  top1 (\S+)', result.stdout, re.M).groups()
+    logged = re.search(r'^Epoch 0: train_loss \S+  eval_loss (\S+)  top1 (\S+)', b0_run['stdout'], re.M).groups()
+    assert float(evaluated[0]) == pytest.approx(float(logged[0]), rel=1e-4) and evaluated[1] == logged[1]
+
+
+def test_a_runs_args_yaml_given_to_c_repeats_the_run(b0_run, tmp_path):
+    """-c RUN/args.yaml (the run folder's record of every flag) into another folder: the same summary.csv."""
+    from conftest import summary_rows
+    result = run_train('-c', b0_run['output'] / 'args.yaml', '--output', tmp_path / 'again')
+    assert 'Training tf_efficientnetv2_b0' in result.stdout
+    assert summary_rows(tmp_path / 'again') == summary_rows(b0_run['output'])
+
+
+def test_flags_on_the_command_line_override_the_config_file(tmp_path):
+    import flags
+    config = tmp_path / 'recipe.yaml'
+    config.write_text('model: tf_efficientnetv2_b0\nlr: 0.5\nmodel_ema: true\noutput: somewhere\n')
+    args = flags.parse_args(['-c', str(config), '--lr', '0.25'])
+    assert (args.model, args.lr, args.model_ema, args.output) == ('tf_efficientnetv2_b0', 0.25, True, None)
+
+
+def test_timms_defaults_on_a_small_folder_warn_and_the_start_lines_count_what_drop_last_leaves_out(
+        image_folder, capsys):
+    """240 images: 1 step of 128 an epoch (112 left out; -b 120 uses them all) for 300 epochs, from random weights."""
+    import flags
+    import train
+    args = flags.resolve_args(flags.get_args_parser().parse_args([image_folder]))
+    train_set, net = list(range(240)), torch.nn.Linear(2, 2)
+    steps = train.count_steps(train_set, args)
+    optimizer, scheduler = train.create_optimizer(net, args, steps)
+    lines = train.describe_run(args, net, train_set, train_set, dict(num_classes=2), steps, optimizer, scheduler)
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("warning: timm's ImageNet defaults on 240 images: 300 epochs "
+                                                         "of 1 step (batch 128) from random weights")
+    assert 'README' in warnings[0]
+    assert lines.splitlines()[2] == ('112 of 240 training images are left out of each epoch (drop_last): -b 120 uses '
+                                     'them all')

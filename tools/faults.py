@@ -7,6 +7,9 @@ its main(). train.py itself knows nothing of this.
 --inf-loss-steps N,M,...: this process's N-th, M-th ... training steps (1-based) get an infinite loss
 (train.train_loss is wrapped; validation does not call it).
 --sigterm-at-loss N: the process sends itself SIGTERM at its N-th loss computation (it stops after that step).
+--sigterm-group-at-loss N: rank 0 sends SIGTERM to its process group (itself and its loader workers) and to its
+launcher's (torchrun, which relays it to every rank's group) at its N-th loss computation, as a scheduler signals
+every process of a job.
 --kill-at-loss N: the process SIGKILLs itself at its N-th loss computation (train.train_loss runs once per
 micro-batch: with --grad-accum-steps 2 an even N dies between a step's two micro-batches).
 --disk-full-at-save N: the process's N-th checkpoint write (run.atomic_write of a .pth.tar) fails as on a full
@@ -44,12 +47,16 @@ def inject_infinite_losses(steps):
     train.train_loss = train_loss
 
 
-def signal_at_loss(count, signum):
+def signal_at_loss(count, signum, whole_group=False):
     original, calls = train.train_loss, itertools.count(1)
 
     def train_loss(*args, **kwargs):
-        if next(calls) == count:
+        call = next(calls)
+        if call == count and not whole_group:
             os.kill(os.getpid(), signum)
+        elif call == count and distributed.get_rank() == 0:
+            for group in {os.getpgrp(), os.getpgid(os.getppid())}:
+                os.killpg(group, signum)
         return original(*args, **kwargs)
     train.train_loss = train_loss
 
@@ -126,6 +133,7 @@ def main():
     parser.add_argument('--inf-loss-steps', type=lambda text: {int(step) for step in text.split(',')})
     parser.add_argument('--kill-at-loss', type=int)
     parser.add_argument('--sigterm-at-loss', type=int)
+    parser.add_argument('--sigterm-group-at-loss', type=int)
     parser.add_argument('--disk-full-at-save', type=int)
     parser.add_argument('--fail-rank', type=int)
     parser.add_argument('--record-dtypes', metavar='PREFIX')
@@ -139,6 +147,8 @@ def main():
         signal_at_loss(faults.kill_at_loss, signal.SIGKILL)
     if faults.sigterm_at_loss:
         signal_at_loss(faults.sigterm_at_loss, signal.SIGTERM)
+    if faults.sigterm_group_at_loss:
+        signal_at_loss(faults.sigterm_group_at_loss, signal.SIGTERM, whole_group=True)
     if faults.disk_full_at_save:
         fill_disk_at_save(faults.disk_full_at_save)
     if faults.fail_rank is not None:
