@@ -17,8 +17,9 @@ the table is printed above it and everything, every window included, goes to --j
   Ours: train.py's own train_step over the parts train.py builds (build_model, create_optimizer,
   optim.create_precision, optim.ModelEma) with the ModelZoo recipe's flags. timm: timm.create_model,
   its RMSpropTF looping over tensors (timm 0.5.4, the ModelZoo's; timm 1.0 picks foreach on CUDA) and
-  ModelEmaV2, normalization as its prefetcher does it, zero_grad after the forward (timm's train.py). --channels-last on/off/auto applies to
-  both; `defaults` gives ours train.py's default for the device and timm NCHW (the ModelZoo's command).
+  ModelEmaV2, normalization as its prefetcher does it, zero_grad after the forward (timm's train.py).
+  --channels-last on/off/auto applies to both; `defaults` gives ours train.py's default for the device and
+  timm NCHW (the ModelZoo's command).
   After --warmup steps (compilation included), images/s is the median of --windows timed windows;
   each window synchronizes the device before reading the clock, and windows of ours and timm
   alternate (ABBA) so a change in machine load hits both. The optimizer and EMA alone are timed alike.
@@ -39,6 +40,7 @@ On a CPU shared with other jobs, --threads 1 gives steadier numbers: two OpenMP 
 other at every parallel region whenever one of them is descheduled. timm is imported only with
 --compare-timm.
 """
+
 import argparse
 import json
 import math
@@ -63,27 +65,40 @@ LABEL_SMOOTHING = 0.1
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument('--model', default='efficientnetv2_rw_t')
     p.add_argument('--device', default='auto', choices=('auto', 'cuda', 'npu', 'cpu'))
     p.add_argument('--img-size', type=int, help='step image size; default 96 on the CPU, else 288')
     p.add_argument('-b', '--batch-size', type=int, help='step batch; default 16 on the CPU, else 256')
     p.add_argument('--precision', default='float32', choices=('float32', 'bfloat16', 'float16'))
-    p.add_argument('--channels-last', nargs='?', const='on', default='off',
-                   choices=('off', 'on', 'auto', 'defaults'),
-                   help="NHWC for both (bare flag: on); auto: train.py's choice for the device, for "
-                        "both; defaults: ours as train.py defaults, timm NCHW as the ModelZoo runs it")
+    p.add_argument(
+        '--channels-last',
+        nargs='?',
+        const='on',
+        default='off',
+        choices=('off', 'on', 'auto', 'defaults'),
+        help="NHWC for both (bare flag: on); auto: train.py's choice for the device, for "
+        'both; defaults: ours as train.py defaults, timm NCHW as the ModelZoo runs it',
+    )
     p.add_argument('--compile', action='store_true', help='torch.compile the models (not the optimizer)')
     p.add_argument('--warmup', type=int, help='untimed steps first; default 3 on the CPU, else 10')
-    p.add_argument('--windows', type=int, default=9,
-                   help='timed windows per implementation (with 5, pipeline rows moved 20%% between runs)')
+    p.add_argument(
+        '--windows',
+        type=int,
+        default=9,
+        help='timed windows per implementation (with 5, pipeline rows moved 20%% between runs)',
+    )
     p.add_argument('--steps', type=int, help='steps per window; default 3 on the CPU, else 10')
     p.add_argument('--step', action=argparse.BooleanOptionalAction, default=True, help='bench the step')
-    p.add_argument('--pipeline', action=argparse.BooleanOptionalAction, default=True,
-                   help='bench the input pipeline')
-    p.add_argument('--memory', action=argparse.BooleanOptionalAction, default=True,
-                   help='measure peak memory (on the CPU: one child process per implementation)')
+    p.add_argument('--pipeline', action=argparse.BooleanOptionalAction, default=True, help='bench the input pipeline')
+    p.add_argument(
+        '--memory',
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='measure peak memory (on the CPU: one child process per implementation)',
+    )
     p.add_argument('--jpeg-dir', help='DIR/train/<class>/*.jpg; made from sample photos if missing')
     p.add_argument('--pipeline-size', type=int, default=288)
     p.add_argument('--pipeline-batch', type=int, default=32)
@@ -113,8 +128,9 @@ def resolve_args(args):
         try:
             import timm  # noqa: F401
         except ImportError:
-            raise SystemExit("error: --compare-timm needs timm: pip install timm (or pip install -r "
-                             "requirements-test.txt)") from None
+            raise SystemExit(
+                'error: --compare-timm needs timm: pip install timm (or pip install -r requirements-test.txt)'
+            ) from None
     args.impls = ('ours', 'timm') if args.compare_timm else ('ours',)
     return args
 
@@ -126,6 +142,7 @@ def accelerator(device):
 
 # ----------------------------------------------------------------------------------------------
 # The training step
+
 
 def memory_format(impl, args):
     return torch.channels_last if args.nhwc[impl] else torch.contiguous_format
@@ -141,11 +158,39 @@ def our_trainer(args, images, labels):
     """train.py's own parts and its train_step (one micro-batch), with the ModelZoo recipe's flags."""
     import flags
     import train
-    argv = ['--dataset', 'synthetic', '--model', args.model, '--img-size', str(args.img_size),
-             '-b', str(args.batch_size), '--num-classes', '1000', '--opt', 'rmsproptf', '--opt-eps', '1e-3',
-             '--lr', '0.014', '--weight-decay', '1e-5', '--drop', '0.3', '--drop-path', '0.2', '--model-ema',
-             '--model-ema-decay', str(EMA_DECAY), '--smoothing', str(LABEL_SMOOTHING),
-             '--device', args.device.type, '--channels-last' if args.nhwc['ours'] else '--no-channels-last']
+
+    argv = [
+        '--dataset',
+        'synthetic',
+        '--model',
+        args.model,
+        '--img-size',
+        str(args.img_size),
+        '-b',
+        str(args.batch_size),
+        '--num-classes',
+        '1000',
+        '--opt',
+        'rmsproptf',
+        '--opt-eps',
+        '1e-3',
+        '--lr',
+        '0.014',
+        '--weight-decay',
+        '1e-5',
+        '--drop',
+        '0.3',
+        '--drop-path',
+        '0.2',
+        '--model-ema',
+        '--model-ema-decay',
+        str(EMA_DECAY),
+        '--smoothing',
+        str(LABEL_SMOOTHING),
+        '--device',
+        args.device.type,
+        '--channels-last' if args.nhwc['ours'] else '--no-channels-last',
+    ]
     argv += ['--amp', '--amp-dtype', args.precision] if args.precision != 'float32' else []
     argv += ['--compile'] if args.compile else []
     recipe = flags.resolve_args(flags.get_args_parser().parse_args(argv))
@@ -165,10 +210,12 @@ def timm_trainer(args, images, labels):
     import timm
     from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV2
+
     net = timm.create_model(args.model, drop_rate=0.3, drop_path_rate=0.2)
     net = net.to(args.device, memory_format=memory_format('timm', args)).train()
-    optimizer = create_optimizer_v2(net, 'rmsproptf', lr=0.014, weight_decay=1e-5, eps=1e-3,
-                                    foreach=False)  # timm 0.5.4's loop over tensors
+    optimizer = create_optimizer_v2(
+        net, 'rmsproptf', lr=0.014, weight_decay=1e-5, eps=1e-3, foreach=False
+    )  # timm 0.5.4's loop over tensors
     ema = ModelEmaV2(net, decay=EMA_DECAY)
     forward = torch.compile(net) if args.compile else net
     dtype = getattr(torch, args.precision)
@@ -189,6 +236,7 @@ def timm_trainer(args, images, labels):
         scaler.step(optimizer)
         scaler.update()
         ema.update(net)
+
     return dict(step=step, optimizer=optimizer.step, ema=lambda: ema.update(net))
 
 
@@ -196,8 +244,9 @@ def synthetic_batch(impl, args):
     """A batch of random uint8 images and its labels on the CPU, as the loader hands them over (in page-locked
     memory on an accelerator, as train.py's loader pins them): each step copies them to the device."""
     generator = torch.Generator().manual_seed(args.seed)
-    images = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8,
-                           generator=generator)
+    images = torch.randint(
+        0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, generator=generator
+    )
     labels = torch.randint(0, 1000, (args.batch_size,), generator=generator)
     if args.device.type != 'cpu':
         return images.pin_memory(), labels.pin_memory()
@@ -244,29 +293,28 @@ def bench_step(args):
         peaks = args.cpu_peaks
     elif not args.memory:
         peaks = {impl: None for impl in args.impls}
-    step = time_interleaved({i: t['step'] for i, t in trainers.items()}, args.steps, args.windows,
-                            args.device)
-    opt = time_interleaved({i: t['optimizer'] for i, t in trainers.items()}, args.steps,
-                           args.windows, args.device)
-    ema = time_interleaved({i: t['ema'] for i, t in trainers.items()}, args.steps, args.windows,
-                           args.device)
-    where = f"{args.img_size} px, batch {args.batch_size}"
-    return [row(f"train step img/s ({where})", 'img/s',
-                {i: [args.batch_size / s for s in step[i]] for i in step}),
-            row("  optimizer step ms", 'ms', {i: [1e3 * s for s in opt[i]] for i in opt}),
-            row("  EMA update ms", 'ms', {i: [1e3 * s for s in ema[i]] for i in ema}),
-            row("  peak memory MiB", 'MiB', {i: [peaks[i]] for i in peaks})]
+    step = time_interleaved({i: t['step'] for i, t in trainers.items()}, args.steps, args.windows, args.device)
+    opt = time_interleaved({i: t['optimizer'] for i, t in trainers.items()}, args.steps, args.windows, args.device)
+    ema = time_interleaved({i: t['ema'] for i, t in trainers.items()}, args.steps, args.windows, args.device)
+    where = f'{args.img_size} px, batch {args.batch_size}'
+    return [
+        row(f'train step img/s ({where})', 'img/s', {i: [args.batch_size / s for s in step[i]] for i in step}),
+        row('  optimizer step ms', 'ms', {i: [1e3 * s for s in opt[i]] for i in opt}),
+        row('  EMA update ms', 'ms', {i: [1e3 * s for s in ema[i]] for i in ema}),
+        row('  peak memory MiB', 'MiB', {i: [peaks[i]] for i in peaks}),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
 # Peak memory on the CPU: a forked child per implementation
+
 
 def status_kib(field):
     with open('/proc/self/status') as f:
         for line in f:
             if line.startswith(field + ':'):
                 return int(line.split()[1])
-    raise OSError(f"no {field} in /proc/self/status")
+    raise OSError(f'no {field} in /proc/self/status')
 
 
 def cpu_peak_memories(args):
@@ -275,6 +323,7 @@ def cpu_peak_memories(args):
     The child's VmHWM is reset to its RSS through /proc/self/clear_refs (Linux >= 4.0); the peak is
     the growth of VmHWM over the RSS before the build. None where /proc is missing."""
     import multiprocessing
+
     if not os.path.exists('/proc/self/clear_refs'):
         return {impl: None for impl in args.impls}
     context = multiprocessing.get_context('fork')
@@ -304,15 +353,20 @@ def _memory_child(impl, args, sender):
 # ----------------------------------------------------------------------------------------------
 # The input pipeline: JPEG files to normalized batches
 
+
 def make_jpeg_folder(root, count=64, seed=0):
     """root/{train,val}/<class>/*.jpg: `count` 500x375 (or 375x500) JPEGs cut at random from
     scikit-learn's two bundled photos (china.jpg, flower.jpg): real photographs, no download."""
-    import random
-    from PIL import Image
     import importlib.util
+    import random
+
+    from PIL import Image
+
     sklearn_dir = importlib.util.find_spec('sklearn').submodule_search_locations[0]
-    photos = [Image.open(os.path.join(sklearn_dir, 'datasets', 'images', name)).convert('RGB')
-              for name in ('china.jpg', 'flower.jpg')]  # 640x427 each; importing sklearn takes seconds
+    photos = [
+        Image.open(os.path.join(sklearn_dir, 'datasets', 'images', name)).convert('RGB')
+        for name in ('china.jpg', 'flower.jpg')
+    ]  # 640x427 each; importing sklearn takes seconds
     rng = random.Random(seed)
     for i in range(count):
         photo = photos[i % len(photos)]
@@ -329,12 +383,13 @@ def make_jpeg_folder(root, count=64, seed=0):
 
 def our_batches(samples, args, workers):
     root = os.path.commonpath([path for path, _ in samples])
-    dataset = data.ImageFolder(root, [os.path.relpath(path, root) for path, _ in samples],
-                               [label for _, label in samples])
-    transform = transforms.train_transform(args.pipeline_size, aa=args.aa, interpolation='bicubic',
-                                     mean=models.IMAGENET_MEAN)
-    sampler = data.EpochBatchSampler(len(dataset), args.pipeline_batch, shuffle=True,
-                                     seed=args.seed, drop_last=True)
+    dataset = data.ImageFolder(
+        root, [os.path.relpath(path, root) for path, _ in samples], [label for _, label in samples]
+    )
+    transform = transforms.train_transform(
+        args.pipeline_size, aa=args.aa, interpolation='bicubic', mean=models.IMAGENET_MEAN
+    )
+    sampler = data.EpochBatchSampler(len(dataset), args.pipeline_batch, shuffle=True, seed=args.seed, drop_last=True)
     for images, _, _ in data.create_loader(data.Transformed(dataset, transform), sampler, workers=workers):
         yield transforms.normalize(images.to(args.device), models.IMAGENET_MEAN, models.IMAGENET_STD)
 
@@ -350,6 +405,7 @@ class PilImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         from PIL import Image
+
         path, label = self.samples[index]
         with open(path, 'rb') as f:
             image = Image.open(f).convert('RGB')
@@ -359,11 +415,19 @@ class PilImages(torch.utils.data.Dataset):
 def timm_batches(samples, args, workers):
     from timm.data import create_transform
     from timm.data.loader import fast_collate
-    transform = create_transform(args.pipeline_size, is_training=True, auto_augment=args.aa,
-                                 interpolation='bicubic', use_prefetcher=True)
+
+    transform = create_transform(
+        args.pipeline_size, is_training=True, auto_augment=args.aa, interpolation='bicubic', use_prefetcher=True
+    )
     loader = torch.utils.data.DataLoader(
-        PilImages(samples, transform), batch_size=args.pipeline_batch, shuffle=True, drop_last=True,
-        num_workers=workers, collate_fn=fast_collate, prefetch_factor=2 if workers else None)
+        PilImages(samples, transform),
+        batch_size=args.pipeline_batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        collate_fn=fast_collate,
+        prefetch_factor=2 if workers else None,
+    )
     mean = torch.tensor([255 * m for m in models.IMAGENET_MEAN], device=args.device).view(1, 3, 1, 1)
     std = torch.tensor([255 * s for s in models.IMAGENET_STD], device=args.device).view(1, 3, 1, 1)
     for images, _ in loader:  # timm's PrefetchLoader: normalize on the device
@@ -385,8 +449,7 @@ def time_pipeline_window(batches, warmup, timed, device):
 
 def bench_pipeline(args):
     """One row per worker count; the JPEGs come from --jpeg-dir or a temporary folder."""
-    folder = nullcontext(args.jpeg_dir) if args.jpeg_dir else tempfile.TemporaryDirectory(
-        prefix='bench-jpegs-')
+    folder = nullcontext(args.jpeg_dir) if args.jpeg_dir else tempfile.TemporaryDirectory(prefix='bench-jpegs-')
     threads, rows = torch.get_num_threads(), []
     with folder as root:
         if not os.path.isdir(os.path.join(root, 'train')):
@@ -413,14 +476,16 @@ def bench_pipeline_workers(samples, args, workers):
     for window in range(args.windows):
         for impl in args.impls if window % 2 == 0 else args.impls[::-1]:
             batches = makers[impl](samples, args, workers)
-            seconds[impl].append(time_pipeline_window(batches, untimed_batches(workers),
-                                                      args.pipeline_batches, args.device))
-    name = f"pipeline img/s ({args.pipeline_size} px, {workers} worker{'s' * (workers != 1)})"
+            seconds[impl].append(
+                time_pipeline_window(batches, untimed_batches(workers), args.pipeline_batches, args.device)
+            )
+    name = f'pipeline img/s ({args.pipeline_size} px, {workers} worker{"s" * (workers != 1)})'
     return row(name, 'img/s', {impl: [1 / s for s in seconds[impl]] for impl in seconds})
 
 
 # ----------------------------------------------------------------------------------------------
 # Results
+
 
 def row(name, unit, values):
     """One table row: the median of each implementation's windows, and ours/timm."""
@@ -436,25 +501,38 @@ def environment(args):
     versions = dict(python=platform.python_version(), torch=torch.__version__)
     if args.compare_timm:
         import timm
+
         versions['timm'] = timm.__version__
-    return dict(device=str(device), device_name=name or platform.machine(), cpus=os.cpu_count(),
-                torch_threads=torch.get_num_threads(), date=time.strftime('%Y-%m-%d %H:%M'),
-                **versions)
+    return dict(
+        device=str(device),
+        device_name=name or platform.machine(),
+        cpus=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        date=time.strftime('%Y-%m-%d %H:%M'),
+        **versions,
+    )
 
 
 def print_table(args, rows, env):
-    fmt = lambda v: '-' if v is None else f"{v:.2f}" if v < 100 else f"{v:.0f}"  # noqa: E731
-    print(f"\n{args.model} on {env['device']} ({env['device_name']}, {env['cpus']} CPUs, "
-          f"{env['torch_threads']} torch threads), torch {env['torch']}"
-          + (f", timm {env['timm']}" if 'timm' in env else '') + f", {env['date']}")
+    fmt = lambda v: '-' if v is None else f'{v:.2f}' if v < 100 else f'{v:.0f}'  # noqa: E731
+    print(
+        f'\n{args.model} on {env["device"]} ({env["device_name"]}, {env["cpus"]} CPUs, '
+        f'{env["torch_threads"]} torch threads), torch {env["torch"]}'
+        + (f', timm {env["timm"]}' if 'timm' in env else '')
+        + f', {env["date"]}'
+    )
     formats = {impl: 'channels_last' if args.nhwc[impl] else 'NCHW' for impl in args.impls}
-    layout = formats['ours'] if len(set(formats.values())) == 1 else ', '.join(
-        f"{impl} {layout}" for impl, layout in formats.items())
-    print(f"step: {args.precision}, {layout}, {'compiled' if args.compile else 'eager'}; "
-          f"median of {args.windows} windows")
-    print(f"{'measurement':<44}{'ours':>10}{'timm':>10}{'ours/timm':>11}")
+    layout = (
+        formats['ours']
+        if len(set(formats.values())) == 1
+        else ', '.join(f'{impl} {layout}' for impl, layout in formats.items())
+    )
+    print(
+        f'step: {args.precision}, {layout}, {"compiled" if args.compile else "eager"}; median of {args.windows} windows'
+    )
+    print(f'{"measurement":<44}{"ours":>10}{"timm":>10}{"ours/timm":>11}')
     for r in rows:
-        print(f"{r['name']:<44}{fmt(r['ours']):>10}{fmt(r['timm']):>10}{fmt(r['ratio']):>11}")
+        print(f'{r["name"]:<44}{fmt(r["ours"]):>10}{fmt(r["timm"]):>10}{fmt(r["ratio"]):>11}')
 
 
 def summarize(rows):
@@ -468,14 +546,15 @@ def summarize(rows):
 def report(args, rows, env):
     print_table(args, rows, env)
     summary = summarize(rows)
-    config = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()
-              if k != 'cpu_peaks'}
+    config = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items() if k != 'cpu_peaks'}
     with open(args.json, 'w') as f:
         json.dump(dict(config=config, environment=env, rows=rows, summary=summary), f, indent=1)
-    print(f"results written to {args.json}")
-    as_text = lambda v: 'n/a' if v is None else f"{v:.2f}"  # noqa: E731
-    print(f"summary: step ours/timm {as_text(summary['step'])}, "
-          f"pipeline ours/timm {as_text(summary['pipeline'])}", flush=True)
+    print(f'results written to {args.json}')
+    as_text = lambda v: 'n/a' if v is None else f'{v:.2f}'  # noqa: E731
+    print(
+        f'summary: step ours/timm {as_text(summary["step"])}, pipeline ours/timm {as_text(summary["pipeline"])}',
+        flush=True,
+    )
 
 
 def main(argv=None):

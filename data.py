@@ -9,6 +9,7 @@
 Any map-style dataset of (image, label) loads through Transformed; an item's seed depends only on (seed, epoch,
 index), not on the workers, the world size or a resume.
 """
+
 import atexit
 import gc
 import io
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from errors import DataError, check_torchvision, import_beside
+
 check_torchvision()  # before torchvision's imports: a torch/torchvision mismatch is said in one line
 from PIL import Image  # noqa: E402
 from torchvision.io import ImageReadMode, decode_image  # noqa: E402
@@ -39,14 +41,17 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-cased
 # `timeout`, Ctrl-C in a terminal, sbatch --signal=USR1@SECONDS): the main process stops with a checkpoint
 # (run.StopSignals), loader workers leave the stop to it (create_loader).
 JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-_DATA_PATH_HINTS = {'folder': 'the folder holding train/<class>/ and val/<class>/',
-                    'hf': "a dataset saved with datasets' save_to_disk, or a folder of the hub's parquet files",
-                    'cifar10': "the folder holding torchvision's cifar-10-batches-py/",
-                    'cifar100': "the folder holding torchvision's cifar-100-python/"}
+_DATA_PATH_HINTS = {
+    'folder': 'the folder holding train/<class>/ and val/<class>/',
+    'hf': "a dataset saved with datasets' save_to_disk, or a folder of the hub's parquet files",
+    'cifar10': "the folder holding torchvision's cifar-10-batches-py/",
+    'cifar100': "the folder holding torchvision's cifar-100-python/",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Datasets
+
 
 class Transformed(torch.utils.data.Dataset):
     """A dataset of (image, label) or Hugging Face rows as the loop loads it: keys (index, item seed) (an int: seed
@@ -63,8 +68,10 @@ class Transformed(torch.utils.data.Dataset):
         item = self.dataset[index]
         if isinstance(item, dict):  # a Hugging Face datasets row
             if 'image' not in item or 'label' not in item:
-                raise DataError(f"a Hugging Face dataset row needs 'image' and 'label' columns, this one has "
-                                f"{', '.join(item)}: rename them, e.g. split.rename_columns({{'img': 'image'}})")
+                raise DataError(
+                    f"a Hugging Face dataset row needs 'image' and 'label' columns, this one has "
+                    f"{', '.join(item)}: rename them, e.g. split.rename_columns({{'img': 'image'}})"
+                )
             item = item['image'], item['label']
         image, label, *bad_images = item
         image = as_uint8_rgb(image)
@@ -81,15 +88,23 @@ def as_uint8_rgb(image):
     """A PIL image, uint8 (1 or 3, H, W) tensor or uint8 (H, W[, 1 or 3]) array (OpenCV's) -> uint8 (3, H, W)."""
     if isinstance(image, Image.Image):
         return v2.functional.pil_to_tensor(image if image.mode == 'RGB' else image.convert('RGB'))
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (image.ndim == 2 or (
-            image.ndim == 3 and image.shape[2] in (1, 3))):
+    if (
+        isinstance(image, np.ndarray)
+        and image.dtype == np.uint8
+        and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3)))
+    ):
         image = torch.from_numpy(np.ascontiguousarray(image.reshape(*image.shape[:2], -1))).permute(2, 0, 1)
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] in (1, 3):
         return image.expand(3, -1, -1)
-    described = f'{image.dtype} {type(image).__name__} of shape {tuple(image.shape)}' if hasattr(image, 'shape') \
+    described = (
+        f'{image.dtype} {type(image).__name__} of shape {tuple(image.shape)}'
+        if hasattr(image, 'shape')
         else type(image).__name__
-    raise DataError(f"a dataset gave an image as a {described}; give PIL images, uint8 (3, H, W) tensors or uint8 "
-                    f"(H, W, 3) arrays (torchvision's ToTensor() makes floats: use PILToTensor())")
+    )
+    raise DataError(
+        f'a dataset gave an image as a {described}; give PIL images, uint8 (3, H, W) tensors or uint8 '
+        f"(H, W, 3) arrays (torchvision's ToTensor() makes floats: use PILToTensor())"
+    )
 
 
 def transformed(dataset, transform):
@@ -129,12 +144,14 @@ class ImageFolder(torch.utils.data.Dataset):
                 return read_image(path), int(self.labels[substitute]), int(offset > 0)
             except UnreadableImage as error:
                 if self.strict:
-                    raise DataError(f'unreadable image {path}: {error}; '
-                                    'replace or delete it (or allow skipping bad files)') from None
+                    raise DataError(
+                        f'unreadable image {path}: {error}; replace or delete it (or allow skipping bad files)'
+                    ) from None
                 self.known_unreadable[substitute] = True
                 print(f'warning: skipping unreadable image {path}: {error}', file=sys.stderr, flush=True)
-        raise DataError(f'none of the {len(self)} images (e.g. {self.path(0)}) is readable; '
-                        'check the files are JPEG or PNG images')
+        raise DataError(
+            f'none of the {len(self)} images (e.g. {self.path(0)}) is readable; check the files are JPEG or PNG images'
+        )
 
 
 class UnreadableImage(Exception):
@@ -170,12 +187,18 @@ def decode_image_bytes(encoded):
 class SyntheticImages(torch.utils.data.Dataset):
     """Random uint8 images made in memory, for throughput runs: a pool of 64 at `image_size`, indexed modulo; not
     augmented (`transformed`), so a benchmark measures the training step, not the input pipeline."""
+
     pool_size = 64
 
     def __init__(self, length, image_size, num_classes):
         self.length, self.image_size, self.num_classes = length, image_size, num_classes
-        self.pool = torch.randint(0, 256, (self.pool_size, 3, image_size, image_size), dtype=torch.uint8,
-                                  generator=torch.Generator().manual_seed(image_size))
+        self.pool = torch.randint(
+            0,
+            256,
+            (self.pool_size, 3, image_size, image_size),
+            dtype=torch.uint8,
+            generator=torch.Generator().manual_seed(image_size),
+        )
 
     def __len__(self):
         return self.length
@@ -185,8 +208,17 @@ class SyntheticImages(torch.utils.data.Dataset):
         return self.pool[index % self.pool_size], index % self.num_classes, 0
 
 
-def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=224, num_classes=None,
-                  splits=(None, None), keys=(None, None), skip_bad_shards=False):
+def load_datasets(
+    dataset,
+    data_path=None,
+    *,
+    strict_data=False,
+    synthetic_size=224,
+    num_classes=None,
+    splits=(None, None),
+    keys=(None, None),
+    skip_bad_shards=False,
+):
     """-> (train_set, val_set, classes), the sets' `source` naming their splits and columns (the start line).
     `splits`: (train, val) names (see choose_splits); `keys`: the (image, label) columns; `num_classes`: synthetic's.
     'folder': DATA/{train,val}/<class>/**/*.jpg|jpeg|png (torchvision's ImageFolder layout); 'hf': hugging_face.py;
@@ -203,8 +235,9 @@ def load_datasets(dataset, data_path=None, *, strict_data=False, synthetic_size=
     if dataset == 'hf':
         return import_beside('hugging_face', '--dataset hf').load_hugging_face(data_path, splits, keys)
     if dataset == 'wds':
-        return import_beside('shards', '--dataset wds').load_shards(data_path, *splits, target_key=keys[1],
-                                                                    strict=strict_data, skip_bad_shards=skip_bad_shards)
+        return import_beside('shards', '--dataset wds').load_shards(
+            data_path, *splits, target_key=keys[1], strict=strict_data, skip_bad_shards=skip_bad_shards
+        )
     if dataset in ('cifar10', 'cifar100'):
         return _load_cifar(dataset, data_path)
     if dataset == 'digits':
@@ -221,12 +254,15 @@ def choose_splits(available, splits, where, kind='split', suffix=''):
     train = (splits[0] or 'train').rstrip('/') + suffix
     defaults = [name + suffix for name in VAL_SPLITS]
     val = splits[1].rstrip('/') + suffix if splits[1] else next((name for name in defaults if name in available), None)
-    held_out = f'no {val} {kind}' if val else f"no held-out {kind} ({', '.join(defaults)})"
-    for problem, flag, found in ((f'no {train} {kind}', '--train-split', train in available),
-                                 (held_out, '--val-split', val in available)):
+    held_out = f'no {val} {kind}' if val else f'no held-out {kind} ({", ".join(defaults)})'
+    for problem, flag, found in (
+        (f'no {train} {kind}', '--train-split', train in available),
+        (held_out, '--val-split', val in available),
+    ):
         if not found:
-            raise DataError(f"{where} has {problem}; its {kind}s: {', '.join(available) or 'none'}; name the one "
-                            f"to use with {flag}")
+            raise DataError(
+                f'{where} has {problem}; its {kind}s: {", ".join(available) or "none"}; name the one to use with {flag}'
+            )
     return train, val
 
 
@@ -239,10 +275,13 @@ def _load_folder(root, strict, splits):
     if train_classes != val_classes:
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        raise DataError(f'{names[0]} and {names[1]} in {root} hold different classes (only in train: '
-                        f'{only_train or "-"}; only in val: {only_val or "-"}); give both the same class folders')
-    train_set, val_set = (ImageFolder(folder, paths, labels, strict)
-                          for folder, (_, paths, labels) in zip(folders, scanned))
+        raise DataError(
+            f'{names[0]} and {names[1]} in {root} hold different classes (only in train: '
+            f'{only_train or "-"}; only in val: {only_val or "-"}); give both the same class folders'
+        )
+    train_set, val_set = (
+        ImageFolder(folder, paths, labels, strict) for folder, (_, paths, labels) in zip(folders, scanned)
+    )
     train_set.source = val_set.source = f'folders {names[0]} and {names[1]}'
     return train_set, val_set, train_classes
 
@@ -256,9 +295,11 @@ def _scan_class_folders(folder):
     for label, name in enumerate(classes):
         found = find_images(os.path.join(folder, name))
         if not found:
-            raise DataError(f'class folder {os.path.join(folder, name)} has no images '
-                            f'({", ".join(IMAGE_EXTENSIONS)}); add images or remove the folder')
-        paths += [path[len(folder) + 1:] for path in found]
+            raise DataError(
+                f'class folder {os.path.join(folder, name)} has no images '
+                f'({", ".join(IMAGE_EXTENSIONS)}); add images or remove the folder'
+            )
+        paths += [path[len(folder) + 1 :] for path in found]
         labels += [label] * len(found)
     return classes, paths, labels
 
@@ -268,19 +309,25 @@ def find_images(folder):
     found = []
     for directory, subdirectories, files in os.walk(folder, followlinks=True):
         subdirectories[:] = [name for name in subdirectories if not name.startswith('.')]
-        found += [os.path.join(directory, name) for name in files
-                  if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [
+            os.path.join(directory, name)
+            for name in files
+            if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
+        ]
     return sorted(found)
 
 
 def _load_cifar(dataset, root):
     from torchvision.datasets import CIFAR10, CIFAR100
+
     cifar = CIFAR10 if dataset == 'cifar10' else CIFAR100
     try:
         train_set, val_set = [cifar(root, train=train, download=False) for train in (True, False)]
     except RuntimeError:  # torchvision: 'Dataset not found or corrupted'
-        raise DataError(f'no {dataset} files under {root} (expected {os.path.join(root, cifar.base_folder)}); fetch '
-                        f'them once with torchvision.datasets.{cifar.__name__}({root!r}, download=True)') from None
+        raise DataError(
+            f'no {dataset} files under {root} (expected {os.path.join(root, cifar.base_folder)}); fetch '
+            f'them once with torchvision.datasets.{cifar.__name__}({root!r}, download=True)'
+        ) from None
     return train_set, val_set, list(train_set.classes)
 
 
@@ -289,24 +336,31 @@ def _load_digits():
         from sklearn.datasets import load_digits  # imported here: only this demo dataset needs scikit-learn
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise DataError('the digits demo needs scikit-learn: pip install scikit-learn (or pip install -r '
-                        'requirements.txt)') from None
+        raise DataError(
+            'the digits demo needs scikit-learn: pip install scikit-learn (or pip install -r requirements.txt)'
+        ) from None
     digits = load_digits()
     grey = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # values 0..16 -> 0..255
     images = torch.from_numpy(grey)[:, None].expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(digits.target)
-    train_indices, val_indices = (torch.from_numpy(np.sort(indices)) for indices in train_test_split(
-        np.arange(len(labels)), test_size=0.2, stratify=digits.target, random_state=0))  # each in the files' order
-    return (torch.utils.data.TensorDataset(images[train_indices], labels[train_indices]),
-            torch.utils.data.TensorDataset(images[val_indices], labels[val_indices]), [str(d) for d in range(10)])
+    train_indices, val_indices = (
+        torch.from_numpy(np.sort(indices))
+        for indices in train_test_split(np.arange(len(labels)), test_size=0.2, stratify=digits.target, random_state=0)
+    )  # each in the files' order
+    return (
+        torch.utils.data.TensorDataset(images[train_indices], labels[train_indices]),
+        torch.utils.data.TensorDataset(images[val_indices], labels[val_indices]),
+        [str(d) for d in range(10)],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Sampling
 
+
 def mix_seed(*values):
     """A 63-bit seed from integers (numpy's SeedSequence): nearby inputs give unrelated seeds."""
-    return int(np.random.SeedSequence([value % 2 ** 64 for value in values]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([value % 2**64 for value in values]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -321,8 +375,10 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, dataset_len, batch_size, *, shuffle, seed=0, rank=0, world_size=1, drop_last):
         if dataset_len < 1 or batch_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f'need dataset_len >= 1, batch_size >= 1 and 0 <= rank < world_size, got '
-                             f'{dataset_len}, {batch_size}, {rank}, {world_size}')
+            raise ValueError(
+                f'need dataset_len >= 1, batch_size >= 1 and 0 <= rank < world_size, got '
+                f'{dataset_len}, {batch_size}, {rank}, {world_size}'
+            )
         self.dataset_len, self.batch_size, self.shuffle, self.drop_last = dataset_len, batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size, self.epoch, self.start_batch = seed, rank, world_size, 0, 0
 
@@ -332,20 +388,24 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         """Batches in the whole epoch for this rank (start_batch is not subtracted)."""
-        count = (math.ceil(self.dataset_len / self.world_size) if self.shuffle
-                 else len(range(self.rank, self.dataset_len, self.world_size)))
+        count = (
+            math.ceil(self.dataset_len / self.world_size)
+            if self.shuffle
+            else len(range(self.rank, self.dataset_len, self.world_size))
+        )
         return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def __iter__(self):
         rng = np.random.default_rng(mix_seed(self.seed, self.epoch))
         # Drawn first, for every index: an item's seed is a function of (seed, epoch, index) alone, whatever rank,
         # world size or worker loads it (cheaper than a SeedSequence per item: docs/measurements.md).
-        item_seeds = rng.integers(0, 2 ** 63, size=self.dataset_len)
+        item_seeds = rng.integers(0, 2**63, size=self.dataset_len)
         padded_len = math.ceil(self.dataset_len / self.world_size) * self.world_size  # the permutation wraps around
-        indices = (np.resize(rng.permutation(self.dataset_len), padded_len) if self.shuffle
-                   else np.arange(self.dataset_len))[self.rank::self.world_size]
+        indices = (
+            np.resize(rng.permutation(self.dataset_len), padded_len) if self.shuffle else np.arange(self.dataset_len)
+        )[self.rank :: self.world_size]
         for batch in range(self.start_batch, len(self)):
-            chunk = indices[batch * self.batch_size:(batch + 1) * self.batch_size]
+            chunk = indices[batch * self.batch_size : (batch + 1) * self.batch_size]
             yield list(zip(chunk.tolist(), item_seeds[chunk].tolist()))
 
 
@@ -355,9 +415,15 @@ def create_loader(dataset, batch_sampler, *, workers, pin_memory=False):
     the dataset and transform as they start: train.py makes a loader each epoch, so progressive sizes reach them.
     Workers ignore JOB_SIGNALS: signalled with the whole job, they go on until the main process, which stops
     after its step and saves, ends them (torch's workers also end when their main process dies)."""
-    return FrozenHeapLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
-                            prefetch_factor=2 if workers > 0 else None, generator=torch.Generator(),
-                            worker_init_fn=ignore_job_signals)
+    return FrozenHeapLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers > 0 else None,
+        generator=torch.Generator(),
+        worker_init_fn=ignore_job_signals,
+    )
 
 
 def ignore_job_signals(worker_id):

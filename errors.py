@@ -1,6 +1,7 @@
 """The errors that end a run in one line (`error: ...`, exit status 2, no traceback), and the reading of
 one line out of an error. Imports nothing of the project: every file may raise these.
 """
+
 import importlib
 import sys
 
@@ -9,6 +10,7 @@ import torch
 
 class UsageError(ValueError):
     """Bad input from the command line or the machine: one line, exit status 2, no traceback."""
+
 
 class DataError(ValueError):
     """Bad user input about data. The message is one line: what is wrong and how to fix it."""
@@ -25,17 +27,23 @@ def check_torchvision():
         import torchvision  # noqa: F401
     except RuntimeError as error:
         from importlib.metadata import version
-        print(f"error: torchvision {version('torchvision')} does not work with torch {torch.__version__} "
-              f"({one_line(error)}); install a matching pair from one index, e.g. "
-              f"pip install --force-reinstall torch torchvision", file=sys.stderr, flush=True)
+
+        print(
+            f'error: torchvision {version("torchvision")} does not work with torch {torch.__version__} '
+            f'({one_line(error)}); install a matching pair from one index, e.g. '
+            f'pip install --force-reinstall torch torchvision',
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(2)
+
 
 def one_line(error):
     """The message alone, also when a DataLoader worker wrapped it in its traceback text."""
     lines = str(error).strip().splitlines() or [type(error).__name__]
     last = lines[-1]
-    for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
-        last = last[len(prefix):] if last.startswith(prefix) else last
+    for prefix in (f'{type(error).__module__}.{type(error).__name__}: ', f'{type(error).__name__}: '):
+        last = last[len(prefix) :] if last.startswith(prefix) else last
     return last
 
 
@@ -46,4 +54,4 @@ def import_beside(name, feature):
     except ModuleNotFoundError as error:
         if error.name != name:
             raise
-        raise UsageError(f"{feature} needs {name}.py beside train.py: copy it from the project") from None
+        raise UsageError(f'{feature} needs {name}.py beside train.py: copy it from the project') from None

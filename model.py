@@ -5,6 +5,7 @@ names, parameter counts and state-dict keys (so timm's weights load as they are;
     net = create_model('efficientnetv2_rw_t', num_classes=1000, drop_rate=0.3, drop_path_rate=0.2)
 
 Paper: Tan & Le, "EfficientNetV2: Smaller Models and Faster Training" (2021), Table 4. Imports only torch."""
+
 import difflib
 import math
 from functools import partial
@@ -16,52 +17,83 @@ import torch.nn.functional as F
 # Architecture tables, one row per stage (the paper's Table 4). Blocks: 'cn' ConvBlock (one conv),
 # 'er' FusedMBConv, 'ir' MBConv (the classes below); stride is the stage's first block's.
 #         block repeats kernel stride expand channels se
-V2_S = (('cn', 2, 3, 1, 1, 24, 0),
-        ('er', 4, 3, 2, 4, 48, 0),
-        ('er', 4, 3, 2, 4, 64, 0),
-        ('ir', 6, 3, 2, 4, 128, 0.25),
-        ('ir', 9, 3, 1, 6, 160, 0.25),
-        ('ir', 15, 3, 2, 6, 256, 0.25))
+V2_S = (
+    ('cn', 2, 3, 1, 1, 24, 0),
+    ('er', 4, 3, 2, 4, 48, 0),
+    ('er', 4, 3, 2, 4, 64, 0),
+    ('ir', 6, 3, 2, 4, 128, 0.25),
+    ('ir', 9, 3, 1, 6, 160, 0.25),
+    ('ir', 15, 3, 2, 6, 256, 0.25),
+)
 # Ross Wightman's variant, drawn from the paper's figure before the official code was released.
 V2_RW_S = (('er', 2, 3, 1, 1, 24, 0),) + V2_S[1:5] + (('ir', 15, 3, 2, 6, 272, 0.25),)
-V2_M = (('cn', 3, 3, 1, 1, 24, 0),
-        ('er', 5, 3, 2, 4, 48, 0),
-        ('er', 5, 3, 2, 4, 80, 0),
-        ('ir', 7, 3, 2, 4, 160, 0.25),
-        ('ir', 14, 3, 1, 6, 176, 0.25),
-        ('ir', 18, 3, 2, 6, 304, 0.25),
-        ('ir', 5, 3, 1, 6, 512, 0.25))
-V2_L = (('cn', 4, 3, 1, 1, 32, 0),
-        ('er', 7, 3, 2, 4, 64, 0),
-        ('er', 7, 3, 2, 4, 96, 0),
-        ('ir', 10, 3, 2, 4, 192, 0.25),
-        ('ir', 19, 3, 1, 6, 224, 0.25),
-        ('ir', 25, 3, 2, 6, 384, 0.25),
-        ('ir', 7, 3, 1, 6, 640, 0.25))
-V2_XL = (('cn', 4, 3, 1, 1, 32, 0),
-         ('er', 8, 3, 2, 4, 64, 0),
-         ('er', 8, 3, 2, 4, 96, 0),
-         ('ir', 16, 3, 2, 4, 192, 0.25),
-         ('ir', 24, 3, 1, 6, 256, 0.25),
-         ('ir', 32, 3, 2, 6, 512, 0.25),
-         ('ir', 8, 3, 1, 6, 640, 0.25))
-V2_BASE = (('cn', 1, 3, 1, 1, 16, 0),
-           ('er', 2, 3, 2, 4, 32, 0),
-           ('er', 2, 3, 2, 4, 48, 0),
-           ('ir', 3, 3, 2, 4, 96, 0.25),
-           ('ir', 5, 3, 1, 6, 112, 0.25),
-           ('ir', 8, 3, 2, 6, 192, 0.25))
+V2_M = (
+    ('cn', 3, 3, 1, 1, 24, 0),
+    ('er', 5, 3, 2, 4, 48, 0),
+    ('er', 5, 3, 2, 4, 80, 0),
+    ('ir', 7, 3, 2, 4, 160, 0.25),
+    ('ir', 14, 3, 1, 6, 176, 0.25),
+    ('ir', 18, 3, 2, 6, 304, 0.25),
+    ('ir', 5, 3, 1, 6, 512, 0.25),
+)
+V2_L = (
+    ('cn', 4, 3, 1, 1, 32, 0),
+    ('er', 7, 3, 2, 4, 64, 0),
+    ('er', 7, 3, 2, 4, 96, 0),
+    ('ir', 10, 3, 2, 4, 192, 0.25),
+    ('ir', 19, 3, 1, 6, 224, 0.25),
+    ('ir', 25, 3, 2, 6, 384, 0.25),
+    ('ir', 7, 3, 1, 6, 640, 0.25),
+)
+V2_XL = (
+    ('cn', 4, 3, 1, 1, 32, 0),
+    ('er', 8, 3, 2, 4, 64, 0),
+    ('er', 8, 3, 2, 4, 96, 0),
+    ('ir', 16, 3, 2, 4, 192, 0.25),
+    ('ir', 24, 3, 1, 6, 256, 0.25),
+    ('ir', 32, 3, 2, 6, 512, 0.25),
+    ('ir', 8, 3, 1, 6, 640, 0.25),
+)
+V2_BASE = (
+    ('cn', 1, 3, 1, 1, 16, 0),
+    ('er', 2, 3, 2, 4, 32, 0),
+    ('er', 2, 3, 2, 4, 48, 0),
+    ('ir', 3, 3, 2, 4, 96, 0.25),
+    ('ir', 5, 3, 1, 6, 112, 0.25),
+    ('ir', 8, 3, 2, 6, 192, 0.25),
+)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TF_MEAN, TF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
-def _variant(table, stem, head, width, depth, train_size, test_size, crop_pct=1.0, tf=False, round_limit=0.9,
-             mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def _variant(
+    table,
+    stem,
+    head,
+    width,
+    depth,
+    train_size,
+    test_size,
+    crop_pct=1.0,
+    tf=False,
+    round_limit=0.9,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+):
     """A VARIANTS entry: EfficientNetV2's arguments, and in `config` the image settings timm gives the variant."""
-    return dict(table=table, stem=stem, head=head, width=width, depth=depth, tf=tf, round_limit=round_limit,
-                config=dict(train_size=train_size, test_size=test_size, crop_pct=crop_pct, interpolation='bicubic',
-                            mean=mean, std=std))
+    return dict(
+        table=table,
+        stem=stem,
+        head=head,
+        width=width,
+        depth=depth,
+        tf=tf,
+        round_limit=round_limit,
+        config=dict(
+            train_size=train_size, test_size=test_size, crop_pct=crop_pct, interpolation='bicubic', mean=mean, std=std
+        ),
+    )
 
 
 # tf_*: ports of Google's weights, so BN eps 1e-3 and TensorFlow 'SAME' padding.
@@ -71,21 +103,21 @@ _base = dict(tf=True, round_limit=0.0)
 RW_M_DEPTH = (1.2, 1.2, 1.2, 1.2, 1.6, 1.6)  # efficientnetv2_rw_m's depth multiplier per stage
 # each row: stage table, stem and head channels, width and depth multipliers, train and test size[, crop]
 VARIANTS = {
-    'efficientnetv2_rw_t':  _variant(V2_S,    24, 1280, 0.8, 0.9,          224, 288),
-    'efficientnetv2_rw_s':  _variant(V2_RW_S, 24, 1792, 1.0, 1.0,          288, 384),
-    'efficientnetv2_rw_m':  _variant(V2_RW_S, 24, 1792, 1.2, RW_M_DEPTH,   320, 416),
-    'efficientnetv2_s':     _variant(V2_S,    24, 1280, 1.0, 1.0,          288, 384),
-    'efficientnetv2_m':     _variant(V2_M,    24, 1280, 1.0, 1.0,          320, 416),
-    'efficientnetv2_l':     _variant(V2_L,    32, 1280, 1.0, 1.0,          384, 480),
-    'efficientnetv2_xl':    _variant(V2_XL,   32, 1280, 1.0, 1.0,          384, 512),
-    'tf_efficientnetv2_s':  _variant(V2_S,    24, 1280, 1.0, 1.0,          300, 384, **_tf),
-    'tf_efficientnetv2_m':  _variant(V2_M,    24, 1280, 1.0, 1.0,          384, 480, **_tf),
-    'tf_efficientnetv2_l':  _variant(V2_L,    32, 1280, 1.0, 1.0,          384, 480, **_tf),
-    'tf_efficientnetv2_xl': _variant(V2_XL,   32, 1280, 1.0, 1.0,          384, 512, **_tf),
-    'tf_efficientnetv2_b0': _variant(V2_BASE, 32, 1280, 1.0, 1.0,          192, 224, 0.875, **_base),
-    'tf_efficientnetv2_b1': _variant(V2_BASE, 32, 1280, 1.0, 1.1,          192, 240, 0.882, **_base),
-    'tf_efficientnetv2_b2': _variant(V2_BASE, 32, 1280, 1.1, 1.2,          208, 260, 0.890, **_base),
-    'tf_efficientnetv2_b3': _variant(V2_BASE, 32, 1280, 1.2, 1.4,          240, 300, 0.904, **_base),
+    'efficientnetv2_rw_t': _variant(V2_S, 24, 1280, 0.8, 0.9, 224, 288),
+    'efficientnetv2_rw_s': _variant(V2_RW_S, 24, 1792, 1.0, 1.0, 288, 384),
+    'efficientnetv2_rw_m': _variant(V2_RW_S, 24, 1792, 1.2, RW_M_DEPTH, 320, 416),
+    'efficientnetv2_s': _variant(V2_S, 24, 1280, 1.0, 1.0, 288, 384),
+    'efficientnetv2_m': _variant(V2_M, 24, 1280, 1.0, 1.0, 320, 416),
+    'efficientnetv2_l': _variant(V2_L, 32, 1280, 1.0, 1.0, 384, 480),
+    'efficientnetv2_xl': _variant(V2_XL, 32, 1280, 1.0, 1.0, 384, 512),
+    'tf_efficientnetv2_s': _variant(V2_S, 24, 1280, 1.0, 1.0, 300, 384, **_tf),
+    'tf_efficientnetv2_m': _variant(V2_M, 24, 1280, 1.0, 1.0, 384, 480, **_tf),
+    'tf_efficientnetv2_l': _variant(V2_L, 32, 1280, 1.0, 1.0, 384, 480, **_tf),
+    'tf_efficientnetv2_xl': _variant(V2_XL, 32, 1280, 1.0, 1.0, 384, 512, **_tf),
+    'tf_efficientnetv2_b0': _variant(V2_BASE, 32, 1280, 1.0, 1.0, 192, 224, 0.875, **_base),
+    'tf_efficientnetv2_b1': _variant(V2_BASE, 32, 1280, 1.0, 1.1, 192, 240, 0.882, **_base),
+    'tf_efficientnetv2_b2': _variant(V2_BASE, 32, 1280, 1.1, 1.2, 208, 260, 0.890, **_base),
+    'tf_efficientnetv2_b3': _variant(V2_BASE, 32, 1280, 1.2, 1.4, 240, 300, 0.904, **_base),
 }
 
 
@@ -97,6 +129,7 @@ def make_divisible(channels, divisor=8, round_limit=0.9):
 
 # ----------------------------------------------------------------------------------------------
 # Layers
+
 
 class Conv2dSame(nn.Conv2d):
     """TensorFlow 'SAME' padding for strided convs (Google's weights were trained with it): computed from the input
@@ -203,11 +236,25 @@ class MBConv(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The network
 
+
 class EfficientNetV2(nn.Module):
     """Stem conv (stride 2) -> stages from the table -> 1x1 head conv -> pool -> dropout -> linear."""
 
-    def __init__(self, table, stem, head, width=1.0, depth=1.0, tf=False, round_limit=0.9,
-                 num_classes=1000, drop_rate=0.0, drop_path_rate=0.0, in_chans=3, config=None):
+    def __init__(
+        self,
+        table,
+        stem,
+        head,
+        width=1.0,
+        depth=1.0,
+        tf=False,
+        round_limit=0.9,
+        num_classes=1000,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        in_chans=3,
+        config=None,
+    ):
         super().__init__()
         bn = partial(nn.BatchNorm2d, eps=1e-3 if tf else 1e-5)
         chs = lambda c: make_divisible(c * width, round_limit=round_limit)  # noqa: E731
@@ -220,13 +267,25 @@ class EfficientNetV2(nn.Module):
         self.bn1 = bn(chs(stem))
         in_chs, index, stages = chs(stem), 0, []
         for (kind, _, kernel, stride, expand, out, se), n in zip(table, repeats):
-            block = {'cn': ConvBlock, 'er': partial(FusedMBConv, expand_ratio=expand),
-                     'ir': partial(MBConv, expand_ratio=expand, se_ratio=se)}[kind]
+            block = {
+                'cn': ConvBlock,
+                'er': partial(FusedMBConv, expand_ratio=expand),
+                'ir': partial(MBConv, expand_ratio=expand, se_ratio=se),
+            }[kind]
             blocks = []
             for i in range(n):
                 # Stochastic depth grows linearly with the block's index over the whole network.
-                blocks.append(block(in_chs, chs(out), kernel, stride if i == 0 else 1, bn=bn, tf_same=tf,
-                                    drop_path=drop_path_rate * index / sum(repeats)))
+                blocks.append(
+                    block(
+                        in_chs,
+                        chs(out),
+                        kernel,
+                        stride if i == 0 else 1,
+                        bn=bn,
+                        tf_same=tf,
+                        drop_path=drop_path_rate * index / sum(repeats),
+                    )
+                )
                 in_chs, index = chs(out), index + 1
             stages.append(nn.Sequential(*blocks))
         self.blocks = nn.Sequential(*stages)
@@ -281,7 +340,7 @@ def check_model_name(name, error=ValueError):
     """Raise `error`, naming close variants, unless `name` is a variant or VARIANT.TAG (published.py checks the tag)."""
     if name.split('.')[0] not in VARIANTS:
         close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join(close)}?" if close else f"choose from {', '.join(list_models())}"
+        hint = f'did you mean {", ".join(close)}?' if close else f'choose from {", ".join(list_models())}'
         raise error(f"unknown model '{name}': {hint}")
 
 

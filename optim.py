@@ -1,5 +1,6 @@
 """The optimizer side of the recipe, the part a copy swaps: timm's RMSpropTF, parameter groups, lr schedules, the
 weights' EMA, mixed precision, progressive learning. Each says why it is not torch's; test/test_utils.py checks."""
+
 import contextlib
 import copy
 import importlib
@@ -9,9 +10,9 @@ import torch
 
 from errors import UsageError
 
-
 # ----------------------------------------------------------------------------------------------
 # Optimizer
+
 
 class RMSpropTF(torch.optim.Optimizer):
     """TensorFlow-1 RMSprop as timm's (not torch's): the square average starts at one (torch: zero), eps sits
@@ -93,17 +94,27 @@ class TimmSchedule(torch.optim.lr_scheduler.LambdaLR):
     to group 0. Not StepLR (decays only at multiples of step_size; the recipe's epoch // 2.4 decays at 3, 5, 8, ...)
     nor SequentialLR (restarts the count after the warm-up); both change the lr each step(), timm's once an epoch."""
 
-    def __init__(self, optimizer, steps_per_epoch, sched, epochs, warmup_lr, warmup_epochs, decay_epochs,
-                 decay_rate, min_lr):
+    def __init__(
+        self, optimizer, steps_per_epoch, sched, epochs, warmup_lr, warmup_epochs, decay_epochs, decay_rate, min_lr
+    ):
         lr, self.sched = optimizer.param_groups[0]['lr'], sched
-        schedule = dict(sched=sched, lr=lr, epochs=epochs, warmup_lr=warmup_lr, warmup_epochs=warmup_epochs,
-                        decay_epochs=decay_epochs, decay_rate=decay_rate, min_lr=min_lr)
+        schedule = dict(
+            sched=sched,
+            lr=lr,
+            epochs=epochs,
+            warmup_lr=warmup_lr,
+            warmup_epochs=warmup_epochs,
+            decay_epochs=decay_epochs,
+            decay_rate=decay_rate,
+            min_lr=min_lr,
+        )
         learning_rate(0, **schedule)  # an unknown name fails here, not at the first step
         super().__init__(optimizer, lambda step: learning_rate(step // steps_per_epoch, **schedule) / lr)
 
 
 # ----------------------------------------------------------------------------------------------
 # EMA of weights and BN buffers
+
 
 class ModelEma(torch.nn.Module):
     """timm's ModelEmaV2: a copy whose parameters and buffers follow e = decay * e + (1 - decay) * w after every
@@ -132,6 +143,7 @@ class ModelEma(torch.nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Mixed precision
+
 
 class Precision:
     """Native or apex O1: autocast(), backward(loss), step(optimizer, clip_grad) -> skipped, state_dict (loss scale).
@@ -215,21 +227,30 @@ def create_precision(device, model, optimizer, amp=False, amp_dtype=None, apex=F
             model, optimizer = apex_amp.initialize(model, optimizer, opt_level='O1')
             return Precision(device.type, dtype, apex_optimizer=optimizer), model, optimizer
     if apex:
-        say(f"--apex-amp: NVIDIA apex is not available here; using native mixed precision "
-            f"({str(dtype).replace('torch.', '')})")
+        say(
+            f'--apex-amp: NVIDIA apex is not available here; using native mixed precision '
+            f'({str(dtype).replace("torch.", "")})'
+        )
     return Precision(device.type, dtype if amp or apex else None), model, optimizer
 
 
 # ----------------------------------------------------------------------------------------------
 # Progressive learning (the EfficientNetV2 paper, section 4): image size and regularization rise by stage
 
+
 def stage_settings(args, epoch):
     """What the epoch trains with. Without --progressive: the flags. With it, the paper's progressive
     learning: image size, RandAugment magnitude, mixup and dropout rise by stage."""
     magnitude = args.rand_augment['magnitude'] if args.rand_augment else None
     if not args.progressive:
-        return dict(stage=0, size=args.img_size, magnitude=magnitude, mixup=args.mixup, drop=args.drop,
-                    epochs=(0, args.epochs - 1))
+        return dict(
+            stage=0,
+            size=args.img_size,
+            magnitude=magnitude,
+            mixup=args.mixup,
+            drop=args.drop,
+            epochs=(0, args.epochs - 1),
+        )
     stages = args.prog_stages
     stage_of = lambda e: min(e * stages // args.epochs, stages - 1)  # noqa: E731
     stage = stage_of(epoch)  # a pure function of the epoch: resuming needs nothing else
@@ -241,14 +262,22 @@ def stage_settings(args, epoch):
     lerp = lambda low, high: low + (high - low) * ratio  # noqa: E731
     if args.rand_augment:  # a minimum above the flag's value is capped to it: regularization never falls
         magnitude = lerp(min(args.prog_min_aa, magnitude), magnitude)
-    return dict(stage=stage, size=size, magnitude=magnitude, mixup=lerp(0.0, args.mixup),
-                drop=lerp(min(args.prog_min_drop, args.drop), args.drop), epochs=(in_stage[0], in_stage[-1]))
+    return dict(
+        stage=stage,
+        size=size,
+        magnitude=magnitude,
+        mixup=lerp(0.0, args.mixup),
+        drop=lerp(min(args.prog_min_drop, args.drop), args.drop),
+        epochs=(in_stage[0], in_stage[-1]),
+    )
 
 
 def describe_stage(settings, args):
     first, last = settings['epochs']
-    magnitude = 'off' if settings['magnitude'] is None else f"{settings['magnitude']:.2f}"
-    compiles = ", torch.compile compiles once for this size" if args.compile else ''
-    return (f"Stage {settings['stage'] + 1}/{args.prog_stages}: epochs {first}-{last}, image size "
-            f"{settings['size']} (eval {args.eval_size}), RandAugment magnitude {magnitude}, mixup "
-            f"{settings['mixup']:.3f}, dropout {settings['drop']:.3f}{compiles}")
+    magnitude = 'off' if settings['magnitude'] is None else f'{settings["magnitude"]:.2f}'
+    compiles = ', torch.compile compiles once for this size' if args.compile else ''
+    return (
+        f'Stage {settings["stage"] + 1}/{args.prog_stages}: epochs {first}-{last}, image size '
+        f'{settings["size"]} (eval {args.eval_size}), RandAugment magnitude {magnitude}, mixup '
+        f'{settings["mixup"]:.3f}, dropout {settings["drop"]:.3f}{compiles}'
+    )

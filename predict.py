@@ -19,6 +19,7 @@ the file with onnxruntime on random images, compares with PyTorch and prints the
 (exit status 1 above 1e-3). It needs onnx, onnxscript and onnxruntime (pip install onnx onnxscript onnxruntime).
 A checkpoint of bare weights (timm, torchvision) needs --model NAME.
 """
+
 import argparse
 import os
 import sys
@@ -29,8 +30,8 @@ import data  # first: it checks that torchvision fits this torch (errors.check_t
 import distributed
 import errors
 import model as models
-import transforms
 import published
+import transforms
 import weights
 
 EXPORT_TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch in float32
@@ -42,7 +43,7 @@ def load_model(path, model_name=None):
     saved = checkpoint.get('args') or {}
     arch = model_name or checkpoint.get('arch')
     if arch is None:
-        raise errors.UsageError(f"{path} holds bare weights without a model name: give --model NAME")
+        raise errors.UsageError(f'{path} holds bare weights without a model name: give --model NAME')
     models.check_model_name(arch, error=errors.UsageError)
     num_classes = checkpoint.get('num_classes') or _classifier_rows(checkpoint)
     net = models.create_model(arch, num_classes=num_classes)
@@ -50,11 +51,16 @@ def load_model(path, model_name=None):
         print(note, file=sys.stderr)  # stdout is for results
     config = weights.model_config(arch)  # a VARIANT.TAG run (train.py --model): that tag's
     classes = checkpoint.get('classes') or [str(i) for i in range(num_classes)]
-    info = dict(arch=arch, classes=list(classes), ema=bool(checkpoint.get('model_ema')),
-                size=saved.get('eval_size') or saved.get('img_size') or config['test_size'],
-                crop_pct=saved.get('crop_pct') or config['crop_pct'],
-                interpolation=saved.get('interpolation') or config['interpolation'],
-                mean=tuple(saved.get('mean') or config['mean']), std=tuple(saved.get('std') or config['std']))
+    info = dict(
+        arch=arch,
+        classes=list(classes),
+        ema=bool(checkpoint.get('model_ema')),
+        size=saved.get('eval_size') or saved.get('img_size') or config['test_size'],
+        crop_pct=saved.get('crop_pct') or config['crop_pct'],
+        interpolation=saved.get('interpolation') or config['interpolation'],
+        mean=tuple(saved.get('mean') or config['mean']),
+        std=tuple(saved.get('std') or config['std']),
+    )
     return net.eval(), info
 
 
@@ -70,9 +76,17 @@ def load_published(name):
         print(note, file=sys.stderr)  # stdout is for results
     classes = imagenet_classes() if num_classes == 1000 else [str(i) for i in range(num_classes)]
     file = tag if publisher == 'timm' else published.TORCHVISION_FILES[tag]
-    info = dict(arch=name, classes=classes, ema=False, published=f'{publisher}:{file}',
-                size=config['test_size'], crop_pct=config['crop_pct'],
-                interpolation=config['interpolation'], mean=config['mean'], std=config['std'])
+    info = dict(
+        arch=name,
+        classes=classes,
+        ema=False,
+        published=f'{publisher}:{file}',
+        size=config['test_size'],
+        crop_pct=config['crop_pct'],
+        interpolation=config['interpolation'],
+        mean=config['mean'],
+        std=config['std'],
+    )
     return net.eval(), info
 
 
@@ -80,6 +94,7 @@ def imagenet_classes():
     """ImageNet-1k's class names in the order every published classifier uses (torchvision's list),
     with spaces as underscores so each name stays one word in classify's lines."""
     import torchvision
+
     categories = torchvision.models.EfficientNet_V2_S_Weights.IMAGENET1K_V1.meta['categories']
     return [name.replace(' ', '_') for name in categories]
 
@@ -90,11 +105,12 @@ def split_checkpoint(paths, model_name):
     first = paths[0]
     if os.path.isdir(first) or first.lower().endswith(data.IMAGE_EXTENSIONS):
         if model_name is None:
-            raise errors.UsageError("give a checkpoint before the images, or --model NAME to use that "
-                                   "variant's published ImageNet weights")
+            raise errors.UsageError(
+                "give a checkpoint before the images, or --model NAME to use that variant's published ImageNet weights"
+            )
         return None, paths
     if len(paths) == 1:
-        raise errors.UsageError(f"no images given after the checkpoint {first}")
+        raise errors.UsageError(f'no images given after the checkpoint {first}')
     return first, paths[1:]
 
 
@@ -110,6 +126,7 @@ def _classifier_rows(checkpoint):
 # ----------------------------------------------------------------------------------------------
 # classify
 
+
 def image_paths(paths):
     """Files as given; folders searched recursively for the extensions train.py reads (data.find_images)."""
     found = []
@@ -119,28 +136,28 @@ def image_paths(paths):
         elif os.path.isfile(path):
             found.append(path)
         else:
-            raise errors.UsageError(f"{path} is neither an image file nor a folder")
+            raise errors.UsageError(f'{path} is neither an image file nor a folder')
     if not found:
-        raise errors.UsageError(f"no images ({', '.join(data.IMAGE_EXTENSIONS)}) in {' '.join(paths)}")
+        raise errors.UsageError(f'no images ({", ".join(data.IMAGE_EXTENSIONS)}) in {" ".join(paths)}')
     return found
 
 
 @torch.no_grad()
-def classify(net, info, paths, topk=5, device=torch.device('cpu'), batch_size=32):
+def classify(net, info, paths, topk=5, device=None, batch_size=32):
     """Yield (path, [(class name, probability)] best first) per readable image; unreadable files
     are reported on stderr and skipped."""
-    transform = transforms.eval_transform(info['size'], crop_pct=info['crop_pct'],
-                                    interpolation=info['interpolation'])
+    transform = transforms.eval_transform(info['size'], crop_pct=info['crop_pct'], interpolation=info['interpolation'])
+    device = device or torch.device('cpu')
     net = net.to(device)
     topk = min(topk, len(info['classes']))
     for start in range(0, len(paths), batch_size):
         batch_paths, images = [], []
-        for path in paths[start:start + batch_size]:
+        for path in paths[start : start + batch_size]:
             try:
                 images.append(transform(data.read_image(path)))
                 batch_paths.append(path)
             except data.UnreadableImage as error:
-                print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr, flush=True)
+                print(f'warning: skipping unreadable image {path}: {error}', file=sys.stderr, flush=True)
         if not images:
             continue
         inputs = transforms.normalize(torch.stack(images).to(device), info['mean'], info['std'])
@@ -153,6 +170,7 @@ def classify(net, info, paths, topk=5, device=torch.device('cpu'), batch_size=32
 # ----------------------------------------------------------------------------------------------
 # export
 
+
 def export_onnx(net, info, out_path, size=None, batch_size=2):
     """Write the ONNX file (batch dimension free), run it with onnxruntime on random images and
     return the max |difference| from PyTorch's logits."""
@@ -161,22 +179,36 @@ def export_onnx(net, info, out_path, size=None, batch_size=2):
         import onnxruntime
         import onnxscript  # noqa: F401  (torch.onnx.export's dynamo exporter needs it)
     except ImportError:
-        raise errors.UsageError("export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript "
-                               "onnxruntime") from None
+        raise errors.UsageError(
+            'export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime'
+        ) from None
     size = size or info['size']
     generator = torch.Generator().manual_seed(0)  # the same check, the same number, every time
     example = torch.randn(batch_size, 3, size, size, generator=generator)
     batch = torch.export.Dim('batch', min=1)
-    program = torch.onnx.export(net, (example,), input_names=['images'], output_names=['logits'],
-                                dynamic_shapes=({0: batch},), dynamo=True, external_data=False,
-                                verbose=False)
+    program = torch.onnx.export(
+        net,
+        (example,),
+        input_names=['images'],
+        output_names=['logits'],
+        dynamic_shapes=({0: batch},),
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
     program.save(out_path)
     onnx_model = onnx.load(out_path)
     onnx.checker.check_model(onnx_model)
-    metadata = dict(arch=info['arch'], classes='\n'.join(info['classes']), size=str(size),
-                    crop_pct=str(info['crop_pct']), interpolation=info['interpolation'],
-                    mean=' '.join(map(str, info['mean'])), std=' '.join(map(str, info['std'])),
-                    weights=info.get('published') or ('ema' if info['ema'] else 'model'))
+    metadata = dict(
+        arch=info['arch'],
+        classes='\n'.join(info['classes']),
+        size=str(size),
+        crop_pct=str(info['crop_pct']),
+        interpolation=info['interpolation'],
+        mean=' '.join(map(str, info['mean'])),
+        std=' '.join(map(str, info['std'])),
+        weights=info.get('published') or ('ema' if info['ema'] else 'model'),
+    )
     onnx.helper.set_model_props(onnx_model, metadata)
     onnx.save(onnx_model, out_path)
 
@@ -190,14 +222,21 @@ def export_onnx(net, info, out_path, size=None, batch_size=2):
 
 # ----------------------------------------------------------------------------------------------
 
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split('\n', 2)[2])
+    p = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split('\n', 2)[2],
+    )
     commands = p.add_subparsers(dest='command', required=True)
     c = commands.add_parser('classify', help='top-k classes of image files or folders')
-    c.add_argument('paths', nargs='+', metavar='PATH',
-                   help='a checkpoint, then image files or folders (no checkpoint: --model NAME)')
+    c.add_argument(
+        'paths',
+        nargs='+',
+        metavar='PATH',
+        help='a checkpoint, then image files or folders (no checkpoint: --model NAME)',
+    )
     c.add_argument('--topk', type=int, default=5)
     c.add_argument('--device', default='auto', choices=('auto', 'cuda', 'npu', 'cpu'))
     c.add_argument('-b', '--batch-size', type=int, default=32)
@@ -206,8 +245,11 @@ def get_args_parser():
     e.add_argument('output', metavar='OUT.onnx')
     for sub in (c, e):
         sub.add_argument('--size', type=int, help="input size; default: the run's eval size")
-        sub.add_argument('--model', help="model name, for checkpoints that don't store it; without a "
-                                         "checkpoint, the variant whose published ImageNet weights to use")
+        sub.add_argument(
+            '--model',
+            help="model name, for checkpoints that don't store it; without a "
+            'checkpoint, the variant whose published ImageNet weights to use',
+        )
     return p
 
 
@@ -217,7 +259,7 @@ def main(argv=None):
         if args.command == 'classify':
             args.checkpoint, args.paths = split_checkpoint(args.paths, args.model)
         if args.checkpoint is None and args.model is None:
-            raise errors.UsageError("give a checkpoint, or --model NAME for its published ImageNet weights")
+            raise errors.UsageError('give a checkpoint, or --model NAME for its published ImageNet weights')
         if args.checkpoint is None:
             net, info = load_published(args.model)
         else:
@@ -225,23 +267,23 @@ def main(argv=None):
         info['size'] = args.size or info['size']
         if args.command == 'classify':
             if args.topk < 1 or args.batch_size < 1:
-                raise errors.UsageError("--topk and --batch-size must be positive")
+                raise errors.UsageError('--topk and --batch-size must be positive')
             device = distributed.select_device(args.device, 0)
-            for path, top in classify(net, info, image_paths(args.paths), args.topk, device,
-                                      args.batch_size):
-                print(path + ''.join(f"  {name} {100 * p:.2f}%" for name, p in top), flush=True)
+            for path, top in classify(net, info, image_paths(args.paths), args.topk, device, args.batch_size):
+                print(path + ''.join(f'  {name} {100 * p:.2f}%' for name, p in top), flush=True)
         else:
             difference = export_onnx(net, info, args.output, info['size'])
             if args.checkpoint is None:
-                held = f"published weights {info['published']}"
+                held = f'published weights {info["published"]}'
             else:
                 held = 'EMA weights' if info['ema'] else 'weights (the checkpoint has no EMA)'
-            print(f"exported {info['arch']} to {args.output}: input N x 3 x {info['size']} x "
-                  f"{info['size']}, {len(info['classes'])} classes, {held}")
-            print(f"onnxruntime vs PyTorch: max difference {difference:.3g}")
+            print(
+                f'exported {info["arch"]} to {args.output}: input N x 3 x {info["size"]} x '
+                f'{info["size"]}, {len(info["classes"])} classes, {held}'
+            )
+            print(f'onnxruntime vs PyTorch: max difference {difference:.3g}')
             if difference > EXPORT_TOLERANCE:
-                print(f"error: the ONNX model differs from PyTorch by more than {EXPORT_TOLERANCE}",
-                      file=sys.stderr)
+                print(f'error: the ONNX model differs from PyTorch by more than {EXPORT_TOLERANCE}', file=sys.stderr)
                 sys.exit(1)
 
 

@@ -9,6 +9,7 @@ HF_HUB_OFFLINE=1 offline), torchvision's into torch.hub's. A cached file is not 
 checked against the SHA-256 its publisher states, and a failed one leaves nothing in the cache and is one
 CheckpointError line naming the URL, the cache and a local copy's flag.
 """
+
 import contextlib
 import hashlib
 import http.client
@@ -37,33 +38,35 @@ LOCAL_COPY = "give a local copy instead (train.py --pretrained PATH, predict.py'
 _TF = dict(mean=models.TF_MEAN, std=models.TF_STD)
 #   VARIANT.TAG                            publisher   classes  top-1   eval overrides
 PUBLISHED_WEIGHTS = {
-    'efficientnetv2_rw_t.ra2_in1k':        ('timm',        1000, 82.354, {}),
-    'efficientnetv2_rw_s.ra2_in1k':        ('timm',        1000, 83.830, {}),
-    'efficientnetv2_rw_m.agc_in1k':        ('timm',        1000, 84.830, {}),
-    'efficientnetv2_s.tv_in1k':            ('torchvision', 1000, 84.228, dict(interpolation='bilinear')),
-    'efficientnetv2_m.tv_in1k':            ('torchvision', 1000, 85.112, dict(test_size=480, interpolation='bilinear')),
-    'efficientnetv2_l.tv_in1k':            ('torchvision', 1000, 85.808, _TF),
-    'tf_efficientnetv2_s.in1k':            ('timm',        1000, 83.900, {}),
-    'tf_efficientnetv2_s.in21k_ft_in1k':   ('timm',        1000, 84.332, {}),
-    'tf_efficientnetv2_s.in21k':           ('timm',       21843, None, {}),
-    'tf_efficientnetv2_m.in1k':            ('timm',        1000, 85.208, {}),
-    'tf_efficientnetv2_m.in21k_ft_in1k':   ('timm',        1000, 86.014, {}),
-    'tf_efficientnetv2_m.in21k':           ('timm',       21843, None, {}),
-    'tf_efficientnetv2_l.in1k':            ('timm',        1000, 85.660, {}),
-    'tf_efficientnetv2_l.in21k_ft_in1k':   ('timm',        1000, 86.802, {}),
-    'tf_efficientnetv2_l.in21k':           ('timm',       21843, None, {}),
-    'tf_efficientnetv2_xl.in21k_ft_in1k':  ('timm',        1000, 86.754, {}),  # no in1k-only weights
-    'tf_efficientnetv2_xl.in21k':          ('timm',       21843, None, {}),
-    'tf_efficientnetv2_b0.in1k':           ('timm',        1000, 78.386, {}),
-    'tf_efficientnetv2_b1.in1k':           ('timm',        1000, 79.518, {}),
-    'tf_efficientnetv2_b2.in1k':           ('timm',        1000, 80.226, {}),
-    'tf_efficientnetv2_b3.in1k':           ('timm',        1000, 81.960, {}),
-    'tf_efficientnetv2_b3.in21k_ft_in1k':  ('timm',        1000, 82.634, dict(crop_pct=0.9, **_TF)),
-    'tf_efficientnetv2_b3.in21k':          ('timm',       21843, None, _TF),
+    'efficientnetv2_rw_t.ra2_in1k': ('timm', 1000, 82.354, {}),
+    'efficientnetv2_rw_s.ra2_in1k': ('timm', 1000, 83.830, {}),
+    'efficientnetv2_rw_m.agc_in1k': ('timm', 1000, 84.830, {}),
+    'efficientnetv2_s.tv_in1k': ('torchvision', 1000, 84.228, dict(interpolation='bilinear')),
+    'efficientnetv2_m.tv_in1k': ('torchvision', 1000, 85.112, dict(test_size=480, interpolation='bilinear')),
+    'efficientnetv2_l.tv_in1k': ('torchvision', 1000, 85.808, _TF),
+    'tf_efficientnetv2_s.in1k': ('timm', 1000, 83.900, {}),
+    'tf_efficientnetv2_s.in21k_ft_in1k': ('timm', 1000, 84.332, {}),
+    'tf_efficientnetv2_s.in21k': ('timm', 21843, None, {}),
+    'tf_efficientnetv2_m.in1k': ('timm', 1000, 85.208, {}),
+    'tf_efficientnetv2_m.in21k_ft_in1k': ('timm', 1000, 86.014, {}),
+    'tf_efficientnetv2_m.in21k': ('timm', 21843, None, {}),
+    'tf_efficientnetv2_l.in1k': ('timm', 1000, 85.660, {}),
+    'tf_efficientnetv2_l.in21k_ft_in1k': ('timm', 1000, 86.802, {}),
+    'tf_efficientnetv2_l.in21k': ('timm', 21843, None, {}),
+    'tf_efficientnetv2_xl.in21k_ft_in1k': ('timm', 1000, 86.754, {}),  # no in1k-only weights
+    'tf_efficientnetv2_xl.in21k': ('timm', 21843, None, {}),
+    'tf_efficientnetv2_b0.in1k': ('timm', 1000, 78.386, {}),
+    'tf_efficientnetv2_b1.in1k': ('timm', 1000, 79.518, {}),
+    'tf_efficientnetv2_b2.in1k': ('timm', 1000, 80.226, {}),
+    'tf_efficientnetv2_b3.in1k': ('timm', 1000, 81.960, {}),
+    'tf_efficientnetv2_b3.in21k_ft_in1k': ('timm', 1000, 82.634, dict(crop_pct=0.9, **_TF)),
+    'tf_efficientnetv2_b3.in21k': ('timm', 21843, None, _TF),
 }  # efficientnetv2_xl: none (timm lists it untrained; tf_efficientnetv2_xl has Google's weights)
-TORCHVISION_FILES = {'efficientnetv2_s.tv_in1k': 'efficientnet_v2_s-dd5fe13b.pth',
-                     'efficientnetv2_m.tv_in1k': 'efficientnet_v2_m-dc08266a.pth',
-                     'efficientnetv2_l.tv_in1k': 'efficientnet_v2_l-59c71312.pth'}
+TORCHVISION_FILES = {
+    'efficientnetv2_s.tv_in1k': 'efficientnet_v2_s-dd5fe13b.pth',
+    'efficientnetv2_m.tv_in1k': 'efficientnet_v2_m-dc08266a.pth',
+    'efficientnetv2_l.tv_in1k': 'efficientnet_v2_l-59c71312.pth',
+}
 
 
 def published_tag(name):
@@ -73,11 +76,14 @@ def published_tag(name):
     variant = name.split('.')[0]
     tags = [tag for tag in PUBLISHED_WEIGHTS if tag.split('.')[0] == variant]
     if not tags:
-        raise CheckpointError(f"{variant} has no published ImageNet weights: train it from scratch, or "
-                              f"start from a variant that has them (python published.py lists them)")
+        raise CheckpointError(
+            f'{variant} has no published ImageNet weights: train it from scratch, or '
+            f'start from a variant that has them (python published.py lists them)'
+        )
     if name != variant and name not in tags:
-        raise CheckpointError(f"no published weights {name}: {variant} has {', '.join(tags)} "
-                              f"(python published.py lists every tag)")
+        raise CheckpointError(
+            f'no published weights {name}: {variant} has {", ".join(tags)} (python published.py lists every tag)'
+        )
     return tags[0] if name == variant else name
 
 
@@ -102,6 +108,7 @@ def _from_hugging_face(repo, filename, progress):
     """hf_hub_download, plus what this project promises beyond it: no request at all once the file is
     cached (it asks the hub for the newest revision on every call), the SHA-256 check, one-line errors."""
     import huggingface_hub  # only here: its import is slow, and reading files does not need it
+
     cached = huggingface_hub.try_to_load_from_cache(repo, filename)
     if isinstance(cached, str):  # else None, or a marker that the hub once answered "no such file"
         return cached
@@ -114,12 +121,12 @@ def _from_hugging_face(repo, filename, progress):
     except Exception as e:  # its own errors, OSErrors, and its HTTP client's exceptions (a cut transfer)
         offline = huggingface_hub.constants.HF_HUB_OFFLINE
         reason = 'HF_HUB_OFFLINE is set and the file is not cached' if offline else _reason(e)
-        raise CheckpointError(f"cannot download {url} into {cache} ({reason}): {LOCAL_COPY}") from None
+        raise CheckpointError(f'cannot download {url} into {cache} ({reason}): {LOCAL_COPY}') from None
     finally:
         hub_log.setLevel(level)
     _check_sha256(path, url, cache)
     if progress:
-        print(f"downloaded {url} to {path}", file=sys.stderr, flush=True)
+        print(f'downloaded {url} to {path}', file=sys.stderr, flush=True)
     return path
 
 
@@ -139,8 +146,9 @@ def _check_sha256(path, url, cache):
                 digest.update(chunk)
         if digest.hexdigest() != expected:
             raise CheckpointError(
-                f"{url} does not match the SHA-256 the hub states (expected {expected[:16]}, got "
-                f"{digest.hexdigest()[:16]}); nothing was kept in {cache}: try again, or check the mirror")
+                f'{url} does not match the SHA-256 the hub states (expected {expected[:16]}, got '
+                f'{digest.hexdigest()[:16]}); nothing was kept in {cache}: try again, or check the mirror'
+            )
     except BaseException:
         for leftover in (path, blob):
             with contextlib.suppress(FileNotFoundError):
@@ -162,13 +170,16 @@ def _from_torchvision(file, progress):
         # torch.hub's bar only on a terminal: its carriage returns do not belong in a log file
         torch.hub.download_url_to_file(url, path, sha256_prefix, progress=progress and sys.stderr.isatty())
     except RuntimeError:  # torch.hub's "invalid hash value"
-        raise CheckpointError(f"{url} does not match the SHA-256 prefix in its name (expected "
-                              f"{sha256_prefix}); nothing was kept in {folder}: try again") from None
+        raise CheckpointError(
+            f'{url} does not match the SHA-256 prefix in its name (expected '
+            f'{sha256_prefix}); nothing was kept in {folder}: try again'
+        ) from None
     except (OSError, http.client.HTTPException) as e:  # urllib's URLError and HTTPError are OSErrors
-        raise CheckpointError(f"cannot download {url} to {path} ({_reason(e)}): copy that file there "
-                              f"by hand, or {LOCAL_COPY}") from None
+        raise CheckpointError(
+            f'cannot download {url} to {path} ({_reason(e)}): copy that file there by hand, or {LOCAL_COPY}'
+        ) from None
     if progress:
-        print(f"downloaded {url} to {path}", file=sys.stderr, flush=True)
+        print(f'downloaded {url} to {path}', file=sys.stderr, flush=True)
     return path
 
 
@@ -178,9 +189,9 @@ def _reason(error):
         error = error.__cause__
     response = getattr(error, 'response', None)  # huggingface_hub's HTTP errors (httpx's or requests')
     if response is not None:
-        return f"HTTP {response.status_code} {getattr(response, 'reason_phrase', None) or response.reason}"
+        return f'HTTP {response.status_code} {getattr(response, "reason_phrase", None) or response.reason}'
     if isinstance(getattr(error, 'code', None), int):  # urllib's HTTPError
-        return f"HTTP {error.code} {error.reason}"
+        return f'HTTP {error.code} {error.reason}'
     error = getattr(error, 'reason', None) or error  # urllib's URLError holds the socket's error
     # the first line, not errors.one_line's last: huggingface_hub's size check adds advice on the next lines
     text = str(error).strip()
@@ -200,13 +211,16 @@ def fetch(name):
 # ----------------------------------------------------------------------------------------------
 # The table: `python published.py`
 
+
 def count_macs(model, size):
     """Multiply-accumulates of one forward pass at size x size: each conv and linear layer's output elements
     times the inputs each sums (BN, SE gating, activations not counted). For a model on the meta device, by
     hooks in eval mode: FlopCounterMode and BN's training branch are slower there (docs/measurements.md)."""
     macs = []
+
     def count(layer, inputs, output):
         macs.append(output.numel() * layer.weight[0].numel())  # weight[0]: one output's inputs
+
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     hooks = [layer.register_forward_hook(count) for layer in layers]
     was_training = model.training
@@ -219,21 +233,29 @@ def count_macs(model, size):
 
 
 if __name__ == '__main__':
-    print(f"{'model':<24}{'params':>14}{'GMACs':>8}{'train':>7}{'test':>6}{'crop':>7}   ImageNet top-1 "
-          f"of the default weights (--pretrained)")
+    print(
+        f'{"model":<24}{"params":>14}{"GMACs":>8}{"train":>7}{"test":>6}{"crop":>7}   ImageNet top-1 '
+        f'of the default weights (--pretrained)'
+    )
     for name in models.list_models():
         with torch.device('meta'):
             net = models.create_model(name)
         cfg, params = net.config, sum(p.numel() for p in net.parameters())
         tag = next((tag for tag in PUBLISHED_WEIGHTS if tag.split('.')[0] == name), None)
-        top1 = f"{PUBLISHED_WEIGHTS[tag][2]:.3f} @{published_config(tag)['test_size']}" if tag else ''
-        print(f"{name:<24}{params:>14,}{count_macs(net, cfg['train_size']) / 1e9:>8.2f}{cfg['train_size']:>7}"
-              f"{cfg['test_size']:>6}{cfg['crop_pct']:>7.3f}   {top1:<12}{tag or 'none'}")
-    print(f"\n{'--model VARIANT.TAG --pretrained':<38}{'classes':>8}{'train':>7}{'test':>6}{'crop':>7}"
-          f"   mean/std  resize    ImageNet top-1")
+        top1 = f'{PUBLISHED_WEIGHTS[tag][2]:.3f} @{published_config(tag)["test_size"]}' if tag else ''
+        print(
+            f'{name:<24}{params:>14,}{count_macs(net, cfg["train_size"]) / 1e9:>8.2f}{cfg["train_size"]:>7}'
+            f'{cfg["test_size"]:>6}{cfg["crop_pct"]:>7.3f}   {top1:<12}{tag or "none"}'
+        )
+    print(
+        f'\n{"--model VARIANT.TAG --pretrained":<38}{"classes":>8}{"train":>7}{"test":>6}{"crop":>7}'
+        f'   mean/std  resize    ImageNet top-1'
+    )
     for tag, (publisher, classes, top1, _) in PUBLISHED_WEIGHTS.items():
         cfg = published_config(tag)
         norm = '0.5' if cfg['mean'] == models.TF_MEAN else 'ImageNet'
-        top1 = f"{top1:.3f} @{cfg['test_size']}" if top1 else 'none: 21k classes'
-        print(f"{tag:<38}{classes:>8,}{cfg['train_size']:>7}{cfg['test_size']:>6}{cfg['crop_pct']:>7.3f}"
-              f"   {norm:<10}{cfg['interpolation']:<10}{top1} ({publisher})")
+        top1 = f'{top1:.3f} @{cfg["test_size"]}' if top1 else 'none: 21k classes'
+        print(
+            f'{tag:<38}{classes:>8,}{cfg["train_size"]:>7}{cfg["test_size"]:>6}{cfg["crop_pct"]:>7.3f}'
+            f'   {norm:<10}{cfg["interpolation"]:<10}{top1} ({publisher})'
+        )

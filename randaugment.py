@@ -9,6 +9,7 @@ test/test_data.py checks the policy against timm's and each op against PIL's (co
 within 1). An op is torchvision's v2 op where exact and no slower, else PIL's or a kernel here, each commented
 with why it is kept (times: docs/measurements.md, RandAugment's ops).
 """
+
 import math
 
 import numpy as np
@@ -19,9 +20,23 @@ from torchvision.transforms.functional import InterpolationMode, pil_modes_mappi
 
 from errors import DataError
 
-RAND_AUGMENT_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'SolarizeAdd',
-                    'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel',
-                    'TranslateYRel')
+RAND_AUGMENT_OPS = (
+    'AutoContrast',
+    'Equalize',
+    'Invert',
+    'Rotate',
+    'Posterize',
+    'Solarize',
+    'SolarizeAdd',
+    'Color',
+    'Contrast',
+    'Brightness',
+    'Sharpness',
+    'ShearX',
+    'ShearY',
+    'TranslateXRel',
+    'TranslateYRel',
+)
 _ENHANCE_OPS = ('Color', 'Contrast', 'Brightness', 'Sharpness')
 _GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
 
@@ -33,20 +48,28 @@ def _signed(scale):  # sign * scale at level 10: the geometric ops go either way
 # timm's level -> op arguments, level on its 0..10 scale; `sign` is a fresh random +-1 per op application.
 # An *Increasing variant grows stronger with the level (its plain op weakens or flips at high levels).
 LEVEL_TO_ARGS = {
-    'AutoContrast': lambda level, sign: (), 'Equalize': lambda level, sign: (), 'Invert': lambda level, sign: (),
-    'Rotate': _signed(30), 'ShearX': _signed(0.3), 'ShearY': _signed(0.3),         # degrees; shear factor
-    'TranslateXRel': _signed(0.45), 'TranslateYRel': _signed(0.45),                 # fraction of the size
-    'Posterize': lambda level, sign: (int(level / 10 * 4),),                        # bits kept, 0..4
+    'AutoContrast': lambda level, sign: (),
+    'Equalize': lambda level, sign: (),
+    'Invert': lambda level, sign: (),
+    'Rotate': _signed(30),
+    'ShearX': _signed(0.3),
+    'ShearY': _signed(0.3),  # degrees; shear factor
+    'TranslateXRel': _signed(0.45),
+    'TranslateYRel': _signed(0.45),  # fraction of the size
+    'Posterize': lambda level, sign: (int(level / 10 * 4),),  # bits kept, 0..4
     'PosterizeIncreasing': lambda level, sign: (4 - int(level / 10 * 4),),
-    'Solarize': lambda level, sign: (min(256, int(level / 10 * 256)),),             # threshold
+    'Solarize': lambda level, sign: (min(256, int(level / 10 * 256)),),  # threshold
     'SolarizeIncreasing': lambda level, sign: (256 - min(256, int(level / 10 * 256)),),
-    'SolarizeAdd': lambda level, sign: (min(128, int(level / 10 * 110)),),          # added below 128
+    'SolarizeAdd': lambda level, sign: (min(128, int(level / 10 * 110)),),  # added below 128
     **{name: lambda level, sign: (level / 10 * 1.8 + 0.1,) for name in _ENHANCE_OPS},  # 0.1..1.9; 1.0: no change
-    **{name + 'Increasing': lambda level, sign: (max(0.1, 1.0 + sign * level / 10 * 0.9),)  # 1.0 -/+ up to 0.9
-       for name in _ENHANCE_OPS},
+    **{
+        name + 'Increasing': lambda level, sign: (max(0.1, 1.0 + sign * level / 10 * 0.9),)  # 1.0 -/+ up to 0.9
+        for name in _ENHANCE_OPS
+    },
 }
-RAND_AUGMENT_INCREASING_OPS = tuple(name + 'Increasing' if name + 'Increasing' in LEVEL_TO_ARGS else name
-                                    for name in RAND_AUGMENT_OPS)
+RAND_AUGMENT_INCREASING_OPS = tuple(
+    name + 'Increasing' if name + 'Increasing' in LEVEL_TO_ARGS else name for name in RAND_AUGMENT_OPS
+)
 
 
 class RandAugment:
@@ -54,8 +77,17 @@ class RandAugment:
     probability `prob` at a level ~ N(magnitude, magnitude_std) clipped to [0, magnitude_max] (uniform on
     [0, magnitude] when magnitude_std is infinite). `magnitude` may be changed between epochs."""
 
-    def __init__(self, magnitude=10, num_ops=2, magnitude_std=0.0, magnitude_max=10, prob=0.5, increasing=False,
-                 fill=(128, 128, 128), interpolation='bicubic'):
+    def __init__(
+        self,
+        magnitude=10,
+        num_ops=2,
+        magnitude_std=0.0,
+        magnitude_max=10,
+        prob=0.5,
+        increasing=False,
+        fill=(128, 128, 128),
+        interpolation='bicubic',
+    ):
         self.magnitude, self.num_ops, self.prob, self.fill = magnitude, num_ops, prob, tuple(fill)
         self.magnitude_std, self.magnitude_max, self.interpolation = magnitude_std, magnitude_max, interpolation
         self.op_names = RAND_AUGMENT_INCREASING_OPS if increasing else RAND_AUGMENT_OPS
@@ -93,15 +125,21 @@ def parse_rand_augment(spec):
         raise DataError(f'RandAugment spec {spec!r} must start with "rand"; {example}')
     options = dict(magnitude=10, num_ops=2, magnitude_std=0.0, magnitude_max=10, prob=0.5, increasing=False)
     # Longest keys first, so 'mstd0.5' is not read as 'm' with value 'std0.5'.
-    parsers = {'mstd': ('magnitude_std', float), 'mmax': ('magnitude_max', float), 'inc': ('increasing', int),
-               'm': ('magnitude', float), 'n': ('num_ops', int), 'p': ('prob', float)}
+    parsers = {
+        'mstd': ('magnitude_std', float),
+        'mmax': ('magnitude_max', float),
+        'inc': ('increasing', int),
+        'm': ('magnitude', float),
+        'n': ('num_ops', int),
+        'p': ('prob', float),
+    }
     for section in sections[1:]:
         key = next((key for key in parsers if section.startswith(key)), None)
         if key is None:
             raise DataError(f'unknown section {section!r} in RandAugment spec {spec!r}; {example}')
         name, parse = parsers[key]
         try:
-            value = parse(section[len(key):])
+            value = parse(section[len(key) :])
         except ValueError:
             value = None
         if value is None or not math.isfinite(value) or value < 0 or (key == 'inc' and value > 1):
@@ -116,13 +154,15 @@ def parse_rand_augment(spec):
 # The ops, uint8 CHW in and out. Per-value maps are 256-entry numpy lookup tables (np.take is faster than torch
 # indexing, which needs int64); elementwise work is in place (fresh buffers cost more in page faults).
 
+
 def _apply_lut(image, lut):
     """out = lut[image]; lut is a (256,) uint8 array, or (3, 256) for one table per channel."""
     pixels = image.numpy()
     if lut.ndim == 1:
         return torch.from_numpy(np.take(lut, pixels, mode='clip'))  # 'clip': no bounds check (uint8 < 256)
-    return torch.from_numpy(np.stack([np.take(channel_lut, channel, mode='clip')
-                                      for channel_lut, channel in zip(lut, pixels)]))
+    return torch.from_numpy(
+        np.stack([np.take(channel_lut, channel, mode='clip') for channel_lut, channel in zip(lut, pixels)])
+    )
 
 
 _IDENTITY_LUT = np.arange(256, dtype=np.uint8)
@@ -196,6 +236,7 @@ def sharpness(image, factor):
 # Geometric ops, PIL's Image.transform(AFFINE): output pixel (x, y) samples the input at the affine image of
 # (x + 0.5, y + 0.5), pixel i spanning [i, i + 1); sources outside give `fill`, neighbours are clamped to the edge.
 
+
 # kept: TF.affine on tensors has no bicubic; its bilinear is far off at the edges, and slower
 def _shift_rows(image, shifts, fill, interpolation):
     """Output row y samples input row y at x + shifts[y] (PIL's shear-x, translate-x): one offset and one set of
@@ -207,14 +248,24 @@ def _shift_rows(image, shifts, fill, interpolation):
     if interpolation == 'bilinear':
         first_tap, weights = 0, torch.stack([1 - frac, frac], dim=1)
     else:  # PIL's bicubic (a = -1, sharper than torch's -0.75), for the neighbours at -1, 0, 1, 2
-        first_tap, weights = -1, torch.stack([-frac + 2 * frac ** 2 - frac ** 3, 1 - 2 * frac ** 2 + frac ** 3,
-                                              frac + frac ** 2 - frac ** 3, -frac ** 2 + frac ** 3], dim=1)
+        first_tap, weights = (
+            -1,
+            torch.stack(
+                [
+                    -frac + 2 * frac**2 - frac**3,
+                    1 - 2 * frac**2 + frac**3,
+                    frac + frac**2 - frac**3,
+                    -(frac**2) + frac**3,
+                ],
+                dim=1,
+            ),
+        )
     taps = weights.shape[1]
     columns = torch.arange(width + taps - 1) + shifts.floor().long()[:, None] + first_tap
     window = image.gather(2, columns.clamp_(0, width - 1).expand(channels, -1, -1)).float()
     shifted = weights[:, 0, None] * window[:, :, :width]
     for tap in range(1, taps):
-        shifted.addcmul_(weights[:, tap, None], window[:, :, tap:tap + width])
+        shifted.addcmul_(weights[:, tap, None], window[:, :, tap : tap + width])
     shifted = shifted.clamp_(0, 255).to(torch.uint8)
     for channel, value in zip(shifted, fill):  # per channel: cheaper than a broadcast torch.where
         channel.masked_fill_(outside, value)
@@ -248,7 +299,20 @@ def _with_pil(image, op):
     return torch.from_numpy(np.stack([np.asarray(band) for band in op(rgb).split()]))
 
 
-OPS = {'AutoContrast': auto_contrast, 'Equalize': equalize, 'Invert': TF.invert, 'Posterize': TF.posterize,
-       'Solarize': solarize, 'SolarizeAdd': solarize_add, 'Color': color, 'Contrast': contrast,
-       'Brightness': TF.adjust_brightness, 'Sharpness': sharpness, 'Rotate': rotate, 'ShearX': shear_x,
-       'ShearY': _along_y(shear_x), 'TranslateXRel': translate_x_rel, 'TranslateYRel': _along_y(translate_x_rel)}
+OPS = {
+    'AutoContrast': auto_contrast,
+    'Equalize': equalize,
+    'Invert': TF.invert,
+    'Posterize': TF.posterize,
+    'Solarize': solarize,
+    'SolarizeAdd': solarize_add,
+    'Color': color,
+    'Contrast': contrast,
+    'Brightness': TF.adjust_brightness,
+    'Sharpness': sharpness,
+    'Rotate': rotate,
+    'ShearX': shear_x,
+    'ShearY': _along_y(shear_x),
+    'TranslateXRel': translate_x_rel,
+    'TranslateYRel': _along_y(translate_x_rel),
+}

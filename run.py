@@ -3,6 +3,7 @@ checkpoints of named parts (model, optimizer, scheduler, scaler, model_ema), Sto
 folder, files written whole (atomic_write: a kill or a full disk never leaves half a file). A resumed run matches an
 uninterrupted one bit for bit: the data order and augmentations are functions of (seed, epoch, index) (data.py), the
 lr of the step, and a checkpoint holds the rest: the parts, the TrainState, per rank the RNG and BatchNorm states."""
+
 import errno
 import glob
 import json
@@ -23,12 +24,28 @@ import weights
 from distributed import cpu_group, get_rank, get_world_size, is_main_process, peak_memory_mib, say
 from errors import CheckpointError, UsageError
 
-NONFINITE_LIMIT = 5        # consecutive non-finite losses before the run stops
+NONFINITE_LIMIT = 5  # consecutive non-finite losses before the run stops
 SIGNAL_REPEAT_SECONDS = 2  # a SIGTERM/SIGINT this soon after the first is the same request, relayed
 # Flags that do not change what the run computes: they may differ on resume without a warning.
-RESUME_FREE_ARGS = {'data_dir', 'data_path', 'output', 'resume', 'workers', 'log_interval', 'device', 'num_classes',
-                    'checkpoint_interval', 'checkpoint_hist', 'dist_timeout', 'local_rank', 'evaluate',
-                    'perf_steps', 'pretrained', 'strict_data', 'log_tensorboard'}
+RESUME_FREE_ARGS = {
+    'data_dir',
+    'data_path',
+    'output',
+    'resume',
+    'workers',
+    'log_interval',
+    'device',
+    'num_classes',
+    'checkpoint_interval',
+    'checkpoint_hist',
+    'dist_timeout',
+    'local_rank',
+    'evaluate',
+    'perf_steps',
+    'pretrained',
+    'strict_data',
+    'log_tensorboard',
+}
 
 
 class Supervisor:
@@ -72,13 +89,24 @@ class Supervisor:
         kill before the rename redoes the epoch, and a resumed run never sees a model_best older than best_epoch."""
         state, epoch, args = self.state, self.state.epoch, self.args
         finite = self.guard.check(state)
-        self.epoch_logger.log(epoch, float(state.loss_sum) / max(state.loss_count, 1), evaluation, ema_evaluation,
-                              state.epoch_lr, images_per_sec, state.bad_images, peak_memory_mib(self.device),
-                              step=state.num_updates)
+        self.epoch_logger.log(
+            epoch,
+            float(state.loss_sum) / max(state.loss_count, 1),
+            evaluation,
+            ema_evaluation,
+            state.epoch_lr,
+            images_per_sec,
+            state.bad_images,
+            peak_memory_mib(self.device),
+            step=state.num_updates,
+        )
         is_best = state.finish_epoch((ema_evaluation or evaluation)['top1'], finite)
         if finite:
-            self.save(['model_best.pth.tar'] * is_best + [f'checkpoint-{epoch}.pth.tar'] * bool(args.checkpoint_hist)
-                      + ['last.pth.tar'])
+            self.save(
+                ['model_best.pth.tar'] * is_best
+                + [f'checkpoint-{epoch}.pth.tar'] * bool(args.checkpoint_hist)
+                + ['last.pth.tar']
+            )
             old = os.path.join(args.output, f'checkpoint-{epoch - args.checkpoint_hist}.pth.tar')
             if args.checkpoint_hist and is_main_process() and os.path.exists(old):
                 os.remove(old)
@@ -92,13 +120,15 @@ class Supervisor:
         finite, last = self.guard.check(self.state), os.path.join(self.args.output, 'last.pth.tar')
         if finite and not saved:
             self.save(['last.pth.tar'])
-        done = f"checkpoint saved to {last}" if finite else "the loss was not finite, so the last good one was kept"
-        say(f"Stopped by {signal.Signals(self.stop.signal).name} at epoch {self.state.epoch}, step {self.state.step}; "
-            f"{done}. To continue, run the same command with --output {self.args.output} --resume auto")
+        done = f'checkpoint saved to {last}' if finite else 'the loss was not finite, so the last good one was kept'
+        say(
+            f'Stopped by {signal.Signals(self.stop.signal).name} at epoch {self.state.epoch}, step {self.state.step}; '
+            f'{done}. To continue, run the same command with --output {self.args.output} --resume auto'
+        )
 
     def report_best(self):
         if self.state.best_metric is not None:
-            say(f"*** Best metric: {self.state.best_metric} (epoch {self.state.best_epoch})")
+            say(f'*** Best metric: {self.state.best_metric} (epoch {self.state.best_epoch})')
 
 
 @dataclass
@@ -106,6 +136,7 @@ class TrainState:
     """Beyond the parts' state dicts: `step` optimizer steps of `epoch` done; loss_sum, the float32 sum of their
     global-batch losses (a device tensor during the epoch: no sync); bad_images, unreadable files met; epoch_lr,
     the lr the epoch began with (its summary row's); `ranks`, per rank the RNG and BatchNorm states (at saves)."""
+
     epoch: int = 0
     step: int = 0
     num_updates: int = 0
@@ -133,6 +164,7 @@ class TrainState:
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: a dict of named parts (each with state_dict / load_state_dict), the state, the run's facts
+
 
 def save_checkpoint(folder, names, parts, state, meta):
     """A collective: state.ranks gets each rank's random streams and, with several processes, its BatchNorm
@@ -186,31 +218,56 @@ def load_checkpoint(path, parts, state, args, num_classes):
         for module, key in ((parts['model'], 'buffers'), (parts.get('model_ema'), 'ema_buffers')):
             for name, buffer in module.named_buffers() if same_world and module is not None and key in saved else ():
                 buffer.copy_(saved[key][name])
-    say(f"Resumed from {path}: epoch {state.epoch}, step {state.step}")
+    say(f'Resumed from {path}: epoch {state.epoch}, step {state.step}')
 
 
 def check_resumable(path, checkpoint, args, num_classes):
-    required = ('model', 'optimizer', 'scaler', 'epoch', 'step', 'num_updates', 'best_metric',
-                'best_epoch', 'loss_sum', 'loss_count', 'ranks', 'arch', 'num_classes')
+    required = (
+        'model',
+        'optimizer',
+        'scaler',
+        'epoch',
+        'step',
+        'num_updates',
+        'best_metric',
+        'best_epoch',
+        'loss_sum',
+        'loss_count',
+        'ranks',
+        'arch',
+        'num_classes',
+    )
     missing = [key for key in required if key not in checkpoint] if isinstance(checkpoint, dict) else ['state']
     if missing:
-        raise CheckpointError(f"{path} is not a train.py checkpoint (no {', '.join(missing[:3])}); "
-                              f"to start from its weights use --pretrained {path}")
+        raise CheckpointError(
+            f'{path} is not a train.py checkpoint (no {", ".join(missing[:3])}); '
+            f'to start from its weights use --pretrained {path}'
+        )
     saved = checkpoint.get('args') or {}
     own_run = os.path.abspath(path) == os.path.abspath(os.path.join(args.output, 'last.pth.tar'))
-    elsewhere = "or choose another --output" if own_run else f"or start from its weights with --pretrained {path}"
+    elsewhere = 'or choose another --output' if own_run else f'or start from its weights with --pretrained {path}'
     if checkpoint['arch'] != args.model or checkpoint['num_classes'] != num_classes:
-        raise UsageError(f"{path} holds {checkpoint['arch']} with {checkpoint['num_classes']} classes, this run is "
-                         f"{args.model} with {num_classes}; resume with --model {checkpoint['arch']} and the same "
-                         f"data, {elsewhere}")
+        raise UsageError(
+            f'{path} holds {checkpoint["arch"]} with {checkpoint["num_classes"]} classes, this run is '
+            f'{args.model} with {num_classes}; resume with --model {checkpoint["arch"]} and the same '
+            f'data, {elsewhere}'
+        )
     if saved.get('opt', args.opt) != args.opt:
-        raise UsageError(f"{path} holds {saved['opt']} optimizer state, this run uses --opt {args.opt}; "
-                         f"resume with --opt {saved['opt']}, {elsewhere}")
-    changed = [f"{key} {value!r} (checkpoint: {saved[key]!r})" for key, value in plain_args(args).items()
-               if key in saved and key not in RESUME_FREE_ARGS and saved[key] != value]
+        raise UsageError(
+            f'{path} holds {saved["opt"]} optimizer state, this run uses --opt {args.opt}; '
+            f'resume with --opt {saved["opt"]}, {elsewhere}'
+        )
+    changed = [
+        f'{key} {value!r} (checkpoint: {saved[key]!r})'
+        for key, value in plain_args(args).items()
+        if key in saved and key not in RESUME_FREE_ARGS and saved[key] != value
+    ]
     if changed:
-        say(f"warning: resuming with settings that differ from the checkpoint's, so the run will not match an "
-            f"uninterrupted one: {', '.join(changed)}", file=sys.stderr)
+        say(
+            f"warning: resuming with settings that differ from the checkpoint's, so the run will not match an "
+            f'uninterrupted one: {", ".join(changed)}',
+            file=sys.stderr,
+        )
 
 
 def plain_args(args):
@@ -240,6 +297,7 @@ def model_device(parts):
 # ----------------------------------------------------------------------------------------------
 # Stopping: on a signal, and on a loss that stays non-finite
 
+
 class StopSignals:
     """A job signal (data.JOB_SIGNALS: SIGTERM, SIGINT, SIGHUP, SIGUSR1) asks the run to stop after the current step,
     with a checkpoint; rank 0 says so as it arrives. One request often arrives twice within milliseconds (Slurm
@@ -260,7 +318,7 @@ class StopSignals:
         if self.first_time is None:
             self.received, self.first_time = signum, now
             if is_main_process():  # os.write: a print() here could land inside one the signal interrupted
-                os.write(1, f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint\n".encode())
+                os.write(1, f'{signal.Signals(signum).name}: stopping after this step, with a checkpoint\n'.encode())
         elif now - self.first_time > SIGNAL_REPEAT_SECONDS:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -315,21 +373,24 @@ class NonFiniteGuard:
         only then). Every rank agrees: the losses are all-reduced."""
         streak = int(self.streak)
         if streak >= NONFINITE_LIMIT:
-            raise FloatingPointError(f"the loss was not finite for {streak} consecutive steps (epoch {state.epoch}, "
-                                     f"step {state.step}); lower --lr or use --clip-grad; the last good checkpoint "
-                                     f"is kept")
+            raise FloatingPointError(
+                f'the loss was not finite for {streak} consecutive steps (epoch {state.epoch}, '
+                f'step {state.step}); lower --lr or use --clip-grad; the last good checkpoint '
+                f'is kept'
+            )
         return streak == 0
 
 
 # ----------------------------------------------------------------------------------------------
 # The run folder, and files written whole
 
+
 def resolve_resume(args):
     """--resume auto: --output's last.pth.tar where there is one, else a fresh start (None)."""
     if args.resume != 'auto':
         return
     if not args.output:
-        raise UsageError("--resume auto needs --output DIR (the run folder to continue)")
+        raise UsageError('--resume auto needs --output DIR (the run folder to continue)')
     last = os.path.join(args.output, 'last.pth.tar')
     args.resume = last if os.path.exists(last) else None
 
@@ -349,10 +410,11 @@ def checkpoint_settings(path):
 def check_output(args):
     """Before anything is built: the run folder's default name; a folder with a run refused unless resumed."""
     if not args.output:
-        args.output = os.path.join('output', 'train', f"{time.strftime('%Y%m%d-%H%M%S')}-{args.model}-{args.img_size}")
+        args.output = os.path.join('output', 'train', f'{time.strftime("%Y%m%d-%H%M%S")}-{args.model}-{args.img_size}')
     if not args.resume and not args.evaluate and os.path.exists(os.path.join(args.output, 'last.pth.tar')):
-        raise UsageError(f"{args.output} already holds a run; continue it with --resume auto or choose another "
-                         f"--output")
+        raise UsageError(
+            f'{args.output} already holds a run; continue it with --resume auto or choose another --output'
+        )
 
 
 def create_output(args):
@@ -363,19 +425,24 @@ def create_output(args):
         os.makedirs(args.output, exist_ok=True)
         tempfile.TemporaryFile(dir=args.output).close()  # a unique name: runs may share a folder
     except OSError as e:
-        raise UsageError(f"cannot write to --output {args.output}: {e.strerror}") from None
+        raise UsageError(f'cannot write to --output {args.output}: {e.strerror}') from None
     for stale in glob.glob(os.path.join(glob.escape(args.output), '.*.tmp')):
         os.remove(stale)
-    atomic_write(os.path.join(args.output, 'args.yaml'), lambda f: f.write(''.join(
-        f"{key}: {json.dumps(value)}\n" for key, value in plain_args(args).items()).encode()))
-    print(f"Output: {args.output}", flush=True)
+    atomic_write(
+        os.path.join(args.output, 'args.yaml'),
+        lambda f: f.write(''.join(f'{key}: {json.dumps(value)}\n' for key, value in plain_args(args).items()).encode()),
+    )
+    print(f'Output: {args.output}', flush=True)
 
 
 def atomic_save(obj, path, links=()):
     """torch.save(obj) into `path` once, and `links` made from it (atomic_write); the size a full disk error
     names is that of the tensors' storages, most of the file."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)}
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in torch.utils._pytree.tree_leaves(obj)
+        if isinstance(t, torch.Tensor)
+    }
     atomic_write(path, lambda f: torch.save(obj, f), links, size=sum(storages.values()))
 
 
@@ -396,12 +463,14 @@ def atomic_write(path, write, links=(), size=None):
         if not is_disk_full(error):
             raise
         written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
-        needs = f"about {size / 1e6:.1f} MB" if size else f"more than {written:,} bytes"
+        needs = f'about {size / 1e6:.1f} MB' if size else f'more than {written:,} bytes'
         if os.path.exists(tmp):
             os.remove(tmp)  # before asking what is free
-        raise UsageError(f"no space left in {folder} for {os.path.basename(path)}: it needs {needs}, "
-                         f"{shutil.disk_usage(folder).free / 1e6:.1f} MB are free; free some space there or "
-                         f"choose another --output") from None
+        raise UsageError(
+            f'no space left in {folder} for {os.path.basename(path)}: it needs {needs}, '
+            f'{shutil.disk_usage(folder).free / 1e6:.1f} MB are free; free some space there or '
+            f'choose another --output'
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -413,7 +482,7 @@ def atomic_write(path, write, links=(), size=None):
 
 
 def temporary_path(path):
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
 
 
 def link_or_copy(source, path):

@@ -12,6 +12,7 @@ modification time. An item is then one read of the image's bytes: what the loop 
 seeded augmentation, mid-epoch bitwise resume, exact distributed validation) holds for shards. The index is
 numpy arrays, 20 bytes a sample, which loader workers read without copying.
 """
+
 import fcntl
 import glob
 import hashlib
@@ -63,16 +64,23 @@ def _find_splits(path):
             with open(info_path) as file:
                 info = json.load(file)['splits']
             splits = {name: [os.path.join(folder, file) for file in split['filenames']] for name, split in info.items()}
-            lengths = {os.path.join(folder, file): count for split in info.values()
-                       for file, count in zip(split['filenames'], split.get('shard_lengths', ()))}
+            lengths = {
+                os.path.join(folder, file): count
+                for split in info.values()
+                for file, count in zip(split['filenames'], split.get('shard_lengths', ()))
+            }
         except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise DataError(f"{info_path} is not timm's _info.json ({type(error).__name__}: {error}): it needs "
-                            '{"splits": {"train": {"filenames": [...]}, ...}}; fix or remove it') from None
+            raise DataError(
+                f"{info_path} is not timm's _info.json ({type(error).__name__}: {error}): it needs "
+                '{"splits": {"train": {"filenames": [...]}, ...}}; fix or remove it'
+            ) from None
         return folder, splits, lengths
     files = sorted(glob.glob(os.path.join(path, '*.tar'))) if os.path.isdir(path) else expand_braces(path)
     if not files:
-        raise DataError(f'no shards (*.tar) in {path}; give a folder of [PREFIX-]SPLIT-NNNN.tar files, a brace '
-                        'pattern such as train-{0000..0099}.tar, or a hub dataset id such as timm/imagenet-1k-wds')
+        raise DataError(
+            f'no shards (*.tar) in {path}; give a folder of [PREFIX-]SPLIT-NNNN.tar files, a brace '
+            'pattern such as train-{0000..0099}.tar, or a hub dataset id such as timm/imagenet-1k-wds'
+        )
     splits = {}
     for file in files:
         found = SHARD_NAME.match(os.path.basename(file))
@@ -100,18 +108,21 @@ def expand_braces(pattern):
     if numbers and len(choices) == 1:
         first, last = numbers.groups()
         choices = [str(n).zfill(len(first)) for n in range(int(first), int(last) + 1)]
-    rest = pattern[end + 1:]
+    rest = pattern[end + 1 :]
     return [name for choice in choices for name in expand_braces(pattern[:start] + choice + rest)]
 
 
 def _download(repo_id):
     import huggingface_hub
+
     try:
         return huggingface_hub.snapshot_download(repo_id, repo_type='dataset', allow_patterns=['*.tar', '*.json'])
     except Exception as error:
-        raise DataError(f'{repo_id} is no folder here and cannot be downloaded from the Hugging Face hub ('
-                        f'{type(error).__name__}: {str(error).partition(chr(10))[0]}); give a folder of shards, '
-                        'or log in (huggingface-cli login) for a gated dataset') from None
+        raise DataError(
+            f'{repo_id} is no folder here and cannot be downloaded from the Hugging Face hub ('
+            f'{type(error).__name__}: {str(error).partition(chr(10))[0]}); give a folder of shards, '
+            'or log in (huggingface-cli login) for a gated dataset'
+        ) from None
 
 
 class ShardSamples(torch.utils.data.Dataset):
@@ -127,8 +138,10 @@ class ShardSamples(torch.utils.data.Dataset):
             os.makedirs(CACHE, exist_ok=True)
             lock = open(os.path.join(CACHE, 'indexing.lock'), 'w')
         except OSError as error:
-            raise DataError(f'cannot write the shard index cache {CACHE} ({error.strerror}); set XDG_CACHE_HOME '
-                            'to a writable folder') from None
+            raise DataError(
+                f'cannot write the shard index cache {CACHE} ({error.strerror}); set XDG_CACHE_HOME '
+                'to a writable folder'
+            ) from None
         with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one process indexes, the others wait, then load; closing unlocks
             for shard in shards:
@@ -137,14 +150,20 @@ class ShardSamples(torch.utils.data.Dataset):
                     kept.append(shard)
                 except BadShard as error:
                     if not skip_bad_shards:
-                        raise DataError(f'unreadable shard {shard}: {error.args[0]}; replace it, or leave it out '
-                                        'with --skip-bad-shards') from None
+                        raise DataError(
+                            f'unreadable shard {shard}: {error.args[0]}; replace it, or leave it out '
+                            'with --skip-bad-shards'
+                        ) from None
                     lost = lengths.get(shard, f'at least {error.args[1]}')  # _info.json's count, else those found
-                    print(f'warning: skipping unreadable shard {shard}: {error.args[0]}; {lost} images lost',
-                          file=sys.stderr, flush=True)
+                    print(
+                        f'warning: skipping unreadable shard {shard}: {error.args[0]}; {lost} images lost',
+                        file=sys.stderr,
+                        flush=True,
+                    )
         if not sum(len(index) for index in indexes):
-            raise DataError(f'no image in the {len(shards)} shard(s) {shards[0]} ...; they should hold samples '
-                            'KEY.jpg + KEY.cls')
+            raise DataError(
+                f'no image in the {len(shards)} shard(s) {shards[0]} ...; they should hold samples KEY.jpg + KEY.cls'
+            )
         self.shards = np.array([os.fsencode(shard) for shard in kept], dtype=np.bytes_)
         self.shard_ids = np.repeat(np.arange(len(kept), dtype=np.int32), [len(index) for index in indexes])
         index = np.concatenate(indexes)
@@ -166,7 +185,9 @@ class ShardSamples(torch.utils.data.Dataset):
             except UnreadableImage as error:
                 name = self.member_name(substitute)
                 if self.strict:
-                    raise DataError(f'unreadable image {name}: {error}; replace it (or allow skipping bad files)')
+                    raise DataError(
+                        f'unreadable image {name}: {error}; replace it (or allow skipping bad files)'
+                    ) from None
                 self.known_unreadable[substitute] = True
                 print(f'warning: skipping unreadable image {name}: {error}', file=sys.stderr, flush=True)
         raise DataError(f'none of the {len(self)} images in {os.fsdecode(self.shards[0])} ... is readable')
@@ -234,15 +255,19 @@ def _sample(shard, tar, key, members, target_key):
     label_member = 'json' if target_key else 'cls'
     if image is None or label_member not in members:
         missing = f'image ({key}.jpg, .jpeg, .png or .webp)' if image is None else f'{key}.{label_member} (its label)'
-        raise DataError(f'sample {key} in {shard} has no {missing}; its files: '
-                        f'{", ".join(key + "." + extension for extension in members)}')
+        raise DataError(
+            f'sample {key} in {shard} has no {missing}; its files: '
+            f'{", ".join(key + "." + extension for extension in members)}'
+        )
     offset, size = members[label_member]
-    text = tar[offset:offset + size]
+    text = tar[offset : offset + size]
     try:
         label = int(json.loads(text)[target_key] if target_key else text)
     except (ValueError, KeyError, TypeError):
-        raise DataError(f'sample {key} in {shard}: no integer label in {key}.{label_member}'
-                        f'{f" under {target_key!r}" if target_key else ""} ({text[:60]!r})') from None
+        raise DataError(
+            f'sample {key} in {shard}: no integer label in {key}.{label_member}'
+            f'{f" under {target_key!r}" if target_key else ""} ({text[:60]!r})'
+        ) from None
     return image[0], image[1], label
 
 
@@ -250,7 +275,7 @@ def _tar_members(tar):
     """Yield (name, data offset, size) of each file in a tar (POSIX ustar, pax or GNU long names)."""
     offset, long_name = 0, None
     while True:
-        header = tar[offset:offset + 512]
+        header = tar[offset : offset + 512]
         if len(header) < 512:
             raise BadShard(f'it ends at byte {len(tar)}, inside a tar header (truncated?)')
         if not any(header):
@@ -265,10 +290,10 @@ def _tar_members(tar):
         if data_offset + size > len(tar):
             raise BadShard(f'it ends at byte {len(tar)}, inside a member (truncated?)')
         if kind == b'x':  # a pax header: its path= record names the next member
-            found = re.search(rb'\d+ path=([^\n]*)\n', tar[data_offset:data_offset + size])
+            found = re.search(rb'\d+ path=([^\n]*)\n', tar[data_offset : data_offset + size])
             long_name = found.group(1) if found else long_name
         elif kind == b'L':  # GNU's long name
-            long_name = tar[data_offset:data_offset + size].rstrip(b'\0')
+            long_name = tar[data_offset : data_offset + size].rstrip(b'\0')
         elif kind in (b'0', b'\0'):
             yield os.fsdecode(long_name) if long_name else _header_name(header), data_offset, size
             long_name = None

@@ -19,6 +19,7 @@ bottom: the three places a copy changes first (datasets, create_optimizer with i
 train (the epoch loop), train_one_epoch, train_step, validate; the set-up. The flags are flags.py's; checkpoints,
 resume, stop signals and the non-finite guard run.py's (run.Supervisor); processes and devices distributed.py's.
 """
+
 import contextlib
 import copy
 import math
@@ -47,13 +48,20 @@ warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler\.step
 # ----------------------------------------------------------------------------------------------
 # The three places a copy of this recipe changes first: the data, the optimizer, the loss
 
+
 def datasets(args):
     """-> (train_set, val_set, class names): any map-style datasets of (image, label), the image a PIL image, a
     uint8 tensor or array (torchvision.datasets.*, yours, a Hugging Face split); data.Transformed augments them."""
-    return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
-                              synthetic_size=args.img_size, num_classes=args.num_classes,
-                              splits=(args.train_split, args.val_split), keys=(args.input_key, args.target_key),
-                              skip_bad_shards=args.skip_bad_shards)
+    return data.load_datasets(
+        args.dataset,
+        args.data_path,
+        strict_data=args.strict_data,
+        synthetic_size=args.img_size,
+        num_classes=args.num_classes,
+        splits=(args.train_split, args.val_split),
+        keys=(args.input_key, args.target_key),
+        skip_bad_shards=args.skip_bad_shards,
+    )
 
 
 def create_optimizer(model, args, steps_per_epoch):
@@ -66,8 +74,17 @@ def create_optimizer(model, args, steps_per_epoch):
         optimizer = torch.optim.SGD(groups, args.lr, momentum=args.momentum, nesterov=args.momentum > 0, foreach=True)
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps, foreach=True)
-    scheduler = optim.TimmSchedule(optimizer, steps_per_epoch, args.sched, args.epochs, args.warmup_lr,
-                                   args.warmup_epochs, args.decay_epochs, args.decay_rate, args.min_lr)
+    scheduler = optim.TimmSchedule(
+        optimizer,
+        steps_per_epoch,
+        args.sched,
+        args.epochs,
+        args.warmup_lr,
+        args.warmup_epochs,
+        args.decay_epochs,
+        args.decay_rate,
+        args.min_lr,
+    )
     return optimizer, scheduler
 
 
@@ -81,13 +98,14 @@ def train_loss(output, targets, args):
 # ----------------------------------------------------------------------------------------------
 # The recipe
 
+
 def main(argv=None):
     with distributed.one_line_errors(alike_on_every_rank=True):
         args = flags.resolve_args(flags.parse_args(argv))
     with distributed.one_line_errors():
         stopped_by = train(args)
     if not args.evaluate:
-        distributed.say(f"Output: {args.output}")
+        distributed.say(f'Output: {args.output}')
     distributed.destroy_distributed()
     if stopped_by:  # as a process killed by the signal would: a scheduler tells a stopped run from a finished one
         sys.exit(128 + stopped_by)
@@ -102,20 +120,27 @@ def train(args):
     model_without_ddp = build_model(args, device, num_classes)
     optimizer, scheduler = create_optimizer(model_without_ddp, args, steps_per_epoch)
     precision, model_without_ddp, optimizer = optim.create_precision(
-        device, model_without_ddp, optimizer, args.amp, args.amp_dtype, args.apex_amp, say=distributed.say)
+        device, model_without_ddp, optimizer, args.amp, args.amp_dtype, args.apex_amp, say=distributed.say
+    )
     model_ema = optim.ModelEma(model_without_ddp, args.model_ema_decay) if args.model_ema else None
     model = distribute(model_without_ddp, device, precision, args)
     val_loader = make_val_loader(val_set, args)
     if args.evaluate:
         return evaluate(model_without_ddp, val_loader, precision, args)
-    parts = dict(model=model_without_ddp, optimizer=optimizer, scheduler=scheduler, scaler=precision,
-                 model_ema=model_ema.module if model_ema else None)
+    parts = dict(
+        model=model_without_ddp,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=precision,
+        model_ema=model_ema.module if model_ema else None,
+    )
     meta = dict(arch=args.model, num_classes=num_classes, classes=list(classes), args=run.plain_args(args))
     progress = run.Supervisor(args, parts, meta, device, logs.EpochLogger(args.output))
     if args.log_tensorboard and distributed.is_main_process():  # a resumed run redraws from its first step
         logs.open_tensorboard(args.output, first_step=progress.state.num_updates)
-    distributed.say(describe_run(args, model_without_ddp, train_set, val_set, meta, steps_per_epoch, optimizer,
-                                 scheduler))
+    distributed.say(
+        describe_run(args, model_without_ddp, train_set, val_set, meta, steps_per_epoch, optimizer, scheduler)
+    )
     for epoch in range(progress.state.epoch, args.epochs):
         distributed.reset_peak_memory(device)  # the Epoch line's peak_memory_mib is this epoch's
         settings = optim.stage_settings(args, epoch)
@@ -123,11 +148,15 @@ def train(args):
             distributed.say(optim.describe_stage(settings, args))
         sampler = train_sampler(train_set, args, epoch, start_batch=progress.state.step * args.grad_accum_steps)
         loader = make_loader(train_set, train_transform(settings, args), sampler, args)
-        mixup = (transforms.MixupCutmix(settings['mixup'], args.cutmix, args.smoothing, num_classes)
-                 if settings['mixup'] > 0 or args.cutmix > 0 else None)
+        mixup = (
+            transforms.MixupCutmix(settings['mixup'], args.cutmix, args.smoothing, num_classes)
+            if settings['mixup'] > 0 or args.cutmix > 0
+            else None
+        )
         model_without_ddp.drop_rate = settings['drop']
-        images_per_sec = train_one_epoch(model, optimizer, scheduler, precision, loader, args, progress,
-                                         model_ema, mixup)
+        images_per_sec = train_one_epoch(
+            model, optimizer, scheduler, precision, loader, args, progress, model_ema, mixup
+        )
         if progress.ends_before_validation():  # a stop signal (saved, said how to go on), or --perf-steps done
             return progress.stop.signal
         evaluation, ema_evaluation = evaluate_epoch(model_without_ddp, model_ema, val_loader, precision, args)
@@ -153,8 +182,7 @@ def train_one_epoch(model, optimizer, scheduler, precision, loader, args, progre
     for batches in logger.log_every(loader, args.grad_accum_steps):
         loss, skipped = train_step(model, optimizer, precision, batches, args, model_ema, mixup)
         state.count_step(loss, bad_images=sum(int(bad.sum()) for *_, bad in batches))
-        at_log_step = logger.update(loss, sum(len(labels) for _, labels, _ in batches),
-                                    optimizer.param_groups[0]['lr'])
+        at_log_step = logger.update(loss, sum(len(labels) for _, labels, _ in batches), optimizer.param_groups[0]['lr'])
         scheduler.step()
         if progress.after_step(loss, skipped, at_log_step, last_of_epoch=state.step == num_steps):
             break
@@ -196,8 +224,10 @@ def validate(model, loader, precision, args, log_suffix=''):
     model.eval()
     device = next(model.parameters()).device
     logger = logs.EvalLogger(args.log_interval, device, 'Test' + log_suffix)
-    empty_batch = (torch.zeros(0, 3, args.eval_size, args.eval_size, dtype=torch.uint8),
-                   torch.zeros(0, dtype=torch.long))
+    empty_batch = (
+        torch.zeros(0, 3, args.eval_size, args.eval_size, dtype=torch.uint8),
+        torch.zeros(0, dtype=torch.long),
+    )
     for images, labels, *_ in logger.log_every(loader, empty_batch):
         images, labels = to_device(images, labels, model, args)
         with precision.autocast():
@@ -224,19 +254,23 @@ def evaluate(model, val_loader, precision, args):
         checkpoint = weights.read_checkpoint(args.resume)
         arch = checkpoint.get('arch')
         if isinstance(arch, str) and arch.split('.')[0] != args.model.split('.')[0]:
-            raise errors.UsageError(f"{args.resume} holds {arch}, not --model {args.model}: leave --model out to "
-                                    f"evaluate it as the checkpoint's, or give --model {arch}")
+            raise errors.UsageError(
+                f'{args.resume} holds {arch}, not --model {args.model}: leave --model out to '
+                f"evaluate it as the checkpoint's, or give --model {arch}"
+            )
         load_weights(model, checkpoint, use_ema=False)
         if checkpoint.get('model_ema'):
             nets[' (EMA)'] = load_weights(copy.deepcopy(model), checkpoint)
     for suffix, net in nets.items():
         result = validate(net, val_loader, precision, args, suffix)
-        distributed.say(f"Evaluation{suffix}: loss {result['loss']:.4f}  top1 {result['top1']:.4f}  "
-                        f"top5 {result['top5']:.4f}")
+        distributed.say(
+            f'Evaluation{suffix}: loss {result["loss"]:.4f}  top1 {result["top1"]:.4f}  top5 {result["top5"]:.4f}'
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Set-up
+
 
 def count_steps(train_set, args):
     """Optimizer steps per epoch; a training set smaller than one global batch is refused (unless evaluating)."""
@@ -244,12 +278,13 @@ def count_steps(train_set, args):
     if steps == 0 and not args.evaluate:
         world_size = distributed.get_world_size()
         per_process = math.ceil(len(train_set) / world_size) // args.grad_accum_steps
-        fix = f"give -b {per_process} or less" if per_process else "use fewer processes or --grad-accum-steps"
+        fix = f'give -b {per_process} or less' if per_process else 'use fewer processes or --grad-accum-steps'
         with distributed.one_line_errors(alike_on_every_rank=True):
             raise errors.UsageError(
-                f"the training set has {len(train_set)} images, fewer than one global batch of "
-                f"{flags.global_batch(args)} (-b {args.batch_size} x {world_size} process{'es' * (world_size > 1)} "
-                f"x --grad-accum-steps {args.grad_accum_steps}); {fix}")
+                f'the training set has {len(train_set)} images, fewer than one global batch of '
+                f'{flags.global_batch(args)} (-b {args.batch_size} x {world_size} process{"es" * (world_size > 1)} '
+                f'x --grad-accum-steps {args.grad_accum_steps}); {fix}'
+            )
     return max(steps, 1)  # --evaluate trains no step
 
 
@@ -259,25 +294,36 @@ def describe_run(args, model, train_set, val_set, meta, steps_per_epoch, optimiz
     world_size = distributed.get_world_size()
     timm_length = (args.epochs, args.batch_size) == (flags.TIMM_DEFAULTS['epochs'], flags.TIMM_DEFAULTS['batch_size'])
     if timm_length and not args.pretrained and steps_per_epoch <= SMALL_TRAINING_SET_STEPS:
-        distributed.say(f"warning: timm's ImageNet defaults on {len(train_set)} images: {args.epochs} epochs of "
-                        f"{steps_per_epoch} step{'s' * (steps_per_epoch > 1)} (batch {args.batch_size}) from random "
-                        f"weights; a small folder learns far more from published weights: see the README's recipe "
-                        f"(Training on your own images: --pretrained --epochs 15 -b 64 ...)", file=sys.stderr)
-    lr = f"lr {args.lr:.4g}" + (f" (--lr-base {args.lr_base:g} per {args.lr_base_size} images, {args.lr_base_scale})"
-                                if args.lr_base is not None else '')
-    accumulated = f" x {args.grad_accum_steps} accumulated" if args.grad_accum_steps > 1 else ''
+        distributed.say(
+            f"warning: timm's ImageNet defaults on {len(train_set)} images: {args.epochs} epochs of "
+            f'{steps_per_epoch} step{"s" * (steps_per_epoch > 1)} (batch {args.batch_size}) from random '
+            f"weights; a small folder learns far more from published weights: see the README's recipe "
+            f'(Training on your own images: --pretrained --epochs 15 -b 64 ...)',
+            file=sys.stderr,
+        )
+    lr = f'lr {args.lr:.4g}' + (
+        f' (--lr-base {args.lr_base:g} per {args.lr_base_size} images, {args.lr_base_scale})'
+        if args.lr_base is not None
+        else ''
+    )
+    accumulated = f' x {args.grad_accum_steps} accumulated' if args.grad_accum_steps > 1 else ''
     if isinstance(scheduler, optim.TimmSchedule) and 0 < args.epochs <= args.warmup_epochs:
-        distributed.say(f"warning: the warm-up (--warmup-epochs {args.warmup_epochs}) covers the whole run (--epochs "
-                        f"{args.epochs}): the lr rises from --warmup-lr {args.warmup_lr:g} and never reaches "
-                        f"{args.lr:g}; give --warmup-epochs 0, or fewer than --epochs", file=sys.stderr)
-    return (f"Training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on "
-            f"{args.data_path or args.dataset}: {len(train_set)} train / {len(val_set)} val images "
-            f"({getattr(train_set, 'source', type(train_set).__name__)}), {meta['num_classes']} classes; "
-            f"{args.device}, {world_size} process{'es' * (world_size > 1)}\n"
-            f"{args.epochs} epoch{'s' * (args.epochs != 1)} of {steps_per_epoch} step{'s' * (steps_per_epoch != 1)}, "
-            f"batch {flags.global_batch(args)} ({args.batch_size} per process{accumulated}), {lr}, "
-            f"{type(optimizer).__name__}, {getattr(scheduler, 'sched', type(scheduler).__name__)} schedule"
-            f"{left_out_images(len(train_set), steps_per_epoch, args)}")
+        distributed.say(
+            f'warning: the warm-up (--warmup-epochs {args.warmup_epochs}) covers the whole run (--epochs '
+            f'{args.epochs}): the lr rises from --warmup-lr {args.warmup_lr:g} and never reaches '
+            f'{args.lr:g}; give --warmup-epochs 0, or fewer than --epochs',
+            file=sys.stderr,
+        )
+    return (
+        f'Training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on '
+        f'{args.data_path or args.dataset}: {len(train_set)} train / {len(val_set)} val images '
+        f'({getattr(train_set, "source", type(train_set).__name__)}), {meta["num_classes"]} classes; '
+        f'{args.device}, {world_size} process{"es" * (world_size > 1)}\n'
+        f'{args.epochs} epoch{"s" * (args.epochs != 1)} of {steps_per_epoch} step{"s" * (steps_per_epoch != 1)}, '
+        f'batch {flags.global_batch(args)} ({args.batch_size} per process{accumulated}), {lr}, '
+        f'{type(optimizer).__name__}, {getattr(scheduler, "sched", type(scheduler).__name__)} schedule'
+        f'{left_out_images(len(train_set), steps_per_epoch, args)}'
+    )
 
 
 def left_out_images(dataset_len, steps_per_epoch, args):
@@ -286,9 +332,11 @@ def left_out_images(dataset_len, steps_per_epoch, args):
     if left_out <= 0 or args.evaluate:
         return ''
     per_process = math.ceil(dataset_len / distributed.get_world_size())
-    fits = [b for b in range(args.batch_size // 2, args.batch_size + 1) if per_process % (b * args.grad_accum_steps) == 0]
-    hint = f"-b {fits[-1]} uses them all" if fits else "the next epoch leaves out others"
-    return f"\n{left_out} of {dataset_len} training images are left out of each epoch (drop_last): {hint}"
+    fits = [
+        b for b in range(args.batch_size // 2, args.batch_size + 1) if per_process % (b * args.grad_accum_steps) == 0
+    ]
+    hint = f'-b {fits[-1]} uses them all' if fits else 'the next epoch leaves out others'
+    return f'\n{left_out} of {dataset_len} training images are left out of each epoch (drop_last): {hint}'
 
 
 def setup_processes(args):
@@ -303,8 +351,7 @@ def setup_processes(args):
 
 def build_model(args, device, num_classes):
     """The network on its device, from --pretrained weights if given: what checkpoints and the EMA hold."""
-    model = models.create_model(args.model, num_classes=num_classes, drop_rate=args.drop,
-                                drop_path_rate=args.drop_path)
+    model = models.create_model(args.model, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
     if args.pretrained:
         path = weights.published().fetch(args.model) if args.pretrained is True else args.pretrained
         load_weights(model, weights.read_checkpoint(path))
@@ -351,14 +398,28 @@ def compile_model(model, precision, args):
 
 def train_transform(settings, args):  # progressive learning: the stage's size and RandAugment magnitude
     return transforms.train_transform(
-        settings['size'], scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, aa=args.rand_augment,
-        magnitude=settings['magnitude'], interpolation=args.interpolation, mean=args.mean,
-        color_jitter=args.color_jitter)
+        settings['size'],
+        scale=tuple(args.scale),
+        ratio=tuple(args.ratio),
+        hflip=args.hflip,
+        aa=args.rand_augment,
+        magnitude=settings['magnitude'],
+        interpolation=args.interpolation,
+        mean=args.mean,
+        color_jitter=args.color_jitter,
+    )
 
 
 def train_sampler(dataset, args, epoch=0, start_batch=0):
-    sampler = data.EpochBatchSampler(len(dataset), args.batch_size, shuffle=True, seed=args.seed, drop_last=True,
-                                     rank=distributed.get_rank(), world_size=distributed.get_world_size())
+    sampler = data.EpochBatchSampler(
+        len(dataset),
+        args.batch_size,
+        shuffle=True,
+        seed=args.seed,
+        drop_last=True,
+        rank=distributed.get_rank(),
+        world_size=distributed.get_world_size(),
+    )
     sampler.set_epoch(epoch, start_batch)
     return sampler
 
@@ -366,14 +427,21 @@ def train_sampler(dataset, args, epoch=0, start_batch=0):
 def make_val_loader(dataset, args):
     """Every image once over all ranks (rank r takes r, r + world_size, ...; no padding)."""
     transform = transforms.eval_transform(args.eval_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
-    sampler = data.EpochBatchSampler(len(dataset), args.batch_size, shuffle=False, rank=distributed.get_rank(),
-                                     world_size=distributed.get_world_size(), drop_last=False)
+    sampler = data.EpochBatchSampler(
+        len(dataset),
+        args.batch_size,
+        shuffle=False,
+        rank=distributed.get_rank(),
+        world_size=distributed.get_world_size(),
+        drop_last=False,
+    )
     return make_loader(dataset, transform, sampler, args)
 
 
 def make_loader(dataset, transform, sampler, args):
-    return data.create_loader(data.transformed(dataset, transform), sampler, workers=args.workers,
-                              pin_memory=args.device != 'cpu')  # page-locked: copies to a GPU/NPU overlap
+    return data.create_loader(
+        data.transformed(dataset, transform), sampler, workers=args.workers, pin_memory=args.device != 'cpu'
+    )  # page-locked: copies to a GPU/NPU overlap
 
 
 def to_device(images, labels, model, args):

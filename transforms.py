@@ -9,11 +9,13 @@
    line adds a transform (as torchvision's references/classification/presets.py). RandAugment: randaugment.py.
 2. Per batch, on the device: normalize, random_erase, MixupCutmix (timm's prefetcher does the same on the GPU).
 """
+
 import math
 
 import torch
 
 from errors import DataError, check_torchvision
+
 check_torchvision()  # before torchvision's imports: a torch/torchvision mismatch is said in one line
 from torchvision.transforms import v2  # noqa: E402
 
@@ -30,8 +32,19 @@ def _interpolation_mode(name):
 
 # 1. Per image ---------------------------------------------------------------------------------------------------
 
-def train_transform(size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, aa=None, magnitude=None,
-                    interpolation='bicubic', mean=(0.5, 0.5, 0.5), color_jitter=0.0):
+
+def train_transform(
+    size,
+    *,
+    scale=(0.08, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    hflip=0.5,
+    aa=None,
+    magnitude=None,
+    interpolation='bicubic',
+    mean=(0.5, 0.5, 0.5),
+    color_jitter=0.0,
+):
     """RandomResizedCrop -> horizontal flip -> RandAugment or colour jitter (timm's order).
 
     `aa`: a timm RandAugment spec ('rand-m9-mstd0.5') or parse_rand_augment's dict (train.py's), None for none;
@@ -56,11 +69,16 @@ def train_transform(size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
 
 def eval_transform(size, *, crop_pct=1.0, interpolation='bicubic'):
     """Resize the shorter side to floor(size / crop_pct), then centre-crop size x size (timm's eval transform)."""
-    return v2.Compose([v2.Resize(math.floor(size / crop_pct), _interpolation_mode(interpolation), antialias=True),
-                       v2.CenterCrop(size)])
+    return v2.Compose(
+        [
+            v2.Resize(math.floor(size / crop_pct), _interpolation_mode(interpolation), antialias=True),
+            v2.CenterCrop(size),
+        ]
+    )
 
 
 # 2. Per batch, on the device -----------------------------------------------------------------------------------
+
 
 def normalize(images_uint8, mean, std, *, channels_last=False):
     """uint8 (N, 3, H, W) -> float32 (x / 255 - mean) / std, computed as timm's prefetcher does: (x - 255 mean) /
@@ -111,11 +129,15 @@ class MixupCutmix:
     in as t * (1 - s) + s / K: exactly timm's Mixup target (smoothing is affine, so it commutes with mixing)."""
 
     def __init__(self, mixup, cutmix, smoothing, num_classes):
-        mixers = [mixer(alpha=alpha, num_classes=num_classes)
-                  for mixer, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if alpha > 0]
+        mixers = [
+            mixer(alpha=alpha, num_classes=num_classes)
+            for mixer, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix))
+            if alpha > 0
+        ]
         if not mixers:
-            raise ValueError(f'MixupCutmix needs mixup > 0 or cutmix > 0, got {mixup} and {cutmix}; '
-                             'use None for neither')
+            raise ValueError(
+                f'MixupCutmix needs mixup > 0 or cutmix > 0, got {mixup} and {cutmix}; use None for neither'
+            )
         self.mix = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
         self.smoothing, self.num_classes = smoothing, num_classes
 

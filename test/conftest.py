@@ -3,6 +3,7 @@
 Tests import the project's top-level files (model, data, ...) from the repo root and run
 train.py as users do, in a subprocess.
 """
+
 import os
 import subprocess
 import sys
@@ -14,21 +15,34 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # What a copy of the recipe takes (README, "What to copy"): train.py and the files it imports.
-RUNTIME_FILES = ('train.py', 'flags.py', 'model.py', 'data.py', 'transforms.py', 'randaugment.py', 'optim.py',
-                 'run.py', 'logs.py', 'distributed.py', 'weights.py', 'errors.py')
+RUNTIME_FILES = (
+    'train.py',
+    'flags.py',
+    'model.py',
+    'data.py',
+    'transforms.py',
+    'randaugment.py',
+    'optim.py',
+    'run.py',
+    'logs.py',
+    'distributed.py',
+    'weights.py',
+    'errors.py',
+)
 COLOURS = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 200, 40)]
 
 
 def pytest_configure(config):
-    config.addinivalue_line('markers', 'cuda: needs a CUDA GPU, skipped without one (test/test_cuda.py; '
-                                       'python -m pytest test -m cuda)')
+    config.addinivalue_line(
+        'markers', 'cuda: needs a CUDA GPU, skipped without one (test/test_cuda.py; python -m pytest test -m cuda)'
+    )
 
 
-def make_image_folder(root, classes=2, train_per_class=8, val_per_class=3, size=(40, 48),
-                      fmt='JPEG', seed=0):
+def make_image_folder(root, classes=2, train_per_class=8, val_per_class=3, size=(40, 48), fmt='JPEG', seed=0):
     """DATA/train/<class>/*.jpg and DATA/val/<class>/*.jpg: noisy images of one colour per
     class, so a model can learn them in a few steps."""
     from PIL import Image
+
     rng = np.random.RandomState(seed)
     ext = {'JPEG': 'jpg', 'PNG': 'png'}[fmt]
     for split, count in (('train', train_per_class), ('val', val_per_class)):
@@ -58,23 +72,29 @@ def train_command(*args, faults=()):
 def run_train(*args, timeout=600, check=True, env=None, faults=()):
     """python train.py ARGS in the repo root; returns the CompletedProcess (text output)."""
     full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
-    result = subprocess.run(train_command(*args, faults=faults),
-                            cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    result = subprocess.run(
+        train_command(*args, faults=faults), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-3000:]}")
+        raise AssertionError(
+            f'train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
+        )
     return result
 
 
 def load(path):
     """A checkpoint as train.py reads it: tensors and plain types only."""
     import torch
+
     return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def summary_rows(output):
     """summary.csv's rows without the images/s and peak memory columns (measurements, different in every run)."""
     import csv
+
     with open(os.path.join(output, 'summary.csv')) as f:
-        return [{k: v for k, v in row.items() if k not in ('images_per_sec', 'peak_memory_mib')}
-                for row in csv.DictReader(f)]
+        return [
+            {k: v for k, v in row.items() if k not in ('images_per_sec', 'peak_memory_mib')}
+            for row in csv.DictReader(f)
+        ]

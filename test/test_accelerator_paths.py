@@ -10,12 +10,14 @@ but fp16's GradScaler check, and validation reads its sums once per `Test:` line
 
     python -m pytest test/test_accelerator_paths.py -q
 """
+
 import contextlib
 import os
 import traceback
 
 import pytest
 import torch
+from conftest import ROOT, make_image_folder
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import distributed
@@ -23,15 +25,28 @@ import flags
 import optim
 import predict
 import train
-from conftest import ROOT, make_image_folder
 
 # load_state_dict into a meta model warns for every tensor that the copy does nothing
 pytestmark = pytest.mark.filterwarnings('ignore:.*to a meta parameter in the current model')
 
 aten = torch.ops.aten
 META = torch.device('meta')
-TINY = ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '-b', '2', '-j', '0', '--epochs', '2',
-        '--warmup-epochs', '0', '--log-interval', '100']  # 4 steps an epoch, 3 validation batches
+TINY = [
+    '--model',
+    'tf_efficientnetv2_b0',
+    '--img-size',
+    '32',
+    '-b',
+    '2',
+    '-j',
+    '0',
+    '--epochs',
+    '2',
+    '--warmup-epochs',
+    '0',
+    '--log-interval',
+    '100',
+]  # 4 steps an epoch, 3 validation batches
 
 
 class HostReads(TorchDispatchMode):
@@ -55,7 +70,9 @@ class HostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def record(self):
-        self.stacks.append([frame.name for frame in traceback.extract_stack() if os.path.dirname(frame.filename) == ROOT])
+        self.stacks.append(
+            [frame.name for frame in traceback.extract_stack() if os.path.dirname(frame.filename) == ROOT]
+        )
 
     def count(self, function):
         """Reads made while `function` (a name) was running."""
@@ -68,8 +85,7 @@ class HostReads(TorchDispatchMode):
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     """2 classes x 4 training images (4 steps of batch 2), 2 x 3 validation images (3 batches)."""
-    return make_image_folder(tmp_path_factory.mktemp('meta') / 'data', classes=2, train_per_class=4,
-                             val_per_class=3)
+    return make_image_folder(tmp_path_factory.mktemp('meta') / 'data', classes=2, train_per_class=4, val_per_class=3)
 
 
 @pytest.fixture
@@ -82,6 +98,7 @@ def on_meta(monkeypatch):
     def counted_train_step(*args, **kwargs):
         steps.append(1)
         return train_step(*args, **kwargs)
+
     monkeypatch.setattr(train, 'train_step', counted_train_step)
     return steps
 
@@ -101,11 +118,35 @@ def count_test_lines(output):
 
 FLAG_SETS = {
     'plain': [],
-    'ema, mixup, cutmix, random erasing, drop path': ['--model-ema', '--model-ema-decay', '0.9', '--mixup', '0.2',
-                                                      '--cutmix', '1.0', '--reprob', '0.5', '--drop-path', '0.2',
-                                                      '--drop', '0.3'],
-    'accumulation, clipping, rmsproptf': ['--grad-accum-steps', '2', '--clip-grad', '1', '--opt', 'rmsproptf',
-                                          '--opt-eps', '1e-3', '--sched', 'step', '--aa', 'rand-m9-mstd0.5'],
+    'ema, mixup, cutmix, random erasing, drop path': [
+        '--model-ema',
+        '--model-ema-decay',
+        '0.9',
+        '--mixup',
+        '0.2',
+        '--cutmix',
+        '1.0',
+        '--reprob',
+        '0.5',
+        '--drop-path',
+        '0.2',
+        '--drop',
+        '0.3',
+    ],
+    'accumulation, clipping, rmsproptf': [
+        '--grad-accum-steps',
+        '2',
+        '--clip-grad',
+        '1',
+        '--opt',
+        'rmsproptf',
+        '--opt-eps',
+        '1e-3',
+        '--sched',
+        'step',
+        '--aa',
+        'rand-m9-mstd0.5',
+    ],
     'bf16': ['--amp', '--amp-dtype', 'bfloat16'],
     'fp16 scaler, checkpoint interval': ['--amp', '--amp-dtype', 'float16', '--checkpoint-interval', '3'],
     'freeze-bn, NCHW': ['--freeze-bn', '--no-channels-last'],
@@ -115,7 +156,8 @@ FLAG_SETS = {
 
 @pytest.mark.parametrize('flag_set', FLAG_SETS)
 def test_training_on_the_meta_device_keeps_every_tensor_there_and_reads_back_only_at_log_lines(
-        flag_set, data_dir, on_meta, tmp_path, capfd):
+    flag_set, data_dir, on_meta, tmp_path, capfd
+):
     """The whole loop runs (a tensor left on the CPU raises), a step reads nothing back but fp16's GradScaler
     check (once a step), and validation reads once per `Test:` line however many batches it has."""
     output = tmp_path / 'run'
@@ -128,18 +170,19 @@ def test_training_on_the_meta_device_keeps_every_tensor_there_and_reads_back_onl
 
 
 def test_a_resume_on_the_device_from_a_checkpoint_written_on_the_cpu_moves_the_optimizer_state_there(
-        data_dir, on_meta, tmp_path, monkeypatch, capfd):
+    data_dir, on_meta, tmp_path, monkeypatch, capfd
+):
     """The CPU run's RMSpropTF buffers, EMA and fp16 loss scale are loaded onto the meta device (a buffer left on
     the CPU would make the first step raise), and the resumed epoch reads no more than a fresh one."""
     output, recipe = tmp_path / 'run', ['--opt', 'rmsproptf', '--model-ema', '--amp', '--amp-dtype', 'float16']
     monkeypatch.setattr(distributed, 'select_device', lambda name, local_rank: torch.device('cpu'))
-    args = flags.resolve_args(flags.get_args_parser().parse_args(
-        [data_dir, *TINY, *recipe, '--epochs', '1', '--output', str(output)]))
+    args = flags.resolve_args(
+        flags.get_args_parser().parse_args([data_dir, *TINY, *recipe, '--epochs', '1', '--output', str(output)])
+    )
     train.train(args)
     monkeypatch.setattr(distributed, 'select_device', lambda name, local_rank: META)
     optimizers, create_optimizer = [], train.create_optimizer
-    monkeypatch.setattr(train, 'create_optimizer', lambda *a: optimizers.append(create_optimizer(*a)) or
-                        optimizers[-1])
+    monkeypatch.setattr(train, 'create_optimizer', lambda *a: optimizers.append(create_optimizer(*a)) or optimizers[-1])
     capfd.readouterr()
     reads = train_on_meta(data_dir, *TINY, *recipe, '--output', output, '--resume', 'auto')
     assert 'Resumed from' in capfd.readouterr().out

@@ -3,12 +3,12 @@ counted (or, with --strict-data, an error naming the file); a loss that stays no
 run with one line and keeps the last good checkpoint, while steps fp16's GradScaler skips do not
 count. About a minute and a half on 2 busy CPU cores.
 """
+
 import csv
 import os
 import re
 
 import torch
-
 from conftest import make_image_folder, run_train
 
 TINY = ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '-b', '4']
@@ -16,14 +16,18 @@ TINY = ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '-b', '4']
 
 def spoil(data_dir):
     """Replace some images with broken files; -> {path: what is wrong}."""
+
     def path(split, label, name):
         return os.path.join(data_dir, split, f'class_{label}', name)
+
     whole = open(path('train', 0, '0.jpg'), 'rb').read()
-    broken = {path('train', 0, '3.jpg'): os.urandom(2000),                # not an image
-              path('train', 0, '5.jpg'): whole[:len(whole) // 2],          # truncated JPEG
-              path('train', 1, '2.jpg'): b'',                              # empty
-              path('train', 1, '6.jpg'): b'class,label\nthis is text\n',   # text with .jpg
-              path('val', 1, '0.jpg'): whole[:len(whole) // 3]}            # truncated, in val
+    broken = {
+        path('train', 0, '3.jpg'): os.urandom(2000),  # not an image
+        path('train', 0, '5.jpg'): whole[: len(whole) // 2],  # truncated JPEG
+        path('train', 1, '2.jpg'): b'',  # empty
+        path('train', 1, '6.jpg'): b'class,label\nthis is text\n',  # text with .jpg
+        path('val', 1, '0.jpg'): whole[: len(whole) // 3],
+    }  # truncated, in val
     for file, content in broken.items():
         with open(file, 'wb') as f:
             f.write(content)
@@ -42,8 +46,7 @@ def one_error_line(result):
 def test_corrupt_and_truncated_images_are_skipped_named_and_counted(tmp_path):
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=8, val_per_class=3)
     broken = spoil(data_dir)
-    result = run_train(data_dir, *TINY, '-j', '2', '--epochs', '1', '--log-interval', '1',
-                       '--output', tmp_path / 'out')
+    result = run_train(data_dir, *TINY, '-j', '2', '--epochs', '1', '--log-interval', '1', '--output', tmp_path / 'out')
     warnings = [line for line in result.stderr.splitlines() if line.startswith('warning: skipping')]
     for file in broken:  # each named once, although two loader workers read the folder
         assert sum(file in line for line in warnings) == 1, (file, result.stderr[-2000:])
@@ -57,8 +60,9 @@ def test_corrupt_and_truncated_images_are_skipped_named_and_counted(tmp_path):
 def test_strict_data_makes_an_unreadable_image_an_error_naming_it(tmp_path):
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=8, val_per_class=3)
     broken = spoil(data_dir)
-    result = run_train(data_dir, *TINY, '-j', '2', '--epochs', '1', '--strict-data',
-                       '--output', tmp_path / 'out', check=False)
+    result = run_train(
+        data_dir, *TINY, '-j', '2', '--epochs', '1', '--strict-data', '--output', tmp_path / 'out', check=False
+    )
     line = one_error_line(result)  # raised in a loader worker, said in one line by the main process
     assert 'unreadable image' in line and any(file in line for file in broken), line
 
@@ -68,9 +72,27 @@ def test_a_loss_that_stays_non_finite_stops_the_run_and_keeps_the_last_good_chec
     (4 steps an epoch), so the count also runs across the epoch's end."""
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=8, val_per_class=3)
     output = tmp_path / 'out'
-    result = run_train(data_dir, *TINY, '-j', '0', '--epochs', '3', '--lr', '1e8', '--opt', 'sgd',
-                       '--warmup-epochs', '0', '--log-interval', '1', '--checkpoint-interval', '1',
-                       '--output', output, check=False)
+    result = run_train(
+        data_dir,
+        *TINY,
+        '-j',
+        '0',
+        '--epochs',
+        '3',
+        '--lr',
+        '1e8',
+        '--opt',
+        'sgd',
+        '--warmup-epochs',
+        '0',
+        '--log-interval',
+        '1',
+        '--checkpoint-interval',
+        '1',
+        '--output',
+        output,
+        check=False,
+    )
     line = one_error_line(result)
     assert 'the loss was not finite for 5 consecutive steps (epoch 1' in line, line
     last = torch.load(output / 'last.pth.tar', weights_only=True)
@@ -84,8 +106,23 @@ def test_steps_skipped_by_the_fp16_grad_scaler_do_not_count_as_non_finite(tmp_pa
     the limit, but fp16's GradScaler skips each of them, so training goes on (fp16 on the CPU is
     slow: 6 steps of batch 2, no validation)."""
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=8, val_per_class=3)
-    result = run_train(data_dir, *TINY, '-b', '2', '-j', '0', '--amp', '--amp-dtype', 'float16',
-                       '--perf-steps', '6', '--log-interval', '1', '--output', tmp_path / 'out',
-                       faults=['--inf-loss-steps', '2,3,4,5,6'])
+    result = run_train(
+        data_dir,
+        *TINY,
+        '-b',
+        '2',
+        '-j',
+        '0',
+        '--amp',
+        '--amp-dtype',
+        'float16',
+        '--perf-steps',
+        '6',
+        '--log-interval',
+        '1',
+        '--output',
+        tmp_path / 'out',
+        faults=['--inf-loss-steps', '2,3,4,5,6'],
+    )
     losses = re.findall(r'^Train: .*?Loss: (\S+)', result.stdout, re.M)
     assert losses[1:] == ['inf'] * 5 and losses[0] != 'inf', losses

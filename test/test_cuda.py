@@ -19,6 +19,7 @@ train.py turns on cudnn.benchmark (each process times and picks its own algorith
 backward kernels accumulate with atomics. The CPU comparisons below switch TF32 off, so they
 compare float32 with float32; the run-against-run comparisons allow for the rest.
 """
+
 import contextlib
 import os
 import re
@@ -30,17 +31,29 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, make_image_folder, train_command
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason='needs a CUDA GPU (torch.cuda.is_available() is False)')]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (torch.cuda.is_available() is False)'),
+]
 
-TINY = ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '-b', '4', '-j', '0', '--device', 'cuda',
-        '--log-interval', '1']
+TINY = [
+    '--model',
+    'tf_efficientnetv2_b0',
+    '--img-size',
+    '32',
+    '-b',
+    '4',
+    '-j',
+    '0',
+    '--device',
+    'cuda',
+    '--log-interval',
+    '1',
+]
 TIMEOUT = 300
-FP16_INITIAL_SCALE = 2.0 ** 16  # torch.amp.GradScaler's and apex's first loss scale
+FP16_INITIAL_SCALE = 2.0**16  # torch.amp.GradScaler's and apex's first loss scale
 # Run against run (eager/compiled, plain/torchrun, resumed/uninterrupted): per-step losses (printed
 # to 4 digits) and every weight, BN statistic and optimizer tensor within 1e-2 of its norm. TF32 and
 # each process's choice of cuDNN algorithms move them by ~1e-3 in 8-16 steps; a lost state moves
@@ -63,8 +76,14 @@ def fewer_than_two_gpus():
 
 
 def torchrun(processes):
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}',
-            os.path.join(ROOT, 'train.py')]
+    return [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--standalone',
+        f'--nproc_per_node={processes}',
+        os.path.join(ROOT, 'train.py'),
+    ]
 
 
 def losses(stdout):
@@ -108,11 +127,11 @@ def float32_convolutions():
 # ----------------------------------------------------------------------------------------------
 # Data and the runs, started together
 
+
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     """2 classes x 16 training images: 8 steps of batch 4 per epoch; 2 x 2 validation images."""
-    return make_image_folder(tmp_path_factory.mktemp('cuda') / 'data', classes=2, train_per_class=16,
-                             val_per_class=2)
+    return make_image_folder(tmp_path_factory.mktemp('cuda') / 'data', classes=2, train_per_class=16, val_per_class=2)
 
 
 # A val folder whose class sizes make any image dropped or counted twice change top-1: a model that
@@ -126,6 +145,7 @@ def constant_model(tmp_path_factory):
     """(val folder, weights file): b0 whose classifier ignores its input (zero weights) and outputs
     CONSTANT_LOGITS, exact in float16 too."""
     import model as models
+
     root = tmp_path_factory.mktemp('counts')
     data = make_image_folder(root / 'data', classes=3, train_per_class=1, val_per_class=max(VAL_SIZES))
     for label, size in enumerate(VAL_SIZES):
@@ -145,17 +165,59 @@ def constant_model(tmp_path_factory):
 # drop path at 0 (torch.compile draws random numbers with its own generator, so masks would differ);
 # no mixup, cutmix or random erasing; float32 (both with cuDNN's TF32 convolutions); SGD without
 # warm-up, so the weights move enough in 8 steps for a difference to show.
-COMPARABLE = [*TINY, '--epochs', '1', '--seed', '5', '--opt', 'sgd', '--lr', '0.05', '--warmup-epochs', '0',
-              '--drop', '0', '--drop-path', '0']
+COMPARABLE = [
+    *TINY,
+    '--epochs',
+    '1',
+    '--seed',
+    '5',
+    '--opt',
+    'sgd',
+    '--lr',
+    '0.05',
+    '--warmup-epochs',
+    '0',
+    '--drop',
+    '0',
+    '--drop-path',
+    '0',
+]
 
 # test_resume.py's recipe (every random stream a step draws from; here dropout, drop path and random
 # erasing draw on the GPU) with fp16 and the reference recipe's RMSpropTF. Steps 2 and 3 of the first
 # process get an infinite loss, so the GradScaler's scale is 2**14 when SIGTERM arrives: a resume that
 # lost it would go on at 2**16. 2 epochs x 8 steps.
-RESUME = [*TINY, '--epochs', '2', '--seed', '7', '--opt', 'rmsproptf', '--opt-eps', '.001', '--lr', '0.01',
-          '--warmup-epochs', '0', '--aa', 'rand-m9-mstd0.5', '--mixup', '0.2', '--reprob', '0.25',
-          '--drop', '0.2', '--drop-path', '0.2', '--model-ema', '--model-ema-decay', '0.9',
-          '--amp', '--amp-dtype', 'float16']
+RESUME = [
+    *TINY,
+    '--epochs',
+    '2',
+    '--seed',
+    '7',
+    '--opt',
+    'rmsproptf',
+    '--opt-eps',
+    '.001',
+    '--lr',
+    '0.01',
+    '--warmup-epochs',
+    '0',
+    '--aa',
+    'rand-m9-mstd0.5',
+    '--mixup',
+    '0.2',
+    '--reprob',
+    '0.25',
+    '--drop',
+    '0.2',
+    '--drop-path',
+    '0.2',
+    '--model-ema',
+    '--model-ema-decay',
+    '0.9',
+    '--amp',
+    '--amp-dtype',
+    'float16',
+]
 RESUME_FAULTS = ['--inf-loss-steps', '2,3']
 
 
@@ -165,9 +227,14 @@ class Run:
     def __init__(self, command, output=None):
         self.output = output
         self.files = [tempfile.TemporaryFile('w+') for _ in range(2)]
-        self.process = subprocess.Popen([str(part) for part in command], cwd=ROOT, text=True,
-                                        stdout=self.files[0], stderr=self.files[1],
-                                        env=dict(os.environ, PYTHONUNBUFFERED='1'))
+        self.process = subprocess.Popen(
+            [str(part) for part in command],
+            cwd=ROOT,
+            text=True,
+            stdout=self.files[0],
+            stderr=self.files[1],
+            env=dict(os.environ, PYTHONUNBUFFERED='1'),
+        )
         self.text = None
 
     def stdout(self):
@@ -179,7 +246,7 @@ class Run:
             for f in self.files:
                 f.seek(0)
             self.text, self.errors = (f.read() for f in self.files)
-        assert self.process.returncode == 0, f"{self.process.args}\n{self.text[-3000:]}\n{self.errors[-5000:]}"
+        assert self.process.returncode == 0, f'{self.process.args}\n{self.text[-3000:]}\n{self.errors[-5000:]}'
         return self.text
 
     def stop(self):
@@ -192,25 +259,39 @@ class Run:
 def runs(data_dir, constant_model, tmp_path_factory):
     """Every run that depends on no other, started at once when the module's first test begins
     (autouse: the in-process tests below then run while these do)."""
+
     def train(name, *args, faults=(), launcher=None):
         output = tmp_path_factory.mktemp(name) / 'out'
-        command = (launcher + [*map(str, args)] if launcher else train_command(*args, faults=faults))
+        command = launcher + [*map(str, args)] if launcher else train_command(*args, faults=faults)
         return Run([*command, '--output', output], output)
+
     val_data, weights = constant_model
     started = dict(
-        fp16_inf=train('fp16_inf', data_dir, *TINY, '--amp', '--amp-dtype', 'float16', '--epochs', '1',
-                       faults=['--inf-loss-steps', '2,3,4,5,6,7']),
+        fp16_inf=train(
+            'fp16_inf',
+            data_dir,
+            *TINY,
+            '--amp',
+            '--amp-dtype',
+            'float16',
+            '--epochs',
+            '1',
+            faults=['--inf-loss-steps', '2,3,4,5,6,7'],
+        ),
         bf16=train('bf16', data_dir, *TINY, '--amp', '--amp-dtype', 'bfloat16', '--epochs', '1'),
         eager=train('eager', data_dir, *COMPARABLE),
         compiled=train('compiled', data_dir, *COMPARABLE, '--compile'),
         torchrun_1=train('torchrun_1', data_dir, *COMPARABLE, launcher=torchrun(1)),
         validation=Run(train_command(val_data, *TINY, '--amp', '--evaluate', '--pretrained', weights)),
-        reference_fp16=train('reference_fp16', data_dir, *RESUME, faults=RESUME_FAULTS))
+        reference_fp16=train('reference_fp16', data_dir, *RESUME, faults=RESUME_FAULTS),
+    )
     if not fewer_than_two_gpus():
         started.update(
             nccl_2=train('nccl_2', data_dir, *COMPARABLE, '-b', '2', '--sync-bn', launcher=torchrun(2)),
-            validation_nccl_2=Run(torchrun(2) + [str(arg) for arg in (val_data, *TINY, '--amp', '--evaluate',
-                                                                     '--pretrained', weights)]))
+            validation_nccl_2=Run(
+                torchrun(2) + [str(arg) for arg in (val_data, *TINY, '--amp', '--evaluate', '--pretrained', weights)]
+            ),
+        )
     yield started
     for run in started.values():
         run.stop()
@@ -219,10 +300,12 @@ def runs(data_dir, constant_model, tmp_path_factory):
 # ----------------------------------------------------------------------------------------------
 # The model on CUDA against the CPU, in float32
 
+
 def test_squeeze_excite_pools_in_the_autocast_dtype_on_cuda():
     """timm's mean, not sum, which CUDA's autocast runs in float32: under float16 autocast every SE block
     pools its expanded activation in float16, without a float32 copy of it."""
     import model as models
+
     net = models.create_model('tf_efficientnetv2_b0', num_classes=10).cuda()
     dtypes = []
     for module in net.modules():
@@ -239,6 +322,7 @@ def test_model_outputs_on_cuda_match_the_cpu_in_float32(memory_format):
     float64 forward by 4e-6 (NCHW) to 7e-6 (channels_last) of it on the CPU, so 1e-4 leaves room
     for another summation order while a wrong kernel (or TF32 left on: ~1e-3) fails."""
     import model as models
+
     torch.manual_seed(0)
     net = models.create_model('efficientnetv2_rw_t', num_classes=10).eval()
     images = torch.randn(4, 3, 64, 64)
@@ -257,6 +341,7 @@ def test_training_gradients_on_cuda_match_the_cpu_in_float32():
     of the norm of all gradients (float32 differs from float64 by 4e-5 of it on the CPU), and the
     BN running statistics within 1e-4 of their largest value."""
     import model as models
+
     torch.manual_seed(0)
     net = models.create_model('efficientnetv2_rw_t', num_classes=10).train()
     on_cuda = models.create_model('efficientnetv2_rw_t', num_classes=10)
@@ -273,12 +358,14 @@ def test_training_gradients_on_cuda_match_the_cpu_in_float32():
         assert error <= 1e-3 * total, f'{name}: |difference| {error:.3g}, all gradients {total:.3g}'
     for (name, buffer), cuda_buffer in zip(net.named_buffers(), on_cuda.buffers()):
         if buffer.is_floating_point():
-            torch.testing.assert_close(cuda_buffer.cpu(), buffer, rtol=1e-4,
-                                       atol=1e-4 * buffer.abs().max().item(), msg=name)
+            torch.testing.assert_close(
+                cuda_buffer.cpu(), buffer, rtol=1e-4, atol=1e-4 * buffer.abs().max().item(), msg=name
+            )
 
 
 # ----------------------------------------------------------------------------------------------
 # Mixed precision
+
 
 def test_fp16_steps_the_grad_scaler_skips_do_not_count_as_non_finite(runs):
     """Steps 2-7 get an infinite loss (tools/faults.py): six in a row, over run.py's limit of five.
@@ -292,7 +379,7 @@ def test_fp16_steps_the_grad_scaler_skips_do_not_count_as_non_finite(runs):
     assert re.search(r'^Epoch 0: ', stdout, re.M), stdout[-2000:]
     assert 'not finite' not in run.errors and 'Traceback' not in run.errors, run.errors[-2000:]
     last = load(run.output / 'last.pth.tar')
-    assert last['scaler']['scale'] <= FP16_INITIAL_SCALE / 2 ** 6  # halved once per skipped step
+    assert last['scaler']['scale'] <= FP16_INITIAL_SCALE / 2**6  # halved once per skipped step
     assert all(torch.isfinite(t).all() for t in last['model'].values() if t.is_floating_point())
 
 
@@ -304,6 +391,7 @@ def test_bf16_autocast_trains_with_finite_losses_and_keeps_no_loss_scale(runs):
 
 # ----------------------------------------------------------------------------------------------
 # torch.compile and launchers against the plain eager run
+
 
 def assert_same_training(run, reference):
     expected = [float(loss) for loss in losses(reference.stdout())]
@@ -338,6 +426,7 @@ def test_two_nccl_ranks_of_batch_2_train_like_one_process_of_batch_4(runs):
 # ----------------------------------------------------------------------------------------------
 # Validation: every image counted once
 
+
 def assert_every_image_counted_once(stdout):
     labels = torch.cat([torch.full((size,), label) for label, size in enumerate(VAL_SIZES)])
     logits = torch.tensor(CONSTANT_LOGITS).expand(len(labels), -1)
@@ -371,9 +460,14 @@ SIGTERM_AFTER_TRAIN_LINE = 3  # after the two skipped steps; the run stops after
 def sigterm_fp16(data_dir, tmp_path_factory):
     """The reference_fp16 run stopped by SIGTERM after its third Train line, then resumed to the end."""
     output = tmp_path_factory.mktemp('sigterm_fp16') / 'out'
-    process = subprocess.Popen(train_command(data_dir, *RESUME, '--output', output, faults=RESUME_FAULTS),
-                               cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED='1'), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        train_command(data_dir, *RESUME, '--output', output, faults=RESUME_FAULTS),
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONUNBUFFERED='1'),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     lines = []
     try:
         for line in process.stdout:
@@ -385,8 +479,9 @@ def sigterm_fp16(data_dir, tmp_path_factory):
     finally:
         if process.poll() is None:
             process.kill()
-    stopped = dict(code=process.returncode, stdout=''.join(lines) + out, stderr=err,
-                   checkpoint=load(output / 'last.pth.tar'))
+    stopped = dict(
+        code=process.returncode, stdout=''.join(lines) + out, stderr=err, checkpoint=load(output / 'last.pth.tar')
+    )
     resumed = Run(train_command(data_dir, *RESUME, '--output', output, '--resume', 'auto'), output)
     return dict(stopped=stopped, resumed=resumed)
 
@@ -417,8 +512,10 @@ def test_resume_after_sigterm_on_cuda_matches_the_uninterrupted_fp16_run(sigterm
     assert_tensors_close(ours['optimizer']['state'], theirs['optimizer']['state'], RUN_TO_RUN_RTOL, 'optimizer')
 
 
-@pytest.mark.skipif(torch.cuda.is_available() and not apex_amp_imports(),
-                    reason='needs NVIDIA apex with apex.amp (the PyPI package named apex is unrelated)')
+@pytest.mark.skipif(
+    torch.cuda.is_available() and not apex_amp_imports(),
+    reason='needs NVIDIA apex with apex.amp (the PyPI package named apex is unrelated)',
+)
 def test_apex_amp_resume_restores_apexs_loss_scale(data_dir, tmp_path):
     """--apex-amp (O1, fp16): steps 2-7 overflow, six in a row, over run.py's limit of five: apex skips
     them and halves its scale each time, and the run goes on (Precision sees apex's skips as skipped);
@@ -428,6 +525,6 @@ def test_apex_amp_resume_restores_apexs_loss_scale(data_dir, tmp_path):
     apex = [data_dir, *TINY, '--apex-amp', '--seed', '3', '--output', output]
     Run(train_command(*apex, '--epochs', '1', faults=['--inf-loss-steps', '2,3,4,5,6,7'])).stdout()
     first = load(output / 'last.pth.tar')['scaler']['loss_scaler0']['loss_scale']
-    assert first <= FP16_INITIAL_SCALE / 2 ** 6
+    assert first <= FP16_INITIAL_SCALE / 2**6
     assert 'Resumed from' in Run(train_command(*apex, '--epochs', '2', '--resume', 'auto')).stdout()
     assert load(output / 'last.pth.tar')['scaler']['loss_scaler0']['loss_scale'] == first

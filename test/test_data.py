@@ -4,6 +4,7 @@ RandAugment and the batch augmentations promise.
 timm (test-only) is the oracle for RandAugment's ops and spec grammar, the transforms and the Mixup targets.
 Run: .venv/bin/python -m pytest test/test_data.py -q
 """
+
 import os
 import shutil
 import sys
@@ -33,7 +34,7 @@ def natural_image(height=48, width=64, seed=0):
     rng = np.random.RandomState(seed)
     y, x = np.mgrid[0:height, 0:width] / max(height, width)
     base = np.stack([np.sin(6 * x + 1) * np.cos(4 * y), x * y, np.cos(9 * x * y + 2)], axis=-1)
-    base[height // 3: height // 2, width // 4: width // 2] += 0.7  # a sharp-edged block
+    base[height // 3 : height // 2, width // 4 : width // 2] += 0.7  # a sharp-edged block
     pixels = (base - base.min()) / (base.max() - base.min()) * 230 + rng.normal(0, 8, base.shape)
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
@@ -55,15 +56,19 @@ def steps(transform, kind):
 # RandAugment: spec grammar and op semantics, against timm
 # ------------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('spec, expected', [
-    ('rand-m9-mstd0.5', dict(magnitude=9, num_ops=2, magnitude_std=0.5, increasing=False)),
-    ('rand-m9-mstd0.5-inc1', dict(magnitude=9, num_ops=2, magnitude_std=0.5, increasing=True)),
-    ('rand-n3-m7', dict(magnitude=7, num_ops=3, magnitude_std=0.0, increasing=False)),
-    ('rand-mstd1', dict(magnitude=10, num_ops=2, magnitude_std=1.0, increasing=False)),
-    ('rand', dict(magnitude=10, num_ops=2, magnitude_std=0.0, increasing=False, magnitude_max=10, prob=0.5)),
-    ('rand-m15-mmax20-p0.7', dict(magnitude=15, magnitude_max=20, prob=0.7)),
-    ('rand-m9-mstd101', dict(magnitude_std=float('inf'))),
-])
+
+@pytest.mark.parametrize(
+    'spec, expected',
+    [
+        ('rand-m9-mstd0.5', dict(magnitude=9, num_ops=2, magnitude_std=0.5, increasing=False)),
+        ('rand-m9-mstd0.5-inc1', dict(magnitude=9, num_ops=2, magnitude_std=0.5, increasing=True)),
+        ('rand-n3-m7', dict(magnitude=7, num_ops=3, magnitude_std=0.0, increasing=False)),
+        ('rand-mstd1', dict(magnitude=10, num_ops=2, magnitude_std=1.0, increasing=False)),
+        ('rand', dict(magnitude=10, num_ops=2, magnitude_std=0.0, increasing=False, magnitude_max=10, prob=0.5)),
+        ('rand-m15-mmax20-p0.7', dict(magnitude=15, magnitude_max=20, prob=0.7)),
+        ('rand-m9-mstd101', dict(magnitude_std=float('inf'))),
+    ],
+)
 def test_parse_rand_augment_reads_timm_specs_with_timm_defaults(spec, expected):
     options = randaugment.parse_rand_augment(spec)
     for key, value in expected.items():
@@ -75,13 +80,24 @@ def test_parse_rand_augment_reads_timm_specs_with_timm_defaults(spec, expected):
     assert options['prob'] == timm_transform.ops[0].prob
     assert options['magnitude_max'] == (timm_transform.ops[0].magnitude_max or 10)
     assert [op.name for op in timm_transform.ops] == list(
-        randaugment.RAND_AUGMENT_INCREASING_OPS if options['increasing'] else randaugment.RAND_AUGMENT_OPS)
+        randaugment.RAND_AUGMENT_INCREASING_OPS if options['increasing'] else randaugment.RAND_AUGMENT_OPS
+    )
 
 
-@pytest.mark.parametrize('spec, bad_part', [
-    ('rnd-m9', 'rnd-m9'), ('rand-x9', 'x9'), ('rand-m', "'m'"), ('rand-mabc', 'mabc'), ('rand-n2.5', 'n2.5'),
-    ('rand-inc2', 'inc2'), ('rand-m9-', "''"), ('rand-tweights', 'tweights'), ('rand-mnan', 'mnan'),
-])
+@pytest.mark.parametrize(
+    'spec, bad_part',
+    [
+        ('rnd-m9', 'rnd-m9'),
+        ('rand-x9', 'x9'),
+        ('rand-m', "'m'"),
+        ('rand-mabc', 'mabc'),
+        ('rand-n2.5', 'n2.5'),
+        ('rand-inc2', 'inc2'),
+        ('rand-m9-', "''"),
+        ('rand-tweights', 'tweights'),
+        ('rand-mnan', 'mnan'),
+    ],
+)
 def test_parse_rand_augment_rejects_bad_specs_with_a_one_line_error(spec, bad_part):
     with pytest.raises(DataError) as error:
         randaugment.parse_rand_augment(spec)
@@ -111,8 +127,11 @@ def test_rand_augment_level_to_args_match_timm(name, monkeypatch):
             assert randaugment.LEVEL_TO_ARGS[name](level, sign) == timm_level_args(name, level, sign, monkeypatch)
 
 
-GEOMETRIC_CASES = [(name, interpolation) for name in ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
-                   for interpolation in ('bicubic', 'bilinear')]
+GEOMETRIC_CASES = [
+    (name, interpolation)
+    for name in ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
+    for interpolation in ('bicubic', 'bilinear')
+]
 COLOUR_CASES = [(name, 'bicubic') for name in ALL_OP_NAMES if name not in dict(GEOMETRIC_CASES)]
 
 
@@ -126,8 +145,9 @@ def test_rand_augment_ops_on_tensors_equal_timms_pil_ops(name, interpolation, mo
     rand_augment = randaugment.RandAugment(fill=fill, interpolation=interpolation)
     for level, sign in ((7.3, 1), (7.3, -1), (3, 1)):
         args = timm_level_args(name, level, sign, monkeypatch)
-        expected = np.asarray(timm_aa.NAME_TO_OP[name](Image.fromarray(pixels), *args, fillcolor=fill,
-                                                       resample=resample)).astype(int)
+        expected = np.asarray(
+            timm_aa.NAME_TO_OP[name](Image.fromarray(pixels), *args, fillcolor=fill, resample=resample)
+        ).astype(int)
         ours = to_numpy(rand_augment.apply(name, to_tensor(pixels), level, sign))
         difference = np.abs(ours - expected)
         assert difference.max() <= (1 if (name, interpolation) in GEOMETRIC_CASES else 0), (level, sign)
@@ -137,8 +157,11 @@ def test_rand_augment_ops_on_tensors_equal_timms_pil_ops(name, interpolation, mo
 def test_rand_augment_draws_ops_with_replacement_each_applied_with_prob_half(monkeypatch):
     """timm: num_ops ops chosen with replacement, each applied with p 0.5 at level ~ N(m, mstd) clipped to 0..10."""
     applied = []
-    monkeypatch.setattr(randaugment.RandAugment, 'apply', lambda self, name, image, level, sign: applied[-1].append(
-        (name, level, sign)) or image)
+    monkeypatch.setattr(
+        randaugment.RandAugment,
+        'apply',
+        lambda self, name, image, level, sign: applied[-1].append((name, level, sign)) or image,
+    )
     rand_augment = randaugment.RandAugment(**randaugment.parse_rand_augment('rand-m9-mstd0.5'))
     torch.manual_seed(0)
     for _ in range(3000):
@@ -163,6 +186,7 @@ def test_rand_augment_draws_ops_with_replacement_each_applied_with_prob_half(mon
 # Per-image transforms and seeding
 # ------------------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize('height, width', [(48, 64), (8, 8), (300, 17)])
 def test_train_transform_gives_uint8_images_of_the_requested_size_even_from_tiny_images(height, width):
     transform = transforms.train_transform(32, aa='rand-m9-mstd0.5-n4')
@@ -177,18 +201,24 @@ def test_train_transform_gives_uint8_images_of_the_requested_size_even_from_tiny
 
 def test_rand_augment_fills_with_the_given_mean_like_timm_and_with_timms_grey_by_default():
     from timm.data import create_transform
-    timm_rand_augment, = [t for t in create_transform(32, is_training=True, auto_augment='rand-m9').transforms
-                          if type(t).__name__ == 'RandAugment']  # mean: ImageNet's, timm's default
-    ours, = steps(transforms.train_transform(32, aa='rand-m9', mean=model.IMAGENET_MEAN), randaugment.RandAugment)
+
+    (timm_rand_augment,) = [
+        t
+        for t in create_transform(32, is_training=True, auto_augment='rand-m9').transforms
+        if type(t).__name__ == 'RandAugment'
+    ]  # mean: ImageNet's, timm's default
+    (ours,) = steps(transforms.train_transform(32, aa='rand-m9', mean=model.IMAGENET_MEAN), randaugment.RandAugment)
     assert ours.fill == timm_rand_augment.ops[0].hparams['img_mean'] == (124, 116, 104)
-    grey, = steps(transforms.train_transform(32, aa='rand-m9'), randaugment.RandAugment)
+    (grey,) = steps(transforms.train_transform(32, aa='rand-m9'), randaugment.RandAugment)
     assert grey.fill == timm_aa._HPARAMS_DEFAULT['img_mean']
 
 
 def test_progressive_learning_gives_each_stage_its_size_and_rand_augment_magnitude():
     image = to_tensor(natural_image())
-    first, last = (transforms.train_transform(24, aa='rand-m5-mstd0.5'),
-                   transforms.train_transform(40, aa='rand-m5-mstd0.5', magnitude=10))
+    first, last = (
+        transforms.train_transform(24, aa='rand-m5-mstd0.5'),
+        transforms.train_transform(40, aa='rand-m5-mstd0.5', magnitude=10),
+    )
     assert first(image).shape == (3, 24, 24) and last(image).shape == (3, 40, 40)
     (first_augment,), (last_augment,) = (steps(transform, randaugment.RandAugment) for transform in (first, last))
     assert first_augment.magnitude == 5 and last_augment.magnitude_std == 0.5 and last_augment.sample_level() > 8
@@ -199,6 +229,7 @@ def test_progressive_learning_gives_each_stage_its_size_and_rand_augment_magnitu
 def test_train_transform_without_augmentation_matches_timm_resize():
     """Full-image crop, no flip: our uint8 tensor resize agrees with timm's PIL bicubic resize."""
     from timm.data.transforms import RandomResizedCropAndInterpolation
+
     pixels = natural_image(64, 64)
     ours = transforms.train_transform(40, scale=(1, 1), ratio=(1, 1), hflip=0)(to_tensor(pixels))
     timm_crop = RandomResizedCropAndInterpolation(40, scale=(1, 1), ratio=(1, 1), interpolation='bicubic')
@@ -210,8 +241,10 @@ def test_train_transform_is_a_v2_compose_where_hflip_0_draws_no_flip():
     """One line adds a v2 transform; the demo's --hflip 0 keeps the random stream of the crop alone."""
     names = [type(step).__name__ for step in transforms.train_transform(32, aa='rand-m9').transforms]
     assert names == ['RandomResizedCrop', 'RandomHorizontalFlip', 'RandAugment']
-    image, crop = to_tensor(natural_image()), v2.RandomResizedCrop(32, (0.5, 1), antialias=True,
-                                                                   interpolation=v2.InterpolationMode.BICUBIC)
+    image, crop = (
+        to_tensor(natural_image()),
+        v2.RandomResizedCrop(32, (0.5, 1), antialias=True, interpolation=v2.InterpolationMode.BICUBIC),
+    )
     for seed in range(5):
         torch.manual_seed(seed)
         ours, after_ours = transforms.train_transform(32, scale=(0.5, 1), hflip=0)(image), torch.rand(())
@@ -222,9 +255,13 @@ def test_train_transform_is_a_v2_compose_where_hflip_0_draws_no_flip():
 def test_colour_jitter_is_timms_and_only_without_rand_augment():
     """timm 0.5.4 adds ColorJitter(c, c, c) to training when there is no --aa; the same factors here."""
     from timm.data import create_transform
-    timm_jitter, = [t for t in create_transform(32, is_training=True, color_jitter=0.4).transforms
-                    if type(t).__name__ == 'ColorJitter']
-    ours, = steps(transforms.train_transform(32, color_jitter=0.4), v2.ColorJitter)
+
+    (timm_jitter,) = [
+        t
+        for t in create_transform(32, is_training=True, color_jitter=0.4).transforms
+        if type(t).__name__ == 'ColorJitter'
+    ]
+    (ours,) = steps(transforms.train_transform(32, color_jitter=0.4), v2.ColorJitter)
     for factor in ('brightness', 'contrast', 'saturation', 'hue'):
         assert getattr(ours, factor) == getattr(timm_jitter, factor)
     assert not steps(transforms.train_transform(32, color_jitter=0.4, aa='rand-m9'), v2.ColorJitter)
@@ -239,10 +276,12 @@ def test_colour_jitter_is_timms_and_only_without_rand_augment():
 
 def test_eval_transform_resizes_the_shorter_side_then_centre_crops_like_timm():
     from timm.data import create_transform
+
     pixels = natural_image(60, 90)
     ours = transforms.eval_transform(32, crop_pct=0.875)(to_tensor(pixels))  # shorter side -> floor(32 / 0.875) = 36
-    timm_eval = create_transform(32, is_training=False, crop_pct=0.875, interpolation='bicubic',
-                                 use_prefetcher=True)  # uint8 output, no normalisation
+    timm_eval = create_transform(
+        32, is_training=False, crop_pct=0.875, interpolation='bicubic', use_prefetcher=True
+    )  # uint8 output, no normalisation
     expected = np.asarray(timm_eval(Image.fromarray(pixels))).transpose(1, 2, 0).astype(int)
     assert ours.shape == (3, 32, 32)
     assert np.abs(to_numpy(ours) - expected).mean() < 1.5
@@ -272,7 +311,7 @@ def test_loader_batches_are_identical_with_0_and_2_workers_and_leave_the_global_
     assert torch.equal(torch.get_rng_state(), rng_state)
     with_workers = list(data.create_loader(train_set, sampler, workers=2))
     assert len(in_process) == 4
-    for (images, labels, bad_counts), (images2, labels2, bad_counts2) in zip(in_process, with_workers):
+    for (images, labels, bad_counts), (images2, labels2, _) in zip(in_process, with_workers):
         assert images.shape == (16, 3, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
         assert torch.equal(images, images2) and torch.equal(labels, labels2) and bad_counts.sum() == 0
 
@@ -280,6 +319,7 @@ def test_loader_batches_are_identical_with_0_and_2_workers_and_leave_the_global_
 # ------------------------------------------------------------------------------------------------------------------
 # EpochBatchSampler
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def batches(dataset_len, batch_size, epoch=0, start_batch=0, **kwargs):
     kwargs = dict(dict(shuffle=True, drop_last=True, seed=7), **kwargs)
@@ -296,7 +336,7 @@ def test_sampler_is_a_pure_function_of_seed_and_epoch():
     assert len(epoch) == 6 and all(len(batch) == 8 for batch in epoch)
     assert len({index for batch in epoch for index, _ in batch}) == 48  # a permutation, the last 2 dropped
     seeds = [seed for batch in epoch for _, seed in batch]
-    assert len(set(seeds)) == 48 and all(0 <= seed < 2 ** 63 for seed in seeds)
+    assert len(set(seeds)) == 48 and all(0 <= seed < 2**63 for seed in seeds)
 
 
 def test_start_batch_skips_exactly_the_first_batches_and_len_still_counts_the_whole_epoch():
@@ -320,8 +360,9 @@ def test_the_ranks_kth_batches_together_are_the_single_process_kth_batch(world_s
 def test_validation_sharding_counts_every_image_exactly_once(world_size, dataset_len):
     seen = []
     for rank in range(world_size):
-        sampler = data.EpochBatchSampler(dataset_len, 3, shuffle=False, drop_last=False, rank=rank,
-                                         world_size=world_size)
+        sampler = data.EpochBatchSampler(
+            dataset_len, 3, shuffle=False, drop_last=False, rank=rank, world_size=world_size
+        )
         rank_batches = list(sampler)
         assert len(rank_batches) == len(sampler)
         seen += [index for batch in rank_batches for index, _ in batch]
@@ -331,6 +372,7 @@ def test_validation_sharding_counts_every_image_exactly_once(world_size, dataset
 # ------------------------------------------------------------------------------------------------------------------
 # Datasets
 # ------------------------------------------------------------------------------------------------------------------
+
 
 def save_image(path, seed, size=(40, 30)):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -392,8 +434,10 @@ def test_folder_problems_raise_one_line_data_errors_saying_what_to_fix(image_tre
     (image_tree / 'g.png').rename(image_tree / 'val/dog/g.png')
     assert "only in val: ['bird']" in one_line_error('folder', str(image_tree))
     os.rename(image_tree / 'val', image_tree / 'held_out')
-    assert 'no held-out folder (validation/, val/, valid/, test/); its folders: held_out/, train/; name the one ' \
-           'to use with --val-split' in one_line_error('folder', str(image_tree))
+    assert (
+        'no held-out folder (validation/, val/, valid/, test/); its folders: held_out/, train/; name the one '
+        'to use with --val-split' in one_line_error('folder', str(image_tree))
+    )
     assert 'no heldout/ folder' in one_line_error('folder', str(image_tree), splits=(None, 'heldout'))
     assert 'no training/ folder' in one_line_error('folder', str(image_tree), splits=('training', 'held_out'))
     (tmp_path / 'empty/train').mkdir(parents=True)
@@ -438,7 +482,7 @@ def tree_with_corrupt_files(image_tree):
     save_image(cat / 'whole.jpg', 8, size=(64, 64))
     whole = (cat / 'whole.jpg').read_bytes()
     (cat / 'whole.jpg').unlink()
-    (cat / 'truncated.jpg').write_bytes(whole[:len(whole) // 2])
+    (cat / 'truncated.jpg').write_bytes(whole[: len(whole) // 2])
     return image_tree  # train/cat sorted: a b c empty text truncated; then dog: d e
 
 
@@ -451,9 +495,10 @@ def test_corrupt_files_are_skipped_with_one_warning_each_and_counted(tree_with_c
             assert torch.equal(image, train_set[6][0]) and (label, bad_count) == (1, 1)
     warnings = capsys.readouterr().err.splitlines()  # one per file, though each was met four times
     cat = tree_with_corrupt_files / 'train' / 'cat'
-    warned = sorted(line[:line.index('.jpg: ') + 4] for line in warnings)  # the line goes on with the reason
-    assert warned == [f'warning: skipping unreadable image {cat / name}'
-                      for name in ('empty.jpg', 'text.jpg', 'truncated.jpg')]
+    warned = sorted(line[: line.index('.jpg: ') + 4] for line in warnings)  # the line goes on with the reason
+    assert warned == [
+        f'warning: skipping unreadable image {cat / name}' for name in ('empty.jpg', 'text.jpg', 'truncated.jpg')
+    ]
     sampler = data.EpochBatchSampler(len(train_set), 8, shuffle=False, drop_last=False)
     loader = data.create_loader(data.Transformed(train_set), sampler, workers=0)
     assert next(iter(loader))[2].sum() == 3  # the training loop sums and reports these
@@ -479,12 +524,14 @@ def test_digits_are_1797_images_in_a_fixed_stratified_split(digits):
     train_again, val_again, _ = data.load_datasets('digits')
     assert torch.equal(train_again.tensors[0], images) and val_again.tensors[1].tolist() == val_labels
     from sklearn.datasets import load_digits
+
     everything = load_digits()
     expected = np.column_stack([np.rint(everything.images.reshape(1797, -1) * (255 / 16)), everything.target])
 
     def rows(dataset):  # (64 grey pixels, label) per image
         images, labels = dataset.tensors
         return torch.cat([images[:, 0].flatten(1).long(), labels[:, None].long()], dim=1).tolist()
+
     assert sorted(rows(train_set) + rows(val_set)) == sorted(expected.astype(int).tolist())  # disjoint and complete
 
 
@@ -515,10 +562,13 @@ class PilImages(torch.utils.data.Dataset):
 
 def test_any_dataset_of_pil_images_or_uint8_tensors_loads_as_uint8_rgb_with_seeded_transforms():
     import torchvision
+
     transform = transforms.train_transform(24, aa='rand-m9-mstd0.5')
-    for dataset in (PilImages(), torchvision.datasets.FakeData(size=6, image_size=(3, 28, 36), num_classes=4),
-                    torch.utils.data.TensorDataset(torch.randint(0, 256, (4, 1, 20, 20), dtype=torch.uint8),
-                                                   torch.arange(4))):
+    for dataset in (
+        PilImages(),
+        torchvision.datasets.FakeData(size=6, image_size=(3, 28, 36), num_classes=4),
+        torch.utils.data.TensorDataset(torch.randint(0, 256, (4, 1, 20, 20), dtype=torch.uint8), torch.arange(4)),
+    ):
         loaded = data.Transformed(dataset, transform)
         image, label, bad_count = loaded[(2, 77)]
         assert image.shape == (3, 24, 24) and image.dtype == torch.uint8 and bad_count == 0
@@ -533,7 +583,7 @@ def test_hugging_face_rows_load_by_their_image_and_label_columns_and_others_say_
     rows = [dict(image=Image.fromarray(natural_image(20, 20, seed=1)), label=1)]
     image, label, _ = data.Transformed(rows)[0]
     assert image.shape == (3, 20, 20) and label == 1
-    with pytest.raises(DataError, match="rename_columns") as error:
+    with pytest.raises(DataError, match='rename_columns') as error:
         data.Transformed([dict(img=rows[0]['image'], label=1)])[0]
     assert "'image' and 'label'" in str(error.value)
 
@@ -551,23 +601,27 @@ def test_numpy_images_as_opencv_and_albumentations_give_them_load_like_pil_image
 
 
 def test_images_of_other_types_raise_a_one_line_data_error_naming_what_was_given_and_the_conversion():
-    for image, given in ((torch.zeros(3, 8, 8), 'torch.float32 Tensor of shape (3, 8, 8)'),
-                         (np.zeros((8, 8, 3), np.float32), 'float32 ndarray of shape (8, 8, 3)'),
-                         (np.zeros((3, 8, 8), np.uint8), 'uint8 ndarray of shape (3, 8, 8)')):
+    for image, given in (
+        (torch.zeros(3, 8, 8), 'torch.float32 Tensor of shape (3, 8, 8)'),
+        (np.zeros((8, 8, 3), np.float32), 'float32 ndarray of shape (8, 8, 3)'),
+        (np.zeros((3, 8, 8), np.uint8), 'uint8 ndarray of shape (3, 8, 8)'),
+    ):
         with pytest.raises(DataError, match='PIL images, uint8') as error:
             data.Transformed([(image, 0)])[0]
         assert given in str(error.value) and '\n' not in str(error.value)
-        assert "ToTensor() makes floats: use PILToTensor()" in str(error.value)
+        assert 'ToTensor() makes floats: use PILToTensor()' in str(error.value)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Per-batch augmentation on the device
 # ------------------------------------------------------------------------------------------------------------------
 
+
 def test_normalize_is_timms_prefetcher_normalisation_in_either_memory_format():
     images = torch.randint(0, 256, (2, 3, 5, 6), dtype=torch.uint8)
     expected = (images.float() / 255 - torch.tensor(model.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
-        model.IMAGENET_STD).view(1, 3, 1, 1)
+        model.IMAGENET_STD
+    ).view(1, 3, 1, 1)
     for channels_last in (False, True):
         out = transforms.normalize(images, model.IMAGENET_MEAN, model.IMAGENET_STD, channels_last=channels_last)
         assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-5)
@@ -587,7 +641,7 @@ def test_random_erase_with_prob_one_replaces_exactly_one_rectangle_per_sample():
         changed = sample.all(dim=0)
         assert torch.equal(changed, sample.any(dim=0))  # all channels
         rows, columns = changed.nonzero(as_tuple=True)
-        box = changed[rows.min():rows.max() + 1, columns.min():columns.max() + 1]
+        box = changed[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
         assert box.all() and box.sum() == changed.sum()  # one filled rectangle
         assert 0.015 <= changed.float().mean() <= 0.35  # timm: 2% .. 1/3 of the image
     assert abs(float(erased[erased != 7.0].std()) - 1.0) < 0.05  # normal noise
@@ -600,6 +654,7 @@ def mixed_lambda(mixed, first, second):
 
 def test_mixup_mixes_each_image_with_its_neighbour_and_folds_smoothing_into_timms_targets():
     from timm.data.mixup import mixup_target
+
     torch.manual_seed(1)
     mix = transforms.MixupCutmix(mixup=0.8, cutmix=0.0, smoothing=0.1, num_classes=5)
     images, labels = torch.rand(2, 3, 8, 8) + 1, torch.tensor([1, 3])

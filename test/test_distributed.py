@@ -21,6 +21,7 @@ Why 2 processes x batch b must match 1 process x batch 2b exactly (up to float r
   differ per rank): with it this un-normalized net diverged (losses 1.75 -> 239 -> 160), and a
   diverging run turns float-rounding differences into different numbers.
 """
+
 import csv
 import json
 import os
@@ -34,18 +35,35 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, RUNTIME_FILES, make_image_folder, run_train, summary_rows
 
 import distributed
 import errors
 
-from conftest import ROOT, RUNTIME_FILES, make_image_folder, run_train, summary_rows
-
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
 TINY = ['--img-size', '32', '-j', '0']
 # A recipe whose result does not depend on how a batch is split over processes (module docstring).
-EXACT = [*TINY, '--epochs', '2', '--log-interval', '1', '--freeze-bn', '--warmup-epochs', '0',
-         '--opt', 'sgd', '--lr', '3e-5', '--model-ema', '--model-ema-decay',
-         '0.5', '--seed', '3', '--color-jitter', '0']
+EXACT = [
+    *TINY,
+    '--epochs',
+    '2',
+    '--log-interval',
+    '1',
+    '--freeze-bn',
+    '--warmup-epochs',
+    '0',
+    '--opt',
+    'sgd',
+    '--lr',
+    '3e-5',
+    '--model-ema',
+    '--model-ema-decay',
+    '0.5',
+    '--seed',
+    '3',
+    '--color-jitter',
+    '0',
+]
 TIMEOUT = 300
 
 
@@ -58,19 +76,26 @@ def free_port():
 def launch(launcher_args, train_args, env=None, check=True, script=('train.py',)):
     """python -m LAUNCHER ... train.py ARGS in the repo root -> CompletedProcess (+ .seconds)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, '-m', *launcher_args, *script, *map(str, train_args)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
-                            env=dict(ENV, **(env or {})))
+    result = subprocess.run(
+        [sys.executable, '-m', *launcher_args, *script, *map(str, train_args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=dict(ENV, **(env or {})),
+    )
     result.seconds = time.perf_counter() - start
     if check and result.returncode != 0:
-        raise AssertionError(f"{launcher_args} failed ({result.returncode}):\n{result.stdout[-3000:]}"
-                             f"\n{result.stderr[-8000:]}")
+        raise AssertionError(
+            f'{launcher_args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-8000:]}'
+        )
     return result
 
 
 def torchrun(processes, train_args, **kwargs):
-    return launch(['torch.distributed.run', f'--nproc_per_node={processes}',
-                   f'--master_port={free_port()}'], train_args, **kwargs)
+    return launch(
+        ['torch.distributed.run', f'--nproc_per_node={processes}', f'--master_port={free_port()}'], train_args, **kwargs
+    )
 
 
 def losses(stdout):
@@ -90,8 +115,7 @@ def summary(output):
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
     """14 training images (not a multiple of 4 or 3), 7 validation images (prime)."""
-    return make_image_folder(tmp_path_factory.mktemp('dist') / 'data', classes=7, train_per_class=2,
-                             val_per_class=1)
+    return make_image_folder(tmp_path_factory.mktemp('dist') / 'data', classes=7, train_per_class=2, val_per_class=1)
 
 
 @pytest.fixture(scope='module')
@@ -106,9 +130,11 @@ def two_processes(data_dir, tmp_path_factory):
     """The ModelZoo's launcher: torch.distributed.launch, which passes --local-rank=K."""
     output = tmp_path_factory.mktemp('two') / 'run'
     dtypes = output.parent / 'dtypes'  # tools/faults.py only watches: which dtypes validation and collectives use
-    result = launch(['torch.distributed.launch', '--nproc_per_node=2', f'--master_port={free_port()}'],
-                    [data_dir, *EXACT, '-b', '2', '--output', output],
-                    script=('tools/faults.py', '--record-dtypes', dtypes, '--'))
+    result = launch(
+        ['torch.distributed.launch', '--nproc_per_node=2', f'--master_port={free_port()}'],
+        [data_dir, *EXACT, '-b', '2', '--output', output],
+        script=('tools/faults.py', '--record-dtypes', dtypes, '--'),
+    )
     return dict(output=str(output), stdout=result.stdout, dtypes=dtypes)
 
 
@@ -120,8 +146,11 @@ def test_two_processes_of_batch_b_train_like_one_process_of_batch_2b(one_process
     double = torch.load(os.path.join(two_processes['output'], 'last.pth.tar'), weights_only=True)
     for key in ('model', 'model_ema'):  # EMA kept alike on every rank, saved by rank 0
         assert single[key].keys() == double[key].keys()
-        differ = [name for name, tensor in single[key].items()
-                  if not torch.allclose(double[key][name].double(), tensor.double(), rtol=1e-4, atol=1e-5)]
+        differ = [
+            name
+            for name, tensor in single[key].items()
+            if not torch.allclose(double[key][name].double(), tensor.double(), rtol=1e-4, atol=1e-5)
+        ]
         assert not differ, f'{key}: {differ[:5]}'
 
 
@@ -129,8 +158,9 @@ def test_two_processes_of_batch_b_train_like_one_process_of_batch_2b(one_process
 def accumulating(data_dir, tmp_path_factory):
     """One process, batch 2, two micro-batches per optimizer step: the two processes' global batch of 4."""
     output = tmp_path_factory.mktemp('accumulating') / 'run'
-    result = run_train(data_dir, *EXACT, '-b', '2', '--grad-accum-steps', '2', '--output', output,
-                       env={'OMP_NUM_THREADS': '1'})
+    result = run_train(
+        data_dir, *EXACT, '-b', '2', '--grad-accum-steps', '2', '--output', output, env={'OMP_NUM_THREADS': '1'}
+    )
     return dict(output=str(output), stdout=result.stdout)
 
 
@@ -144,8 +174,11 @@ def test_one_process_accumulating_two_micro_batches_trains_like_two_processes(ac
     double = torch.load(os.path.join(two_processes['output'], 'last.pth.tar'), weights_only=True)
     assert single['num_updates'] == double['num_updates'] == 6
     for key in ('model', 'model_ema'):
-        differ = [name for name, tensor in single[key].items()
-                  if not torch.allclose(double[key][name].double(), tensor.double(), rtol=1e-4, atol=1e-5)]
+        differ = [
+            name
+            for name, tensor in single[key].items()
+            if not torch.allclose(double[key][name].double(), tensor.double(), rtol=1e-4, atol=1e-5)
+        ]
         assert not differ, f'{key}: {differ[:5]}'
     for one, two in zip(summary(accumulating['output']), summary(two_processes['output'])):
         assert float(one['eval_top1']) == float(two['eval_top1'])
@@ -154,17 +187,41 @@ def test_one_process_accumulating_two_micro_batches_trains_like_two_processes(ac
 
 def test_lr_base_scales_the_lr_with_the_global_batch_and_says_so(data_dir, tmp_path):
     """timm 1.x's rule: lr = lr_base x global batch / lr_base_size (linear; sqrt for adaptive optimizers)."""
-    result = torchrun(2, [data_dir, *TINY, '--epochs', '1', '--warmup-epochs', '0', '--perf-steps', '1',
-                          '-b', '2', '--grad-accum-steps', '3', '--opt', 'sgd', '--lr-base', '0.1',
-                          '--lr-base-size', '4', '--output', tmp_path / 'run'])
+    result = torchrun(
+        2,
+        [
+            data_dir,
+            *TINY,
+            '--epochs',
+            '1',
+            '--warmup-epochs',
+            '0',
+            '--perf-steps',
+            '1',
+            '-b',
+            '2',
+            '--grad-accum-steps',
+            '3',
+            '--opt',
+            'sgd',
+            '--lr-base',
+            '0.1',
+            '--lr-base-size',
+            '4',
+            '--output',
+            tmp_path / 'run',
+        ],
+    )
     assert 'batch 12 (2 per process x 3 accumulated), lr 0.3 (--lr-base 0.1 per 4 images, linear)' in result.stdout
     assert 'LR: 3.000e-01' in result.stdout
 
 
 # timm 0.5.4's validation line: each value is the batch's, in brackets the average so far.
-TEST_LINE = re.compile(r'^Test(?: \(EMA\))?: \[ *\d+/\d+\]  Time: \d+\.\d{3} \(\d+\.\d{3}\)  '
-                       r'Loss: +\d+\.\d{4} \( *\d+\.\d{4}\)  Acc@1: +\d+\.\d{4} \( *\d+\.\d{4}\)  '
-                       r'Acc@5: +\d+\.\d{4} \( *\d+\.\d{4}\)$')
+TEST_LINE = re.compile(
+    r'^Test(?: \(EMA\))?: \[ *\d+/\d+\]  Time: \d+\.\d{3} \(\d+\.\d{3}\)  '
+    r'Loss: +\d+\.\d{4} \( *\d+\.\d{4}\)  Acc@1: +\d+\.\d{4} \( *\d+\.\d{4}\)  '
+    r'Acc@5: +\d+\.\d{4} \( *\d+\.\d{4}\)$'
+)
 
 
 def untimed_test_lines(stdout):
@@ -177,14 +234,14 @@ def test_test_lines_follow_timms_format_and_two_processes_print_one_process_numb
     of batch 4 (7 images: a batch of 4, then one of 3 split as 2 + 1), so the same lines."""
     lines = [line for line in one_process['stdout'].splitlines() if line.startswith('Test')]
     assert len(lines) == 2 * 2 * 2 and all(TEST_LINE.match(line) for line in lines), lines[:2]
-    assert untimed_test_lines(two_processes["stdout"]) == untimed_test_lines(one_process["stdout"])
+    assert untimed_test_lines(two_processes['stdout']) == untimed_test_lines(one_process['stdout'])
 
 
 def test_validation_and_collectives_never_use_float64(two_processes):
     """Ascend's HCCL reduces no float64 (logs.EvalLogger cites the table): validation makes none and
     every all-reduce carries float32 or int32 (all_gather_object's own transport: uint8 and int64)."""
     for rank in (0, 1):
-        with open(f"{two_processes['dtypes']}.rank{rank}.json") as f:
+        with open(f'{two_processes["dtypes"]}.rank{rank}.json') as f:
             seen = json.load(f)
         assert seen['validation'] and 'torch.float64' not in seen['validation'], seen
         assert {'torch.float32', 'torch.int32'} <= set(seen['collectives']), seen
@@ -203,12 +260,34 @@ def two_nodes(data_dir, one_process):
     torchrun agents, node 0 with 2 processes, node 1 with 1. -> (node 0 output, node 1 output)."""
     checkpoint = os.path.join(one_process['output'], 'last.pth.tar')
     port = free_port()
-    nodes = [subprocess.Popen(
-        [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={node}',
-         f'--nproc_per_node={processes}', '--master_addr=127.0.0.1', f'--master_port={port}',
-         'train.py', data_dir, '--evaluate', '--resume', checkpoint, *TINY, '-b', '2'],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-        for node, processes in ((0, 2), (1, 1))]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                '-m',
+                'torch.distributed.run',
+                '--nnodes=2',
+                f'--node_rank={node}',
+                f'--nproc_per_node={processes}',
+                '--master_addr=127.0.0.1',
+                f'--master_port={port}',
+                'train.py',
+                data_dir,
+                '--evaluate',
+                '--resume',
+                checkpoint,
+                *TINY,
+                '-b',
+                '2',
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=ENV,
+        )
+        for node, processes in ((0, 2), (1, 1))
+    ]
     outputs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
     return outputs
@@ -220,11 +299,9 @@ def test_distributed_validation_counts_every_image_once(one_process, two_process
     row = summary(one_process['output'])[-1]
     expected = [float(row['eval_loss']), float(row['eval_top1']), float(row['eval_top5'])]
     two_row = summary(two_processes['output'])[-1]  # validated on 2 ranks at the end of training
-    assert [float(two_row[k]) for k in ('eval_loss', 'eval_top1', 'eval_top5')] == pytest.approx(
-        expected, abs=1e-4)
+    assert [float(two_row[k]) for k in ('eval_loss', 'eval_top1', 'eval_top5')] == pytest.approx(expected, abs=1e-4)
     assert evaluation(two_nodes[0]) == pytest.approx(expected, abs=1e-4)
-    assert evaluation(two_nodes[0], 'Evaluation (EMA)')[1] == pytest.approx(float(row['ema_top1']),
-                                                                          abs=1e-4)
+    assert evaluation(two_nodes[0], 'Evaluation (EMA)')[1] == pytest.approx(float(row['ema_top1']), abs=1e-4)
 
 
 def test_two_nodes_on_localhost_run_one_job_logged_by_rank_0(two_nodes):
@@ -233,8 +310,12 @@ def test_two_nodes_on_localhost_run_one_job_logged_by_rank_0(two_nodes):
 
 
 def test_a_failing_rank_stops_the_run_with_its_error_said_once(data_dir, tmp_path):
-    result = torchrun(2, [data_dir, *TINY, '-b', '2', '--output', tmp_path / 'run'], check=False,
-                      script=('tools/faults.py', '--fail-rank', '1', '--'))  # rank 1 raises after a step
+    result = torchrun(
+        2,
+        [data_dir, *TINY, '-b', '2', '--output', tmp_path / 'run'],
+        check=False,
+        script=('tools/faults.py', '--fail-rank', '1', '--'),
+    )  # rank 1 raises after a step
     text = result.stdout + result.stderr
     assert result.returncode != 0
     assert result.seconds < 120  # torchrun stops the other rank: no collective timeout, no hang
@@ -246,23 +327,46 @@ def test_a_failing_rank_stops_the_run_with_its_error_said_once(data_dir, tmp_pat
 # ------------------------------------------------------------------------------------------------
 # Slurm without torchrun: `srun python train.py ...` starts every process itself
 
-LAUNCHER_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
-                      'GROUP_RANK', 'TORCHELASTIC_USE_AGENT_STORE', 'TORCHELASTIC_RESTART_COUNT')
+LAUNCHER_VARIABLES = (
+    'RANK',
+    'WORLD_SIZE',
+    'LOCAL_RANK',
+    'LOCAL_WORLD_SIZE',
+    'MASTER_ADDR',
+    'MASTER_PORT',
+    'GROUP_RANK',
+    'TORCHELASTIC_USE_AGENT_STORE',
+    'TORCHELASTIC_RESTART_COUNT',
+)
 
 
 def srun_env(procid, ntasks, job_id, **extra):
     """What srun gives task `procid` of a one-node step (and no torchrun variables)."""
-    env = {key: value for key, value in ENV.items()
-           if key not in LAUNCHER_VARIABLES and not key.startswith('SLURM_')}
-    slurm = dict(SLURM_JOB_ID=str(job_id), SLURM_PROCID=str(procid), SLURM_LOCALID=str(procid),
-                 SLURM_NTASKS=str(ntasks), SLURM_STEP_NUM_TASKS=str(ntasks), SLURM_STEP_ID='0',
-                 SLURM_JOB_NODELIST='localhost', SLURM_STEP_NODELIST='localhost')
+    env = {key: value for key, value in ENV.items() if key not in LAUNCHER_VARIABLES and not key.startswith('SLURM_')}
+    slurm = dict(
+        SLURM_JOB_ID=str(job_id),
+        SLURM_PROCID=str(procid),
+        SLURM_LOCALID=str(procid),
+        SLURM_NTASKS=str(ntasks),
+        SLURM_STEP_NUM_TASKS=str(ntasks),
+        SLURM_STEP_ID='0',
+        SLURM_JOB_NODELIST='localhost',
+        SLURM_STEP_NODELIST='localhost',
+    )
     return dict(env, **slurm | extra)
 
 
-@pytest.mark.parametrize('nodelist, first', [('localhost', 'localhost'), ('node[01-03,07],gpu5', 'node01'),
-                                             ('gpu5,node[01-03]', 'gpu5'), ('rack[2-3]-n[4,6]', 'rack2-n4'),
-                                             ('n[7]', 'n7'), ('a-1,b', 'a-1')])
+@pytest.mark.parametrize(
+    'nodelist, first',
+    [
+        ('localhost', 'localhost'),
+        ('node[01-03,07],gpu5', 'node01'),
+        ('gpu5,node[01-03]', 'gpu5'),
+        ('rack[2-3]-n[4,6]', 'rack2-n4'),
+        ('n[7]', 'n7'),
+        ('a-1,b', 'a-1'),
+    ],
+)
 def test_the_master_is_the_first_host_of_slurms_compressed_host_list(nodelist, first):
     assert distributed.first_host(nodelist) == first
 
@@ -332,10 +436,17 @@ def slurm_processes(data_dir, tmp_path_factory):
     """The exact recipe on 2 processes started as srun starts them: only SLURM_* variables."""
     output = tmp_path_factory.mktemp('slurm') / 'run'
     job_id = free_slurm_job_id()
-    tasks = [subprocess.Popen([sys.executable, 'train.py', data_dir, *EXACT, '-b', '2', '--output', output],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=srun_env(procid, 2, job_id))
-             for procid in (0, 1)]
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, 'train.py', data_dir, *EXACT, '-b', '2', '--output', output],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=srun_env(procid, 2, job_id),
+        )
+        for procid in (0, 1)
+    ]
     outputs = [task.communicate(timeout=TIMEOUT)[0] for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], outputs
     return dict(output=str(output), stdout=outputs[0], rank_1=outputs[1])
@@ -352,21 +463,28 @@ def test_two_processes_started_with_only_slurm_variables_train_together(slurm_pr
 # ------------------------------------------------------------------------------------------------
 # The ModelZoo's launcher scripts, run from a copy of the repository (they write test/output/ there)
 
+
 @pytest.fixture(scope='module')
 def repo_copy(tmp_path_factory):
     root = tmp_path_factory.mktemp('repo')
     for name in RUNTIME_FILES:
         shutil.copy(os.path.join(ROOT, name), root)
-    shutil.copytree(os.path.join(ROOT, 'test'), root / 'test',
-                    ignore=shutil.ignore_patterns('output', '__pycache__', '*.py'))
+    shutil.copytree(
+        os.path.join(ROOT, 'test'), root / 'test', ignore=shutil.ignore_patterns('output', '__pycache__', '*.py')
+    )
     return root
 
 
 def run_script(repo, script, *args, cwd=None, **env):
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH']  # python3 = this one
-    return subprocess.run(['bash', f'test/{script}' if cwd is None else script, *args],
-                          cwd=cwd or repo, capture_output=True, text=True, timeout=TIMEOUT,
-                          env=dict(ENV, PATH=path, DEVICE='cpu', **env))
+    return subprocess.run(
+        ['bash', f'test/{script}' if cwd is None else script, *args],
+        cwd=cwd or repo,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=dict(ENV, PATH=path, DEVICE='cpu', **env),
+    )
 
 
 def final_value(stdout, label):
@@ -379,8 +497,9 @@ def case_log(repo, case_name):
 
 
 def test_performance_8p_script_runs_two_processes_on_synthetic_images(repo_copy):
-    result = run_script(repo_copy, 'train_performance_8p.sh', NPROC_PER_NODE='2',
-                        TRAIN_ARGS='-b 2 --img-size 32 -j 0 --perf-steps 2')
+    result = run_script(
+        repo_copy, 'train_performance_8p.sh', NPROC_PER_NODE='2', TRAIN_ARGS='-b 2 --img-size 32 -j 0 --perf-steps 2'
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     assert 'synthetic dataset' in result.stdout
     assert float(final_value(result.stdout, 'Final Performance images/sec')) > 0
@@ -392,13 +511,19 @@ def test_performance_8p_script_runs_two_processes_on_synthetic_images(repo_copy)
         float(log[key])
     train_log = (repo_copy / 'test' / 'output' / '0' / 'train_0.log').read_text()
     assert train_log.count('Train:') == 2
-    assert f"Training log: {repo_copy / 'test' / 'output' / '0' / 'train_0.log'}" in result.stdout
+    assert f'Training log: {repo_copy / "test" / "output" / "0" / "train_0.log"}' in result.stdout
     assert re.search(r'^Train: 0 \[   0/', result.stdout, re.M)  # progress shown while it runs
 
 
 def test_full_1p_script_trains_from_test_folder_and_reports_accuracy(repo_copy, data_dir):
-    result = run_script(repo_copy, 'train_full_1p.sh', f'--data_path={data_dir}', '--epochs=1',
-                        cwd=repo_copy / 'test', TRAIN_ARGS='-b 4 --img-size 32 -j 0')
+    result = run_script(
+        repo_copy,
+        'train_full_1p.sh',
+        f'--data_path={data_dir}',
+        '--epochs=1',
+        cwd=repo_copy / 'test',
+        TRAIN_ARGS='-b 4 --img-size 32 -j 0',
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     assert 0 <= float(final_value(result.stdout, 'Final Train Accuracy')) <= 100
     assert re.search(r'^Epoch 0: train_loss ', result.stdout, re.M)  # the epoch's summary, as it came

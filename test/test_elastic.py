@@ -13,6 +13,7 @@ each rank's random streams and BatchNorm statistics (run.py), so the resumed ran
 what the uninterrupted ones did; gloo adds the 2 ranks' gradients in one fixed order. OMP_NUM_THREADS=1
 keeps the CPU kernels' summation order fixed.
 """
+
 import os
 import re
 import signal
@@ -24,17 +25,54 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, load, make_image_folder, summary_rows
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
 # test_resume.py's recipe (every random stream a step uses), 2 processes x batch 2 over 16 images:
 # 4 steps an epoch, a checkpoint after each.
-RECIPE = ['--model', 'tf_efficientnetv2_b0', '-b', '2', '--img-size', '32', '--epochs', '2', '-j', '0',
-          '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '1', '--seed', '7',
-          '--aa', 'rand-m9-mstd0.5', '--mixup', '0.2', '--cutmix', '1.0', '--reprob', '0.25',
-          '--drop', '0.2', '--drop-path', '0.2', '--model-ema', '--model-ema-decay', '0.9',
-          '--log-interval', '1', '--checkpoint-interval', '1', '--resume', 'auto', '--dist-timeout', '1']
+RECIPE = [
+    '--model',
+    'tf_efficientnetv2_b0',
+    '-b',
+    '2',
+    '--img-size',
+    '32',
+    '--epochs',
+    '2',
+    '-j',
+    '0',
+    '--opt',
+    'adamw',
+    '--lr',
+    '1e-3',
+    '--warmup-epochs',
+    '1',
+    '--seed',
+    '7',
+    '--aa',
+    'rand-m9-mstd0.5',
+    '--mixup',
+    '0.2',
+    '--cutmix',
+    '1.0',
+    '--reprob',
+    '0.25',
+    '--drop',
+    '0.2',
+    '--drop-path',
+    '0.2',
+    '--model-ema',
+    '--model-ema-decay',
+    '0.9',
+    '--log-interval',
+    '1',
+    '--checkpoint-interval',
+    '1',
+    '--resume',
+    'auto',
+    '--dist-timeout',
+    '1',
+]
 STEPS_PER_EPOCH = 4
 KILLS = 3
 TIMEOUT = 300  # a deadline for hangs only, with room for a busy machine (the SIGSTOP run idles 42 s by itself)
@@ -49,16 +87,34 @@ def free_port():
 def start_torchrun(data_dir, output, max_restarts, *extra):
     """torchrun with 2 CPU processes, its output collected by a thread -> (Popen, list of lines)."""
     process = subprocess.Popen(
-        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--max-restarts={max_restarts}',
-         '--monitor-interval=0.1', f'--master_port={free_port()}', 'train.py', data_dir, *RECIPE,
-         '--output', output, *extra],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)  # its own process group: a failed test can end all of it
+        [
+            sys.executable,
+            '-m',
+            'torch.distributed.run',
+            '--nproc_per_node=2',
+            f'--max-restarts={max_restarts}',
+            '--monitor-interval=0.1',
+            f'--master_port={free_port()}',
+            'train.py',
+            data_dir,
+            *RECIPE,
+            '--output',
+            output,
+            *extra,
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # its own process group: a failed test can end all of it
     lines = []
 
     def read():
         for line in process.stdout:
             lines.append(line)
+
     threading.Thread(target=read, daemon=True).start()
     return process, lines
 
@@ -131,8 +187,7 @@ def wait_for_new_mid_epoch_checkpoint(path, after, process, deadline):
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('elastic') / 'data', classes=2, train_per_class=8,
-                             val_per_class=3)
+    return make_image_folder(tmp_path_factory.mktemp('elastic') / 'data', classes=2, train_per_class=8, val_per_class=3)
 
 
 @pytest.fixture(scope='module')
@@ -192,18 +247,34 @@ def signalled_job(data_dir, tmp_path_factory):
     interval longer than the epoch and no step checkpoints; then the same command again, to the end."""
     output = str(tmp_path_factory.mktemp('signalled_job') / 'out')
     stop = ['-j', '2', '--log-interval', '100', '--checkpoint-interval', '0']
-    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--monitor-interval=0.1',
-               f'--master_port={free_port()}', 'tools/faults.py', '--sigterm-group-at-loss', str(SIGTERM_AT_STEP),
-               '--', data_dir, *RECIPE, *stop, '--output', output]
-    stopped = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT,
-                             start_new_session=True)
+    command = [
+        sys.executable,
+        '-m',
+        'torch.distributed.run',
+        '--nproc_per_node=2',
+        '--monitor-interval=0.1',
+        f'--master_port={free_port()}',
+        'tools/faults.py',
+        '--sigterm-group-at-loss',
+        str(SIGTERM_AT_STEP),
+        '--',
+        data_dir,
+        *RECIPE,
+        *stop,
+        '--output',
+        output,
+    ]
+    stopped = subprocess.run(
+        command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT, start_new_session=True
+    )
     position = checkpoint_position(os.path.join(output, 'last.pth.tar'))
     code, text = finish(*start_torchrun(data_dir, output, 0, *stop), time.monotonic() + TIMEOUT)
     return dict(output=output, stopped=stopped, position=position, code=code, text=text)
 
 
 def test_sigterm_to_the_job_under_torchrun_stops_every_rank_within_two_steps_and_resumes_bitwise(
-        signalled_job, uninterrupted):
+    signalled_job, uninterrupted
+):
     """The ranks agree on the stop over their CPU group a step after the signal, whatever --log-interval is: the
     checkpoint holds the signal's step or the next; no rank ends with a traceback, none of their loader workers
     dies of the signal, rank 0 says once that it stops and once how to go on; the resumed run ends as the
@@ -225,7 +296,7 @@ def assert_same_run(output, reference):
     ours, theirs = load(os.path.join(output, 'last.pth.tar')), load(os.path.join(reference, 'last.pth.tar'))
     for key in ('model', 'model_ema'):
         differ = [name for name, tensor in theirs[key].items() if not torch.equal(ours[key][name], tensor)]
-        assert not differ, f"{key}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+        assert not differ, f'{key}: {len(differ)} tensors differ, e.g. {differ[:3]}'
     for index, state in theirs['optimizer']['state'].items():
         for name, tensor in state.items():
             assert torch.equal(ours['optimizer']['state'][index][name], tensor), (index, name)
@@ -235,24 +306,24 @@ def assert_same_run(output, reference):
 
 
 def test_a_worker_killed_three_times_under_torchrun_restarts_and_ends_equal_to_an_uninterrupted_run(
-        killed_three_times, uninterrupted):
+    killed_three_times, uninterrupted
+):
     run = killed_three_times
-    assert run['code'] == 0 and not run['problem'], f"{run['problem']}\n{run['text'][-6000:]}"
+    assert run['code'] == 0 and not run['problem'], f'{run["problem"]}\n{run["text"][-6000:]}'
     print('kills (rank, checkpoint epoch and step):', run['kills'], 'group starts:', run['resumed'])
     assert len(run['kills']) == KILLS and all(step > 0 for _, (_, step) in run['kills'])
     assert run['text'].count('Resumed from') == KILLS, run['text'][-6000:]
     assert_same_run(run['output'], uninterrupted)
 
 
-def test_a_worker_that_stops_answering_fails_the_group_at_dist_timeout_and_torchrun_restarts_it(
-        hung, uninterrupted):
+def test_a_worker_that_stops_answering_fails_the_group_at_dist_timeout_and_torchrun_restarts_it(hung, uninterrupted):
     """The other rank's collective times out after --dist-timeout and it stops with one line, whichever
     collective and message gloo fails with (a recv or send timeout, or 'Application timeout caused pair
     closure' in DDP's buffer broadcast after a timeout elsewhere); torchrun then stops the silent rank
     (SIGTERM, and SIGKILL 30 s later: a stopped process ignores SIGTERM) and starts a new group, which
     resumes and ends as the uninterrupted run."""
     text = hung['text']
-    assert hung['code'] == 0 and not hung['problem'], f"{hung['problem']}\n{text[-6000:]}"
+    assert hung['code'] == 0 and not hung['problem'], f'{hung["problem"]}\n{text[-6000:]}'
     stops = re.findall(r'^rank (\d+) stops: another rank failed \((.+)\)$', text, re.M)
     print('stopped with:', stops)
     assert [rank for rank, _ in stops] == ['0'], text[-6000:]  # rank 1, stopped, never runs again
@@ -290,8 +361,16 @@ def test_gloos_errors_for_a_lost_or_silent_peer_end_as_one_line(peer):
     """The whole of rank 0's stderr is the one line, and its exit status 1: a plain exit after a silent peer
     aborted in 1 of 6 tries ('terminate called without an active exception' from gloo's waiting threads)."""
     env = dict(ENV, WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
-    ranks = [subprocess.Popen([sys.executable, '-c', PEER.format(root=ROOT), peer], env=dict(env, RANK=str(rank)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, '-c', PEER.format(root=ROOT), peer],
+            env=dict(env, RANK=str(rank)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     out, err = ranks[0].communicate(timeout=60)
     ranks[1].kill()
     ranks[1].wait()

@@ -6,6 +6,7 @@ links to it), so a folder with room for one checkpoint holds a run. Two ways to 
 makes the second save's writes fail with ENOSPC (works anywhere), and a real 100 MB tmpfs, where one b0
 checkpoint (71 MB) fits and the next one's temporary file does not (needs root and mount; skipped elsewhere).
 """
+
 import glob
 import os
 import re
@@ -13,21 +14,41 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import load, make_image_folder, run_train, summary_rows
 
 ENV = {'OMP_NUM_THREADS': '1'}  # bitwise resume needs a fixed thread count
 # 4 steps an epoch and a save at each epoch's end, of 71 MB (the weights and AdamW's two averages)
-RECIPE = ['--model', 'tf_efficientnetv2_b0', '-b', '4', '--img-size', '32', '-j', '0', '--epochs', '2',
-          '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '0', '--seed', '3']
-ERROR = re.compile(r"^error: no space left in (\S+) for last\.pth\.tar: it needs about ([\d.]+) MB, ([\d.]+) MB are "
-                   r"free; free some space there or choose another --output$")
+RECIPE = [
+    '--model',
+    'tf_efficientnetv2_b0',
+    '-b',
+    '4',
+    '--img-size',
+    '32',
+    '-j',
+    '0',
+    '--epochs',
+    '2',
+    '--opt',
+    'adamw',
+    '--lr',
+    '1e-3',
+    '--warmup-epochs',
+    '0',
+    '--seed',
+    '3',
+]
+ERROR = re.compile(
+    r'^error: no space left in (\S+) for last\.pth\.tar: it needs about ([\d.]+) MB, ([\d.]+) MB are '
+    r'free; free some space there or choose another --output$'
+)
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('full_disk') / 'data', classes=2, train_per_class=8,
-                             val_per_class=3)
+    return make_image_folder(
+        tmp_path_factory.mktemp('full_disk') / 'data', classes=2, train_per_class=8, val_per_class=3
+    )
 
 
 @pytest.fixture(scope='module')
@@ -64,15 +85,15 @@ def assert_same_run(output, reference):
 
 
 def test_a_disk_that_fills_at_the_second_save_ends_in_one_line_and_the_run_resumes_from_the_first(
-        data_dir, uninterrupted, tmp_path):
+    data_dir, uninterrupted, tmp_path
+):
     output = tmp_path / 'out'
-    full = run_train(data_dir, *RECIPE, '--output', output, env=ENV, check=False,
-                     faults=['--disk-full-at-save', '2'])
+    full = run_train(data_dir, *RECIPE, '--output', output, env=ENV, check=False, faults=['--disk-full-at-save', '2'])
     needed, _ = assert_one_line_error(full, output)
     assert_epoch_0_checkpoint_kept(output)
     assert abs(needed * 1e6 - os.path.getsize(output / 'last.pth.tar')) < 0.01 * needed * 1e6  # its tensors
     resumed = run_train(data_dir, *RECIPE, '--output', output, '--resume', 'auto', env=ENV)
-    assert f"Resumed from {output / 'last.pth.tar'}: epoch 1, step 0" in resumed.stdout
+    assert f'Resumed from {output / "last.pth.tar"}: epoch 1, step 0' in resumed.stdout
     assert_same_run(output, uninterrupted)
 
 
@@ -82,18 +103,20 @@ def small_filesystem(tmp_path):
     folder = tmp_path / 'tmpfs'
     folder.mkdir()
     try:
-        mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=100m', 'tmpfs', str(folder)], capture_output=True,
-                               text=True)
+        mount = subprocess.run(
+            ['mount', '-t', 'tmpfs', '-o', 'size=100m', 'tmpfs', str(folder)], capture_output=True, text=True
+        )
     except OSError as error:  # no mount command
-        pytest.skip(f"cannot mount a tmpfs here: {error}")
+        pytest.skip(f'cannot mount a tmpfs here: {error}')
     if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+        pytest.skip(f'cannot mount a tmpfs here: {mount.stderr.strip()}')
     yield folder
     subprocess.run(['umount', str(folder)], check=True)
 
 
 def test_a_run_on_a_100_mb_filesystem_saves_one_checkpoint_and_resumes_from_it_elsewhere(
-        data_dir, uninterrupted, small_filesystem, tmp_path):
+    data_dir, uninterrupted, small_filesystem, tmp_path
+):
     output = small_filesystem / 'out'
     full = run_train(data_dir, *RECIPE, '--output', output, env=ENV, check=False)
     needed, free = assert_one_line_error(full, output)
@@ -107,14 +130,18 @@ def test_a_run_on_a_100_mb_filesystem_saves_one_checkpoint_and_resumes_from_it_e
 
 
 @pytest.mark.parametrize('links', ['hard links', 'no links'])
-def test_a_save_under_several_names_gives_each_the_same_bytes_and_leaves_no_temporary_file(links, tmp_path,
-                                                                                            monkeypatch):
+def test_a_save_under_several_names_gives_each_the_same_bytes_and_leaves_no_temporary_file(
+    links, tmp_path, monkeypatch
+):
     """model_best and checkpoint-E are hard links of last.pth.tar's bytes, or copies on a filesystem without
     links (FAT, some network and FUSE filesystems); replacing one later leaves the others' bytes as they were."""
     import run
+
     if links == 'no links':
+
         def refuse(source, target):
             raise OSError(1, 'Operation not permitted')
+
         monkeypatch.setattr(os, 'link', refuse)
     (tmp_path / 'model_best.pth.tar').write_bytes(b'an older best')
     names = [tmp_path / name for name in ('model_best.pth.tar', 'checkpoint-3.pth.tar', 'last.pth.tar')]

@@ -4,6 +4,7 @@ data/validation-*.parquet) and a DatasetDict saved with save_to_disk. Images go 
 transforms, sampler and exact resume as a folder's. HF_HOME points at a temporary folder: the
 user's cache is never touched, and nothing reaches the network.
 """
+
 import os
 import subprocess
 import sys
@@ -11,9 +12,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import COLOURS, ROOT, summary_rows, train_command
+from PIL import Image
 
 datasets = pytest.importorskip('datasets')
 
@@ -22,21 +22,61 @@ import transforms  # noqa: E402
 
 CLASSES = ['red', 'blue', 'green']
 COARSE = ['warm', 'cool']  # blue is cool
-RECIPE = ['--dataset', 'hf', '--model', 'tf_efficientnetv2_b0', '--img-size', '32', '-b', '4', '--epochs', '2',
-          '--warmup-epochs', '0', '--opt', 'adamw', '--lr', '1e-3', '--aa', 'rand-m9', '--mixup', '0.2',
-          '--model-ema', '--log-interval', '1', '--checkpoint-interval', '1', '-j', '0']
+RECIPE = [
+    '--dataset',
+    'hf',
+    '--model',
+    'tf_efficientnetv2_b0',
+    '--img-size',
+    '32',
+    '-b',
+    '4',
+    '--epochs',
+    '2',
+    '--warmup-epochs',
+    '0',
+    '--opt',
+    'adamw',
+    '--lr',
+    '1e-3',
+    '--aa',
+    'rand-m9',
+    '--mixup',
+    '0.2',
+    '--model-ema',
+    '--log-interval',
+    '1',
+    '--checkpoint-interval',
+    '1',
+    '-j',
+    '0',
+]
 
 
 def make_split(count, seed):
     """Noisy images of one colour per class, under the column names CIFAR-100 uses on the hub."""
     rng = np.random.RandomState(seed)
-    images = [Image.fromarray(np.clip(np.array(COLOURS[i % 3]) + rng.normal(0, 30, (30 + i % 5, 40, 3)), 0, 255)
-                              .astype(np.uint8)) for i in range(count)]
-    features = datasets.Features(img=datasets.Image(), fine_label=datasets.ClassLabel(names=CLASSES),
-                                 coarse_label=datasets.ClassLabel(names=COARSE), id=datasets.Value('int32'))
-    return datasets.Dataset.from_dict(dict(img=images, fine_label=[i % 3 for i in range(count)],
-                                           coarse_label=[int(i % 3 == 1) for i in range(count)],
-                                           id=list(range(count))), features=features)
+    images = [
+        Image.fromarray(
+            np.clip(np.array(COLOURS[i % 3]) + rng.normal(0, 30, (30 + i % 5, 40, 3)), 0, 255).astype(np.uint8)
+        )
+        for i in range(count)
+    ]
+    features = datasets.Features(
+        img=datasets.Image(),
+        fine_label=datasets.ClassLabel(names=CLASSES),
+        coarse_label=datasets.ClassLabel(names=COARSE),
+        id=datasets.Value('int32'),
+    )
+    return datasets.Dataset.from_dict(
+        dict(
+            img=images,
+            fine_label=[i % 3 for i in range(count)],
+            coarse_label=[int(i % 3 == 1) for i in range(count)],
+            id=list(range(count)),
+        ),
+        features=features,
+    )
 
 
 @pytest.fixture(scope='module')
@@ -55,15 +95,18 @@ def hf_home(tmp_path, monkeypatch):
 
 
 def run(args, env, faults=()):
-    return subprocess.run(train_command(*args, faults=faults), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        train_command(*args, faults=faults), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_parquet_files_in_the_hubs_layout_train_and_resume_bitwise(hub_layout, hf_home, tmp_path):
     whole = run([hub_layout, *RECIPE, '--output', tmp_path / 'whole'], hf_home)
     assert whole.returncode == 0, whole.stderr[-3000:]
-    assert ('16 train / 6 val images (splits train, validation, columns img, fine_label (other class labels: '
-            'coarse_label; --target-key picks one)), 3 classes') in whole.stdout
+    assert (
+        '16 train / 6 val images (splits train, validation, columns img, fine_label (other class labels: '
+        'coarse_label; --target-key picks one)), 3 classes'
+    ) in whole.stdout
     assert '\r' not in whole.stdout + whole.stderr  # no progress bars in the log
     killed = run([hub_layout, *RECIPE, '--output', tmp_path / 'cut'], hf_home, faults=['--kill-at-loss', '6'])
     assert killed.returncode == -9 and killed.stdout.count('Train:') == 5  # epoch 1, step 1 saved
@@ -84,8 +127,9 @@ def test_a_dataset_saved_to_disk_loads_its_class_names_and_images_through_the_sa
     assert train_set.column_names == ['image', 'label']
     image, label, bad_count = data.Transformed(train_set, transforms.train_transform(24, aa='rand-m9'))[(4, 9)]
     assert image.shape == (3, 24, 24) and image.dtype == torch.uint8 and (label, bad_count) == (1, 0)
-    assert torch.equal(data.Transformed(val_set)[2][0], torch.from_numpy(np.array(
-        make_split(3, 1)[2]['img'])).permute(2, 0, 1))  # the decoded pixels, untouched without a transform
+    assert torch.equal(
+        data.Transformed(val_set)[2][0], torch.from_numpy(np.array(make_split(3, 1)[2]['img'])).permute(2, 0, 1)
+    )  # the decoded pixels, untouched without a transform
 
 
 def one_line_error(path, **options):
@@ -98,28 +142,63 @@ def one_line_error(path, **options):
 def test_train_and_test_splits_train_with_no_flag_and_the_flags_pick_other_splits_and_columns(tmp_path, hf_home):
     """CIFAR-100's layout on the hub: train and test splits, fine_label and coarse_label."""
     datasets.DatasetDict(train=make_split(8, 0), test=make_split(4, 1)).save_to_disk(str(tmp_path / 'cifar'))
-    args = [tmp_path / 'cifar', '--dataset', 'hf', '--model', 'tf_efficientnetv2_b0', '--img-size', '32', '-b', '4',
-            '--epochs', '1', '-j', '0', '--warmup-epochs', '0']
+    args = [
+        tmp_path / 'cifar',
+        '--dataset',
+        'hf',
+        '--model',
+        'tf_efficientnetv2_b0',
+        '--img-size',
+        '32',
+        '-b',
+        '4',
+        '--epochs',
+        '1',
+        '-j',
+        '0',
+        '--warmup-epochs',
+        '0',
+    ]
     fine = run([*args, '--output', tmp_path / 'fine'], hf_home)
     assert fine.returncode == 0, fine.stderr[-3000:]
-    assert ('8 train / 4 val images (splits train, test, columns img, fine_label (other class labels: coarse_label; '
-            '--target-key picks one)), 3 classes') in fine.stdout
-    coarse = run([*args, '--output', tmp_path / 'coarse', '--train-split', 'test', '--val-split', 'train',
-                  '--target-key', 'coarse_label'], hf_home)
+    assert (
+        '8 train / 4 val images (splits train, test, columns img, fine_label (other class labels: coarse_label; '
+        '--target-key picks one)), 3 classes'
+    ) in fine.stdout
+    coarse = run(
+        [
+            *args,
+            '--output',
+            tmp_path / 'coarse',
+            '--train-split',
+            'test',
+            '--val-split',
+            'train',
+            '--target-key',
+            'coarse_label',
+        ],
+        hf_home,
+    )
     assert coarse.returncode == 0, coarse.stderr[-3000:]
-    assert ('4 train / 8 val images (splits test, train, columns img, coarse_label (other class labels: fine_label; '
-            '--target-key picks one)), 2 classes') in coarse.stdout
+    assert (
+        '4 train / 8 val images (splits test, train, columns img, coarse_label (other class labels: fine_label; '
+        '--target-key picks one)), 2 classes'
+    ) in coarse.stdout
     assert torch.load(tmp_path / 'coarse' / 'last.pth.tar', weights_only=True)['classes'] == COARSE
 
 
 def test_datasets_without_the_splits_or_columns_train_py_needs_say_what_is_missing(tmp_path, hf_home):
     datasets.DatasetDict(train=make_split(3, 0), extra=make_split(3, 1)).save_to_disk(str(tmp_path / 'no_val'))
-    assert ('has no held-out split (validation, val, valid, test); its splits: train, extra; name the one to use '
-            'with --val-split') in one_line_error(tmp_path / 'no_val')
+    assert (
+        'has no held-out split (validation, val, valid, test); its splits: train, extra; name the one to use '
+        'with --val-split'
+    ) in one_line_error(tmp_path / 'no_val')
     assert 'has no other split; its splits: train, extra; name the one to use with --train-split' in one_line_error(
-        tmp_path / 'no_val', splits=('other', 'extra'))
+        tmp_path / 'no_val', splits=('other', 'extra')
+    )
     assert 'no column label; its columns are img (Image), fine_label (ClassLabel)' in one_line_error(
-        tmp_path / 'no_val', splits=('train', 'extra'), keys=(None, 'label'))
+        tmp_path / 'no_val', splits=('train', 'extra'), keys=(None, 'label')
+    )
     plain = make_split(3, 0).cast_column('fine_label', datasets.Value('int64')).remove_columns('coarse_label')
     datasets.DatasetDict(train=plain, validation=plain).save_to_disk(str(tmp_path / 'no_labels'))
     assert 'fine_label (Value)' in one_line_error(tmp_path / 'no_labels')

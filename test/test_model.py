@@ -7,6 +7,7 @@ handling, ONNX export, channels_last and odd input sizes.
 
     .venv/bin/python -m pytest test/test_model.py -q   # 3.5 min on 2 busy CPU cores (85 s of CPU)
 """
+
 import argparse
 import math
 import os
@@ -33,8 +34,7 @@ SQUARE = (64, 64)
 ODD = (67, 75)  # TF 'same' padding of a stride-2 conv is asymmetric here, and differs per side
 # One of each kind: 'cn' stage 0 (rw_t), 'er' stage 0 with head 1792 (rw_s), TF padding and BN eps
 # (tf_s), and the b-series' rounding without the 10% correction (tf_b0).
-REPRESENTATIVE = ['efficientnetv2_rw_t', 'efficientnetv2_rw_s', 'tf_efficientnetv2_s',
-                  'tf_efficientnetv2_b0']
+REPRESENTATIVE = ['efficientnetv2_rw_t', 'efficientnetv2_rw_s', 'tf_efficientnetv2_s', 'tf_efficientnetv2_b0']
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -49,6 +49,7 @@ def one_thread():
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
+
 
 def images(size, batch=2, seed=0):
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
@@ -110,6 +111,7 @@ def quoted_keys(message):
 
 # ----------------------------------------------------------------------------------------------
 # Parity with timm (and torchvision)
+
 
 @pytest.mark.parametrize('name', list_models())
 def test_every_variant_matches_timm_outputs_after_loading_its_weights(name):
@@ -176,9 +178,14 @@ def test_stochastic_depth_and_dropout_draw_the_same_samples_as_timm_given_the_sa
         assert not torch.allclose(ours(x), outputs[0])  # something was dropped
 
 
-@pytest.mark.parametrize('tv_name, name', [('efficientnet_v2_s', 'efficientnetv2_s'),
-                                           ('efficientnet_v2_m', 'efficientnetv2_m'),
-                                           ('efficientnet_v2_l', 'efficientnetv2_l')])
+@pytest.mark.parametrize(
+    'tv_name, name',
+    [
+        ('efficientnet_v2_s', 'efficientnetv2_s'),
+        ('efficientnet_v2_m', 'efficientnetv2_m'),
+        ('efficientnet_v2_l', 'efficientnetv2_l'),
+    ],
+)
 def test_torchvision_weights_load_and_give_torchvision_outputs(tv_name, name):
     torch.manual_seed(0)
     reference = calibrate_batchnorm(getattr(torchvision.models, tv_name)(weights=None))
@@ -196,8 +203,7 @@ def test_torchvision_weights_load_and_give_torchvision_outputs(tv_name, name):
 def test_every_variant_carries_timms_preprocessing_config():
     for name in list_models():
         # timm's config for the ImageNet-1k weights, or its default where there are none.
-        tags = [t for t in timm.list_pretrained(name + '.*')
-                if t.endswith('in1k') and 'in21k' not in t]
+        tags = [t for t in timm.list_pretrained(name + '.*') if t.endswith('in1k') and 'in21k' not in t]
         expected = timm.models.get_pretrained_cfg(tags[0] if tags else name)
         config = model.VARIANTS[name]['config']
         assert config['train_size'] == expected.input_size[-1], name
@@ -210,12 +216,14 @@ def test_every_variant_carries_timms_preprocessing_config():
 def test_channel_rounding_matches_timm():
     for channels in [c / 10 for c in range(10, 40000, 7)]:
         for round_limit in (0.9, 0.0):
-            assert (model.make_divisible(channels, round_limit=round_limit)
-                    == timm.layers.make_divisible(channels, round_limit=round_limit)), channels
+            assert model.make_divisible(channels, round_limit=round_limit) == timm.layers.make_divisible(
+                channels, round_limit=round_limit
+            ), channels
 
 
 # ----------------------------------------------------------------------------------------------
 # Stochastic depth and init
+
 
 def test_drop_path_is_the_identity_in_eval_mode():
     x = torch.randn(64, 8, 4, 4)
@@ -241,8 +249,9 @@ def test_drop_path_rate_grows_linearly_over_all_blocks_as_in_timm():
     blocks = [block for stage in ours.blocks for block in stage]
     assert [b.drop_path.rate for b in blocks] == [0.2 * i / len(blocks) for i in range(len(blocks))]
     timm_blocks = [block for stage in reference.blocks for block in stage]
-    assert ([getattr(b.drop_path, 'drop_prob', 0.0) for b in timm_blocks]
-            == pytest.approx([b.drop_path.rate for b in blocks]))
+    assert [getattr(b.drop_path, 'drop_prob', 0.0) for b in timm_blocks] == pytest.approx(
+        [b.drop_path.rate for b in blocks]
+    )
 
 
 def test_conv_init_is_normal_with_std_sqrt_2_over_fan_out_for_depthwise_and_pointwise():
@@ -277,6 +286,7 @@ def test_linear_init_is_uniform_within_1_over_sqrt_fan_out(num_classes):
 # ----------------------------------------------------------------------------------------------
 # Loading checkpoints
 
+
 @pytest.fixture(scope='module')
 def b0_weights():
     return timm_reference('tf_efficientnetv2_b0').state_dict()
@@ -287,14 +297,18 @@ def assert_holds(net, state_dict):
         assert torch.equal(value, state_dict[key]), key
 
 
-@pytest.mark.parametrize('wrap', [
-    lambda sd: sd,
-    lambda sd: {'state_dict': sd, 'epoch': 3},  # timm train.py checkpoint
-    lambda sd: {'state_dict_ema': sd},
-    lambda sd: {'model': sd, 'optimizer': {}},  # torchvision references / this project
-    lambda sd: {'module.' + k: v for k, v in sd.items()},  # DistributedDataParallel
-    lambda sd: {'_orig_mod.' + k: v for k, v in sd.items()},  # torch.compile
-], ids=['bare', 'state_dict', 'state_dict_ema', 'model', 'module.', '_orig_mod.'])
+@pytest.mark.parametrize(
+    'wrap',
+    [
+        lambda sd: sd,
+        lambda sd: {'state_dict': sd, 'epoch': 3},  # timm train.py checkpoint
+        lambda sd: {'state_dict_ema': sd},
+        lambda sd: {'model': sd, 'optimizer': {}},  # torchvision references / this project
+        lambda sd: {'module.' + k: v for k, v in sd.items()},  # DistributedDataParallel
+        lambda sd: {'_orig_mod.' + k: v for k, v in sd.items()},  # torch.compile
+    ],
+    ids=['bare', 'state_dict', 'state_dict_ema', 'model', 'module.', '_orig_mod.'],
+)
 def test_timm_weights_load_from_every_usual_wrapper(wrap, b0_weights, tmp_path):
     net = create_model('tf_efficientnetv2_b0')
     assert load_pretrained(net, wrap(b0_weights)) == []  # nothing to note
@@ -313,8 +327,12 @@ def test_a_timm_train_py_checkpoint_loads_its_ema_weights(b0_weights, tmp_path):
     with torch.no_grad():
         reference.conv_stem.weight.add_(1.0)  # the trained weights move on; the EMA lags behind
     saver = timm.utils.CheckpointSaver(
-        reference, torch.optim.SGD(reference.parameters(), lr=0.1), model_ema=ema,
-        args=argparse.Namespace(model='tf_efficientnetv2_b0', lr=0.1), checkpoint_dir=str(tmp_path))
+        reference,
+        torch.optim.SGD(reference.parameters(), lr=0.1),
+        model_ema=ema,
+        args=argparse.Namespace(model='tf_efficientnetv2_b0', lr=0.1),
+        checkpoint_dir=str(tmp_path),
+    )
     saver.save_checkpoint(epoch=0, metric=50.0)
     net = loaded(create_model('tf_efficientnetv2_b0'), weights.read_checkpoint(tmp_path / 'last.pth.tar'))
     assert_holds(net, b0_weights)
@@ -328,8 +346,13 @@ def test_ema_weights_are_preferred_unless_use_ema_is_false(b0_weights):
     assert_holds(net, plain)
 
 
-@pytest.mark.parametrize('other', ['efficientnetv2_rw_s',  # other blocks: keys differ
-                                   'efficientnetv2_s'])    # same blocks, other widths: shapes differ
+@pytest.mark.parametrize(
+    'other',
+    [
+        'efficientnetv2_rw_s',  # other blocks: keys differ
+        'efficientnetv2_s',
+    ],
+)  # same blocks, other widths: shapes differ
 def test_weights_of_another_variant_are_refused_naming_a_key(other):
     torch.manual_seed(0)
     state_dict = timm.create_model(other).state_dict()
@@ -373,7 +396,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(b0_weigh
 
 @pytest.mark.parametrize('checkpoint_classes, model_classes', [(10, 1000), (1000, 10)])
 def test_a_classifier_of_another_size_is_left_as_initialised_and_reported_in_one_line(
-        checkpoint_classes, model_classes):
+    checkpoint_classes, model_classes
+):
     state_dict = timm_reference('tf_efficientnetv2_b0', num_classes=checkpoint_classes).state_dict()
     net = create_model('tf_efficientnetv2_b0', num_classes=model_classes)
     classifier = {k: v.clone() for k, v in net.classifier.state_dict().items()}
@@ -389,12 +413,14 @@ def test_a_classifier_of_another_size_is_left_as_initialised_and_reported_in_one
 # ----------------------------------------------------------------------------------------------
 # Using the model: heads, sizes, memory formats, export
 
+
 def test_unknown_variant_name_is_an_error_that_suggests_close_names():
     with pytest.raises(ValueError, match='efficientnetv2_rw_t'):
         create_model('efficientnetv2_rwt')
 
     class UsageError(ValueError):  # a caller's own error: train.py and predict.py pass errors.UsageError
         pass
+
     with pytest.raises(UsageError, match="unknown model 'efficientnetv2_rwt': did you mean efficientnetv2_rw_t"):
         model.check_model_name('efficientnetv2_rwt', error=UsageError)
     model.check_model_name('efficientnetv2_rw_t', error=UsageError)  # a known name passes
@@ -440,6 +466,7 @@ def test_channels_last_gives_the_same_output_as_contiguous(name):
 
 def test_count_macs_agrees_with_torchs_flop_counter_at_an_odd_size():
     from torch.utils.flop_counter import FlopCounterMode
+
     with torch.device('meta'):
         net = create_model('tf_efficientnetv2_b0')
     with FlopCounterMode(display=False) as counter:
@@ -450,13 +477,13 @@ def test_count_macs_agrees_with_torchs_flop_counter_at_an_odd_size():
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')  # the TorchScript exporter's own notice
 def test_onnx_export_runs_in_onnxruntime_with_pytorchs_outputs(tmp_path):
     import onnxruntime
+
     torch.manual_seed(0)
     net = calibrate_batchnorm(create_model('efficientnetv2_rw_t'))
     x = images(SQUARE, batch=1)
     path = tmp_path / 'rw_t.onnx'
     # The TorchScript-based exporter: seconds, where dynamo=True takes most of a minute on a CPU.
-    torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=['images'],
-                      output_names=['logits'])
+    torch.onnx.export(net, (x,), str(path), dynamo=False, input_names=['images'], output_names=['logits'])
     session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     (logits,) = session.run(None, {'images': x.numpy()})
     with torch.no_grad():

@@ -3,13 +3,13 @@
 Checkpoints: one written by a short train.py run, one of a model overfit here to a generated
 folder of two colours. The commands are run as the README shows them.
 """
+
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, make_image_folder, run_train
 
 import data
@@ -22,8 +22,13 @@ pytestmark = pytest.mark.filterwarnings('ignore:The image decoding and encoding 
 
 
 def run_predict(*args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'predict.py'), *map(str, args)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'predict.py'), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout
 
@@ -36,8 +41,9 @@ def trained(tmp_path_factory):
     """A checkpoint as train.py writes it: one short epoch of tf_efficientnetv2_b0 at 32 px."""
     root = tmp_path_factory.mktemp('predict')
     data_dir = make_image_folder(root / 'data', classes=2, train_per_class=8, val_per_class=3)
-    run_train(data_dir, '--model', ARCH, '--img-size', '32', '-b', '8', '--epochs', '1', '-j', '0',
-              '--output', root / 'run')
+    run_train(
+        data_dir, '--model', ARCH, '--img-size', '32', '-b', '8', '--epochs', '1', '-j', '0', '--output', root / 'run'
+    )
     return dict(root=root, data=data_dir, checkpoint=root / 'run' / 'last.pth.tar')
 
 
@@ -51,8 +57,9 @@ def overfit(tmp_path_factory):
     data_dir = make_image_folder(root / 'data', classes=2, train_per_class=16, val_per_class=3)
     size, config = 32, models.VARIANTS[ARCH]['config']
     train_set, _, classes = data.load_datasets('folder', data_dir)
-    train_set = data.Transformed(train_set, transforms.eval_transform(size, crop_pct=config['crop_pct'],
-                                                                interpolation=config['interpolation']))
+    train_set = data.Transformed(
+        train_set, transforms.eval_transform(size, crop_pct=config['crop_pct'], interpolation=config['interpolation'])
+    )
     images, labels, _ = zip(*(train_set[i] for i in range(len(train_set))))
     images, labels = transforms.normalize(torch.stack(images), config['mean'], config['std']), torch.tensor(labels)
     torch.manual_seed(0)
@@ -70,8 +77,17 @@ def overfit(tmp_path_factory):
     with torch.no_grad():
         net(images)
     checkpoint = root / 'overfit.pth.tar'
-    torch.save(dict(model=net.state_dict(), model_ema=None, arch=ARCH, num_classes=len(classes),
-                    classes=classes, args=dict(img_size=size, eval_size=size)), checkpoint)
+    torch.save(
+        dict(
+            model=net.state_dict(),
+            model_ema=None,
+            arch=ARCH,
+            num_classes=len(classes),
+            classes=classes,
+            args=dict(img_size=size, eval_size=size),
+        ),
+        checkpoint,
+    )
     return dict(data=data_dir, checkpoint=checkpoint)
 
 
@@ -85,8 +101,9 @@ def parse(stdout):
 
 
 def test_classify_a_folder_names_each_images_class_for_an_overfit_model(overfit):
-    results = parse(run_predict('classify', overfit['checkpoint'], os.path.join(overfit['data'], 'val'),
-                                '--device', 'cpu'))
+    results = parse(
+        run_predict('classify', overfit['checkpoint'], os.path.join(overfit['data'], 'val'), '--device', 'cpu')
+    )
     assert len(results) == 6
     for path, top in results.items():
         assert top[0][0] == os.path.basename(os.path.dirname(path))  # the class folder's name
@@ -130,8 +147,17 @@ def test_export_and_classify_take_the_ema_weights_when_present(tmp_path):
     torch.manual_seed(0)
     live, ema = (models.create_model('tf_efficientnetv2_b0', num_classes=3) for _ in range(2))
     checkpoint = tmp_path / 'ema.pth.tar'
-    torch.save(dict(model=live.state_dict(), model_ema=ema.state_dict(), arch='tf_efficientnetv2_b0',
-                    num_classes=3, classes=['a', 'b', 'c'], args=dict(img_size=32, eval_size=40)), checkpoint)
+    torch.save(
+        dict(
+            model=live.state_dict(),
+            model_ema=ema.state_dict(),
+            arch='tf_efficientnetv2_b0',
+            num_classes=3,
+            classes=['a', 'b', 'c'],
+            args=dict(img_size=32, eval_size=40),
+        ),
+        checkpoint,
+    )
     net, info = predict.load_model(checkpoint)
     assert info['ema'] and info['size'] == 40
     images = torch.randn(2, 3, 40, 40)
@@ -142,8 +168,9 @@ def test_export_and_classify_take_the_ema_weights_when_present(tmp_path):
 def test_bare_weights_need_a_model_name(tmp_path):
     weights = tmp_path / 'bare.pth'
     torch.save(models.create_model('tf_efficientnetv2_b0', num_classes=4).state_dict(), weights)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'predict.py'), 'classify', weights, ROOT],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'predict.py'), 'classify', weights, ROOT], capture_output=True, text=True
+    )
     assert result.returncode == 2 and 'give --model NAME' in result.stderr
     net, info = predict.load_model(weights, 'tf_efficientnetv2_b0')
     assert info['classes'] == ['0', '1', '2', '3'] and info['size'] == 224  # the model's test size
@@ -152,9 +179,15 @@ def test_bare_weights_need_a_model_name(tmp_path):
 def test_export_without_the_onnx_packages_is_one_error_line_naming_the_pip_line(trained, tmp_path):
     (tmp_path / 'onnx').mkdir()  # a package that fails to import, first on the path
     (tmp_path / 'onnx' / '__init__.py').write_text("raise ImportError('No module named onnx')\n")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'predict.py'), 'export', trained['checkpoint'],
-                             tmp_path / 'model.onnx'], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'predict.py'), 'export', trained['checkpoint'], tmp_path / 'model.onnx'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+    )
     assert result.returncode == 2 and result.stdout == ''
     assert result.stderr.strip().splitlines() == [
-        'error: export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime']
+        'error: export needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript onnxruntime'
+    ]

@@ -12,6 +12,7 @@ Both caches (HF_HOME, TORCH_HOME) are temporary folders, so the user's are never
 
     .venv/bin/python -m pytest test/test_pretrained.py -q
 """
+
 import hashlib
 import http.server
 import os
@@ -29,15 +30,14 @@ import safetensors.torch
 import timm
 import torch
 import torchvision
-from huggingface_hub import constants as hub_constants
-
 from conftest import ROOT, make_image_folder, run_train
+from huggingface_hub import constants as hub_constants
 from test_model import assert_same, images, timm_reference
 
 import errors
 import model
-import published
 import predict
+import published
 import weights
 
 ARCH, HUB_ID = 'tf_efficientnetv2_b0', 'tf_efficientnetv2_b0.in1k'
@@ -49,13 +49,19 @@ DOWNLOAD = [f'HEAD {HUB_PATH}', f'GET {CDN_PATH}']  # what the client asks for o
 # ----------------------------------------------------------------------------------------------
 # The caches, and a Hugging Face stand-in on 127.0.0.1
 
+
 @pytest.fixture(autouse=True)
 def caches(monkeypatch, tmp_path):
     """Hugging Face's and torch's caches in a temporary folder, the hub client online and without its
     once-a-day telemetry request. Subprocesses read the environment; huggingface_hub reads it once, at
     its import (timm imported it here), so this process also gets its constants set."""
-    settings = dict(HF_HOME=str(tmp_path / 'hf'), HF_HUB_CACHE=str(tmp_path / 'hf' / 'hub'),
-                    HF_HUB_OFFLINE='0', HF_HUB_DISABLE_TELEMETRY='1', TORCH_HOME=str(tmp_path / 'torch'))
+    settings = dict(
+        HF_HOME=str(tmp_path / 'hf'),
+        HF_HUB_CACHE=str(tmp_path / 'hf' / 'hub'),
+        HF_HUB_OFFLINE='0',
+        HF_HUB_DISABLE_TELEMETRY='1',
+        TORCH_HOME=str(tmp_path / 'torch'),
+    )
     for key, value in settings.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(hub_constants, 'HF_HUB_CACHE', settings['HF_HUB_CACHE'])
@@ -68,8 +74,9 @@ def use_endpoint(monkeypatch, endpoint):
     monkeypatch.setenv('HF_ENDPOINT', endpoint)
     endpoint = endpoint.rstrip('/')
     monkeypatch.setattr(hub_constants, 'ENDPOINT', endpoint)
-    monkeypatch.setattr(hub_constants, 'HUGGINGFACE_CO_URL_TEMPLATE',
-                        endpoint + '/{repo_id}/resolve/{revision}/{filename}')
+    monkeypatch.setattr(
+        hub_constants, 'HUGGINGFACE_CO_URL_TEMPLATE', endpoint + '/{repo_id}/resolve/{revision}/{filename}'
+    )
 
 
 @pytest.fixture
@@ -126,7 +133,7 @@ class Hub(http.server.BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         if self.command == 'GET':
-            self.wfile.write(body[:plan.get('send', len(body))])  # HTTP/1.0: then the connection closes
+            self.wfile.write(body[: plan.get('send', len(body))])  # HTTP/1.0: then the connection closes
             hub.dropping = plan.get('then_drop', False)
             if plan.get('interrupt'):
                 self.wfile.flush()
@@ -176,8 +183,17 @@ def publish(hub, body, stated_sha256='the right one', hub_id=HUB_ID):
         stated_sha256 = hashlib.sha256(body).hexdigest()
     stated = {'X-Linked-Etag': f'"{stated_sha256}"'} if stated_sha256 else {}
     hub_path, cdn_path = HUB_PATH.replace(HUB_ID, hub_id), CDN_PATH if hub_id == HUB_ID else f'/cdn/{hub_id}'
-    hub.routes[hub_path] = (302, {'Location': hub.cdn_url + cdn_path, 'X-Repo-Commit': COMMIT,
-                                  'ETag': '"' + 'e' * 40 + '"', 'X-Linked-Size': str(len(body)), **stated}, b'')
+    hub.routes[hub_path] = (
+        302,
+        {
+            'Location': hub.cdn_url + cdn_path,
+            'X-Repo-Commit': COMMIT,
+            'ETag': '"' + 'e' * 40 + '"',
+            'X-Linked-Size': str(len(body)),
+            **stated,
+        },
+        b'',
+    )
     hub.routes[cdn_path] = (200, {'ETag': '"' + '0' * 64 + '"'}, body)
 
 
@@ -217,8 +233,10 @@ def snapshot_and_blob(body):
     """Where huggingface_hub keeps a downloaded file: the snapshot link, and the blob it points to,
     named by the file's SHA-256 (relative to the hub cache)."""
     repo = f'models--timm--{HUB_ID}'
-    return (os.path.join(repo, 'snapshots', COMMIT, 'model.safetensors'),
-            os.path.join(repo, 'blobs', hashlib.sha256(body).hexdigest()))
+    return (
+        os.path.join(repo, 'snapshots', COMMIT, 'model.safetensors'),
+        os.path.join(repo, 'blobs', hashlib.sha256(body).hexdigest()),
+    )
 
 
 def one_line(error):
@@ -230,8 +248,8 @@ def one_line(error):
 # ----------------------------------------------------------------------------------------------
 # Download and cache: timm's weights on the Hugging Face hub
 
-def test_published_timm_weights_download_into_the_hub_cache_and_give_timms_outputs(hub, timm_b0,
-                                                                                   timm_b0_file):
+
+def test_published_timm_weights_download_into_the_hub_cache_and_give_timms_outputs(hub, timm_b0, timm_b0_file):
     publish(hub, timm_b0_file)
     path = published.published_weights(ARCH, progress=False)
     snapshot, blob = snapshot_and_blob(timm_b0_file)
@@ -254,8 +272,7 @@ def test_the_second_call_is_a_cache_hit_without_a_request(hub, timm_b0_file):
     assert published.published_weights(ARCH) == first and hub.requests == DOWNLOAD
 
 
-def test_offline_mode_uses_the_cache_and_without_it_is_one_line_and_no_request(hub, timm_b0_file,
-                                                                              monkeypatch):
+def test_offline_mode_uses_the_cache_and_without_it_is_one_line_and_no_request(hub, timm_b0_file, monkeypatch):
     monkeypatch.setattr(hub_constants, 'HF_HUB_OFFLINE', True)  # HF_HUB_OFFLINE=1
     publish(hub, timm_b0_file)
     with pytest.raises(errors.CheckpointError) as error:
@@ -301,16 +318,14 @@ def test_a_transfer_that_ends_early_leaves_no_partial_file_and_says_so_in_one_li
     assert hub.requests == DOWNLOAD and cache_contents() == []
 
 
-def test_a_transfer_cut_once_resumes_where_it_stopped_and_the_file_is_whole(hub, timm_b0_file,
-                                                                            no_retry_waits):
+def test_a_transfer_cut_once_resumes_where_it_stopped_and_the_file_is_whole(hub, timm_b0_file, no_retry_waits):
     publish(hub, timm_b0_file)
     hub.plan = [dict(send=len(timm_b0_file) - 1000)]  # the client keeps what it has read
     path = published.published_weights(ARCH, progress=False)
     assert open(path, 'rb').read() == timm_b0_file and hub.requests == DOWNLOAD + [f'GET {CDN_PATH}']
 
 
-def test_a_transfer_cut_for_good_leaves_no_partial_file_and_says_so_in_one_line(hub, timm_b0_file,
-                                                                                no_retry_waits):
+def test_a_transfer_cut_for_good_leaves_no_partial_file_and_says_so_in_one_line(hub, timm_b0_file, no_retry_waits):
     """Cut halfway, then the CDN drops every connection: the client gives up after 5 more tries."""
     publish(hub, timm_b0_file)
     hub.plan = [dict(send=len(timm_b0_file) // 2, then_drop=True)]
@@ -330,8 +345,7 @@ def test_ctrl_c_during_the_transfer_leaves_no_partial_file(hub, timm_b0_file):
     assert hub.requests == DOWNLOAD and cache_contents() == []
 
 
-def test_an_unreachable_hub_is_one_line_naming_the_url_the_cache_and_a_local_file(monkeypatch,
-                                                                                   no_retry_waits):
+def test_an_unreachable_hub_is_one_line_naming_the_url_the_cache_and_a_local_file(monkeypatch, no_retry_waits):
     port = closed_port()
     use_endpoint(monkeypatch, f'http://127.0.0.1:{port}')
     with pytest.raises(errors.CheckpointError) as error:
@@ -357,6 +371,7 @@ def closed_port():
 # ----------------------------------------------------------------------------------------------
 # Download and cache: torchvision's weights, with torch.hub
 
+
 @pytest.fixture
 def torchvision_style(monkeypatch, tmp_path):
     """b0's weights as a .pth named like torchvision's (first 8 hex of its SHA-256), served from a
@@ -370,8 +385,7 @@ def torchvision_style(monkeypatch, tmp_path):
     return dict(folder=folder, weights=state, sha256=sha256)
 
 
-def test_torchvision_style_weights_are_checked_against_the_hash_prefix_in_their_name(torchvision_style,
-                                                                                       monkeypatch):
+def test_torchvision_style_weights_are_checked_against_the_hash_prefix_in_their_name(torchvision_style, monkeypatch):
     folder, sha256 = torchvision_style['folder'], torchvision_style['sha256']
     (folder / 'weights.pth').rename(folder / f'b0-{sha256[:8]}.pth')
     monkeypatch.setitem(published.PUBLISHED_WEIGHTS, HUB_ID, ('torchvision', 1000, None, {}))
@@ -389,8 +403,7 @@ def test_torchvision_style_weights_are_checked_against_the_hash_prefix_in_their_
 
 def test_torchvision_weights_whose_hash_differs_from_their_name_are_refused(torchvision_style):
     """The real row: efficientnet_v2_s-dd5fe13b.pth, here holding other bytes."""
-    (torchvision_style['folder'] / 'weights.pth').rename(
-        torchvision_style['folder'] / 'efficientnet_v2_s-dd5fe13b.pth')
+    (torchvision_style['folder'] / 'weights.pth').rename(torchvision_style['folder'] / 'efficientnet_v2_s-dd5fe13b.pth')
     with pytest.raises(errors.CheckpointError) as error:
         published.published_weights('efficientnetv2_s', progress=False)
     assert 'expected dd5fe13b' in one_line(error) and torch_cache() in str(error.value)
@@ -401,7 +414,7 @@ def test_an_unreachable_torchvision_file_is_one_line_naming_the_url_and_the_cach
     with pytest.raises(errors.CheckpointError) as error:
         published.published_weights('efficientnetv2_s', progress=False)
     message = one_line(error)
-    assert message.startswith(f"cannot download {published.TORCHVISION_MODELS}/efficientnet_v2_s-dd5fe13b.pth")
+    assert message.startswith(f'cannot download {published.TORCHVISION_MODELS}/efficientnet_v2_s-dd5fe13b.pth')
     assert os.path.join(torch_cache(), 'efficientnet_v2_s-dd5fe13b.pth') in message
     assert '--pretrained PATH' in message and cache_contents() == []
 
@@ -417,8 +430,7 @@ def test_a_variant_without_published_weights_is_refused_in_one_line():
 
 
 def test_huggingface_hub_is_imported_only_for_a_download():
-    code = ('import sys, model, weights, predict, train; '
-            'assert "huggingface_hub" not in sys.modules, "imported"')
+    code = 'import sys, model, weights, predict, train; assert "huggingface_hub" not in sys.modules, "imported"'
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -441,7 +453,8 @@ DEFAULT_WEIGHTS = {
     'tf_efficientnetv2_b0': 'timm:tf_efficientnetv2_b0.in1k',
     'tf_efficientnetv2_b1': 'timm:tf_efficientnetv2_b1.in1k',
     'tf_efficientnetv2_b2': 'timm:tf_efficientnetv2_b2.in1k',
-    'tf_efficientnetv2_b3': 'timm:tf_efficientnetv2_b3.in1k'}
+    'tf_efficientnetv2_b3': 'timm:tf_efficientnetv2_b3.in1k',
+}
 
 
 def test_every_efficientnetv2_tag_timm_publishes_is_a_row_with_timms_classes_and_eval_config():
@@ -471,9 +484,14 @@ def test_a_bare_variant_name_means_the_weights_it_meant_before_tags():
     assert set(DEFAULT_WEIGHTS) == set(model.VARIANTS) - {'efficientnetv2_xl'}
 
 
-@pytest.mark.parametrize('name, torchvision_weights', [('efficientnetv2_s', 'EfficientNet_V2_S_Weights'),
-                                                       ('efficientnetv2_m', 'EfficientNet_V2_M_Weights'),
-                                                       ('efficientnetv2_l', 'EfficientNet_V2_L_Weights')])
+@pytest.mark.parametrize(
+    'name, torchvision_weights',
+    [
+        ('efficientnetv2_s', 'EfficientNet_V2_S_Weights'),
+        ('efficientnetv2_m', 'EfficientNet_V2_M_Weights'),
+        ('efficientnetv2_l', 'EfficientNet_V2_L_Weights'),
+    ],
+)
 def test_torchvision_rows_carry_torchvisions_file_top1_and_eval_transform(name, torchvision_weights):
     theirs = getattr(torchvision.models, torchvision_weights).IMAGENET1K_V1
     tag = published.published_tag(name)
@@ -495,7 +513,7 @@ def test_torchvision_weights_without_batch_counters_still_convert():
     with torch.device('meta'):
         net = model.create_model('efficientnetv2_s')
     net = net.to_empty(device='cpu')
-    assert weights.load_pretrained(net, state) == ["converted torchvision weights; BatchNorm eps set to 1e-3"]
+    assert weights.load_pretrained(net, state) == ['converted torchvision weights; BatchNorm eps set to 1e-3']
     ours = [(k, v) for k, v in net.state_dict().items() if not k.endswith('num_batches_tracked')]
     assert len(ours) == len(state)
     for (key, value), expected in zip(ours, state.values()):
@@ -506,16 +524,24 @@ def test_torchvision_weights_without_batch_counters_still_convert():
 # ----------------------------------------------------------------------------------------------
 # Reading .safetensors (the safetensors package)
 
+
 def test_safetensors_files_are_read_by_their_extension_with_every_dtype_kept(tmp_path):
     generator = torch.Generator().manual_seed(0)
     floats = torch.randn(3, 5, 7, generator=generator)
-    tensors = {'f64': floats.double(), 'f32': floats, 'f16': floats.half(), 'bf16': floats.bfloat16(),
-               'i64': torch.randint(-2**62, 2**62, (4, 3), generator=generator),
-               'i32': torch.randint(-2**31, 2**31 - 1, (6,), dtype=torch.int32, generator=generator),
-               'i16': torch.randint(-2**15, 2**15 - 1, (2, 2), dtype=torch.int16, generator=generator),
-               'i8': torch.randint(-128, 127, (9,), dtype=torch.int8, generator=generator),
-               'u8': torch.randint(0, 255, (1, 9), dtype=torch.uint8, generator=generator),
-               'bool': floats[0] > 0, 'scalar': torch.tensor(7), 'empty': torch.zeros(0, 4)}
+    tensors = {
+        'f64': floats.double(),
+        'f32': floats,
+        'f16': floats.half(),
+        'bf16': floats.bfloat16(),
+        'i64': torch.randint(-(2**62), 2**62, (4, 3), generator=generator),
+        'i32': torch.randint(-(2**31), 2**31 - 1, (6,), dtype=torch.int32, generator=generator),
+        'i16': torch.randint(-(2**15), 2**15 - 1, (2, 2), dtype=torch.int16, generator=generator),
+        'i8': torch.randint(-128, 127, (9,), dtype=torch.int8, generator=generator),
+        'u8': torch.randint(0, 255, (1, 9), dtype=torch.uint8, generator=generator),
+        'bool': floats[0] > 0,
+        'scalar': torch.tensor(7),
+        'empty': torch.zeros(0, 4),
+    }
     path = tmp_path / 'mixed.safetensors'
     safetensors.torch.save_file(tensors, path, metadata={'format': 'pt'})
     read = weights.read_checkpoint(str(path))
@@ -524,8 +550,10 @@ def test_safetensors_files_are_read_by_their_extension_with_every_dtype_kept(tmp
         assert read[key].dtype == tensors[key].dtype and torch.equal(read[key], tensors[key]), key
 
 
-@pytest.mark.parametrize('content', [b'', b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}',
-                                     b'\xff' * 8 + b'{}', b'PK\x03\x04 a zip, as torch.save writes'])
+@pytest.mark.parametrize(
+    'content',
+    [b'', b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}', b'\xff' * 8 + b'{}', b'PK\x03\x04 a zip, as torch.save writes'],
+)
 def test_a_broken_safetensors_file_is_refused_in_one_line(tmp_path, content):
     path = tmp_path / 'broken.safetensors'
     path.write_bytes(content)
@@ -548,9 +576,16 @@ def test_timm_safetensors_without_batch_counters_load(tmp_path, timm_b0):
 # ----------------------------------------------------------------------------------------------
 # predict.py without a checkpoint
 
+
 def run_predict(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'predict.py'), *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'predict.py'), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONUNBUFFERED='1'),
+    )
 
 
 def an_image(tmp_path):
@@ -558,8 +593,7 @@ def an_image(tmp_path):
     return os.path.join(folder, 'val', 'class_0', '0.jpg')
 
 
-def test_classify_with_a_model_name_downloads_once_and_prints_imagenet_class_names(hub, timm_b0_file,
-                                                                                   tmp_path):
+def test_classify_with_a_model_name_downloads_once_and_prints_imagenet_class_names(hub, timm_b0_file, tmp_path):
     publish(hub, timm_b0_file)
     image = an_image(tmp_path)
     for _ in range(2):
@@ -582,14 +616,17 @@ def test_published_weights_come_with_their_eval_settings_and_imagenet_class_name
 
 def test_an_unknown_model_name_is_a_usage_error_naming_close_matches(tmp_path):
     torch.save(model.create_model(ARCH, num_classes=2).state_dict(), tmp_path / 'bare.pth')
-    for load in (lambda: predict.load_published('efficientnetv2_rwt'),
-                 lambda: predict.load_model(tmp_path / 'bare.pth', 'efficientnetv2_rwt')):
+    for load in (
+        lambda: predict.load_published('efficientnetv2_rwt'),
+        lambda: predict.load_model(tmp_path / 'bare.pth', 'efficientnetv2_rwt'),
+    ):
         with pytest.raises(predict.errors.UsageError, match='did you mean efficientnetv2_rw_t'):
             load()
 
 
-def test_classify_with_an_unreachable_hub_is_one_error_line_with_exit_status_2(tmp_path, monkeypatch,
-                                                                              no_retry_waits_in_subprocesses):
+def test_classify_with_an_unreachable_hub_is_one_error_line_with_exit_status_2(
+    tmp_path, monkeypatch, no_retry_waits_in_subprocesses
+):
     """huggingface_hub retries a host that does not answer (23 s of waits, skipped here) before this one line."""
     port = closed_port()
     monkeypatch.setenv('HF_ENDPOINT', f'http://127.0.0.1:{port}/')  # a trailing slash, as often typed
@@ -633,14 +670,16 @@ def test_imagenet_class_names_are_the_thousand_in_torchvisions_order():
 # ----------------------------------------------------------------------------------------------
 # train.py --pretrained without a path
 
+
 def test_train_pretrained_without_a_path_downloads_once_and_starts_from_those_weights(hub, timm_b0_file, tmp_path):
     """Fine-tuning and --evaluate from the published weights; the second run reads the cache."""
     publish(hub, timm_b0_file)
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=4, val_per_class=2)
     tiny = [data_dir, '--model', ARCH, '--pretrained', '-b', '4', '-j', '0']
     result = run_train(*tiny, '--img-size', '32', '--perf-steps', '1', '--output', tmp_path / 'run')
-    assert re.search(r'^classifier left as initialised \(checkpoint has 1000 classes, model 2\)$',
-                     result.stdout, re.M), result.stdout
+    assert re.search(
+        r'^classifier left as initialised \(checkpoint has 1000 classes, model 2\)$', result.stdout, re.M
+    ), result.stdout
     assert f'downloaded {hub.url}{HUB_PATH} to ' in result.stderr and '\r' not in result.stderr
     result = run_train(*tiny, '--evaluate', '--num-classes', '1000')  # at the weights' eval size, 224
     assert re.search(r'^Evaluation: loss \S+  top1 \S+  top5 \S+$', result.stdout, re.M), result.stdout
@@ -649,12 +688,26 @@ def test_train_pretrained_without_a_path_downloads_once_and_starts_from_those_we
 
 
 def test_train_pretrained_with_an_unreachable_hub_is_one_error_line_and_leaves_no_run_folder(
-        tmp_path, monkeypatch, no_retry_waits_in_subprocesses):
+    tmp_path, monkeypatch, no_retry_waits_in_subprocesses
+):
     """huggingface_hub retries a host that does not answer (23 s of waits, skipped here) before this one line."""
     monkeypatch.setenv('HF_ENDPOINT', f'http://127.0.0.1:{closed_port()}')
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1)
-    result = run_train(data_dir, '--model', ARCH, '--pretrained', '--img-size', '32', '-b', '2', '-j', '0',
-                       '--output', tmp_path / 'run', check=False)
+    result = run_train(
+        data_dir,
+        '--model',
+        ARCH,
+        '--pretrained',
+        '--img-size',
+        '32',
+        '-b',
+        '2',
+        '-j',
+        '0',
+        '--output',
+        tmp_path / 'run',
+        check=False,
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and 'Traceback' not in result.stderr, result.stderr
     assert lines[-1].startswith('error: cannot download http://127.0.0.1:') and '--pretrained PATH' in lines[-1]
@@ -664,18 +717,32 @@ def test_train_pretrained_with_an_unreachable_hub_is_one_error_line_and_leaves_n
 # ----------------------------------------------------------------------------------------------
 # Weights by tag: --model VARIANT.TAG (timm's spelling)
 
+
 def test_python_published_py_lists_every_tag_with_its_classes_sizes_and_top1():
     result = subprocess.run([sys.executable, 'published.py'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
     for tag, (publisher, classes, top1, _) in published.PUBLISHED_WEIGHTS.items():
         config = published.published_config(tag)
-        settings = [f'{classes:,}', str(config['train_size']), str(config['test_size']), f"{config['crop_pct']:.3f}",
-                    '0.5' if config['mean'] == model.TF_MEAN else 'ImageNet', config['interpolation']]
-        top1_words = [f'{top1:.3f}', f"@{config['test_size']}"] if top1 else ['none:', '21k', 'classes']
+        settings = [
+            f'{classes:,}',
+            str(config['train_size']),
+            str(config['test_size']),
+            f'{config["crop_pct"]:.3f}',
+            '0.5' if config['mean'] == model.TF_MEAN else 'ImageNet',
+            config['interpolation'],
+        ]
+        top1_words = [f'{top1:.3f}', f'@{config["test_size"]}'] if top1 else ['none:', '21k', 'classes']
         assert rows[tag][1:] == [*settings, *top1_words, f'({publisher})'], rows[tag]
-    assert rows['tf_efficientnetv2_s.in21k_ft_in1k'][1:8] == ['1,000', '300', '384', '1.000', '0.5', 'bicubic',
-                                                              '84.332']
+    assert rows['tf_efficientnetv2_s.in21k_ft_in1k'][1:8] == [
+        '1,000',
+        '300',
+        '384',
+        '1.000',
+        '0.5',
+        'bicubic',
+        '84.332',
+    ]
     assert rows['tf_efficientnetv2_l.in21k'][1:8] == ['21,843', '384', '480', '1.000', '0.5', 'bicubic', 'none:']
     # the variants' own table names each variant's default weights
     assert rows['tf_efficientnetv2_s'][-3:] == ['83.900', '@384', 'tf_efficientnetv2_s.in1k']
@@ -684,9 +751,14 @@ def test_python_published_py_lists_every_tag_with_its_classes_sizes_and_top1():
 
 def test_an_unknown_tag_is_one_line_naming_the_variants_tags():
     import flags
-    for call in (published.published_tag, published.published_config, published.published_weights,
-                 predict.load_published,
-                 lambda name: flags.resolve_args(flags.get_args_parser().parse_args(['--model', name]))):
+
+    for call in (
+        published.published_tag,
+        published.published_config,
+        published.published_weights,
+        predict.load_published,
+        lambda name: flags.resolve_args(flags.get_args_parser().parse_args(['--model', name])),
+    ):
         with pytest.raises(errors.CheckpointError) as error:
             call('tf_efficientnetv2_s.in22k')
         message = one_line(error)
@@ -700,15 +772,18 @@ def test_an_unknown_tag_is_one_line_naming_the_variants_tags():
 def test_a_tag_without_pretrained_trains_from_scratch_with_the_tags_settings():
     """As timm's create_model('VARIANT.TAG') without pretrained=True: the network, the tag's config."""
     import flags
+
     def resolved(*extra):
         return flags.resolve_args(flags.get_args_parser().parse_args(['--num-classes', '10', *extra]))
+
     tagged = resolved('--model', 'tf_efficientnetv2_b3.in21k_ft_in1k')
     bare = resolved('--model', 'tf_efficientnetv2_b3')
     assert (tagged.mean, tagged.std, tagged.crop_pct) == (model.TF_MEAN, model.TF_STD, 0.9)
     assert (bare.mean, bare.std, bare.crop_pct) == (model.IMAGENET_MEAN, model.IMAGENET_STD, 0.904)
     net = model.create_model(tagged.model, num_classes=10)
     assert sum(p.numel() for p in net.parameters()) == sum(
-        p.numel() for p in model.create_model(bare.model, num_classes=10).parameters())
+        p.numel() for p in model.create_model(bare.model, num_classes=10).parameters()
+    )
     assert cache_contents() == []
 
 
@@ -720,16 +795,19 @@ def test_a_tag_offline_is_one_error_line_naming_its_file_and_once_cached_it_load
     result = run_train(*tiny, '--output', tmp_path / 'run', check=False, env=offline)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
-    assert lines[0].startswith(f'error: cannot download {hub.url}/timm/{tag}/resolve/main/model.safetensors '
-                               f'into {hub_cache()} (HF_HUB_OFFLINE is set and the file is not cached)')
+    assert lines[0].startswith(
+        f'error: cannot download {hub.url}/timm/{tag}/resolve/main/model.safetensors '
+        f'into {hub_cache()} (HF_HUB_OFFLINE is set and the file is not cached)'
+    )
     assert '--pretrained PATH' in lines[0] and not (tmp_path / 'run').exists() and hub.requests == []
     weights_of_timm = model.create_model('tf_efficientnetv2_s')  # stands for the weights timm publishes
     publish(hub, safetensors.torch.save(weights_of_timm.state_dict()), hub_id=tag)
     published.published_weights(tag, progress=False)  # into the cache, online
     result = run_train(*tiny, '--output', tmp_path / 'run', env=offline)
     assert re.search(rf'^Training {re.escape(tag)} \(20\.18M parameters\) on ', result.stdout, re.M), result.stdout
-    assert re.search(r'^classifier left as initialised \(checkpoint has 1000 classes, model 2\)$',
-                     result.stdout, re.M), result.stdout
+    assert re.search(
+        r'^classifier left as initialised \(checkpoint has 1000 classes, model 2\)$', result.stdout, re.M
+    ), result.stdout
     assert len(hub.requests) == 2  # this process's download; train.py asked nothing
 
 
@@ -739,15 +817,29 @@ def in21k_b3_file():
     return safetensors.torch.save(model.create_model('tf_efficientnetv2_b3', num_classes=21843).state_dict())
 
 
-def test_an_in21k_start_fine_tunes_with_a_new_classifier_and_predict_numbers_its_classes(hub, in21k_b3_file,
-                                                                                      tmp_path):
+def test_an_in21k_start_fine_tunes_with_a_new_classifier_and_predict_numbers_its_classes(hub, in21k_b3_file, tmp_path):
     tag = 'tf_efficientnetv2_b3.in21k'
     publish(hub, in21k_b3_file, hub_id=tag)
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1)
-    result = run_train(data_dir, '--model', tag, '--pretrained', '--img-size', '32', '-b', '2', '-j', '0',
-                       '--perf-steps', '1', '--output', tmp_path / 'run')
-    assert re.search(r'^classifier left as initialised \(checkpoint has 21843 classes, model 2\)$',
-                     result.stdout, re.M), result.stdout
+    result = run_train(
+        data_dir,
+        '--model',
+        tag,
+        '--pretrained',
+        '--img-size',
+        '32',
+        '-b',
+        '2',
+        '-j',
+        '0',
+        '--perf-steps',
+        '1',
+        '--output',
+        tmp_path / 'run',
+    )
+    assert re.search(
+        r'^classifier left as initialised \(checkpoint has 21843 classes, model 2\)$', result.stdout, re.M
+    ), result.stdout
     assert f'downloaded {hub.url}/timm/{tag}/resolve/main/model.safetensors to ' in result.stderr
     with open(tmp_path / 'run' / 'args.yaml') as f:
         saved = f.read()  # the tag's settings: mean/std 0.5 (the variant's are ImageNet's)

@@ -16,6 +16,7 @@ The recipe draws from every random stream a step uses: RandomResizedCrop, flip a
 (per-image seeds), mixup/cutmix, random erasing, dropout and drop path (the global torch RNG),
 with EMA, AdamW and a warm-up epoch, checkpointing every step.
 """
+
 import glob
 import math
 import os
@@ -29,28 +30,71 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, load, make_image_folder, run_train, summary_rows, train_command
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')  # bitwise needs a fixed thread count
-RECIPE = ['--model', 'tf_efficientnetv2_b0', '-b', '4', '--img-size', '32', '--epochs', '2',
-          '--opt', 'adamw', '--lr', '1e-3', '--warmup-epochs', '1', '--seed', '7',
-          '--aa', 'rand-m9-mstd0.5', '--mixup', '0.2', '--cutmix', '1.0', '--reprob', '0.25',
-          '--drop', '0.2', '--drop-path', '0.2', '--model-ema', '--model-ema-decay', '0.9',
-          '--log-interval', '1', '--checkpoint-interval', '1', '--checkpoint-hist', '1']
+RECIPE = [
+    '--model',
+    'tf_efficientnetv2_b0',
+    '-b',
+    '4',
+    '--img-size',
+    '32',
+    '--epochs',
+    '2',
+    '--opt',
+    'adamw',
+    '--lr',
+    '1e-3',
+    '--warmup-epochs',
+    '1',
+    '--seed',
+    '7',
+    '--aa',
+    'rand-m9-mstd0.5',
+    '--mixup',
+    '0.2',
+    '--cutmix',
+    '1.0',
+    '--reprob',
+    '0.25',
+    '--drop',
+    '0.2',
+    '--drop-path',
+    '0.2',
+    '--model-ema',
+    '--model-ema-decay',
+    '0.9',
+    '--log-interval',
+    '1',
+    '--checkpoint-interval',
+    '1',
+    '--checkpoint-hist',
+    '1',
+]
 STEPS = 2 * 4  # 2 epochs x (16 train images / batch 4)
 TIMEOUT = 300
 CHOOSE = random.Random(5)  # the interruption points: random, but the same on every run of the suite
 
 
 def command(data_dir, output, workers, *extra):
-    return [sys.executable, os.path.join(ROOT, 'train.py'), data_dir, *RECIPE, '-j', str(workers),
-            '--output', output, *extra]
+    return [
+        sys.executable,
+        os.path.join(ROOT, 'train.py'),
+        data_dir,
+        *RECIPE,
+        '-j',
+        str(workers),
+        '--output',
+        output,
+        *extra,
+    ]
 
 
 def run_to_end(data_dir, output, workers, *extra):
-    result = subprocess.run(command(data_dir, output, workers, *extra), cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        command(data_dir, output, workers, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert 'Traceback' not in result.stderr
     return result
@@ -59,9 +103,15 @@ def run_to_end(data_dir, output, workers, *extra):
 def run_and_interrupt(data_dir, output, workers, when, interrupt, *extra):
     """Start a run, call when(line) on each stdout line until it returns True, then
     interrupt(process); -> (return code, stdout, stderr) of the stopped run."""
-    process = subprocess.Popen(command(data_dir, output, workers, *extra), cwd=ROOT, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # its own process group, as in a terminal
+    process = subprocess.Popen(
+        command(data_dir, output, workers, *extra),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )  # its own process group, as in a terminal
     lines = []
     try:
         for line in process.stdout:
@@ -84,6 +134,7 @@ def after_train_lines(count):
         if line.startswith('Train:'):
             seen.append(line)
         return len(seen) == count
+
     return when
 
 
@@ -103,8 +154,7 @@ def resumed_step(stdout):
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('resume') / 'data', classes=2,
-                             train_per_class=8, val_per_class=3)
+    return make_image_folder(tmp_path_factory.mktemp('resume') / 'data', classes=2, train_per_class=8, val_per_class=3)
 
 
 @pytest.fixture(scope='module')
@@ -119,9 +169,10 @@ def reference(data_dir, tmp_path_factory):
 def killed(data_dir, tmp_path_factory):
     output = str(tmp_path_factory.mktemp('killed') / 'out')
     kill_at = CHOOSE.randint(2, STEPS - 1)
-    print(f"SIGKILL after Train line {kill_at} of {STEPS}")
-    code, stdout, _ = run_and_interrupt(data_dir, output, 0, after_train_lines(kill_at),
-                                        lambda p: os.kill(p.pid, signal.SIGKILL))
+    print(f'SIGKILL after Train line {kill_at} of {STEPS}')
+    code, stdout, _ = run_and_interrupt(
+        data_dir, output, 0, after_train_lines(kill_at), lambda p: os.kill(p.pid, signal.SIGKILL)
+    )
     assert code == -signal.SIGKILL
     first = load(os.path.join(output, 'last.pth.tar'))
 
@@ -138,32 +189,48 @@ def killed(data_dir, tmp_path_factory):
                 return True
             time.sleep(0.001)
         raise AssertionError('no checkpoint write began within 60 s of a step')
-    code, stdout_2, _ = run_and_interrupt(data_dir, output, 0, temporary_file_appears,
-                                          lambda p: os.kill(p.pid, signal.SIGKILL), '--resume', 'auto')
+
+    code, stdout_2, _ = run_and_interrupt(
+        data_dir, output, 0, temporary_file_appears, lambda p: os.kill(p.pid, signal.SIGKILL), '--resume', 'auto'
+    )
     assert code == -signal.SIGKILL
     partial = glob.glob(os.path.join(output, '.last.pth.tar.*.tmp'))
     after_write_kill = load(os.path.join(output, 'last.pth.tar'))  # weights_only: a whole file
     result = run_to_end(data_dir, output, 0, '--resume', 'auto')
-    return dict(output=output, kill_at=kill_at, first=first, first_resume=stdout_2,
-                partial=partial, after_write_kill=after_write_kill, stdout=result.stdout,
-                leftovers=glob.glob(os.path.join(output, '.*.tmp')))
+    return dict(
+        output=output,
+        kill_at=kill_at,
+        first=first,
+        first_resume=stdout_2,
+        partial=partial,
+        after_write_kill=after_write_kill,
+        stdout=result.stdout,
+        leftovers=glob.glob(os.path.join(output, '.*.tmp')),
+    )
 
 
 @pytest.fixture(scope='module')
 def signalled(data_dir, tmp_path_factory):
     output = str(tmp_path_factory.mktemp('signalled') / 'out')
     term_at = CHOOSE.randint(1, STEPS - 3)
-    print(f"SIGTERM to the process group after Train line {term_at} of {STEPS}")
+    print(f'SIGTERM to the process group after Train line {term_at} of {STEPS}')
     term = run_and_interrupt(data_dir, output, 2, after_train_lines(term_at), sigterm_to_the_job)
     term_checkpoint = load(os.path.join(output, 'last.pth.tar'))
     int_after = CHOOSE.randint(1, STEPS - 1 - (term_checkpoint['epoch'] * 4 + term_checkpoint['step']))
-    print(f"SIGINT to the process group after Train line {int_after} of the resumed run")
-    interrupt = run_and_interrupt(data_dir, output, 2, after_train_lines(int_after),
-                                  lambda p: os.killpg(p.pid, signal.SIGINT), '--resume', 'auto')
+    print(f'SIGINT to the process group after Train line {int_after} of the resumed run')
+    interrupt = run_and_interrupt(
+        data_dir, output, 2, after_train_lines(int_after), lambda p: os.killpg(p.pid, signal.SIGINT), '--resume', 'auto'
+    )
     int_checkpoint = load(os.path.join(output, 'last.pth.tar'))
     result = run_to_end(data_dir, output, 2, '--resume', 'auto')
-    return dict(output=output, term=term, term_checkpoint=term_checkpoint, interrupt=interrupt,
-                int_checkpoint=int_checkpoint, stdout=result.stdout)
+    return dict(
+        output=output,
+        term=term,
+        term_checkpoint=term_checkpoint,
+        interrupt=interrupt,
+        int_checkpoint=int_checkpoint,
+        stdout=result.stdout,
+    )
 
 
 def assert_same_run(output, reference_output):
@@ -171,7 +238,7 @@ def assert_same_run(output, reference_output):
         ours, theirs = load(os.path.join(output, name)), load(os.path.join(reference_output, name))
         for key in ('model', 'model_ema'):
             differ = [k for k in theirs[key] if not torch.equal(ours[key][k], theirs[key][k])]
-            assert not differ, f"{name} {key}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+            assert not differ, f'{name} {key}: {len(differ)} tensors differ, e.g. {differ[:3]}'
         for index, state in theirs['optimizer']['state'].items():
             for k, tensor in state.items():
                 assert torch.equal(ours['optimizer']['state'][index][k], tensor), (name, index, k)
@@ -207,7 +274,7 @@ def test_sigterm_to_the_job_with_loader_workers_saves_the_current_step_says_how_
     assert stdout.count('SIGTERM: stopping after this step, with a checkpoint') == 1, stdout[-1500:]
     message = [line for line in stdout.splitlines() if line.startswith('Stopped by SIGTERM')]
     assert len(message) == 1, stdout[-1500:]
-    assert f"at epoch {checkpoint['epoch']}, step {checkpoint['step']}" in message[0]
+    assert f'at epoch {checkpoint["epoch"]}, step {checkpoint["step"]}' in message[0]
     assert '--resume auto' in message[0]
     assert 'Traceback' not in stderr and 'DataLoader worker' not in stderr, stderr[-2000:]
 
@@ -232,8 +299,21 @@ def test_resume_auto_on_an_empty_folder_starts_fresh(reference):
 
 def test_checkpoints_are_plain_tensors_and_types_holding_all_that_decides_the_future(reference):
     checkpoint = load(os.path.join(reference['output'], 'last.pth.tar'))  # weights_only=True
-    assert {'model', 'model_ema', 'optimizer', 'scaler', 'epoch', 'step', 'num_updates', 'ranks',
-            'best_metric', 'best_epoch', 'loss_sum', 'loss_count', 'args'} <= set(checkpoint)
+    assert {
+        'model',
+        'model_ema',
+        'optimizer',
+        'scaler',
+        'epoch',
+        'step',
+        'num_updates',
+        'ranks',
+        'best_metric',
+        'best_epoch',
+        'loss_sum',
+        'loss_count',
+        'args',
+    } <= set(checkpoint)
     assert (checkpoint['epoch'], checkpoint['step'], checkpoint['num_updates']) == (2, 0, STEPS)
     assert {'torch', 'python'} <= set(checkpoint['ranks'][0]['rng'])
 
@@ -245,12 +325,25 @@ def test_checkpoint_hist_keeps_the_last_k_epoch_files(reference):
 
 def test_resuming_with_other_flags_warns_which_differ(reference, data_dir, tmp_path):
     """A finished run resumed with other flags: nothing left to train, only the warning."""
-    result = subprocess.run(command(data_dir, str(tmp_path / 'out'), 2, '--resume',
-                                    os.path.join(reference['output'], 'last.pth.tar'), '--lr', '2e-3'),
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        command(
+            data_dir,
+            str(tmp_path / 'out'),
+            2,
+            '--resume',
+            os.path.join(reference['output'], 'last.pth.tar'),
+            '--lr',
+            '2e-3',
+        ),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     warning = [line for line in result.stderr.splitlines() if line.startswith('warning: resuming')]
-    assert len(warning) == 1 and "lr 0.002 (checkpoint: 0.001)" in warning[0], result.stderr
+    assert len(warning) == 1 and 'lr 0.002 (checkpoint: 0.001)' in warning[0], result.stderr
     assert 'workers' not in warning[0]  # -j 2, not 0: it does not change the numbers, not listed
 
 
@@ -271,16 +364,33 @@ def test_resuming_an_fp16_run_restores_the_grad_scalers_loss_scale(tmp_path):
     holds that scale; the resumed run goes on from it to 4096 (a new scaler would end at 16384)."""
     data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=4, val_per_class=1)
     output = tmp_path / 'out'
-    args = [data_dir, '--model', 'tf_efficientnetv2_b0', '-b', '4', '--img-size', '32', '-j', '0',
-            '--amp', '--amp-dtype', 'float16', '--log-interval', '1', '--output', output]
+    args = [
+        data_dir,
+        '--model',
+        'tf_efficientnetv2_b0',
+        '-b',
+        '4',
+        '--img-size',
+        '32',
+        '-j',
+        '0',
+        '--amp',
+        '--amp-dtype',
+        'float16',
+        '--log-interval',
+        '1',
+        '--output',
+        output,
+    ]
     run_train(*args, '--epochs', '1', faults=['--inf-loss-steps', '1,2'], env={'OMP_NUM_THREADS': '1'})
-    assert load(output / 'last.pth.tar')['scaler']['scale'] == 2.0 ** 14
-    result = run_train(*args, '--epochs', '2', '--resume', 'auto', faults=['--inf-loss-steps', '1,2'],
-                       env={'OMP_NUM_THREADS': '1'})
+    assert load(output / 'last.pth.tar')['scaler']['scale'] == 2.0**14
+    result = run_train(
+        *args, '--epochs', '2', '--resume', 'auto', faults=['--inf-loss-steps', '1,2'], env={'OMP_NUM_THREADS': '1'}
+    )
     assert 'Resumed from' in result.stdout
     final = load(output / 'last.pth.tar')
     assert final['epoch'] == 2 and final['num_updates'] == 4
-    assert final['scaler']['scale'] == 2.0 ** 12
+    assert final['scaler']['scale'] == 2.0**12
 
 
 def test_a_run_stopped_after_an_epochs_last_step_resumes_into_the_same_summary_row(data_dir, reference, tmp_path):
@@ -288,12 +398,18 @@ def test_a_run_stopped_after_an_epochs_last_step_resumes_into_the_same_summary_r
     resumed run validates at once; its summary row (the lr the epoch began with, its loss) is the uninterrupted
     run's, although the schedule already moved on to epoch 1's lr."""
     output = str(tmp_path / 'out')
-    stopped = subprocess.run(train_command(data_dir, *RECIPE, '-j', '0', '--output', output,
-                                           faults=['--sigterm-at-loss', '4']),
-                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    stopped = subprocess.run(
+        train_command(data_dir, *RECIPE, '-j', '0', '--output', output, faults=['--sigterm-at-loss', '4']),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert stopped.returncode == 143 and 'Stopped by SIGTERM at epoch 0, step 4' in stopped.stdout
     run_to_end(data_dir, output, 0, '--resume', 'auto')
     assert_same_run(output, reference['output'])
+
 
 # ------------------------------------------------------------------------------------------------
 # Gradient accumulation: a step is --grad-accum-steps micro-batches; a run killed between two of them
@@ -307,9 +423,16 @@ def test_an_accumulating_run_killed_between_micro_batches_resumes_bitwise(data_d
     reference = run_to_end(data_dir, whole, 0, *ACCUMULATING)
     assert reference.stdout.count('Train:') == STEPS  # optimizer steps: 16 images / (2 x 2) per epoch
     assert 'batch 4 (2 per process x 2 accumulated)' in reference.stdout
-    kill = subprocess.run(train_command(data_dir, *RECIPE, *ACCUMULATING, '-j', '0', '--output', cut,
-                                        faults=['--kill-at-loss', '12']),  # micro-batch 2 of step 6
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT)
+    kill = subprocess.run(
+        train_command(
+            data_dir, *RECIPE, *ACCUMULATING, '-j', '0', '--output', cut, faults=['--kill-at-loss', '12']
+        ),  # micro-batch 2 of step 6
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert kill.returncode == -signal.SIGKILL and kill.stdout.count('Train:') == 5
     assert load(os.path.join(cut, 'last.pth.tar'))['num_updates'] == 5
     resumed = run_to_end(data_dir, cut, 0, *ACCUMULATING, '--resume', 'auto')
@@ -322,7 +445,9 @@ def test_a_checkpoint_holds_the_random_stream_of_whatever_accelerator_trains(mon
     the device's name ('npu' as 'cuda', through torch.npu as torch.cuda); the CPU and meta devices have none
     beyond torch's own."""
     import types
+
     import run
+
     npu = types.SimpleNamespace(get_rng_state=lambda: torch.tensor([7, 8], dtype=torch.uint8))
     monkeypatch.setattr(torch, 'npu', npu, raising=False)
     saved = run.rng_state(types.SimpleNamespace(type='npu'))

@@ -7,6 +7,7 @@ it, or with --skip-bad-shards a warning saying how many images are lost; a sampl
 The shards hold the images of conftest's 7-class folder (14 train, 7 val) in the folder's own order, so a wds run
 computes exactly what a folder run does. About a minute on 2 busy CPU cores.
 """
+
 import csv
 import json
 import os
@@ -16,7 +17,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import load, make_image_folder, run_train, summary_rows
 from test_distributed import EXACT, losses, torchrun
 
@@ -34,16 +34,21 @@ def write_shards(folder, output, per_shard=4, prefix='imagenet1k', info=True, sp
     train_set, val_set, _ = data.load_datasets('folder', folder)
     splits = {}
     for split, dataset in (('train', train_set), ('validation', val_set)):
-        with webdataset.ShardWriter(os.path.join(output, f'{prefix}-{split}-%04d.tar'), maxcount=per_shard,
-                                    verbose=0) as writer:
+        with webdataset.ShardWriter(
+            os.path.join(output, f'{prefix}-{split}-%04d.tar'), maxcount=per_shard, verbose=0
+        ) as writer:
             for index in range(len(dataset)):
                 key = f'{split}_{index:04d}'
                 with open(dataset.path(index), 'rb') as file:
                     sample = {'__key__': key, 'jpg': file.read(), 'cls': int(dataset.labels[index])}
                 writer.write(spoil(key, sample) if spoil else sample)
         names = sorted(name for name in os.listdir(output) if f'-{split}-' in name)
-        splits[split] = dict(name=split, num_samples=len(dataset), filenames=names,
-                             shard_lengths=[min(per_shard, len(dataset) - i * per_shard) for i in range(len(names))])
+        splits[split] = dict(
+            name=split,
+            num_samples=len(dataset),
+            filenames=names,
+            shard_lengths=[min(per_shard, len(dataset) - i * per_shard) for i in range(len(names))],
+        )
     if info:
         with open(os.path.join(output, '_info.json'), 'w') as file:
             json.dump(dict(name=prefix, splits=splits), file)
@@ -53,8 +58,9 @@ def write_shards(folder, output, per_shard=4, prefix='imagenet1k', info=True, sp
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
     """14 training images (not a multiple of 4 or 3), 7 validation images (prime), as in test_distributed."""
-    return make_image_folder(tmp_path_factory.mktemp('shards') / 'folder', classes=7, train_per_class=2,
-                             val_per_class=1)
+    return make_image_folder(
+        tmp_path_factory.mktemp('shards') / 'folder', classes=7, train_per_class=2, val_per_class=1
+    )
 
 
 @pytest.fixture(scope='module')
@@ -90,8 +96,11 @@ def test_shards_in_timms_layout_train_exactly_like_the_same_images_in_a_folder(o
 
 def validation_lines(stdout):
     """-> [(loss, 'Acc@1: ... Acc@5: ...')] of the Test lines (the batch's and the running averages)."""
-    return [(float(re.search(r'Loss: +(\S+)', line).group(1)), line[line.index('Acc@1'):])
-            for line in stdout.splitlines() if line.startswith('Test:')]
+    return [
+        (float(re.search(r'Loss: +(\S+)', line).group(1)), line[line.index('Acc@1') :])
+        for line in stdout.splitlines()
+        if line.startswith('Test:')
+    ]
 
 
 def test_two_processes_train_like_one_and_validate_every_image_once(one_process, shard_dir, cache, tmp_path):
@@ -101,14 +110,16 @@ def test_two_processes_train_like_one_and_validate_every_image_once(one_process,
     ours, theirs = validation_lines(result.stdout), validation_lines(one_process['stdout'])
     assert len(theirs) == 4 and [acc for _, acc in ours] == [acc for _, acc in theirs]
     assert [loss for loss, _ in ours] == pytest.approx([loss for loss, _ in theirs], rel=2e-3)
-    assert [row['eval_top1'] for row in summary_rows(tmp_path / 'run')] == \
-        [row['eval_top1'] for row in summary_rows(one_process['output'])]
+    assert [row['eval_top1'] for row in summary_rows(tmp_path / 'run')] == [
+        row['eval_top1'] for row in summary_rows(one_process['output'])
+    ]
 
 
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_runs_bits(one_process, shard_dir, cache, tmp_path):
     output = tmp_path / 'run'
-    killed = run_train(shard_dir, *RECIPE, '-b', '4', '--output', output, env=cache, check=False,
-                       faults=['--kill-at-loss', '5'])  # epoch 1, its second step
+    killed = run_train(
+        shard_dir, *RECIPE, '-b', '4', '--output', output, env=cache, check=False, faults=['--kill-at-loss', '5']
+    )  # epoch 1, its second step
     assert killed.returncode == -signal.SIGKILL
     assert (load(output / 'last.pth.tar')['epoch'], load(output / 'last.pth.tar')['step']) == (1, 1)
     resumed = run_train(shard_dir, *RECIPE, '-b', '4', '--output', output, '--resume', 'auto', '-j', '2', env=cache)
@@ -130,8 +141,10 @@ def one_error_line(result):
 def damaged(folder, cache, tmp_path_factory):
     """Shards with a truncated image (train_0005, in shard 0001) and a truncated shard (0002, train_0008..11):
     a run without --skip-bad-shards, and one epoch with it (2 loader workers)."""
+
     def spoil(key, sample):
-        return dict(sample, jpg=sample['jpg'][:len(sample['jpg']) // 2]) if key == 'train_0005' else sample
+        return dict(sample, jpg=sample['jpg'][: len(sample['jpg']) // 2]) if key == 'train_0005' else sample
+
     root = tmp_path_factory.mktemp('damaged')
     shard_dir = write_shards(folder, root / 'in1k', spoil=spoil)
     shard = os.path.join(shard_dir, 'imagenet1k-train-0002.tar')
@@ -140,8 +153,20 @@ def damaged(folder, cache, tmp_path_factory):
     stopped = run_train(shard_dir, *RECIPE, '--output', root / 'stopped', env=cache, check=False)
     # -b 2: the 10 images left (14, less the 4 of the truncated shard) fill whole batches, so the epoch reads
     # every one of them, the damaged one included, whatever order the sampler draws
-    skipped = run_train(shard_dir, *RECIPE, '-b', '2', '--epochs', '1', '-j', '2', '--skip-bad-shards',
-                        '--output', root / 'run', env=cache)
+    skipped = run_train(
+        shard_dir,
+        *RECIPE,
+        '-b',
+        '2',
+        '--epochs',
+        '1',
+        '-j',
+        '2',
+        '--skip-bad-shards',
+        '--output',
+        root / 'run',
+        env=cache,
+    )
     return dict(shard=shard, stopped=stopped, skipped=skipped, output=root / 'run')
 
 
@@ -156,12 +181,12 @@ def test_a_corrupt_image_is_skipped_named_and_counted_in_skipped_images(damaged)
 
 def test_a_truncated_shard_is_one_error_line_naming_it(damaged):
     line = one_error_line(damaged['stopped'])
-    assert line.startswith(f"error: unreadable shard {damaged['shard']}: it ends at byte ") and 'truncated' in line
+    assert line.startswith(f'error: unreadable shard {damaged["shard"]}: it ends at byte ') and 'truncated' in line
     assert '--skip-bad-shards' in line, line
 
 
 def test_skip_bad_shards_leaves_a_truncated_shard_out_and_says_how_many_images_are_lost(damaged):
-    assert f"warning: skipping unreadable shard {damaged['shard']}: " in damaged['skipped'].stderr
+    assert f'warning: skipping unreadable shard {damaged["shard"]}: ' in damaged['skipped'].stderr
     assert '; 4 images lost' in damaged['skipped'].stderr  # _info.json's count for the shard
     assert '10 train / 7 val images' in damaged['skipped'].stdout
 
@@ -169,10 +194,14 @@ def test_skip_bad_shards_leaves_a_truncated_shard_out_and_says_how_many_images_a
 def test_a_sample_without_a_label_is_one_error_naming_its_key(folder, tmp_path):
     def spoil(key, sample):
         return {k: v for k, v in sample.items() if k != 'cls'} if key == 'validation_0003' else sample
+
     shard_dir = write_shards(folder, tmp_path / 'in1k', spoil=spoil)
     shard = os.path.join(shard_dir, 'imagenet1k-validation-0000.tar')
-    with pytest.raises(data.DataError, match=f'^sample validation_0003 in {re.escape(shard)} has no '
-                                             r'validation_0003\.cls \(its label\); its files: validation_0003\.jpg$'):
+    with pytest.raises(
+        data.DataError,
+        match=f'^sample validation_0003 in {re.escape(shard)} has no '
+        r'validation_0003\.cls \(its label\); its files: validation_0003\.jpg$',
+    ):
         shards.load_shards(shard_dir)
 
 
@@ -194,6 +223,7 @@ def test_splits_come_from_shard_names_without_info_json_and_from_brace_patterns(
 
 def test_labels_from_a_json_field_and_png_and_webp_images(folder, tmp_path):
     import io
+
     from PIL import Image
 
     def recode(key, sample):
@@ -202,6 +232,7 @@ def test_labels_from_a_json_field_and_png_and_webp_images(folder, tmp_path):
         encoded = io.BytesIO()
         image.save(encoded, kind.upper(), lossless=True) if kind == 'webp' else image.save(encoded, 'PNG')
         return {'__key__': key, kind: encoded.getvalue(), 'json': {'label': sample['cls'] + 10}}
+
     shard_dir = write_shards(folder, tmp_path / 'wds', spoil=recode)
     train_set, val_set, classes = shards.load_shards(shard_dir, target_key='label')
     assert len(classes) == 17 and [train_set[i][1] for i in range(3)] == [10, 10, 11]
@@ -214,8 +245,12 @@ def test_the_index_is_made_once_and_again_when_a_shard_changes(folder, tmp_path)
     shard_dir = write_shards(folder, tmp_path / 'wds')
 
     def cached():
-        return {name: os.stat(os.path.join(shards.CACHE, name)).st_mtime_ns for name in os.listdir(shards.CACHE)
-                if name.endswith('.npy')}
+        return {
+            name: os.stat(os.path.join(shards.CACHE, name)).st_mtime_ns
+            for name in os.listdir(shards.CACHE)
+            if name.endswith('.npy')
+        }
+
     shards.load_shards(shard_dir)
     first = cached()
     assert len(first) == 6  # 4 train + 2 validation shards
@@ -227,8 +262,14 @@ def test_the_index_is_made_once_and_again_when_a_shard_changes(folder, tmp_path)
 
 
 def test_a_hub_dataset_id_that_cannot_be_fetched_is_one_error_line(cache, tmp_path):
-    result = run_train('someone/no-such-shards', *RECIPE, '--output', tmp_path / 'run', check=False,
-                       env=dict(cache, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf')))
+    result = run_train(
+        'someone/no-such-shards',
+        *RECIPE,
+        '--output',
+        tmp_path / 'run',
+        check=False,
+        env=dict(cache, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf')),
+    )
     line = one_error_line(result)
     assert 'someone/no-such-shards is no folder here and cannot be downloaded from the Hugging Face hub' in line
 

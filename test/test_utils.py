@@ -1,4 +1,5 @@
 """utils.py against timm, the oracle: RMSpropTF, the lr schedules, EMA, meters, atomic saves."""
+
 import copy
 import errno
 import math
@@ -22,8 +23,7 @@ timm = pytest.importorskip('timm')
 
 def small_net():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Flatten(),
-                         nn.Linear(8 * 6 * 6, 5))
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
 
 
 def run_steps(net, optimizer, steps=20):
@@ -38,24 +38,50 @@ def run_steps(net, optimizer, steps=20):
 
 def test_rmsproptf_matches_timm_over_20_steps_with_weight_decay_groups():
     from timm.optim import RMSpropTF as TimmRMSpropTF
+
     ours, theirs = small_net(), small_net()
     settings = dict(lr=0.01, weight_decay=1e-2)
-    run_steps(ours, optim.RMSpropTF(optim.param_groups(ours, settings['weight_decay']),
-                                    lr=settings['lr'], alpha=0.9, eps=1e-3, momentum=0.9))
-    run_steps(theirs, TimmRMSpropTF(optim.param_groups(theirs, settings['weight_decay']),
-                                    lr=settings['lr'], alpha=0.9, eps=1e-3, momentum=0.9))
+    run_steps(
+        ours,
+        optim.RMSpropTF(
+            optim.param_groups(ours, settings['weight_decay']), lr=settings['lr'], alpha=0.9, eps=1e-3, momentum=0.9
+        ),
+    )
+    run_steps(
+        theirs,
+        TimmRMSpropTF(
+            optim.param_groups(theirs, settings['weight_decay']), lr=settings['lr'], alpha=0.9, eps=1e-3, momentum=0.9
+        ),
+    )
     for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_create_optimizer_rmsproptf_is_timms_configuration():
     from timm.optim import create_optimizer_v2
+
     import flags
     import train
+
     ours, theirs = small_net(), small_net()
-    args = flags.get_args_parser().parse_args(['--opt', 'rmsproptf', '--lr', '0.016', '--weight-decay', '1e-5',
-                                               '--opt-eps', '1e-3', '--sched', 'step', '--epochs', '3',
-                                               '--warmup-epochs', '0'])
+    args = flags.get_args_parser().parse_args(
+        [
+            '--opt',
+            'rmsproptf',
+            '--lr',
+            '0.016',
+            '--weight-decay',
+            '1e-5',
+            '--opt-eps',
+            '1e-3',
+            '--sched',
+            'step',
+            '--epochs',
+            '3',
+            '--warmup-epochs',
+            '0',
+        ]
+    )
     run_steps(ours, train.create_optimizer(ours, args, steps_per_epoch=100)[0])
     run_steps(theirs, create_optimizer_v2(theirs, 'rmsproptf', lr=0.016, weight_decay=1e-5, eps=1e-3))
     for a, b in zip(ours.parameters(), theirs.parameters()):
@@ -64,8 +90,9 @@ def test_create_optimizer_rmsproptf_is_timms_configuration():
 
 def test_rmsproptf_updates_in_cpu_chunks_exactly_as_in_one_piece():
     whole, chunked = small_net(), small_net()
-    optimizers = [optim.RMSpropTF(optim.param_groups(net, 1e-2), lr=0.01, eps=1e-3, momentum=0.9)
-                  for net in (whole, chunked)]
+    optimizers = [
+        optim.RMSpropTF(optim.param_groups(net, 1e-2), lr=0.01, eps=1e-3, momentum=0.9) for net in (whole, chunked)
+    ]
     optimizers[1].cpu_chunk_numel = 100  # every tensor of small_net alone, some pairs together
     for net, optimizer in zip((whole, chunked), optimizers):
         run_steps(net, optimizer, steps=5)
@@ -91,10 +118,10 @@ def timm_lrs(scheduler, epochs):
 
 def test_step_schedule_matches_timm_step_scheduler_with_warmup():
     from timm.scheduler import StepLRScheduler
+
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.014)
     # timm 0.5.4 (the ModelZoo recipe) counted decay from epoch 0; timm >= 0.9 needs warmup_prefix=False for that
-    sched = StepLRScheduler(opt, decay_t=2.4, decay_rate=0.97, warmup_lr_init=4e-6, warmup_t=3,
-                            warmup_prefix=False)
+    sched = StepLRScheduler(opt, decay_t=2.4, decay_rate=0.97, warmup_lr_init=4e-6, warmup_t=3, warmup_prefix=False)
     expected = timm_lrs(sched, 40)
     ours = [optim.learning_rate(e, 'step', 0.014, 40, 4e-6, 3, 2.4, 0.97, 1e-6) for e in range(40)]
     assert ours == pytest.approx(expected, rel=1e-12)
@@ -103,6 +130,7 @@ def test_step_schedule_matches_timm_step_scheduler_with_warmup():
 
 def test_cosine_schedule_matches_timm_cosine_scheduler():
     from timm.scheduler import CosineLRScheduler
+
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.05)
     sched = CosineLRScheduler(opt, t_initial=30, lr_min=1e-5, warmup_lr_init=1e-4, warmup_t=3)
     expected = timm_lrs(sched, 30)
@@ -112,6 +140,7 @@ def test_cosine_schedule_matches_timm_cosine_scheduler():
 
 def test_ema_matches_timm_model_ema_every_step_including_bn_buffers():
     from timm.utils import ModelEmaV2
+
     net = small_net()
     ours, theirs = optim.ModelEma(net, 0.9), ModelEmaV2(net, decay=0.9)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -152,6 +181,7 @@ def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
     def broken_save(obj, f):
         f.write(b'half a checkpoint')
         raise OSError('disk full')
+
     monkeypatch.setattr(torch, 'save', broken_save)
     with pytest.raises(OSError):
         run.atomic_save({'epoch': 2}, str(path))
@@ -172,6 +202,7 @@ def test_atomic_save_writes_once_and_links_the_other_names_which_a_later_save_le
 def test_atomic_save_copies_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
     def no_links(source, target):
         raise PermissionError(1, 'Operation not permitted')  # what FAT and some FUSE filesystems answer
+
     monkeypatch.setattr(os, 'link', no_links)
     last, best = str(tmp_path / 'last.pth.tar'), str(tmp_path / 'model_best.pth.tar')
     run.atomic_save({'epoch': 1}, last, links=[best])
@@ -192,15 +223,21 @@ def test_a_full_disk_or_quota_while_saving_says_the_folder_the_bytes_needed_and_
         try:
             raise OSError(code, os.strerror(code))
         except OSError:
-            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598') from None
+
     monkeypatch.setattr(torch, 'save', filling_save)
     asked = []
-    monkeypatch.setattr(shutil, 'disk_usage', lambda folder: asked.append(folder) or
-                        shutil._ntuple_diskusage(10**9, 10**9 - 1_234_567, 1_234_567))
+    monkeypatch.setattr(
+        shutil,
+        'disk_usage',
+        lambda folder: asked.append(folder) or shutil._ntuple_diskusage(10**9, 10**9 - 1_234_567, 1_234_567),
+    )
     with pytest.raises(errors.UsageError) as error:
         run.atomic_save({'epoch': 2, 'weights': torch.zeros(500_000)}, str(path))
-    assert str(error.value) == (f"no space left in {tmp_path} for last.pth.tar: it needs about 2.0 MB, 1.2 MB are "
-                                f"free; free some space there or choose another --output")
+    assert str(error.value) == (
+        f'no space left in {tmp_path} for last.pth.tar: it needs about 2.0 MB, 1.2 MB are '
+        f'free; free some space there or choose another --output'
+    )
     assert asked == [str(tmp_path)]
     monkeypatch.setattr(torch, 'save', save)
     assert torch.load(path, weights_only=True) == {'epoch': 1}
@@ -211,8 +248,9 @@ def test_the_per_epoch_schedule_as_a_torch_scheduler_steps_per_step_and_keeps_gr
     """optim.TimmSchedule: stepped after every optimizer step, the lr moves at epoch boundaries only, to
     learning_rate(epoch); a group created with another lr keeps its ratio (not overwritten)."""
     net = small_net()
-    optimizer = torch.optim.SGD([dict(params=net[0].parameters()), dict(params=net[4].parameters(), lr=0.007)],
-                                lr=0.014)
+    optimizer = torch.optim.SGD(
+        [dict(params=net[0].parameters()), dict(params=net[4].parameters(), lr=0.007)], lr=0.014
+    )
     scheduler = optim.TimmSchedule(optimizer, 3, 'step', 10, 4e-6, 2, 2.4, 0.97, 0.0)
     seen = []
     for _ in range(3 * 6):
@@ -257,12 +295,12 @@ def test_precision_fp16_skips_a_non_finite_step_halves_the_scale_and_saves_it():
     before = copy.deepcopy(list(net.parameters()))
     assert fp16_step(precision, net, optimizer, loss_factor=float('inf'))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    assert precision.loss_scale() == 2.0 ** 15
+    assert precision.loss_scale() == 2.0**15
     restored = optim.Precision('cpu', torch.float16)
     restored.load_state_dict(precision.state_dict())
-    assert restored.loss_scale() == 2.0 ** 15
+    assert restored.loss_scale() == 2.0**15
     restored.load_state_dict({})  # a checkpoint saved without fp16: the scale starts afresh
-    assert restored.loss_scale() == 2.0 ** 15
+    assert restored.loss_scale() == 2.0**15
 
 
 def test_precision_clips_the_unscaled_gradients_under_fp16():
@@ -287,7 +325,7 @@ def test_precision_without_mixed_precision_is_a_plain_backward_and_step():
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), reference.parameters()))
 
 
-def apex_stand_in(initial_scale=2.0 ** 16):
+def apex_stand_in(initial_scale=2.0**16):
     """apex.amp's loss scaling as apex/amp/handle.py does it (O1, dynamic scale): scale_loss yields loss * scale;
     as it exits, gradients with an inf or NaN halve the scale and turn the next optimizer.step() into a no-op,
     others are unscaled. -> (the apex package, its amp module) to put in sys.modules."""
@@ -307,6 +345,7 @@ def apex_stand_in(initial_scale=2.0 ** 16):
 
         def skip_step():
             optimizer.step = step
+
         optimizer.step = skip_step
 
     amp = types.ModuleType('apex.amp')
@@ -338,7 +377,7 @@ def test_apex_steps_skipped_for_overflow_never_count_as_non_finite_losses(monkey
         guard.update(loss.detach(), skipped)
         assert guard.check(state) is True  # no error, and the untouched weights may be saved
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    assert precision.loss_scale() == 2.0 ** 16 / 2 ** (run.NONFINITE_LIMIT + 1)
+    assert precision.loss_scale() == 2.0**16 / 2 ** (run.NONFINITE_LIMIT + 1)
     optimizer.zero_grad()
     loss = nn.functional.cross_entropy(net(torch.randn(4, 3, 8, 8)), torch.randint(0, 5, (4,)))
     precision.backward(loss)

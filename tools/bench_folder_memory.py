@@ -17,6 +17,7 @@ workers' private memory after its first log line and at its last; there the work
 copy the interpreter's whole heap, which data.FrozenHeapLoader prevents (gc.freeze before the fork).
 Linux only.
 """
+
 import argparse
 import json
 import os
@@ -34,6 +35,7 @@ def make_folder(root, classes, files_per_class):
     65,000 links on ext4)."""
     import numpy as np
     from PIL import Image
+
     os.makedirs(os.path.join(root, 'sources'), exist_ok=True)
     for label in range(classes):
         source = os.path.join(root, 'sources', f'{label}.jpg')
@@ -70,17 +72,20 @@ def read_through(batches, images, workers):
 
 def listed(implementation, root):
     """-> (dataset for the loader, seconds to list the folder)."""
-    import data
-    import transforms
     import torchvision
     from torchvision.transforms import v2
+
+    import data
+    import transforms
+
     start = time.perf_counter()
     if implementation == 'ours':
         train_set = data.load_datasets('folder', root)[0]
         dataset = data.Transformed(train_set, transforms.eval_transform(32))
     else:
-        dataset = torchvision.datasets.ImageFolder(os.path.join(root, 'train'), transform=v2.Compose([
-            v2.PILToTensor(), v2.Resize(32), v2.CenterCrop(32)]))
+        dataset = torchvision.datasets.ImageFolder(
+            os.path.join(root, 'train'), transform=v2.Compose([v2.PILToTensor(), v2.Resize(32), v2.CenterCrop(32)])
+        )
     return dataset, time.perf_counter() - start
 
 
@@ -93,10 +98,15 @@ def measure(implementation, root, images, workers, batch):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers)
     batches = iter(loader)
     read, rate, at_start, at_end = read_through(batches, images, workers)
-    result = dict(implementation=implementation, files=len(dataset), listing_seconds=round(seconds, 2),
-                  images_read=read, images_per_sec=round(rate),
-                  main_private_mib=[round(at_start[0], 1), round(at_end[0], 1)],  # at start, at the end
-                  worker_private_mib=[[round(a, 1), round(b, 1)] for a, b in zip(at_start[1:], at_end[1:])])
+    result = dict(
+        implementation=implementation,
+        files=len(dataset),
+        listing_seconds=round(seconds, 2),
+        images_read=read,
+        images_per_sec=round(rate),
+        main_private_mib=[round(at_start[0], 1), round(at_end[0], 1)],  # at start, at the end
+        worker_private_mib=[[round(a, 1), round(b, 1)] for a, b in zip(at_start[1:], at_end[1:])],
+    )
     del batches
     return result
 
@@ -105,11 +115,28 @@ def measure_train_py(root, images, workers, batch):
     """train.py on the folder; its workers are its child processes, sampled while it trains."""
     import subprocess
     import tempfile
+
     steps = max(images // batch, 2)
     with tempfile.TemporaryDirectory() as output:
-        command = [sys.executable, os.path.join(ROOT, 'train.py'), root, '--model', 'tf_efficientnetv2_b0',
-                   '--img-size', '32', '-b', str(batch), '-j', str(workers), '--perf-steps', str(steps),
-                   '--log-interval', '20', '--output', os.path.join(output, 'run')]
+        command = [
+            sys.executable,
+            os.path.join(ROOT, 'train.py'),
+            root,
+            '--model',
+            'tf_efficientnetv2_b0',
+            '--img-size',
+            '32',
+            '-b',
+            str(batch),
+            '-j',
+            str(workers),
+            '--perf-steps',
+            str(steps),
+            '--log-interval',
+            '20',
+            '--output',
+            os.path.join(output, 'run'),
+        ]
         start = time.perf_counter()
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         samples, listed_after = [], None
@@ -127,9 +154,14 @@ def measure_train_py(root, images, workers, batch):
         process.wait()
     first, last = samples[0], samples[-1]
     assert process.returncode == 0 and len(first) == len(last) == workers + 1, (process.returncode, samples)
-    return dict(implementation='train.py', seconds_to_start_line=round(listed_after, 1), images_read=steps * batch,
-                images_per_sec=round(rate), main_private_mib=[round(first[0], 1), round(last[0], 1)],
-                worker_private_mib=[[round(a, 1), round(b, 1)] for a, b in zip(first[1:], last[1:])])
+    return dict(
+        implementation='train.py',
+        seconds_to_start_line=round(listed_after, 1),
+        images_read=steps * batch,
+        images_per_sec=round(rate),
+        main_private_mib=[round(first[0], 1), round(last[0], 1)],
+        worker_private_mib=[[round(a, 1), round(b, 1)] for a, b in zip(first[1:], last[1:])],
+    )
 
 
 def main():
@@ -145,7 +177,7 @@ def main():
     if not os.path.isdir(os.path.join(args.root, 'train')):
         start = time.perf_counter()
         make_folder(args.root, args.classes, args.files_per_class)
-        print(f"made {args.root}: {args.classes} x {args.files_per_class} files in {time.perf_counter() - start:.0f} s")
+        print(f'made {args.root}: {args.classes} x {args.files_per_class} files in {time.perf_counter() - start:.0f} s')
     if args.only == 'train.py':
         print(json.dumps(measure_train_py(args.root, args.images, args.workers, 256)))
         return
@@ -153,10 +185,22 @@ def main():
         print(json.dumps(measure(args.only, args.root, args.images, args.workers, args.batch)))
         return
     import subprocess
+
     torch.set_num_threads(1)
     for implementation in ('torchvision', 'ours', 'train.py'):  # each in a fresh process: no allocator history
-        command = [sys.executable, __file__, args.root, '--only', implementation, '--images', str(args.images),
-                   '--workers', str(args.workers), '--batch', str(args.batch)]
+        command = [
+            sys.executable,
+            __file__,
+            args.root,
+            '--only',
+            implementation,
+            '--images',
+            str(args.images),
+            '--workers',
+            str(args.workers),
+            '--batch',
+            str(args.batch),
+        ]
         print(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip(), flush=True)
 
 

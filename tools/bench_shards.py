@@ -16,6 +16,7 @@ process's private memory (USS: Private_Clean + Private_Dirty of /proc/PID/smaps_
 batches and at the end. Last, images/s of both in one process, alternating for --rounds rounds (the machine's
 load varies). Linux only.
 """
+
 import argparse
 import io
 import json
@@ -36,6 +37,7 @@ def make(root, shards, per_shard, classes, copies=False):
     import numpy as np
     import webdataset
     from PIL import Image
+
     jpegs = []
     for label in range(classes):
         pixels = np.random.RandomState(label).randint(0, 256, (48, 64, 3), dtype=np.uint8)
@@ -68,6 +70,7 @@ def make(root, shards, per_shard, classes, copies=False):
 def measure(source, root, images, workers, batch):
     import data
     import transforms
+
     result = dict(source=source)
     if source == 'shards':
         shutil.rmtree(os.path.join(root, 'cache'), ignore_errors=True)
@@ -83,9 +86,13 @@ def measure(source, root, images, workers, batch):
     loader = data.create_loader(data.transformed(train_set, transforms.eval_transform(32)), sampler, workers=workers)
     batches = iter(loader)
     read, rate, at_start, at_end = read_through(batches, images, workers)
-    result.update(images=len(train_set), images_read=read, images_per_sec=round(rate),
-                  main_private_mib=[round(at_start[0], 1), round(at_end[0], 1)],  # after the first batches, at the end
-                  worker_private_mib=[[round(a, 1), round(b, 1)] for a, b in zip(at_start[1:], at_end[1:])])
+    result.update(
+        images=len(train_set),
+        images_read=read,
+        images_per_sec=round(rate),
+        main_private_mib=[round(at_start[0], 1), round(at_end[0], 1)],  # after the first batches, at the end
+        worker_private_mib=[[round(a, 1), round(b, 1)] for a, b in zip(at_start[1:], at_end[1:])],
+    )
     del batches
     return result
 
@@ -95,15 +102,19 @@ def rates(root, images, workers, batch, rounds):
     each round reads `images` images from each, the epoch's order of a new epoch each round."""
     import data
     import transforms
-    sources = {'folder': data.load_datasets('folder', os.path.join(root, 'folder'))[0],
-               'shards': data.load_datasets('wds', os.path.join(root, 'shards'))[0]}
+
+    sources = {
+        'folder': data.load_datasets('folder', os.path.join(root, 'folder'))[0],
+        'shards': data.load_datasets('wds', os.path.join(root, 'shards'))[0],
+    }
     found = {source: [] for source in sources}
     for epoch in range(rounds):
         for source, train_set in sources.items():
             sampler = data.EpochBatchSampler(len(train_set), batch, shuffle=True, seed=0, drop_last=True)
             sampler.set_epoch(epoch)
-            loader = data.create_loader(data.transformed(train_set, transforms.eval_transform(32)), sampler,
-                                        workers=workers)
+            loader = data.create_loader(
+                data.transformed(train_set, transforms.eval_transform(32)), sampler, workers=workers
+            )
             batches, read = iter(loader), 0
             next(batches)  # the workers have started
             start = time.perf_counter()
@@ -111,8 +122,9 @@ def rates(root, images, workers, batch, rounds):
                 read += len(next(batches)[0])
             found[source].append(round(read / (time.perf_counter() - start)))
             del batches
-    return {source: dict(images_per_sec=values, median=sorted(values)[len(values) // 2]) for source, values in
-            found.items()}
+    return {
+        source: dict(images_per_sec=values, median=sorted(values)[len(values) // 2]) for source, values in found.items()
+    }
 
 
 def main():
@@ -141,8 +153,21 @@ def main():
         return
     torch.set_num_threads(1)
     for source in ('folder', 'shards', 'folder', 'shards', 'rates'):  # each in a fresh process
-        command = [sys.executable, __file__, args.root, '--only', source, '--images', str(args.images),
-                   '--workers', str(args.workers), '--batch', str(args.batch), '--rounds', str(args.rounds)]
+        command = [
+            sys.executable,
+            __file__,
+            args.root,
+            '--only',
+            source,
+            '--images',
+            str(args.images),
+            '--workers',
+            str(args.workers),
+            '--batch',
+            str(args.batch),
+            '--rounds',
+            str(args.rounds),
+        ]
         print(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip(), flush=True)
 
 

@@ -18,6 +18,7 @@ disk: once 1 MB is in the file, its write() raises OSError(ENOSPC), as the kerne
 --record-dtypes PREFIX: at exit, PREFIX.rankR.json lists the dtypes of every tensor made while
 validating (train.validate) and of every tensor given to a collective (all_reduce, all_gather).
 """
+
 import argparse
 import atexit
 import errno
@@ -33,9 +34,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
 import distributed  # noqa: E402
 import run  # noqa: E402
+import train  # noqa: E402
 
 
 def inject_infinite_losses(steps):
@@ -44,6 +45,7 @@ def inject_infinite_losses(steps):
     def train_loss(*args, **kwargs):
         loss = original(*args, **kwargs)
         return loss * float('inf') if next(calls) in steps else loss
+
     train.train_loss = train_loss
 
 
@@ -58,6 +60,7 @@ def signal_at_loss(count, signum, whole_group=False):
             for group in {os.getpgrp(), os.getpgid(os.getppid())}:
                 os.killpg(group, signum)
         return original(*args, **kwargs)
+
     train.train_loss = train_loss
 
 
@@ -66,6 +69,7 @@ def fill_disk_at_save(count, capacity=1 << 20):
 
     class FullDisk:
         """The file as a full disk has it: what fits is written, then ENOSPC."""
+
         def __init__(self, file):
             self.file, self.written = file, 0
 
@@ -84,6 +88,7 @@ def fill_disk_at_save(count, capacity=1 << 20):
         if path.endswith('.pth.tar') and next(calls) == count:
             return original(path, lambda f: write(FullDisk(f)), *args, **kwargs)
         return original(path, write, *args, **kwargs)
+
     run.atomic_write = atomic_write
 
 
@@ -93,8 +98,9 @@ def inject_failure(rank):
     def train_step(*args, **kwargs):
         result = original(*args, **kwargs)
         if distributed.get_rank() == rank:
-            raise RuntimeError(f"failure injected on rank {rank} after its first step")
+            raise RuntimeError(f'failure injected on rank {rank} after its first step')
         return result
+
     train.train_step = train_step
 
 
@@ -112,18 +118,22 @@ def record_dtypes(prefix):
     def recorded_validate(*args, **kwargs):
         with RecordCreated():
             return validate(*args, **kwargs)
+
     train.validate = recorded_validate
 
     for module in (dist, dist.distributed_c10d):  # all_gather_object calls c10d's all_gather
         for name in ('all_reduce', 'all_gather'):
-            def recorded(*args, _collective=getattr(module, name), **kwargs):
+
+            def recorded(*args, _collective=getattr(module, name), **kwargs):  # noqa: B008 (binds this collective)
                 seen['collectives'].update(str(t.dtype) for t in tree_leaves(args) if isinstance(t, torch.Tensor))
                 return _collective(*args, **kwargs)
+
             setattr(module, name, recorded)
 
     def write():
-        with open(f"{prefix}.rank{os.environ.get('RANK', 0)}.json", 'w') as f:  # the group is gone by now
+        with open(f'{prefix}.rank{os.environ.get("RANK", 0)}.json', 'w') as f:  # the group is gone by now
             json.dump({key: sorted(value) for key, value in seen.items()}, f)
+
     atexit.register(write)
 
 
@@ -153,7 +163,7 @@ def main():
         fill_disk_at_save(faults.disk_full_at_save)
     if faults.fail_rank is not None:
         inject_failure(faults.fail_rank)
-    train.main(sys.argv[split + 1:] + launcher_args)
+    train.main(sys.argv[split + 1 :] + launcher_args)
 
 
 if __name__ == '__main__':

@@ -29,6 +29,7 @@ H100-class card; >= 1.2x timm's training step in the same bench.py run; compiled
 The input pipeline is said to keep up when the JPEG run reaches 90% of the synthetic run (our
 threshold). Exit status: 0 when every stage ran and no test failed (goals not met included), else 1.
 """
+
 import argparse
 import json
 import os
@@ -54,42 +55,100 @@ PIPELINE_KEEPS_UP = 0.9  # JPEG-folder images/s over synthetic images/s, same se
 # The ModelZoo command (train.py's docstring) without its data, size, batch, precision and log
 # interval: those are set per run below (-j: the ModelZoo's 8 for synthetic data, which needs little
 # loading work; all the cores for JPEGs).
-MODELZOO_FLAGS = ['--model', 'efficientnetv2_rw_t', '--sched', 'step', '--epochs', '350', '--decay-epochs', '2.4',
-                  '--decay-rate', '.97', '--opt', 'rmsproptf', '--opt-eps', '.001', '--warmup-lr', '4e-6',
-                  '--weight-decay', '1e-5', '--drop', '0.3', '--drop-connect', '0.2', '--aa', 'rand-m9-mstd0.5',
-                  '--lr', '.014', '--model-ema', '--model-ema-decay', '0.9999', '--mixup', '0.2']
+MODELZOO_FLAGS = [
+    '--model',
+    'efficientnetv2_rw_t',
+    '--sched',
+    'step',
+    '--epochs',
+    '350',
+    '--decay-epochs',
+    '2.4',
+    '--decay-rate',
+    '.97',
+    '--opt',
+    'rmsproptf',
+    '--opt-eps',
+    '.001',
+    '--warmup-lr',
+    '4e-6',
+    '--weight-decay',
+    '1e-5',
+    '--drop',
+    '0.3',
+    '--drop-connect',
+    '0.2',
+    '--aa',
+    'rand-m9-mstd0.5',
+    '--lr',
+    '.014',
+    '--model-ema',
+    '--model-ema-decay',
+    '0.9999',
+    '--mixup',
+    '0.2',
+]
 # The number the ModelZoo's scripts report: the last Train line's running average images/s.
-MODELZOO_IMAGES_PER_SEC = ("grep -a 'Train:' {log} | awk 'END {{print}}' | awk -F \"/s\" '{{print $2}}' "
-                           "| awk '{{print $2}}'")
+MODELZOO_IMAGES_PER_SEC = (
+    "grep -a 'Train:' {log} | awk 'END {{print}}' | awk -F \"/s\" '{{print $2}}' | awk '{{print $2}}'"
+)
 
 
 def sizes(smoke, device):
     """What every stage runs at: the real sizes, or --smoke's toy ones (no compilation)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
     if smoke:
-        return dict(device=device, img_size=64, batch=4, steps=3, log_interval=1, synthetic_workers=1,
-                    folder_workers=cores, unique_jpegs=16, bench=['--warmup', '1', '--windows', '1', '--steps', '1',
-                                                                  '--no-memory'],
-                    compile=False, budget_scale=3.0, cores=cores)
+        return dict(
+            device=device,
+            img_size=64,
+            batch=4,
+            steps=3,
+            log_interval=1,
+            synthetic_workers=1,
+            folder_workers=cores,
+            unique_jpegs=16,
+            bench=['--warmup', '1', '--windows', '1', '--steps', '1', '--no-memory'],
+            compile=False,
+            budget_scale=3.0,
+            cores=cores,
+        )
     # 100 steps, as the ModelZoo's performance script (--perf-steps 100); a Train line every 10 steps:
     # every line syncs the GPU (the ModelZoo's --log-interval 1 would sync every step).
-    return dict(device='cuda', img_size=288, batch=256, steps=100, log_interval=10, synthetic_workers=min(8, cores),
-                folder_workers=cores, unique_jpegs=2048, bench=['--warmup', '10', '--windows', '5', '--steps', '10'],
-                compile=True, budget_scale=1.0, cores=cores)
+    return dict(
+        device='cuda',
+        img_size=288,
+        batch=256,
+        steps=100,
+        log_interval=10,
+        synthetic_workers=min(8, cores),
+        folder_workers=cores,
+        unique_jpegs=2048,
+        bench=['--warmup', '10', '--windows', '5', '--steps', '10'],
+        compile=True,
+        budget_scale=1.0,
+        cores=cores,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Running a stage: a subprocess in its own process group, its output in a log, a hard time limit
+
 
 def run_logged(name, command, timeout, env=None):
     """-> dict(status, rc, seconds, log): status 'ok', 'failed (rc N)' or 'timed out after N s'."""
     log = os.path.join(OUTPUT, f'{name}.log')
     start = time.monotonic()
     with open(log, 'w') as f:
-        f.write(f"$ {shlex.join(command)}\n")
+        f.write(f'$ {shlex.join(command)}\n')
         f.flush()
-        process = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=dict(os.environ, PYTHONUNBUFFERED='1', **(env or {})))
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(os.environ, PYTHONUNBUFFERED='1', **(env or {})),
+        )
         try:
             rc = process.wait(timeout=max(timeout, 1))
             status = 'ok' if rc == 0 else f'failed (rc {rc})'
@@ -97,8 +156,13 @@ def run_logged(name, command, timeout, env=None):
             os.killpg(process.pid, signal.SIGKILL)  # the launcher's children and loader workers too
             rc = process.wait()
             status = f'timed out after {timeout:.0f} s'
-    return dict(status=status, rc=rc, seconds=round(time.monotonic() - start, 1), log=os.path.relpath(log, ROOT),
-                command=shlex.join(command))
+    return dict(
+        status=status,
+        rc=rc,
+        seconds=round(time.monotonic() - start, 1),
+        log=os.path.relpath(log, ROOT),
+        command=shlex.join(command),
+    )
 
 
 def last_line(path, prefix=''):
@@ -109,6 +173,7 @@ def last_line(path, prefix=''):
 
 # ----------------------------------------------------------------------------------------------
 # The stages
+
 
 def environment(timeout=60):
     """The card, driver and versions, probed in a child process (this one never touches CUDA)."""
@@ -142,8 +207,12 @@ print(json.dumps(info))
         return None
     info = json.loads(result.stdout.strip().splitlines()[-1])
     try:
-        smi = subprocess.run(['nvidia-smi', '--query-gpu=name,driver_version', '--format=csv,noheader'],
-                             capture_output=True, text=True, timeout=30)
+        smi = subprocess.run(
+            ['nvidia-smi', '--query-gpu=name,driver_version', '--format=csv,noheader'],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         header = subprocess.run(['nvidia-smi'], capture_output=True, text=True, timeout=30).stdout
         info['driver'] = smi.stdout.strip().splitlines()[0].split(', ')[-1] if smi.returncode == 0 else None
         found = re.search(r'CUDA Version: (\S+)', header)
@@ -156,15 +225,21 @@ print(json.dumps(info))
 def stage_tests(timeout, setup):
     """python -m pytest test -q -m cuda; the counts from its JUnit XML."""
     xml = os.path.join(OUTPUT, 'pytest.xml')
-    result = run_logged('tests', [PYTHON, '-m', 'pytest', 'test', '-q', '-m', 'cuda', '-rs', '-p', 'no:cacheprovider',
-                                  f'--junitxml={xml}'], timeout)
+    result = run_logged(
+        'tests',
+        [PYTHON, '-m', 'pytest', 'test', '-q', '-m', 'cuda', '-rs', '-p', 'no:cacheprovider', f'--junitxml={xml}'],
+        timeout,
+    )
     if os.path.exists(xml):
         suite = ElementTree.parse(xml).getroot()
         suite = suite if suite.tag == 'testsuite' else suite.find('testsuite')
         counts = {key: int(suite.get(key, 0)) for key in ('tests', 'failures', 'errors', 'skipped')}
         counts['passed'] = counts['tests'] - counts['failures'] - counts['errors'] - counts['skipped']
-        counts['failed_tests'] = [case.get('name') for case in suite.iter('testcase')
-                                  if case.find('failure') is not None or case.find('error') is not None]
+        counts['failed_tests'] = [
+            case.get('name')
+            for case in suite.iter('testcase')
+            if case.find('failure') is not None or case.find('error') is not None
+        ]
         result.update(counts)
         if result['rc'] == 1:  # pytest's "some tests failed": the stage itself ran
             result['status'] = 'ok'
@@ -172,9 +247,27 @@ def stage_tests(timeout, setup):
 
 
 def train_args(setup, data, amp_dtype, compile_model, workers):
-    args = [*data, *MODELZOO_FLAGS, '--img-size', setup['img_size'], '-b', setup['batch'], '-j', workers,
-            '--perf-steps', setup['steps'], '--log-interval', setup['log_interval'], '--amp', '--amp-dtype', amp_dtype,
-            '--device', setup['device'], '--num-classes', '1000']
+    args = [
+        *data,
+        *MODELZOO_FLAGS,
+        '--img-size',
+        setup['img_size'],
+        '-b',
+        setup['batch'],
+        '-j',
+        workers,
+        '--perf-steps',
+        setup['steps'],
+        '--log-interval',
+        setup['log_interval'],
+        '--amp',
+        '--amp-dtype',
+        amp_dtype,
+        '--device',
+        setup['device'],
+        '--num-classes',
+        '1000',
+    ]
     return [str(arg) for arg in args] + ['--compile'] * (compile_model and setup['compile'])
 
 
@@ -182,12 +275,14 @@ def stage_train(name, timeout, setup, amp_dtype, compile_model=False, data=('--d
     """train.py in a child that runs train.main() and then prints its peak memory."""
     output = os.path.join(OUTPUT, 'runs', name)
     args = train_args(setup, list(data), amp_dtype, compile_model, workers or setup['synthetic_workers'])
-    result = run_logged(name, [PYTHON, os.path.abspath(__file__), '--train-in-process', '--',
-                               *args, '--output', output], timeout)
+    result = run_logged(
+        name, [PYTHON, os.path.abspath(__file__), '--train-in-process', '--', *args, '--output', output], timeout
+    )
     log = os.path.join(ROOT, result['log'])
     line = last_line(log, 'Train:')
-    fps = subprocess.run(['bash', '-c', MODELZOO_IMAGES_PER_SEC.format(log=shlex.quote(log))],
-                         capture_output=True, text=True).stdout.strip()
+    fps = subprocess.run(
+        ['bash', '-c', MODELZOO_IMAGES_PER_SEC.format(log=shlex.quote(log))], capture_output=True, text=True
+    ).stdout.strip()
     result['images_per_sec'] = float(fps) if fps else None
     found = re.search(r'\((\d+\.\d+)s, +[\d.]+/s\).*Data: [\d.]+ \(([\d.]+)\)', line)
     if found:
@@ -203,9 +298,27 @@ def stage_train(name, timeout, setup, amp_dtype, compile_model=False, data=('--d
 def stage_bench(name, timeout, setup, compile_model=False):
     """bench.py --compare-timm, the training step only (the former gpu_bench.sh's command), from its JSON."""
     json_path = os.path.join(OUTPUT, f'{name}.json')
-    command = [PYTHON, 'bench.py', '--device', setup['device'], '--model', 'efficientnetv2_rw_t', '--img-size',
-               str(setup['img_size']), '-b', str(setup['batch']), '--precision', 'bfloat16', '--channels-last', 'on',
-               '--no-pipeline', '--compare-timm', *setup['bench'], '--json', json_path]
+    command = [
+        PYTHON,
+        'bench.py',
+        '--device',
+        setup['device'],
+        '--model',
+        'efficientnetv2_rw_t',
+        '--img-size',
+        str(setup['img_size']),
+        '-b',
+        str(setup['batch']),
+        '--precision',
+        'bfloat16',
+        '--channels-last',
+        'on',
+        '--no-pipeline',
+        '--compare-timm',
+        *setup['bench'],
+        '--json',
+        json_path,
+    ]
     result = run_logged(name, command + ['--compile'] * (compile_model and setup['compile']), timeout)
     result['summary_line'] = last_line(os.path.join(ROOT, result['log']), 'summary:')
     result['compiled'] = compile_model and setup['compile']
@@ -231,6 +344,7 @@ def stage_jpegs(timeout, setup):
         return dict(status='ok', seconds=round(time.monotonic() - start, 1), root=root, reused=True, **spec)
     shutil.rmtree(root, ignore_errors=True)
     import multiprocessing
+
     with multiprocessing.get_context('fork').Pool(setup['cores']) as pool:
         work = pool.map_async(make_jpeg, [(root, index, spec['classes']) for index in range(spec['unique'])])
         try:
@@ -259,7 +373,9 @@ def make_jpeg(job):
     """One 500x375 (or 375x500) JPEG: a random crop of one of the two photos, flipped at random."""
     import importlib.util
     import random
+
     from PIL import Image
+
     root, index, classes = job
     sklearn_dir = importlib.util.find_spec('sklearn').submodule_search_locations[0]  # no sklearn import
     name = ('china.jpg', 'flower.jpg')[index % 2]
@@ -290,18 +406,24 @@ def train_in_process(argv):
     CUDA's max_memory_allocated, or on the CPU this process's peak resident set."""
     sys.path.insert(0, ROOT)
     import resource
+
     import torch
+
     import train
+
     train.main(argv)  # a bad run ends here: train.py exits with its one-line error
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        print(f"gpu_check: peak memory {torch.cuda.max_memory_allocated() // 2**20} MiB (GPU, allocated)", flush=True)
+        print(f'gpu_check: peak memory {torch.cuda.max_memory_allocated() // 2**20} MiB (GPU, allocated)', flush=True)
     else:
-        print(f"gpu_check: peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB "
-              f"(host RSS)", flush=True)
+        print(
+            f'gpu_check: peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB (host RSS)',
+            flush=True,
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # The plan, the summary table
+
 
 def plan(setup):
     """-> ([(name, run(timeout) -> result, budget seconds, required)] in the order they run, results)."""
@@ -314,9 +436,10 @@ def plan(setup):
         return stage_train(name, timeout, setup, 'bfloat16', data=(jpegs['root'],), workers=setup['folder_workers'])
 
     def synthetic(dtype, compiled=False):
-        name = f"train_synthetic_{dtype}_{'compiled' if compiled else 'eager'}"
+        name = f'train_synthetic_{dtype}_{"compiled" if compiled else "eager"}'
         amp_dtype = dict(bf16='bfloat16', fp16='float16')[dtype]
         return name, partial(stage_train, name, setup=setup, amp_dtype=amp_dtype, compile_model=compiled)
+
     stages = [
         ('tests', partial(stage_tests, setup=setup), 120, True),
         (*synthetic('bf16'), 40, True),
@@ -339,14 +462,17 @@ def run_stages(setup, start):
     scale = setup['budget_scale']
     deadline = start + BUDGET_SECONDS * scale
     for index, (name, run, seconds, required) in enumerate(stages):
-        reserved = sum(later[2] for later in stages[index + 1:] if later[3]) * scale
+        reserved = sum(later[2] for later in stages[index + 1 :] if later[3]) * scale
         timeout = deadline - time.monotonic() - reserved
         if not required and timeout < seconds * scale:
             results[name] = dict(status=f'not run: {max(timeout, 0):.0f} s of the budget left', seconds=0.0)
         else:
             results[name] = run(timeout)
-        print(f"[{index + 1}/{len(stages)}] {name}: {results[name]['status']}, {results[name]['seconds']:.0f} s"
-              + describe(results[name]), flush=True)
+        print(
+            f'[{index + 1}/{len(stages)}] {name}: {results[name]["status"]}, {results[name]["seconds"]:.0f} s'
+            + describe(results[name]),
+            flush=True,
+        )
     return results
 
 
@@ -356,14 +482,17 @@ def describe(result):
     if result.get('images_per_sec') is not None:
         parts.append(images_text(result['images_per_sec']))
     if 'total' in result:
-        parts.append(f"{result['unique']} JPEGs, linked up to {result['total']}"
-                     + (' (made by an earlier check)' if result['reused'] else ''))
+        parts.append(
+            f'{result["unique"]} JPEGs, linked up to {result["total"]}'
+            + (' (made by an earlier check)' if result['reused'] else '')
+        )
     if result.get('ratio') is not None:
-        parts.append(f"step ours/timm {result['ratio']:.2f}")
+        parts.append(f'step ours/timm {result["ratio"]:.2f}')
     if 'passed' in result:
-        parts.append(f"{result['passed']} passed, {result['failures'] + result['errors']} failed, "
-                     f"{result['skipped']} skipped")
-    return ''.join(f', {part}' for part in parts) + (f" ({result['log']})" if 'log' in result else '')
+        parts.append(
+            f'{result["passed"]} passed, {result["failures"] + result["errors"]} failed, {result["skipped"]} skipped'
+        )
+    return ''.join(f', {part}' for part in parts) + (f' ({result["log"]})' if 'log' in result else '')
 
 
 def verdict(met, smoke):
@@ -375,7 +504,7 @@ def verdict(met, smoke):
 
 
 def images_text(value):
-    return f"{value:,.0f} images/s" if value >= 100 else f"{value:.2f} images/s"
+    return f'{value:,.0f} images/s' if value >= 100 else f'{value:.2f} images/s'
 
 
 def summary_rows(results, setup, smoke):
@@ -390,7 +519,7 @@ def summary_rows(results, setup, smoke):
 
     def peak(name):
         value = results.get(name, {}).get('peak_mib')
-        return '-' if value is None else f"{value:,.0f}"
+        return '-' if value is None else f'{value:,.0f}'
 
     def images(name):
         return results[name].get('images_per_sec') if ok(name) else None
@@ -400,9 +529,15 @@ def summary_rows(results, setup, smoke):
     if 'passed' in tests:
         failed = tests['failures'] + tests['errors']
         ran = tests['passed'] + failed
-        rows.append(('CUDA tests (pytest -m cuda)',
-                     f"{tests['passed']} passed, {failed} failed, {tests['skipped']} skipped", '-', 'all pass',
-                     verdict(failed == 0, smoke) if ran else 'not run (all skipped)'))
+        rows.append(
+            (
+                'CUDA tests (pytest -m cuda)',
+                f'{tests["passed"]} passed, {failed} failed, {tests["skipped"]} skipped',
+                '-',
+                'all pass',
+                verdict(failed == 0, smoke) if ran else 'not run (all skipped)',
+            )
+        )
     else:
         rows.append(('CUDA tests (pytest -m cuda)', status('tests'), '-', 'all pass', 'not met'))
 
@@ -410,70 +545,121 @@ def summary_rows(results, setup, smoke):
         eager, compiled = f'train_synthetic_{dtype}_eager', f'train_synthetic_{dtype}_compiled'
         goal, met = '-', None
         if dtype == 'bf16':
-            goal = f">= {GOAL_BF16_EAGER_IMAGES_PER_SEC:,} (H100-class)"
+            goal = f'>= {GOAL_BF16_EAGER_IMAGES_PER_SEC:,} (H100-class)'
             met = images(eager) >= GOAL_BF16_EAGER_IMAGES_PER_SEC if images(eager) else None
-        rows.append((f"train.py {dtype} eager", images_text(images(eager)) if images(eager) else status(eager),
-                     peak(eager), goal, verdict(met, smoke)))
+        rows.append(
+            (
+                f'train.py {dtype} eager',
+                images_text(images(eager)) if images(eager) else status(eager),
+                peak(eager),
+                goal,
+                verdict(met, smoke),
+            )
+        )
         speedup = images(compiled) / images(eager) if images(compiled) and images(eager) else None
         text = images_text(images(compiled)) if images(compiled) else status(compiled)
-        text += f" ({speedup:.2f}x eager)" if speedup else ''
-        rows.append((f"train.py {dtype} {compiled_label}", text, peak(compiled), '> eager',
-                     verdict(speedup > 1 if speedup and setup['compile'] else None, smoke)))
+        text += f' ({speedup:.2f}x eager)' if speedup else ''
+        rows.append(
+            (
+                f'train.py {dtype} {compiled_label}',
+                text,
+                peak(compiled),
+                '> eager',
+                verdict(speedup > 1 if speedup and setup['compile'] else None, smoke),
+            )
+        )
 
     jpeg, synthetic = 'train_jpeg_bf16_eager', 'train_synthetic_bf16_eager'
     ratio = images(jpeg) / images(synthetic) if images(jpeg) and images(synthetic) else None
     text = status(jpeg)
     if ratio:
-        text = f"{images_text(images(jpeg))} ({ratio:.2f}x synthetic"
+        text = f'{images_text(images(jpeg))} ({ratio:.2f}x synthetic'
         if results[jpeg].get('data_seconds') is not None:
-            text += (f"; loader wait {1e3 * results[jpeg]['data_seconds']:.1f} of "
-                     f"{1e3 * results[jpeg]['step_seconds']:.1f} ms a step")
+            text += (
+                f'; loader wait {1e3 * results[jpeg]["data_seconds"]:.1f} of '
+                f'{1e3 * results[jpeg]["step_seconds"]:.1f} ms a step'
+            )
         text += ')'
-    rows.append((f"train.py bf16 eager, JPEG folder, -j {setup['folder_workers']}", text, peak(jpeg),
-                 f">= {PIPELINE_KEEPS_UP:.2f}x synthetic", verdict(ratio >= PIPELINE_KEEPS_UP if ratio else None,
-                                                                     smoke)))
+    rows.append(
+        (
+            f'train.py bf16 eager, JPEG folder, -j {setup["folder_workers"]}',
+            text,
+            peak(jpeg),
+            f'>= {PIPELINE_KEEPS_UP:.2f}x synthetic',
+            verdict(ratio >= PIPELINE_KEEPS_UP if ratio else None, smoke),
+        )
+    )
 
     for name, label in (('bench_eager', 'eager'), ('bench_compiled', compiled_label)):
         result, text, met = results.get(name, {}), status(name), None
         if ok(name) and result.get('ratio'):
-            text = f"{result['ratio']:.2f} ({result['ours']:,.0f} vs {result['timm']:,.0f} images/s)"
+            text = f'{result["ratio"]:.2f} ({result["ours"]:,.0f} vs {result["timm"]:,.0f} images/s)'
             met = result['ratio'] >= GOAL_STEP_OVER_TIMM
-        rows.append((f"bench.py bf16 {label}: step ours/timm", text, peak(name), f">= {GOAL_STEP_OVER_TIMM}x",
-                     verdict(met, smoke)))
+        rows.append(
+            (
+                f'bench.py bf16 {label}: step ours/timm',
+                text,
+                peak(name),
+                f'>= {GOAL_STEP_OVER_TIMM}x',
+                verdict(met, smoke),
+            )
+        )
     eager, compiled = results.get('bench_eager', {}), results.get('bench_compiled', {})
     if eager.get('ours') and compiled.get('ours'):
         speedup = compiled['ours'] / eager['ours']
-        rows.append((f"bench.py ours: {compiled_label} / eager", f"{speedup:.2f}x", '-', '> 1x',
-                     verdict(speedup > 1 if setup['compile'] else None, smoke)))
+        rows.append(
+            (
+                f'bench.py ours: {compiled_label} / eager',
+                f'{speedup:.2f}x',
+                '-',
+                '> 1x',
+                verdict(speedup > 1 if setup['compile'] else None, smoke),
+            )
+        )
     return rows
 
 
 def print_table(rows, env, setup, smoke, seconds):
-    card = env.get('device_name') or f"no GPU, CPU {env.get('cpu_model') or ''}".rstrip()
+    card = env.get('device_name') or f'no GPU, CPU {env.get("cpu_model") or ""}'.rstrip()
     print()
-    print(f"gpu_check{' --smoke (toy sizes: the goals do not apply)' if smoke else ''} on {card}: "
-          f"{seconds:.0f} s, {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"train.py: efficientnetv2_rw_t, {setup['img_size']} px, batch {setup['batch']}, {setup['steps']} steps, "
-          f"the reference recipe's flags, synthetic data unless said; bench.py: its training step, bf16, "
-          f"channels_last, against timm's")
+    print(
+        f'gpu_check{" --smoke (toy sizes: the goals do not apply)" if smoke else ""} on {card}: '
+        f'{seconds:.0f} s, {time.strftime("%Y-%m-%d %H:%M")}'
+    )
+    print(
+        f'train.py: efficientnetv2_rw_t, {setup["img_size"]} px, batch {setup["batch"]}, {setup["steps"]} steps, '
+        f"the reference recipe's flags, synthetic data unless said; bench.py: its training step, bf16, "
+        f"channels_last, against timm's"
+    )
     headers = ('measurement', 'result', 'peak MiB', 'goal', 'verdict')
     widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
     for row in [headers, *rows]:
         print('  '.join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print("peak MiB: " + ("CUDA's max_memory_allocated in the run's process" if setup['device'] == 'cuda'
-                          else "the train.py process's peak resident set (bench.py: not measured in --smoke)"))
+    print(
+        'peak MiB: '
+        + (
+            "CUDA's max_memory_allocated in the run's process"
+            if setup['device'] == 'cuda'
+            else "the train.py process's peak resident set (bench.py: not measured in --smoke)"
+        )
+    )
 
 
 def header(env):
-    lines = [f"card: {env.get('device_name', 'none (no CUDA)')}"
-             + (f" x{env['device_count']}, {env['device_memory_gib']} GiB, compute capability {env['capability']}"
-                if env.get('cuda') else ''),
-             f"driver: {env.get('driver') or 'n/a'} (CUDA {env.get('driver_cuda') or 'n/a'}); torch built with CUDA "
-             f"{env.get('cuda_build') or 'none'}, cuDNN {env.get('cudnn') or 'n/a'}",
-             f"torch {env['torch']}, torchvision {env['torchvision']}, timm {env.get('timm') or 'not installed'}, "
-             f"python {env['python']}, apex.amp {'yes' if env.get('apex_amp') else 'no'}",
-             f"CPU: {env.get('cpu_cores')} cores for this process ({env.get('cpu_count')} online), "
-             f"{env.get('cpu_model') or 'unknown model'}"]
+    lines = [
+        f'card: {env.get("device_name", "none (no CUDA)")}'
+        + (
+            f' x{env["device_count"]}, {env["device_memory_gib"]} GiB, compute capability {env["capability"]}'
+            if env.get('cuda')
+            else ''
+        ),
+        f'driver: {env.get("driver") or "n/a"} (CUDA {env.get("driver_cuda") or "n/a"}); torch built with CUDA '
+        f'{env.get("cuda_build") or "none"}, cuDNN {env.get("cudnn") or "n/a"}',
+        f'torch {env["torch"]}, torchvision {env["torchvision"]}, timm {env.get("timm") or "not installed"}, '
+        f'python {env["python"]}, apex.amp {"yes" if env.get("apex_amp") else "no"}',
+        f'CPU: {env.get("cpu_cores")} cores for this process ({env.get("cpu_count")} online), '
+        f'{env.get("cpu_model") or "unknown model"}',
+    ]
     print('\n'.join(lines), flush=True)
 
 
@@ -481,23 +667,33 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ['--train-in-process', '--']:
         return train_in_process(argv[2:])
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--smoke', action='store_true',
-                        help='every stage at toy sizes on whatever device is here (checks the plumbing)')
-    parser.add_argument('--budget', type=float, default=BUDGET_SECONDS,
-                        help="seconds for all stages; each stage's budget scales with it (--smoke: 3x, "
-                             "for a slow CPU)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        '--smoke', action='store_true', help='every stage at toy sizes on whatever device is here (checks the plumbing)'
+    )
+    parser.add_argument(
+        '--budget',
+        type=float,
+        default=BUDGET_SECONDS,
+        help="seconds for all stages; each stage's budget scales with it (--smoke: 3x, for a slow CPU)",
+    )
     cli = parser.parse_args(argv)
     start = time.monotonic()
     env = environment()
     if env is None:
-        print(f"gpu_check needs torch, torchvision and a CUDA GPU: importing torch or torchvision fails with "
-              f"{PYTHON}", file=sys.stderr)
+        print(
+            f'gpu_check needs torch, torchvision and a CUDA GPU: importing torch or torchvision fails with {PYTHON}',
+            file=sys.stderr,
+        )
         return 1
     if not env['cuda'] and not cli.smoke:
-        print("gpu_check needs a CUDA GPU: torch.cuda.is_available() is False here "
-              "(--smoke runs every stage at toy sizes on any device)", file=sys.stderr)
+        print(
+            'gpu_check needs a CUDA GPU: torch.cuda.is_available() is False here '
+            '(--smoke runs every stage at toy sizes on any device)',
+            file=sys.stderr,
+        )
         return 1
     shutil.rmtree(os.path.join(OUTPUT, 'runs'), ignore_errors=True)  # the last check's; jpegs/ is kept
     os.makedirs(OUTPUT, exist_ok=True)
@@ -511,20 +707,33 @@ def main(argv=None):
     seconds = time.monotonic() - start
     rows = summary_rows(results, setup, cli.smoke)
     print_table(rows, env, setup, cli.smoke, seconds)
-    failed = [name for name, result in results.items()
-              if result['status'] != 'ok' and not result['status'].startswith('not run: ')
-              or result.get('failed_tests')]
-    report = dict(smoke=cli.smoke, seconds=round(seconds, 1), budget_seconds=BUDGET_SECONDS * setup['budget_scale'],
-                  environment=env, setup=setup, stages=results,
-                  rows=[dict(zip(('measurement', 'result', 'peak_mib', 'goal', 'verdict'), row)) for row in rows],
-                  goals=dict(bf16_eager_images_per_sec=GOAL_BF16_EAGER_IMAGES_PER_SEC,
-                             step_over_timm=GOAL_STEP_OVER_TIMM, pipeline_keeps_up=PIPELINE_KEEPS_UP))
+    failed = [
+        name
+        for name, result in results.items()
+        if result['status'] != 'ok' and not result['status'].startswith('not run: ') or result.get('failed_tests')
+    ]
+    report = dict(
+        smoke=cli.smoke,
+        seconds=round(seconds, 1),
+        budget_seconds=BUDGET_SECONDS * setup['budget_scale'],
+        environment=env,
+        setup=setup,
+        stages=results,
+        rows=[dict(zip(('measurement', 'result', 'peak_mib', 'goal', 'verdict'), row)) for row in rows],
+        goals=dict(
+            bf16_eager_images_per_sec=GOAL_BF16_EAGER_IMAGES_PER_SEC,
+            step_over_timm=GOAL_STEP_OVER_TIMM,
+            pipeline_keeps_up=PIPELINE_KEEPS_UP,
+        ),
+    )
     with open(os.path.join(OUTPUT, 'gpu_check.json'), 'w') as f:
         json.dump(report, f, indent=1)
     if results.get('tests', {}).get('failed_tests'):
-        print(f"failed tests: {', '.join(results['tests']['failed_tests'])}")
-    print(f"logs and gpu_check.json in {os.path.relpath(OUTPUT, ROOT)}/"
-          + (f"; stages that did not finish: {', '.join(failed)}" if failed else ''))
+        print(f'failed tests: {", ".join(results["tests"]["failed_tests"])}')
+    print(
+        f'logs and gpu_check.json in {os.path.relpath(OUTPUT, ROOT)}/'
+        + (f'; stages that did not finish: {", ".join(failed)}' if failed else '')
+    )
     return 1 if failed else 0
 
 

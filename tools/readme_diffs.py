@@ -7,6 +7,7 @@ still in train.py the diff is made again with its context and line numbers of to
 context, as `diff -U1`); where they are not, the function changed: edit that diff by hand, then run this again.
 test/test_changing_the_recipe.py applies the diffs and trains.
 """
+
 import difflib
 import os
 import re
@@ -22,8 +23,11 @@ def remake(diff, source):
     if source.count(removed) != 1:
         raise SystemExit(f"error: this diff's '-' lines are not (once) in train.py; edit it by hand:\n{diff}")
     changed = source.replace(removed, added)
-    return ''.join(difflib.unified_diff(source.splitlines(keepends=True), changed.splitlines(keepends=True),
-                                        'a/train.py', 'b/train.py', n=1))
+    return ''.join(
+        difflib.unified_diff(
+            source.splitlines(keepends=True), changed.splitlines(keepends=True), 'a/train.py', 'b/train.py', n=1
+        )
+    )
 
 
 def main():
@@ -32,10 +36,10 @@ def main():
         readme = f.read()
     with open(os.path.join(ROOT, 'train.py')) as f:
         source = f.read()
-    readme = re.sub(r'```diff\n(.*?)```', lambda m: f"```diff\n{remake(m.group(1), source)}```", readme, flags=re.S)
+    readme = re.sub(r'```diff\n(.*?)```', lambda m: f'```diff\n{remake(m.group(1), source)}```', readme, flags=re.S)
     with open(readme_path, 'w') as f:
         f.write(readme)
-    print(f"rewrote the diffs in {readme_path}")
+    print(f'rewrote the diffs in {readme_path}')
 
 
 if __name__ == '__main__':
