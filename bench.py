@@ -15,7 +15,7 @@ the table is printed above it and everything, every window included, goes to --j
   labels to the device, normalize, forward (autocast unless --precision float32), label-smoothing loss,
   backward, RMSpropTF, EMA update.
   Ours: train.py's own train_step over the parts train.py builds (build_model, create_optimizer,
-  optim.create_precision, optim.ModelEma) with the ModelZoo recipe's flags. timm: timm.create_model,
+  precision.create_precision, optim.ModelEma) with the ModelZoo recipe's flags. timm: timm.create_model,
   its RMSpropTF looping over tensors (timm 0.5.4, the ModelZoo's; timm 1.0 picks foreach on CUDA) and
   ModelEmaV2, normalization as its prefetcher does it, zero_grad after the forward (timm's train.py).
   --channels-last on/off/auto applies to both; `defaults` gives ours train.py's default for the device and
@@ -55,9 +55,10 @@ import torch
 import torch.nn.functional as F
 
 import data
-import distributed
+import devices
 import model as models
 import optim
+import precision as mixed_precision
 import transforms
 
 EMA_DECAY = 0.9999
@@ -115,13 +116,13 @@ def get_args_parser():
 def resolve_args(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.device = distributed.select_device(args.device, 0)
+    args.device = devices.select_device(args.device, 0)
     on_cpu = args.device.type == 'cpu'
     args.img_size = args.img_size or (96 if on_cpu else 288)
     args.batch_size = args.batch_size or (16 if on_cpu else 256)
     args.warmup = args.warmup if args.warmup is not None else (3 if on_cpu else 10)
     args.steps = args.steps or (3 if on_cpu else 10)
-    auto = distributed.default_channels_last(args.device)
+    auto = devices.default_channels_last(args.device)
     ours = {'off': False, 'on': True, 'auto': auto, 'defaults': auto}[args.channels_last]
     args.nhwc = dict(ours=ours, timm=ours if args.channels_last != 'defaults' else False)
     if args.compare_timm:
@@ -149,7 +150,7 @@ def memory_format(impl, args):
 
 
 def build_trainer(impl, args, images, labels):
-    """-> dict of closures: 'step' (one training step), 'optimizer' and 'ema' (those parts alone)."""
+    """Closures by name: 'step' (one training step), 'optimizer' and 'ema' (those parts alone)."""
     torch.manual_seed(args.seed)
     return our_trainer(args, images, labels) if impl == 'ours' else timm_trainer(args, images, labels)
 
@@ -196,7 +197,9 @@ def our_trainer(args, images, labels):
     recipe = flags.resolve_args(flags.get_args_parser().parse_args(argv))
     net = train.build_model(recipe, args.device, num_classes=1000)
     optimizer, _ = train.create_optimizer(net, recipe, steps_per_epoch=1)
-    precision, net, optimizer = optim.create_precision(args.device, net, optimizer, recipe.amp, recipe.amp_dtype)
+    precision, net, optimizer = mixed_precision.create_precision(
+        args.device, net, optimizer, recipe.amp, recipe.amp_dtype
+    )
     ema = optim.ModelEma(net, recipe.model_ema_decay)
     model = train.distribute(net, args.device, precision, recipe)  # compiled with --compile
     batch = [(images, labels, torch.zeros_like(labels))]
@@ -258,35 +261,36 @@ def build_and_warm_up(impl, args, images, labels, steps=None):
     memory (MiB) counted from just before it was built."""
     backend = accelerator(args.device)
     if backend is not None:
-        distributed.synchronize(args.device)
+        devices.synchronize(args.device)
         backend.reset_peak_memory_stats(args.device)
         base = backend.memory_allocated(args.device)
     trainer = build_trainer(impl, args, images, labels)
     for _ in range(max(args.warmup, 1) if steps is None else steps):
         trainer['step']()
-    distributed.synchronize(args.device)
+    devices.synchronize(args.device)
     peak = (backend.max_memory_allocated(args.device) - base) / 2**20 if backend is not None else None
     return trainer, peak
 
 
 def time_interleaved(functions, calls, windows, device):
-    """{name: callable} -> {name: [seconds per call, one per window]}. The order of the names
+    """For each name of `functions`, the seconds per call, one per window. The order of the names
     alternates window by window (ABBA), so a drift in machine load hits all of them alike."""
     seconds = {name: [] for name in functions}
     names = list(functions)
     for window in range(windows):
         for name in names if window % 2 == 0 else names[::-1]:
-            distributed.synchronize(device)
+            devices.synchronize(device)
             start = time.perf_counter()
             for _ in range(calls):
                 functions[name]()
-            distributed.synchronize(device)
+            devices.synchronize(device)
             seconds[name].append((time.perf_counter() - start) / calls)
     return seconds
 
 
 def bench_step(args):
-    trainers, peaks = {}, {}
+    trainers = {}
+    peaks = {}
     for impl in args.impls:
         trainers[impl], peaks[impl] = build_and_warm_up(impl, args, *synthetic_batch(impl, args))
     if args.device.type == 'cpu':
@@ -370,8 +374,10 @@ def make_jpeg_folder(root, count=64, seed=0):
     rng = random.Random(seed)
     for i in range(count):
         photo = photos[i % len(photos)]
-        width, height = rng.randint(320, 640), rng.randint(240, 427)
-        left, top = rng.randint(0, 640 - width), rng.randint(0, 427 - height)
+        width = rng.randint(320, 640)
+        height = rng.randint(240, 427)
+        left = rng.randint(0, 640 - width)
+        top = rng.randint(0, 427 - height)
         size = (500, 375) if i % 4 else (375, 500)
         crop = photo.crop((left, top, left + width, top + height)).resize(size, Image.BICUBIC)
         for split in ('train', 'val') if i < 4 else ('train',):
@@ -398,7 +404,8 @@ class PilImages(torch.utils.data.Dataset):
     """timm 0.5.4's ImageDataset: PIL decode, convert('RGB'), the transform."""
 
     def __init__(self, samples, transform):
-        self.samples, self.transform = samples, transform
+        self.samples = samples
+        self.transform = transform
 
     def __len__(self):
         return len(self.samples)
@@ -438,11 +445,12 @@ def time_pipeline_window(batches, warmup, timed, device):
     """Seconds per image over `timed` batches after `warmup` untimed ones (worker start-up)."""
     for _ in range(warmup):
         next(batches)
-    distributed.synchronize(device)
-    start, images = time.perf_counter(), 0
+    devices.synchronize(device)
+    start = time.perf_counter()
+    images = 0
     for _ in range(timed):
         images += next(batches).shape[0]
-    distributed.synchronize(device)
+    devices.synchronize(device)
     batches.close()  # shuts the loader's workers down before the next window starts
     return (time.perf_counter() - start) / images
 
@@ -450,7 +458,8 @@ def time_pipeline_window(batches, warmup, timed, device):
 def bench_pipeline(args):
     """One row per worker count; the JPEGs come from --jpeg-dir or a temporary folder."""
     folder = nullcontext(args.jpeg_dir) if args.jpeg_dir else tempfile.TemporaryDirectory(prefix='bench-jpegs-')
-    threads, rows = torch.get_num_threads(), []
+    threads = torch.get_num_threads()
+    rows = []
     with folder as root:
         if not os.path.isdir(os.path.join(root, 'train')):
             make_jpeg_folder(root, seed=args.seed)
@@ -490,7 +499,8 @@ def bench_pipeline_workers(samples, args, workers):
 def row(name, unit, values):
     """One table row: the median of each implementation's windows, and ours/timm."""
     medians = {impl: statistics.median(v) if v and None not in v else None for impl, v in values.items()}
-    ours, timm_value = medians.get('ours'), medians.get('timm')
+    ours = medians.get('ours')
+    timm_value = medians.get('timm')
     ratio = ours / timm_value if ours is not None and timm_value else None
     return dict(name=name, unit=unit, ours=ours, timm=timm_value, ratio=ratio, windows=values)
 

@@ -10,7 +10,7 @@ import os
 
 import distributed
 import errors
-from run import atomic_write
+from checkpoint import atomic_write
 
 CURVE_PANELS = (  # panel title, then (summary.csv column, line style) drawn in it
     ('loss (log scale)', (('train_loss', '-'), ('eval_loss', '--'))),

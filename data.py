@@ -23,10 +23,12 @@ import warnings
 import numpy as np
 import torch
 
+import distributed
 from errors import DataError, check_torchvision, import_beside
 
-check_torchvision()  # before torchvision's imports: a torch/torchvision mismatch is said in one line
+check_torchvision()  # before torchvision's first import (train.py imports this file first): one line if it fails
 from PIL import Image  # noqa: E402
+from torchvision.datasets.folder import make_dataset  # noqa: E402
 from torchvision.io import ImageReadMode, decode_image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
@@ -34,46 +36,36 @@ from torchvision.transforms import v2  # noqa: E402
 # the fastest JPEG/PNG path in this environment; read_image falls back to PIL for anything they refuse.
 warnings.filterwarnings('ignore', 'The image decoding and encoding capabilities of TorchVision', DeprecationWarning)
 
-DATASETS = ('folder', 'hf', 'wds', 'cifar10', 'cifar100', 'digits', 'synthetic')
+# The datasets but 'folder', each loaded by its file beside the copy: load(dataset, data_path, splits, strict_data)
+DATASET_FILES = dict(
+    hf='hugging_face', wds='shards', cifar10='cifar', cifar100='cifar', digits='demo_data', synthetic='demo_data'
+)
+DATASETS = ('folder', *DATASET_FILES)
 VAL_SPLITS = ('validation', 'val', 'valid', 'test')  # the held-out split by default: the first found
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')  # compared lower-cased
 # What schedulers send every process of a job to end it (Slurm's scancel and time limit, Kubernetes, systemd,
 # `timeout`, Ctrl-C in a terminal, sbatch --signal=USR1@SECONDS): the main process stops with a checkpoint
 # (run.StopSignals), loader workers leave the stop to it (create_loader).
 JOB_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-_DATA_PATH_HINTS = {
-    'folder': 'the folder holding train/<class>/ and val/<class>/',
-    'hf': "a dataset saved with datasets' save_to_disk, or a folder of the hub's parquet files",
-    'cifar10': "the folder holding torchvision's cifar-10-batches-py/",
-    'cifar100': "the folder holding torchvision's cifar-100-python/",
-}
 
 
-# ----------------------------------------------------------------------------------------------------------------
 # 1. Datasets
 
 
 class Transformed(torch.utils.data.Dataset):
-    """A dataset of (image, label) or Hugging Face rows as the loop loads it: keys (index, item seed) (an int: seed
-    0), items (uint8 RGB (3, H, W), int label, bad_images: the dataset's third value, else 0), transformed per item."""
+    """A dataset of (image, label) as the loop loads it: keys (index, item seed) (an int: seed 0), items (uint8 RGB
+    (3, H, W), int label, bad_images: the dataset's third value, else 0), transformed per item."""
 
     def __init__(self, dataset, transform=None):
-        self.dataset, self.transform = dataset, transform
+        self.dataset = dataset
+        self.transform = transform
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, key):
         index, item_seed = key if isinstance(key, tuple) else (key, 0)
-        item = self.dataset[index]
-        if isinstance(item, dict):  # a Hugging Face datasets row
-            if 'image' not in item or 'label' not in item:
-                raise DataError(
-                    f"a Hugging Face dataset row needs 'image' and 'label' columns, this one has "
-                    f"{', '.join(item)}: rename them, e.g. split.rename_columns({{'img': 'image'}})"
-                )
-            item = item['image'], item['label']
-        image, label, *bad_images = item
+        image, label, *bad_images = self.dataset[index]
         image = as_uint8_rgb(image)
         if self.transform is not None:
             # fork_rng restores the caller's CPU RNG afterwards (workers=0 must not disturb the training loop).
@@ -85,22 +77,18 @@ class Transformed(torch.utils.data.Dataset):
 
 
 def as_uint8_rgb(image):
-    """A PIL image, uint8 (1 or 3, H, W) tensor or uint8 (H, W[, 1 or 3]) array (OpenCV's) -> uint8 (3, H, W)."""
-    if isinstance(image, Image.Image):
-        return v2.functional.pil_to_tensor(image if image.mode == 'RGB' else image.convert('RGB'))
-    if (
-        isinstance(image, np.ndarray)
-        and image.dtype == np.uint8
-        and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3)))
-    ):
-        image = torch.from_numpy(np.ascontiguousarray(image.reshape(*image.shape[:2], -1))).permute(2, 0, 1)
-    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] in (1, 3):
-        return image.expand(3, -1, -1)
-    described = (
-        f'{image.dtype} {type(image).__name__} of shape {tuple(image.shape)}'
-        if hasattr(image, 'shape')
-        else type(image).__name__
-    )
+    """A uint8 (3, H, W) tensor from a PIL image, a uint8 (1 or 3, H, W) tensor or a uint8 (H, W[, 1 or 3]) array
+    (OpenCV's), by torchvision's to_image. PIL images of other modes are converted to RGB first (a palette image's
+    values are indices)."""
+    if isinstance(image, Image.Image) and image.mode != 'RGB':
+        image = image.convert('RGB')
+    if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
+        tensor = v2.functional.to_image(image).as_subclass(torch.Tensor)
+        if tensor.dtype == torch.uint8 and tensor.ndim == 3 and tensor.shape[0] in (1, 3):
+            return tensor.expand(3, -1, -1)
+    described = type(image).__name__
+    if hasattr(image, 'shape'):
+        described = f'{image.dtype} {described} of shape {tuple(image.shape)}'
     raise DataError(
         f'a dataset gave an image as a {described}; give PIL images, uint8 (3, H, W) tensors or uint8 '
         f"(H, W, 3) arrays (torchvision's ToTensor() makes floats: use PILToTensor())"
@@ -108,10 +96,10 @@ def as_uint8_rgb(image):
 
 
 def transformed(dataset, transform):
-    """Transformed(dataset, transform); SyntheticImages are remade at the transform's last crop size instead."""
-    if isinstance(dataset, SyntheticImages):
-        crops = [step for step in transform.transforms if isinstance(step, (v2.RandomResizedCrop, v2.CenterCrop))]
-        return SyntheticImages(len(dataset), crops[-1].size[0], dataset.num_classes)
+    """Transformed(dataset, transform), unless the dataset transforms itself: random images
+    (demo_data.SyntheticImages) are made again at the crop size, so that a benchmark measures the training step."""
+    if hasattr(dataset, 'transformed'):
+        return dataset.transformed(transform)
     return Transformed(dataset, transform)
 
 
@@ -122,7 +110,8 @@ class ImageFolder(torch.utils.data.Dataset):
     workers read them without touching reference counts, so their pages stay shared, not copied per worker."""
 
     def __init__(self, root, paths, labels, strict=False):
-        self.root, self.strict = root, strict
+        self.root = root
+        self.strict = strict
         self.paths = np.array([os.fsencode(path) for path in paths], dtype=np.bytes_)
         self.labels = np.array(labels, dtype=np.int32)
         # Shared between loader workers, so each bad file is reported once per run, not once per worker/epoch.
@@ -184,89 +173,45 @@ def decode_image_bytes(encoded):
         raise UnreadableImage(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
 
 
-class SyntheticImages(torch.utils.data.Dataset):
-    """Random uint8 images made in memory, for throughput runs: a pool of 64 at `image_size`, indexed modulo; not
-    augmented (`transformed`), so a benchmark measures the training step, not the input pipeline."""
-
-    pool_size = 64
-
-    def __init__(self, length, image_size, num_classes):
-        self.length, self.image_size, self.num_classes = length, image_size, num_classes
-        self.pool = torch.randint(
-            0,
-            256,
-            (self.pool_size, 3, image_size, image_size),
-            dtype=torch.uint8,
-            generator=torch.Generator().manual_seed(image_size),
-        )
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, key):
-        index = key[0] if isinstance(key, tuple) else key
-        return self.pool[index % self.pool_size], index % self.num_classes, 0
-
-
-def load_datasets(
-    dataset,
-    data_path=None,
-    *,
-    strict_data=False,
-    synthetic_size=224,
-    num_classes=None,
-    splits=(None, None),
-    keys=(None, None),
-    skip_bad_shards=False,
-):
-    """-> (train_set, val_set, classes), the sets' `source` naming their splits and columns (the start line).
-    `splits`: (train, val) names (see choose_splits); `keys`: the (image, label) columns; `num_classes`: synthetic's.
-    'folder': DATA/{train,val}/<class>/**/*.jpg|jpeg|png (torchvision's ImageFolder layout); 'hf': hugging_face.py;
-    'wds': tar shards (shards.py); 'cifar10', 'cifar100': torchvision's files under DATA (nothing is downloaded);
-    'digits': scikit-learn's 1797 8x8 digits, a fixed stratified 80/20 split; 'synthetic': random images, ImageNet's
-    1281167 train (a --perf-steps run stays in one epoch) and 1280 val."""
-    hint = _DATA_PATH_HINTS.get(dataset)
-    if hint and not data_path:
-        raise DataError(f'dataset {dataset!r} needs a data path: {hint}')
-    if hint and not os.path.isdir(data_path):
-        raise DataError(f'data path {data_path} does not exist or is not a folder; give {hint}')
+def load_datasets(dataset, data_path=None, *, splits=(None, None), strict_data=False, **options):
+    """The training set, the validation set and the class names; `source` on the sets names their splits and
+    columns (for the start line). 'folder': DATA/{train,val}/<class>/**/*.jpg|jpeg|png (torchvision's ImageFolder
+    layout). The others load in their files beside the copy (DATASET_FILES), which take the `options` they use:
+    `keys`, the (image, label) columns (hf, wds); `skip_bad_shards` (wds); `synthetic_size`, `num_classes`
+    (synthetic). `splits`: the (train, val) names (choose_splits)."""
     if dataset == 'folder':
         return _load_folder(data_path, strict_data, splits)
-    if dataset == 'hf':
-        return import_beside('hugging_face', '--dataset hf').load_hugging_face(data_path, splits, keys)
-    if dataset == 'wds':
-        return import_beside('shards', '--dataset wds').load_shards(
-            data_path, *splits, target_key=keys[1], strict=strict_data, skip_bad_shards=skip_bad_shards
-        )
-    if dataset in ('cifar10', 'cifar100'):
-        return _load_cifar(dataset, data_path)
-    if dataset == 'digits':
-        return _load_digits()
-    if dataset == 'synthetic':
-        sets = [SyntheticImages(length, synthetic_size, num_classes or 1000) for length in (1281167, 1280)]
-        return *sets, [f'class_{i}' for i in range(sets[0].num_classes)]
-    raise DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
+    if dataset not in DATASET_FILES:
+        raise DataError(f'unknown dataset {dataset!r}; choose one of {", ".join(DATASETS)}')
+    feature = 'the demo (python train.py without data)' if dataset == 'digits' else f'--dataset {dataset}'
+    loader = import_beside(DATASET_FILES[dataset], feature)
+    return loader.load(dataset, data_path, splits, strict_data, **options)
+
+
+def require_folder(dataset, data_path, hint):
+    """A DataError unless `data_path` names a folder; `hint` says what it holds."""
+    if not data_path:
+        raise DataError(f'dataset {dataset!r} needs a data path: {hint}')
+    if not os.path.isdir(data_path):
+        raise DataError(f'data path {data_path} does not exist or is not a folder; give {hint}')
 
 
 def choose_splits(available, splits, where, kind='split', suffix=''):
-    """-> (train, val): the names in `splits` or the defaults (train; the first of VAL_SPLITS found), each checked
-    against `available`; names of folders end in '/'."""
+    """The train and val split names: those in `splits` or the defaults (train; the first of VAL_SPLITS found),
+    each checked against `available`. Names of folders end in '/'."""
     train = (splits[0] or 'train').rstrip('/') + suffix
     defaults = [name + suffix for name in VAL_SPLITS]
     val = splits[1].rstrip('/') + suffix if splits[1] else next((name for name in defaults if name in available), None)
-    held_out = f'no {val} {kind}' if val else f'no held-out {kind} ({", ".join(defaults)})'
-    for problem, flag, found in (
-        (f'no {train} {kind}', '--train-split', train in available),
-        (held_out, '--val-split', val in available),
-    ):
-        if not found:
-            raise DataError(
-                f'{where} has {problem}; its {kind}s: {", ".join(available) or "none"}; name the one to use with {flag}'
-            )
+    for name, flag in ((train, '--train-split'), (val, '--val-split')):
+        if name not in available:
+            problem = f'no {name} {kind}' if name else f'no held-out {kind} ({", ".join(defaults)})'
+            listed = ', '.join(available) or 'none'
+            raise DataError(f'{where} has {problem}; its {kind}s: {listed}; name the one to use with {flag}')
     return train, val
 
 
 def _load_folder(root, strict, splits):
+    require_folder('folder', root, 'the folder holding train/<class>/ and val/<class>/')
     subfolders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith('.'))
     names = choose_splits([f'{name}/' for name in subfolders], splits, root, kind='folder', suffix='/')
     folders = [os.path.join(root, split.rstrip('/')) for split in names]
@@ -282,85 +227,47 @@ def _load_folder(root, strict, splits):
     train_set, val_set = (
         ImageFolder(folder, paths, labels, strict) for folder, (_, paths, labels) in zip(folders, scanned)
     )
-    train_set.source = val_set.source = f'folders {names[0]} and {names[1]}'
+    train_set.source = f'folders {names[0]} and {names[1]}'
+    val_set.source = train_set.source
     return train_set, val_set, train_classes
 
 
 def _scan_class_folders(folder):
-    """-> (sorted class names, paths relative to folder, labels) for folder/<class>/**/<image>, hidden ones ignored."""
+    """The sorted class names, the image paths relative to `folder` and their labels, for folder/<class>/**/<image>
+    (IMAGE_EXTENSIONS), by torchvision's make_dataset, hidden files and folders left out. The classes are listed
+    here: torchvision's find_classes would take a hidden folder (.ipynb_checkpoints) for one."""
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith('.'))
     if not classes:
         raise DataError(f'{folder} has no class folders; expected {folder}/<class>/*.jpg')
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        found = find_images(os.path.join(folder, name))
-        if not found:
-            raise DataError(
-                f'class folder {os.path.join(folder, name)} has no images '
-                f'({", ".join(IMAGE_EXTENSIONS)}); add images or remove the folder'
-            )
-        paths += [path[len(folder) + 1 :] for path in found]
-        labels += [label] * len(found)
-    return classes, paths, labels
 
+    def is_image(path):
+        relative = path[len(folder) + 1 :]
+        hidden = relative.startswith('.') or os.sep + '.' in relative
+        return relative.lower().endswith(IMAGE_EXTENSIONS) and not hidden
 
-def find_images(folder):
-    """Sorted paths of the images (IMAGE_EXTENSIONS) under folder, searched recursively; hidden entries skipped."""
-    found = []
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
-        subdirectories[:] = [name for name in subdirectories if not name.startswith('.')]
-        found += [
-            os.path.join(directory, name)
-            for name in files
-            if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
-        ]
-    return sorted(found)
-
-
-def _load_cifar(dataset, root):
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    cifar = CIFAR10 if dataset == 'cifar10' else CIFAR100
-    try:
-        train_set, val_set = [cifar(root, train=train, download=False) for train in (True, False)]
-    except RuntimeError:  # torchvision: 'Dataset not found or corrupted'
+    class_index = {name: label for label, name in enumerate(classes)}
+    samples = make_dataset(folder, class_index, is_valid_file=is_image, allow_empty=True)
+    empty = sorted(set(classes) - {classes[label] for _, label in samples})
+    if empty:
         raise DataError(
-            f'no {dataset} files under {root} (expected {os.path.join(root, cifar.base_folder)}); fetch '
-            f'them once with torchvision.datasets.{cifar.__name__}({root!r}, download=True)'
-        ) from None
-    return train_set, val_set, list(train_set.classes)
+            f'class folder {os.path.join(folder, empty[0])} has no images '
+            f'({", ".join(IMAGE_EXTENSIONS)}); add images or remove the folder'
+        )
+    return classes, [path[len(folder) + 1 :] for path, _ in samples], [label for _, label in samples]
 
 
-def _load_digits():
-    try:
-        from sklearn.datasets import load_digits  # imported here: only this demo dataset needs scikit-learn
-        from sklearn.model_selection import train_test_split
-    except ImportError:
-        raise DataError(
-            'the digits demo needs scikit-learn: pip install scikit-learn (or pip install -r requirements.txt)'
-        ) from None
-    digits = load_digits()
-    grey = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # values 0..16 -> 0..255
-    images = torch.from_numpy(grey)[:, None].expand(-1, 3, -1, -1).contiguous()
-    labels = torch.from_numpy(digits.target)
-    train_indices, val_indices = (
-        torch.from_numpy(np.sort(indices))
-        for indices in train_test_split(np.arange(len(labels)), test_size=0.2, stratify=digits.target, random_state=0)
-    )  # each in the files' order
-    return (
-        torch.utils.data.TensorDataset(images[train_indices], labels[train_indices]),
-        torch.utils.data.TensorDataset(images[val_indices], labels[val_indices]),
-        [str(d) for d in range(10)],
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # 2. Sampling
 
 
 def mix_seed(*values):
     """A 63-bit seed from integers (numpy's SeedSequence): nearby inputs give unrelated seeds."""
     return int(np.random.SeedSequence([value % 2**64 for value in values]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def seed_torch(seed, *context):
+    """The one place the training's torch seeds are set, the CPU's and every device's: `seed` itself, or mixed with
+    `context` (a rank; a resume's epoch and step) so that each rank draws streams of its own."""
+    torch.manual_seed(mix_seed(seed, *context) if context else seed)
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -373,18 +280,28 @@ class EpochBatchSampler(torch.utils.data.Sampler):
     world_size), unpadded: every image counts once; the last batches may be short and uneven across ranks.
     drop_last drops each rank's incomplete last batch."""
 
-    def __init__(self, dataset_len, batch_size, *, shuffle, seed=0, rank=0, world_size=1, drop_last):
+    def __init__(self, dataset_len, batch_size, *, shuffle, drop_last, seed=0, rank=None, world_size=None):
+        rank = distributed.get_rank() if rank is None else rank  # this process's, unless given
+        world_size = distributed.get_world_size() if world_size is None else world_size
         if dataset_len < 1 or batch_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
                 f'need dataset_len >= 1, batch_size >= 1 and 0 <= rank < world_size, got '
                 f'{dataset_len}, {batch_size}, {rank}, {world_size}'
             )
-        self.dataset_len, self.batch_size, self.shuffle, self.drop_last = dataset_len, batch_size, shuffle, drop_last
-        self.seed, self.rank, self.world_size, self.epoch, self.start_batch = seed, rank, world_size, 0, 0
+        self.dataset_len = dataset_len
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start_batch = 0
 
     def set_epoch(self, epoch, start_batch=0):
         """Select the epoch; start_batch skips the epoch's first batches without loading them (exact resume)."""
-        self.epoch, self.start_batch = epoch, start_batch
+        self.epoch = epoch
+        self.start_batch = start_batch
 
     def __len__(self):
         """Batches in the whole epoch for this rank (start_batch is not subtracted)."""
@@ -420,7 +337,6 @@ def create_loader(dataset, batch_sampler, *, workers, pin_memory=False):
         batch_sampler=batch_sampler,
         num_workers=workers,
         pin_memory=pin_memory,
-        prefetch_factor=2 if workers > 0 else None,
         generator=torch.Generator(),
         worker_init_fn=ignore_job_signals,
     )

@@ -26,12 +26,9 @@ def check_torchvision():
     try:
         import torchvision  # noqa: F401
     except RuntimeError as error:
-        from importlib.metadata import version
-
         print(
-            f'error: torchvision {version("torchvision")} does not work with torch {torch.__version__} '
-            f'({one_line(error)}); install a matching pair from one index, e.g. '
-            f'pip install --force-reinstall torch torchvision',
+            f'error: torchvision does not work with torch {torch.__version__} ({one_line(error)}); install a '
+            f'matching pair from one index, e.g. pip install --force-reinstall torch torchvision',
             file=sys.stderr,
             flush=True,
         )

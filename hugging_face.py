@@ -15,12 +15,44 @@ files, so loader workers share them; images decode on access, in data.Transforme
 
 import os
 
-from data import DataError, choose_splits
+import torch
+
+from data import DataError, choose_splits, require_folder
+
+
+def load(dataset, root, splits, strict_data, keys=(None, None), **options):
+    """data.load_datasets' call: load_hugging_face's splits as datasets of (image, label) (Rows)."""
+    hint = "a dataset saved with datasets' save_to_disk, or a folder of the hub's parquet files"
+    require_folder(dataset, root, hint)
+    train_set, val_set, classes = load_hugging_face(root, splits, keys)
+    return Rows(train_set), Rows(val_set), classes
+
+
+class Rows(torch.utils.data.Dataset):
+    """A Hugging Face split with columns image and label as a dataset of (image, label), for data.Transformed: a
+    split of your own too (rename its columns first, e.g. split.rename_columns({'img': 'image'}))."""
+
+    def __init__(self, split):
+        self.split = split
+        self.source = getattr(split, 'source', 'a Hugging Face split')
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, index):
+        row = self.split[index]
+        if 'image' not in row or 'label' not in row:
+            raise DataError(
+                f"a Hugging Face row needs 'image' and 'label' columns, this one has {', '.join(row)}: rename "
+                f"them, e.g. split.rename_columns({{'img': 'image'}})"
+            )
+        return row['image'], row['label']
 
 
 def load_hugging_face(root, splits, keys):
-    """-> (train_set, val_set, class names): the splits `splits` (train, val; None: the defaults) of the dataset at
-    `root`, by the columns `keys` (image, label; None: the first Image, ClassLabel ones) renamed image and label."""
+    """The training set, the validation set and the class names: the splits `splits` (train, val; None: the
+    defaults) of the dataset at `root`, with the columns `keys` (image, label; None: the first Image and
+    ClassLabel ones) renamed image and label."""
     try:
         import datasets
     except ImportError:
@@ -49,9 +81,9 @@ def load_hugging_face(root, splits, keys):
     renames = {old: new for old, new in ((image_column, 'image'), (label_column, 'label')) if old != new}
     train_set, val_set = (loaded[name].select_columns(chosen).rename_columns(renames) for name in names)
     others = [name for name in columns[1] if name != label_column]
-    train_set.source = val_set.source = f'splits {", ".join(names)}, columns {", ".join(chosen)}' + (
-        f' (other class labels: {", ".join(others)}; --target-key picks one)' if others else ''
-    )
+    other_labels = f' (other class labels: {", ".join(others)}; --target-key picks one)' if others else ''
+    train_set.source = f'splits {", ".join(names)}, columns {", ".join(chosen)}{other_labels}'
+    val_set.source = train_set.source
     labels = features[label_column]  # a ClassLabel has names; plain integers count up from 0
     classes = labels.names if hasattr(labels, 'names') else [str(i) for i in range(max(train_set['label']) + 1)]
     return train_set, val_set, list(classes)

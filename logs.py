@@ -1,21 +1,20 @@
-"""The log lines and what a run leaves to read: timm's `Train:` and `Test:` lines (the ModelZoo scripts parse
-them), the `Epoch` line and its summary.csv row (and curves.png: curves.py), TensorBoard scalars, top-k accuracy.
-Rank 0 alone prints (distributed.say) and writes.
+"""The log lines and what a run leaves to read: timm's `Train:` and `Test:` lines (the ModelZoo scripts parse them),
+the `Epoch` line and its summary.csv row, curves.png and TensorBoard's scalars (curves.py and tensorboard_scalars.py,
+beside the copy), top-k accuracy. Rank 0 alone prints (distributed.say) and writes.
 """
 
+import csv
+import io
 import itertools
 import os
 import time
 
 import torch
 
-from distributed import all_reduce_sum, get_world_size, is_main_process, max_over_ranks, say, synchronize
-from run import atomic_write
+from checkpoint import atomic_write
+from devices import synchronize
+from distributed import all_reduce_sum, get_world_size, is_main_process, max_over_ranks, say
 
-# ----------------------------------------------------------------------------------------------
-# The log lines: timm's `Train:` and `Test:` formats, which the ModelZoo scripts parse
-
-CPU = torch.device('cpu')
 AVERAGE_AFTER_STEP = 3  # warm-up steps left out of the running images/s, as the ModelZoo parser wants
 
 
@@ -23,16 +22,23 @@ class TrainLogger:
     """Times an epoch's optimizer steps and prints timm's `Train:` line every `log_interval`-th step and at the
     last; progress and the loss sum come from `state` (run.TrainState). The device syncs only at log steps."""
 
-    def __init__(self, epoch, num_steps, last_step, log_interval, state, device=CPU):
-        self.epoch, self.num_steps, self.last_step = epoch, num_steps, last_step
-        self.log_interval, self.state, self.device = log_interval, state, device
-        self.first_step, self.images_per_sec = state.step, 0.0
-        self.step_time, self.data_time = AverageMeter(), AverageMeter()
+    def __init__(self, epoch, num_steps, last_step, log_interval, state, device):
+        self.epoch = epoch
+        self.num_steps = num_steps
+        self.last_step = last_step
+        self.log_interval = log_interval
+        self.state = state
+        self.device = device
+        self.first_step = state.step
+        self.images_per_sec = 0.0
+        self.step_time = AverageMeter()
+        self.data_time = AverageMeter()
 
     def log_every(self, loader, micro_batches=1):
         """The loader's batches in lists of `micro_batches` (one optimizer step each) up to last_step,
         timing how long each list took to arrive."""
-        self.last_log = data_start = time.perf_counter()
+        data_start = time.perf_counter()
+        self.last_log = data_start
         self.steps_since_log = 0
         batches = iter(loader)
         for _ in range(self.last_step + 1 - self.first_step):
@@ -44,20 +50,23 @@ class TrainLogger:
             data_start = time.perf_counter()
 
     def update(self, loss, batch_size, lr):
-        """After each step: prints the line at a log step; -> whether it was one."""
-        step, self.steps_since_log = self.state.step - 1, self.steps_since_log + 1
+        """After each step: prints the line at a log step, and returns whether it was one."""
+        step = self.state.step - 1
+        self.steps_since_log += 1
         if step % self.log_interval and step != self.last_step:
             return False
         synchronize(self.device)
         now = time.perf_counter()
-        seconds, steps = (now - self.last_log) / self.steps_since_log, self.steps_since_log
-        self.last_log, self.steps_since_log = now, 0
+        seconds = (now - self.last_log) / self.steps_since_log
         if step - self.first_step >= AVERAGE_AFTER_STEP:
-            self.step_time.update(seconds, steps)
+            self.step_time.update(seconds, self.steps_since_log)
+        self.last_log = now
+        self.steps_since_log = 0
         average = self.step_time.avg if self.step_time.count else seconds
         global_batch = batch_size * get_world_size()
         self.images_per_sec = global_batch / average
-        loss_now, average_loss = loss.item(), float(self.state.loss_sum) / self.state.loss_count
+        loss_now = loss.item()
+        average_loss = float(self.state.loss_sum) / self.state.loss_count
         log_scalars(self.state.num_updates, 'train', loss=loss_now, lr=lr, images_per_sec=self.images_per_sec)
         say(
             f'Train: {self.epoch} [{step:>4d}/{self.num_steps} ({100.0 * step / max(self.num_steps - 1, 1):>3.0f}%)]  '
@@ -77,7 +86,9 @@ class EvalLogger:
     (https://www.hiascend.com/document/detail/en/canncommercial/850/API/hcclapiref/hcclcpp_07_0020.html)."""
 
     def __init__(self, log_interval, device, name='Test'):
-        self.log_interval, self.device, self.name = log_interval, device, name
+        self.log_interval = log_interval
+        self.device = device
+        self.name = name
         self.totals = dict(loss=0.0, top1=0, top5=0, count=0)
         self.batch_time = AverageMeter()
         self.unread = []  # (loss sum, [top-1, top-5, count]) of each batch since the last log line, on the device
@@ -101,7 +112,8 @@ class EvalLogger:
         self.end = time.perf_counter()
         if batch is None:
             return
-        now, average = self.averages(batch), self.averages(self.totals)
+        now = self.averages(batch)
+        average = self.averages(self.totals)
         say(
             f'{self.name}: [{self.batch_idx:>4d}/{self.num_batches - 1}]  '
             f'Time: {self.batch_time.val:.3f} ({self.batch_time.avg:.3f})  '
@@ -111,8 +123,8 @@ class EvalLogger:
         )
 
     def read_unread(self):
-        """Adds the batches since the last log line, each summed over all ranks, to the totals (one read);
-        -> the last batch's sums."""
+        """Adds the batches since the last log line, each summed over all ranks, to the totals (one read). Returns
+        the last batch's sums."""
         losses = all_reduce_sum(torch.stack([loss for loss, _ in self.unread]))
         counts = all_reduce_sum(torch.stack([counts for _, counts in self.unread]))
         rows = torch.cat([losses[:, None], counts.float()], dim=1).tolist()  # a batch's counts are exact in float32
@@ -137,37 +149,28 @@ class EpochLogger:
     """The end of each epoch (rank 0): the `Epoch` line, its summary.csv row, curves.png redrawn (curves.py)."""
 
     def __init__(self, output):
-        self.output, self.draw_curves = output, True
+        self.output = output
+        self.draw_curves = True
 
-    def log(
-        self, epoch, train_loss, evaluation, ema_evaluation, lr, images_per_sec, bad_images, peak_memory_mib, step=None
-    ):
-        """`step`: the optimizer steps so far, where TensorBoard draws the epoch's evaluation; `peak_memory_mib`:
-        the epoch's (distributed.peak_memory_mib)."""
+    def log(self, state, evaluation, ema_evaluation, images_per_sec, peak_memory_mib):
+        """The epoch of `state` (run.TrainState): its loss, lr, skipped images; TensorBoard draws the evaluation at
+        the optimizer steps so far."""
         if not is_main_process():
             return
-        log_scalars(step, 'eval', **evaluation)
-        log_scalars(step, 'eval_ema', **(ema_evaluation or {}))
-        if _tensorboard is not None:
-            _tensorboard.flush()
-        row = dict(
-            epoch=epoch,
-            train_loss=f'{train_loss:.6g}',
-            eval_loss=f'{evaluation["loss"]:.6g}',
-            eval_top1=f'{evaluation["top1"]:.4f}',
-            eval_top5=f'{evaluation["top5"]:.4f}',
-            ema_top1=f'{ema_evaluation["top1"]:.4f}' if ema_evaluation else '',
-            ema_top5=f'{ema_evaluation["top5"]:.4f}' if ema_evaluation else '',
-            lr=f'{lr:.6g}',
-            images_per_sec=f'{images_per_sec:.2f}',
-            bad_images=bad_images,
-            peak_memory_mib=f'{peak_memory_mib:.0f}',
-        )
+        log_scalars(state.num_updates, 'eval', **evaluation)
+        log_scalars(state.num_updates, 'eval_ema', **(ema_evaluation or {}))
+        ema = ema_evaluation or {}
+        row = dict(epoch=state.epoch, train_loss=f'{float(state.loss_sum) / max(state.loss_count, 1):.6g}')
+        row['eval_loss'] = f'{evaluation["loss"]:.6g}'
+        row |= {f'eval_{key}': f'{evaluation[key]:.4f}' for key in ('top1', 'top5')}
+        row |= {f'ema_{key}': f'{ema[key]:.4f}' if ema else '' for key in ('top1', 'top5')}
+        row |= dict(lr=f'{state.epoch_lr:.6g}', images_per_sec=f'{images_per_sec:.2f}', bad_images=state.bad_images)
+        row['peak_memory_mib'] = f'{peak_memory_mib:.0f}'
         ema = f'  ema_top1 {row["ema_top1"]}' if ema_evaluation else ''
         say(
-            f'Epoch {epoch}: train_loss {row["train_loss"]}  eval_loss {row["eval_loss"]}  top1 {row["eval_top1"]}  '
-            f'top5 {row["eval_top5"]}{ema}  lr {row["lr"]}  images/s {row["images_per_sec"]}  '
-            f'peak_memory_mib {row["peak_memory_mib"]}  skipped_images {bad_images}'
+            f'Epoch {state.epoch}: train_loss {row["train_loss"]}  eval_loss {row["eval_loss"]}  '
+            f'top1 {row["eval_top1"]}  top5 {row["eval_top5"]}{ema}  lr {row["lr"]}  images/s {row["images_per_sec"]}  '
+            f'peak_memory_mib {row["peak_memory_mib"]}  skipped_images {state.bad_images}'
         )
         write_summary(os.path.join(self.output, 'summary.csv'), row)
         if self.draw_curves:
@@ -187,36 +190,30 @@ def write_summary(path, row):
     """Append the epoch's row, replacing rows of this epoch or later (a resumed run's): one uninterrupted run."""
     rows = []
     if os.path.exists(path):
-        with open(path) as f:
-            rows = [line for line in f.read().splitlines()[1:] if line and int(line.split(',')[0]) < row['epoch']]
-    lines = [','.join(row), *rows, ','.join(str(value) for value in row.values())]
-    atomic_write(path, lambda f: f.write(('\n'.join(lines) + '\n').encode()))
+        with open(path, newline='') as f:
+            rows = [old for old in csv.DictReader(f) if int(old['epoch']) < row['epoch']]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(row), lineterminator='\n', extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows([*rows, row])
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
-# A live view of long runs: TensorBoard scalars (--log-tensorboard) beside summary.csv, from rank 0
-
-_tensorboard = None
-
-
-def open_tensorboard(folder, first_step=0):
-    """From now on log_scalars writes TensorBoard event files into `folder` (`tensorboard --logdir output/train`).
-    A resumed run purges what an earlier one wrote from its first step on: redone steps are not drawn twice."""
-    global _tensorboard
-    from torch.utils.tensorboard import SummaryWriter
-
-    _tensorboard = SummaryWriter(folder, purge_step=first_step or None, flush_secs=30)
+# A live view of long runs: rank 0's tensorboard_scalars.Scalars with --log-tensorboard (train.py sets it), else None
+tensorboard = None
 
 
 def log_scalars(step, group, **scalars):
     """Each value as the scalar GROUP/NAME at `step`, when TensorBoard is open."""
-    if _tensorboard is not None and is_main_process():
-        for name, value in scalars.items():
-            _tensorboard.add_scalar(f'{group}/{name}', value, step)
+    if tensorboard is not None:
+        tensorboard.add(step, group, scalars)
 
 
 class AverageMeter:
     def __init__(self):
-        self.val, self.sum, self.count = 0.0, 0.0, 0
+        self.val = 0.0
+        self.sum = 0.0
+        self.count = 0
 
     def update(self, val, n=1):
         self.val = val

@@ -4,7 +4,8 @@ names, parameter counts and state-dict keys (so timm's weights load as they are;
 
     net = create_model('efficientnetv2_rw_t', num_classes=1000, drop_rate=0.3, drop_path_rate=0.2)
 
-Paper: Tan & Le, "EfficientNetV2: Smaller Models and Faster Training" (2021), Table 4. Imports only torch."""
+Paper: Tan & Le, "EfficientNetV2: Smaller Models and Faster Training" (2021), Table 4. Imports only torch and
+torchvision (its StochasticDepth is the blocks' drop path, as timm's: a whole sample's branch, survivors scaled)."""
 
 import difflib
 import math
@@ -12,8 +13,8 @@ from functools import partial
 
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import StochasticDepth
 
-# ----------------------------------------------------------------------------------------------
 # Architecture tables, one row per stage (the paper's Table 4). Blocks: 'cn' ConvBlock (one conv),
 # 'er' FusedMBConv, 'ir' MBConv (the classes below); stride is the stage's first block's.
 #         block repeats kernel stride expand channels se
@@ -63,37 +64,19 @@ V2_BASE = (
     ('ir', 8, 3, 2, 6, 192, 0.25),
 )
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-TF_MEAN, TF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TF_MEAN = (0.5, 0.5, 0.5)
+TF_STD = (0.5, 0.5, 0.5)
 
 
-def _variant(
-    table,
-    stem,
-    head,
-    width,
-    depth,
-    train_size,
-    test_size,
-    crop_pct=1.0,
-    tf=False,
-    round_limit=0.9,
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-):
-    """A VARIANTS entry: EfficientNetV2's arguments, and in `config` the image settings timm gives the variant."""
-    return dict(
-        table=table,
-        stem=stem,
-        head=head,
-        width=width,
-        depth=depth,
-        tf=tf,
-        round_limit=round_limit,
-        config=dict(
-            train_size=train_size, test_size=test_size, crop_pct=crop_pct, interpolation='bicubic', mean=mean, std=std
-        ),
-    )
+def _variant(table, stem, head, width, depth, train_size, test_size, crop_pct=1.0, **options):
+    """A VARIANTS entry: EfficientNetV2's arguments (options: tf, round_limit), and in `config` the image settings
+    timm gives the variant (options: mean and std, ImageNet's by default)."""
+    config = dict(train_size=train_size, test_size=test_size, crop_pct=crop_pct, interpolation='bicubic')
+    config['mean'] = options.pop('mean', IMAGENET_MEAN)
+    config['std'] = options.pop('std', IMAGENET_STD)
+    return dict(table=table, stem=stem, head=head, width=width, depth=depth, **options, config=config)
 
 
 # tf_*: ports of Google's weights, so BN eps 1e-3 and TensorFlow 'SAME' padding.
@@ -127,7 +110,6 @@ def make_divisible(channels, divisor=8, round_limit=0.9):
     return rounded + divisor if rounded < round_limit * channels else rounded
 
 
-# ----------------------------------------------------------------------------------------------
 # Layers
 
 
@@ -147,21 +129,6 @@ def conv2d(in_chs, out_chs, kernel, stride=1, groups=1, tf_same=False):
     if tf_same and stride > 1:  # stride 1 'SAME' equals symmetric padding for odd kernels
         return Conv2dSame(in_chs, out_chs, kernel, stride, groups=groups, bias=False)
     return nn.Conv2d(in_chs, out_chs, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drop a residual branch for whole samples, scale survivors by 1/keep."""
-
-    def __init__(self, rate=0.0):
-        super().__init__()
-        self.rate = rate
-
-    def forward(self, x):
-        if self.rate == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
 
 
 class SqueezeExcite(nn.Module):
@@ -185,7 +152,7 @@ class ConvBlock(nn.Module):
         self.conv = conv2d(in_chs, out_chs, kernel, stride, tf_same=tf_same)
         self.bn1 = bn(out_chs)
         self.has_skip = stride == 1 and in_chs == out_chs
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = StochasticDepth(drop_path, 'row')
 
     def forward(self, x):
         out = F.silu(self.bn1(self.conv(x)))
@@ -203,7 +170,7 @@ class FusedMBConv(nn.Module):
         self.conv_pwl = conv2d(mid_chs, out_chs, 1)
         self.bn2 = bn(out_chs)
         self.has_skip = stride == 1 and in_chs == out_chs
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = StochasticDepth(drop_path, 'row')
 
     def forward(self, x):
         out = self.bn2(self.conv_pwl(F.silu(self.bn1(self.conv_exp(x)))))
@@ -224,7 +191,7 @@ class MBConv(nn.Module):
         self.conv_pwl = conv2d(mid_chs, out_chs, 1)
         self.bn3 = bn(out_chs)
         self.has_skip = stride == 1 and in_chs == out_chs
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = StochasticDepth(drop_path, 'row')
 
     def forward(self, x):
         out = F.silu(self.bn1(self.conv_pw(x)))
@@ -233,12 +200,11 @@ class MBConv(nn.Module):
         return self.drop_path(out) + x if self.has_skip else out
 
 
-# ----------------------------------------------------------------------------------------------
 # The network
 
 
 class EfficientNetV2(nn.Module):
-    """Stem conv (stride 2) -> stages from the table -> 1x1 head conv -> pool -> dropout -> linear."""
+    """The stem conv (stride 2), the stages of the table, a 1x1 head conv, then pooling, dropout and a linear layer."""
 
     def __init__(
         self,
@@ -265,7 +231,9 @@ class EfficientNetV2(nn.Module):
 
         self.conv_stem = conv2d(in_chans, chs(stem), 3, 2, tf_same=tf)
         self.bn1 = bn(chs(stem))
-        in_chs, index, stages = chs(stem), 0, []
+        in_chs = chs(stem)
+        index = 0
+        stages = []
         for (kind, _, kernel, stride, expand, out, se), n in zip(table, repeats):
             block = {
                 'cn': ConvBlock,
@@ -274,19 +242,12 @@ class EfficientNetV2(nn.Module):
             }[kind]
             blocks = []
             for i in range(n):
-                # Stochastic depth grows linearly with the block's index over the whole network.
+                drop_path = drop_path_rate * index / sum(repeats)  # grows linearly over the whole network
                 blocks.append(
-                    block(
-                        in_chs,
-                        chs(out),
-                        kernel,
-                        stride if i == 0 else 1,
-                        bn=bn,
-                        tf_same=tf,
-                        drop_path=drop_path_rate * index / sum(repeats),
-                    )
+                    block(in_chs, chs(out), kernel, stride if i == 0 else 1, bn=bn, tf_same=tf, drop_path=drop_path)
                 )
-                in_chs, index = chs(out), index + 1
+                in_chs = chs(out)
+                index = index + 1
             stages.append(nn.Sequential(*blocks))
         self.blocks = nn.Sequential(*stages)
         self.num_features = chs(head)
@@ -323,13 +284,6 @@ def init_weights(m):
         bound = 1.0 / math.sqrt(m.weight.shape[0])
         nn.init.uniform_(m.weight, -bound, bound)
         nn.init.zeros_(m.bias)
-
-
-def freeze_batchnorm(model):
-    """Small-batch fine-tuning: BatchNorm in eval mode uses and keeps its running statistics; scale and shift train."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
 
 
 def list_models():

@@ -27,19 +27,21 @@ import sys
 import torch
 
 import data  # first: it checks that torchvision fits this torch (errors.check_torchvision)
+import devices
 import distributed
 import errors
 import model as models
 import published
 import transforms
 import weights
+from checkpoint import read_checkpoint
 
 EXPORT_TOLERANCE = 1e-3  # max |logit difference| between onnxruntime and PyTorch in float32
 
 
 def load_model(path, model_name=None):
-    """-> (network in eval mode on the CPU, info dict: arch, classes, size, crop_pct, interpolation, mean, std)."""
-    checkpoint = weights.read_checkpoint(path)
+    """The network in eval mode on the CPU, and its info: arch, classes, size, crop_pct, interpolation, mean, std."""
+    checkpoint = read_checkpoint(path)
     saved = checkpoint.get('args') or {}
     arch = model_name or checkpoint.get('arch')
     if arch is None:
@@ -65,14 +67,15 @@ def load_model(path, model_name=None):
 
 
 def load_published(name):
-    """-> (network holding the published weights `name` means (VARIANT: its default, or VARIANT.TAG),
-    in eval mode on the CPU; info dict as load_model's, with the eval settings those weights were
-    measured with and ImageNet-1k's class names; ImageNet-21k's 21,843 are numbered)."""
+    """The network holding the published weights `name` means (VARIANT: its default, or VARIANT.TAG), in eval
+    mode on the CPU, and its info as load_model's: the eval settings those weights were measured with and
+    ImageNet-1k's class names (ImageNet-21k's 21,843 are numbered)."""
     models.check_model_name(name, error=errors.UsageError)
     tag = published.published_tag(name)  # CheckpointError, one line, for a variant without weights
-    config, (publisher, num_classes) = published.published_config(tag), published.PUBLISHED_WEIGHTS[tag][:2]
+    config = published.published_config(tag)
+    publisher, num_classes = published.PUBLISHED_WEIGHTS[tag][:2]
     net = models.create_model(name, num_classes=num_classes)
-    for note in weights.load_pretrained(net, weights.read_checkpoint(published.published_weights(name))):
+    for note in weights.load_pretrained(net, read_checkpoint(published.published_weights(name))):
         print(note, file=sys.stderr)  # stdout is for results
     classes = imagenet_classes() if num_classes == 1000 else [str(i) for i in range(num_classes)]
     file = tag if publisher == 'timm' else published.TORCHVISION_FILES[tag]
@@ -100,7 +103,7 @@ def imagenet_classes():
 
 
 def split_checkpoint(paths, model_name):
-    """classify's PATHs -> (checkpoint or None, images): the first is the checkpoint unless it is an
+    """classify's PATHs as the checkpoint (or None) and the images: the first is the checkpoint unless it is an
     image or a folder; then --model NAME's published weights are used."""
     first = paths[0]
     if os.path.isdir(first) or first.lower().endswith(data.IMAGE_EXTENSIONS):
@@ -127,12 +130,22 @@ def _classifier_rows(checkpoint):
 # classify
 
 
+def find_images(folder):
+    """Sorted paths of the images (data.IMAGE_EXTENSIONS) under folder, searched recursively; hidden entries skipped."""
+    found = []
+    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith('.')]
+        images = [name for name in files if not name.startswith('.') and name.lower().endswith(data.IMAGE_EXTENSIONS)]
+        found += [os.path.join(directory, name) for name in images]
+    return sorted(found)
+
+
 def image_paths(paths):
-    """Files as given; folders searched recursively for the extensions train.py reads (data.find_images)."""
+    """Files as given; folders searched recursively for the extensions train.py reads (find_images)."""
     found = []
     for path in paths:
         if os.path.isdir(path):
-            found += data.find_images(path)
+            found += find_images(path)
         elif os.path.isfile(path):
             found.append(path)
         else:
@@ -151,7 +164,8 @@ def classify(net, info, paths, topk=5, device=None, batch_size=32):
     net = net.to(device)
     topk = min(topk, len(info['classes']))
     for start in range(0, len(paths), batch_size):
-        batch_paths, images = [], []
+        batch_paths = []
+        images = []
         for path in paths[start : start + batch_size]:
             try:
                 images.append(transform(data.read_image(path)))
@@ -268,7 +282,7 @@ def main(argv=None):
         if args.command == 'classify':
             if args.topk < 1 or args.batch_size < 1:
                 raise errors.UsageError('--topk and --batch-size must be positive')
-            device = distributed.select_device(args.device, 0)
+            device = devices.select_device(args.device, 0)
             for path, top in classify(net, info, image_paths(args.paths), args.topk, device, args.batch_size):
                 print(path + ''.join(f'  {name} {100 * p:.2f}%' for name, p in top), flush=True)
         else:

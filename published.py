@@ -112,7 +112,8 @@ def _from_hugging_face(repo, filename, progress):
     cached = huggingface_hub.try_to_load_from_cache(repo, filename)
     if isinstance(cached, str):  # else None, or a marker that the hub once answered "no such file"
         return cached
-    url, cache = huggingface_hub.hf_hub_url(repo, filename), huggingface_hub.constants.HF_HUB_CACHE
+    url = huggingface_hub.hf_hub_url(repo, filename)
+    cache = huggingface_hub.constants.HF_HUB_CACHE
     hub_log = logging.getLogger('huggingface_hub')
     level = hub_log.level
     hub_log.setLevel(logging.ERROR)  # no notices while it retries a host that is down: one line
@@ -204,7 +205,8 @@ def fetch(name):
     local_rank = distributed.distributed_env()[2]
     if local_rank == 0:
         path = published_weights(name)
-    distributed.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     return path if local_rank == 0 else published_weights(name, progress=False)
 
 
@@ -240,7 +242,8 @@ if __name__ == '__main__':
     for name in models.list_models():
         with torch.device('meta'):
             net = models.create_model(name)
-        cfg, params = net.config, sum(p.numel() for p in net.parameters())
+        cfg = net.config
+        params = sum(p.numel() for p in net.parameters())
         tag = next((tag for tag in PUBLISHED_WEIGHTS if tag.split('.')[0] == name), None)
         top1 = f'{PUBLISHED_WEIGHTS[tag][2]:.3f} @{published_config(tag)["test_size"]}' if tag else ''
         print(

@@ -11,6 +11,7 @@ with why it is kept (times: docs/measurements.md, RandAugment's ops).
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,22 +21,9 @@ from torchvision.transforms.functional import InterpolationMode, pil_modes_mappi
 
 from errors import DataError
 
-RAND_AUGMENT_OPS = (
-    'AutoContrast',
-    'Equalize',
-    'Invert',
-    'Rotate',
-    'Posterize',
-    'Solarize',
-    'SolarizeAdd',
-    'Color',
-    'Contrast',
-    'Brightness',
-    'Sharpness',
-    'ShearX',
-    'ShearY',
-    'TranslateXRel',
-    'TranslateYRel',
+RAND_AUGMENT_OPS = tuple(
+    'AutoContrast Equalize Invert Rotate Posterize Solarize SolarizeAdd Color Contrast Brightness Sharpness '
+    'ShearX ShearY TranslateXRel TranslateYRel'.split()
 )
 _ENHANCE_OPS = ('Color', 'Contrast', 'Brightness', 'Sharpness')
 _GEOMETRIC_OPS = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel')
@@ -45,7 +33,7 @@ def _signed(scale):  # sign * scale at level 10: the geometric ops go either way
     return lambda level, sign: (sign * level / 10 * scale,)
 
 
-# timm's level -> op arguments, level on its 0..10 scale; `sign` is a fresh random +-1 per op application.
+# An op's arguments at a level on timm's 0..10 scale; `sign` is a fresh random +-1 per op application.
 # An *Increasing variant grows stronger with the level (its plain op weakens or flips at high levels).
 LEVEL_TO_ARGS = {
     'AutoContrast': lambda level, sign: (),
@@ -72,25 +60,24 @@ RAND_AUGMENT_INCREASING_OPS = tuple(
 )
 
 
+@dataclass
 class RandAugment:
     """timm's RandAugment on uint8 CHW tensors: num_ops ops drawn with replacement, each applied with
     probability `prob` at a level ~ N(magnitude, magnitude_std) clipped to [0, magnitude_max] (uniform on
     [0, magnitude] when magnitude_std is infinite). `magnitude` may be changed between epochs."""
 
-    def __init__(
-        self,
-        magnitude=10,
-        num_ops=2,
-        magnitude_std=0.0,
-        magnitude_max=10,
-        prob=0.5,
-        increasing=False,
-        fill=(128, 128, 128),
-        interpolation='bicubic',
-    ):
-        self.magnitude, self.num_ops, self.prob, self.fill = magnitude, num_ops, prob, tuple(fill)
-        self.magnitude_std, self.magnitude_max, self.interpolation = magnitude_std, magnitude_max, interpolation
-        self.op_names = RAND_AUGMENT_INCREASING_OPS if increasing else RAND_AUGMENT_OPS
+    magnitude: float = 10
+    num_ops: int = 2
+    magnitude_std: float = 0.0
+    magnitude_max: float = 10
+    prob: float = 0.5
+    increasing: bool = False
+    fill: tuple = (128, 128, 128)  # of the geometric ops' empty corners
+    interpolation: str = 'bicubic'
+
+    @property
+    def op_names(self):
+        return RAND_AUGMENT_INCREASING_OPS if self.increasing else RAND_AUGMENT_OPS
 
     def sample_level(self):
         if self.magnitude_std == float('inf'):
@@ -116,35 +103,30 @@ class RandAugment:
         return OPS[name.replace('Increasing', '')](image, *args)
 
 
+# The spec's sections and the options they set; longest first, so 'mstd0.5' is not read as 'm' with value 'std0.5'.
+SPEC_SECTIONS = dict(mstd='magnitude_std', mmax='magnitude_max', inc='increasing', m='magnitude', n='num_ops', p='prob')
+
+
 def parse_rand_augment(spec):
-    """timm's spec -> RandAugment's keyword arguments: 'rand' then dash-separated m<magnitude> n<num_ops>
+    """RandAugment's keyword arguments from timm's spec: 'rand' then dash-separated m<magnitude> n<num_ops>
     mstd<std> (over 100: uniform) mmax<max level> p<prob> inc<0|1>, e.g. 'rand-m9-mstd0.5'; defaults timm's."""
     example = "e.g. 'rand-m9-mstd0.5' (sections m, n, mstd, mmax, p, inc)"
     sections = str(spec).split('-')
     if sections[0] != 'rand':
         raise DataError(f'RandAugment spec {spec!r} must start with "rand"; {example}')
     options = dict(magnitude=10, num_ops=2, magnitude_std=0.0, magnitude_max=10, prob=0.5, increasing=False)
-    # Longest keys first, so 'mstd0.5' is not read as 'm' with value 'std0.5'.
-    parsers = {
-        'mstd': ('magnitude_std', float),
-        'mmax': ('magnitude_max', float),
-        'inc': ('increasing', int),
-        'm': ('magnitude', float),
-        'n': ('num_ops', int),
-        'p': ('prob', float),
-    }
     for section in sections[1:]:
-        key = next((key for key in parsers if section.startswith(key)), None)
+        key = next((key for key in SPEC_SECTIONS if section.startswith(key)), None)
         if key is None:
             raise DataError(f'unknown section {section!r} in RandAugment spec {spec!r}; {example}')
-        name, parse = parsers[key]
+        parse = int if key in ('n', 'inc') else float
         try:
             value = parse(section[len(key) :])
         except ValueError:
             value = None
         if value is None or not math.isfinite(value) or value < 0 or (key == 'inc' and value > 1):
             raise DataError(f'bad number in section {section!r} of RandAugment spec {spec!r}; {example}')
-        options[name] = value
+        options[SPEC_SECTIONS[key]] = value
     options['increasing'] = bool(options['increasing'])
     if options['magnitude_std'] > 100:  # timm's convention for "uniform in [0, magnitude]"
         options['magnitude_std'] = float('inf')
@@ -170,7 +152,7 @@ _IDENTITY_LUT = np.arange(256, dtype=np.uint8)
 
 # kept: TF.autocontrast scales in float32, PIL's table in float64: off by 1 on many values
 def auto_contrast(image):
-    """PIL's ImageOps.autocontrast: stretch each channel so its min -> 0 and max -> 255."""
+    """PIL's ImageOps.autocontrast: stretch each channel so its min becomes 0 and its max 255."""
     luts = []
     for low, high in zip(image.amin(dim=(1, 2)).tolist(), image.amax(dim=(1, 2)).tolist()):
         if high <= low:
@@ -198,7 +180,7 @@ def solarize_add(image, add, threshold=128):
 
 
 def _grey(image):
-    """PIL's RGB -> L conversion (ITU-R 601 weights in 16-bit fixed point), as an int32 (H, W) tensor."""
+    """PIL's conversion from RGB to L (ITU-R 601 weights in 16-bit fixed point), as an int32 (H, W) tensor."""
     red, green, blue = image.numpy().astype(np.int32)
     return torch.from_numpy((red * 19595 + green * 38470 + blue * 7471 + 0x8000) >> 16)
 
@@ -215,7 +197,8 @@ def contrast(image, factor):
 # kept: TF.adjust_saturation's float grey differs from PIL's fixed-point L: off by 1 on many values
 def color(image, factor):
     """PIL's Image.blend(grey, image, factor), in place on a float32 copy."""
-    grey, pixels = _grey(image).float(), image.float()
+    grey = _grey(image).float()
+    pixels = image.float()
     return pixels.sub_(grey).mul_(factor).add_(grey).clamp_(0, 255).to(torch.uint8)
 
 
@@ -246,19 +229,18 @@ def _shift_rows(image, shifts, fill, interpolation):
     outside = (source < 0) | (source >= width)
     frac = (shifts - shifts.floor()).float()
     if interpolation == 'bilinear':
-        first_tap, weights = 0, torch.stack([1 - frac, frac], dim=1)
+        first_tap = 0
+        weights = torch.stack([1 - frac, frac], dim=1)
     else:  # PIL's bicubic (a = -1, sharper than torch's -0.75), for the neighbours at -1, 0, 1, 2
-        first_tap, weights = (
-            -1,
-            torch.stack(
-                [
-                    -frac + 2 * frac**2 - frac**3,
-                    1 - 2 * frac**2 + frac**3,
-                    frac + frac**2 - frac**3,
-                    -(frac**2) + frac**3,
-                ],
-                dim=1,
-            ),
+        first_tap = -1
+        weights = torch.stack(
+            [
+                -frac + 2 * frac**2 - frac**3,
+                1 - 2 * frac**2 + frac**3,
+                frac + frac**2 - frac**3,
+                -(frac**2) + frac**3,
+            ],
+            dim=1,
         )
     taps = weights.shape[1]
     columns = torch.arange(width + taps - 1) + shifts.floor().long()[:, None] + first_tap

@@ -1,125 +1,173 @@
-"""The run around train.py's recipe, nothing lost: the Supervisor beside the epoch loop, and its pieces: TrainState,
-checkpoints of named parts (model, optimizer, scheduler, scaler, model_ema), StopSignals, NonFiniteGuard, the run
-folder, files written whole (atomic_write: a kill or a full disk never leaves half a file). A resumed run matches an
-uninterrupted one bit for bit: the data order and augmentations are functions of (seed, epoch, index) (data.py), the
-lr of the step, and a checkpoint holds the rest: the parts, the TrainState, per rank the RNG and BatchNorm states."""
+"""The run around train.py's recipe, nothing lost: the command line read once (flags.py's flags, -c FILE's through
+config.py, what a --resume checkpoint names), the run folder, and the Supervisor beside the epoch loop. It keeps the
+TrainState and where a resumed run starts, saves checkpoints (checkpoint.py), takes job signals, guards against a
+loss that stays non-finite and writes the epoch's summary row; each of its hooks answers whether the loop stops now.
 
-import errno
+    args = parse_command_line(argv)
+    progress = Supervisor(args, parts, meta, device, epoch_logger)
+    progress.start()                        # resumes, makes the run folder, takes job signals
+"""
+
 import glob
 import json
 import os
-import random
-import shutil
 import signal
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 import data
-import weights
-from distributed import cpu_group, get_rank, get_world_size, is_main_process, peak_memory_mib, say
-from errors import CheckpointError, UsageError
+import devices
+import flags
+from checkpoint import atomic_write, checkpoint_settings, load_checkpoint, plain_args, save_checkpoint
+from distributed import cpu_group, get_world_size, is_main_process, say
+from errors import UsageError, import_beside
 
 NONFINITE_LIMIT = 5  # consecutive non-finite losses before the run stops
-SIGNAL_REPEAT_SECONDS = 2  # a SIGTERM/SIGINT this soon after the first is the same request, relayed
-# Flags that do not change what the run computes: they may differ on resume without a warning.
-RESUME_FREE_ARGS = {
-    'data_dir',
-    'data_path',
-    'output',
-    'resume',
-    'workers',
-    'log_interval',
-    'device',
-    'num_classes',
-    'checkpoint_interval',
-    'checkpoint_hist',
-    'dist_timeout',
-    'local_rank',
-    'evaluate',
-    'perf_steps',
-    'pretrained',
-    'strict_data',
-    'log_tensorboard',
-}
+SIGNAL_REPEAT_SECONDS = 2  # a job signal this soon after the first is the same request, relayed
+
+
+# The command line, and the run folder
+
+
+def parse_command_line(argv=None):
+    """train.py's flags, resolved: -c FILE's under the command line's, --resume auto found, the variant and image
+    settings of a --resume checkpoint where --model is not given, flags.resolve_args, the run folder's name."""
+    parser = flags.get_args_parser()
+    args = parser.parse_args(argv)
+    if args.config:  # config.py, beside the copy
+        args = import_beside('config', '-c FILE').parse_with_config(parser, argv, args.config)
+    if isinstance(args.pretrained, str) and os.path.isdir(args.pretrained):
+        raise UsageError(
+            f'--pretrained takes a weights file or no value, and {args.pretrained} is a folder: put the data '
+            f'folder before --pretrained'
+        )
+    if args.resume == 'auto':
+        if not args.output:
+            raise UsageError('--resume auto needs --output DIR (the run folder to continue)')
+        last = os.path.join(args.output, 'last.pth.tar')
+        args.resume = last if os.path.exists(last) else None
+    if args.model is None and args.resume:
+        for key, value in checkpoint_settings(args.resume).items():
+            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    flags.resolve_args(args)
+    if not args.output:
+        args.output = os.path.join('output', 'train', f'{time.strftime("%Y%m%d-%H%M%S")}-{args.model}-{args.img_size}')
+    if not args.resume and not args.evaluate and os.path.exists(os.path.join(args.output, 'last.pth.tar')):
+        raise UsageError(
+            f'{args.output} already holds a run; continue it with --resume auto or choose another --output'
+        )
+    return args
+
+
+def create_output(args):
+    """Rank 0, once the inputs are known good: the folder, args.yaml, and a killed save's temporary files removed."""
+    if not is_main_process():
+        return
+    try:
+        os.makedirs(args.output, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output).close()  # a unique name: runs may share a folder
+    except OSError as e:
+        raise UsageError(f'cannot write to --output {args.output}: {e.strerror}') from None
+    for stale in glob.glob(os.path.join(glob.escape(args.output), '.*.tmp')):
+        os.remove(stale)
+    lines = ''.join(f'{key}: {json.dumps(value)}\n' for key, value in plain_args(args).items())
+    atomic_write(os.path.join(args.output, 'args.yaml'), lambda f: f.write(lines.encode()))
+    say(f'Output: {args.output}')
+
+
+# The Supervisor
 
 
 class Supervisor:
-    """The TrainState, checkpoints (every --checkpoint-interval steps, at epoch ends, on a stop signal), stop
-    signals, the non-finite guard, the epoch's log row. Creating it resumes, makes the run folder, sets handlers."""
+    """The run's bookkeeping beside the epoch loop: the TrainState and where a resumed run starts, checkpoints
+    (every --checkpoint-interval steps, at epoch ends, on a stop signal), job signals, the non-finite guard, the
+    end of --perf-steps, the epoch's summary row. Creating it changes nothing; start() does."""
 
     def __init__(self, args, parts, meta, device, epoch_logger):
-        self.args, self.parts, self.meta, self.device, self.epoch_logger = args, parts, meta, device, epoch_logger
+        self.args = args
+        self.parts = parts
+        self.meta = meta
+        self.device = device
+        self.epoch_logger = epoch_logger
         self.state = TrainState()
-        if args.resume:
-            load_checkpoint(args.resume, parts, self.state, args, meta['num_classes'])
-        create_output(args)
+        self.stop = StopSignals()
+        self.guard = NonFiniteGuard(device)
+        self.first_epoch = 0
+
+    def start(self):
+        """Resumes from --resume, makes the run folder, and from now on takes job signals."""
+        if self.args.resume:
+            load_checkpoint(self.args.resume, self.parts, self.state, self.args, self.meta['num_classes'])
+        create_output(self.args)
         self.first_epoch = self.state.epoch
-        self.stop, self.guard = StopSignals(), NonFiniteGuard(device)
+        self.stop.install()
+
+    def batches_done(self):
+        """Batches of this epoch a resumed run leaves out (its sampler starts after them)."""
+        return self.state.step * self.args.grad_accum_steps
+
+    def begin_epoch(self, lr, num_steps):
+        """Notes the lr the epoch begins with (its summary row's). Returns the epoch's last step: its last, or the
+        one that ends --perf-steps (the ModelZoo's throughput runs)."""
+        if self.state.step == 0:
+            self.state.epoch_lr = lr
+        if not self.args.perf_steps:
+            return num_steps - 1
+        return min(num_steps - 1, self.state.step + self.args.perf_steps - self.state.num_updates - 1)
 
     def save(self, names):
         save_checkpoint(self.args.output, names, self.parts, self.state, self.meta)
 
-    def after_step(self, loss, skipped, at_log_step, last_of_epoch):
-        """The guard; a checkpoint every --checkpoint-interval steps (not at an epoch's end); -> whether to stop."""
+    def should_stop_after_step(self, loss, skipped, at_log_step, last_of_epoch):
+        """The guard at log steps; a checkpoint every --checkpoint-interval steps (not at an epoch's end)."""
         self.guard.update(loss, skipped)
         if at_log_step:
             self.guard.check(self.state)
-        if self.stop.requested():
+        if self.stop.agree():
             return True
         interval = self.args.checkpoint_interval
         if interval and self.state.step % interval == 0 and not last_of_epoch and self.guard.check(self.state):
             self.save(['last.pth.tar'])
         return False
 
-    def ends_before_validation(self):
-        """After an epoch's steps: a stop signal (saved, and said how to go on) or --perf-steps done."""
-        if self.stop.agree():
+    def should_stop_before_validation(self):
+        """After an epoch's steps: a stop signal (then saved, and said how to go on) or --perf-steps done."""
+        if self.stop.agree(wait=True):
             self.stopped(saved=False)
             return True
         return bool(self.args.perf_steps) and self.state.num_updates >= self.args.perf_steps
 
-    def end_epoch(self, evaluation, ema_evaluation, images_per_sec):
-        """The epoch's log row, best metric and checkpoints (none after a non-finite loss); -> whether to go on.
+    def should_stop_after_epoch(self, evaluation, ema_evaluation, images_per_sec):
+        """The epoch's log row, best metric and checkpoints (none after a non-finite loss), then a stop signal.
         The file is written once, linked as model_best and checkpoint-E, and renamed to last.pth.tar only then: a
         kill before the rename redoes the epoch, and a resumed run never sees a model_best older than best_epoch."""
-        state, epoch, args = self.state, self.state.epoch, self.args
+        state = self.state
+        epoch = state.epoch
         finite = self.guard.check(state)
-        self.epoch_logger.log(
-            epoch,
-            float(state.loss_sum) / max(state.loss_count, 1),
-            evaluation,
-            ema_evaluation,
-            state.epoch_lr,
-            images_per_sec,
-            state.bad_images,
-            peak_memory_mib(self.device),
-            step=state.num_updates,
-        )
+        self.epoch_logger.log(state, evaluation, ema_evaluation, images_per_sec, devices.peak_memory_mib(self.device))
         is_best = state.finish_epoch((ema_evaluation or evaluation)['top1'], finite)
+        hist = self.args.checkpoint_hist
         if finite:
-            self.save(
-                ['model_best.pth.tar'] * is_best
-                + [f'checkpoint-{epoch}.pth.tar'] * bool(args.checkpoint_hist)
-                + ['last.pth.tar']
-            )
-            old = os.path.join(args.output, f'checkpoint-{epoch - args.checkpoint_hist}.pth.tar')
-            if args.checkpoint_hist and is_main_process() and os.path.exists(old):
+            names = ['model_best.pth.tar'] * is_best + [f'checkpoint-{epoch}.pth.tar'] * bool(hist) + ['last.pth.tar']
+            self.save(names)
+            old = os.path.join(self.args.output, f'checkpoint-{epoch - hist}.pth.tar')
+            if hist and is_main_process() and os.path.exists(old):
                 os.remove(old)
-        if self.stop.agree() and epoch + 1 < args.epochs:
+        if self.stop.agree(wait=True) and epoch + 1 < self.args.epochs:
             self.stopped(saved=True)
-            return False
-        return True
+            return True
+        return False
 
     def stopped(self, saved):
         """After a stop signal: save where the run stands (unless the epoch's end just did), say how to go on."""
-        finite, last = self.guard.check(self.state), os.path.join(self.args.output, 'last.pth.tar')
+        finite = self.guard.check(self.state)
         if finite and not saved:
             self.save(['last.pth.tar'])
+        last = os.path.join(self.args.output, 'last.pth.tar')
         done = f'checkpoint saved to {last}' if finite else 'the loss was not finite, so the last good one was kept'
         say(
             f'Stopped by {signal.Signals(self.stop.signal).name} at epoch {self.state.epoch}, step {self.state.step}; '
@@ -149,152 +197,26 @@ class TrainState:
     ranks: list = None
 
     def count_step(self, loss, bad_images=0):
-        self.step, self.num_updates = self.step + 1, self.num_updates + 1
-        self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
+        self.step += 1
+        self.num_updates += 1
+        self.loss_sum = self.loss_sum + loss
+        self.loss_count += 1
         self.bad_images += bad_images
 
     def finish_epoch(self, top1, finite=True):
-        """Moves on to the next epoch; -> whether `top1` is the best so far (never after a non-finite loss)."""
+        """Moves on to the next epoch. Returns whether `top1` is the best so far (never after a non-finite loss)."""
         is_best = finite and (self.best_metric is None or top1 > self.best_metric)
         if is_best:
-            self.best_metric, self.best_epoch = top1, self.epoch
-        self.epoch, self.step, self.loss_sum, self.loss_count, self.bad_images = self.epoch + 1, 0, 0.0, 0, 0
+            self.best_metric = top1
+            self.best_epoch = self.epoch
+        self.epoch += 1
+        self.step = 0
+        self.loss_sum = 0.0
+        self.loss_count = 0
+        self.bad_images = 0
         return is_best
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: a dict of named parts (each with state_dict / load_state_dict), the state, the run's facts
-
-
-def save_checkpoint(folder, names, parts, state, meta):
-    """A collective: state.ranks gets each rank's random streams and, with several processes, its BatchNorm
-    statistics (each rank updates its own with its batches; the EMA's are never synced); rank 0 writes
-    {part: its state_dict or None, the state's fields, meta} once, as the last of `names`, the others linked."""
-    mine, several = dict(rng=rng_state(model_device(parts))), get_world_size() > 1
-    for key, module in (('buffers', parts['model']), ('ema_buffers', parts.get('model_ema'))):
-        if several and module is not None:
-            mine[key] = {name: b.cpu() for name, b in module.named_buffers()}
-    state.ranks = [None] * get_world_size() if several else [mine]
-    if several:
-        dist.all_gather_object(state.ranks, mine)
-    if not is_main_process():
-        return
-    checkpoint = {name: part.state_dict() if part is not None else None for name, part in parts.items()}
-    state_fields = {f.name: getattr(state, f.name) for f in fields(state)} | dict(loss_sum=float(state.loss_sum))
-    *others, last = [os.path.join(folder, name) for name in names]
-    atomic_save(checkpoint | state_fields | meta, last, links=others)
-
-
-def load_checkpoint(path, parts, state, args, num_classes):
-    """Continue from a train.py checkpoint (of this version or earlier ones); every rank reads the file. Each rank
-    restores its random streams and BatchNorm statistics; in another world size rank 0 goes on with the saved
-    streams, the others start new ones."""
-    checkpoint = weights.read_checkpoint(path)
-    check_resumable(path, checkpoint, args, num_classes)
-    for name, part in parts.items():
-        if part is None:
-            continue
-        if name == 'model_ema' and not checkpoint.get('model_ema'):  # resumed with --model-ema added
-            part.load_state_dict(checkpoint['model'])
-        elif name == 'scheduler' and isinstance(part, torch.optim.lr_scheduler.LambdaLR):
-            # timm's schedules are a function of the step: this run's at the saved step, so a resume with
-            # another --epochs trains its first step at the new schedule's lr (older files saved none)
-            part.last_epoch = checkpoint['num_updates'] - 1
-            part.step()
-        else:
-            part.load_state_dict(checkpoint[name])
-    for field in fields(state):
-        setattr(state, field.name, checkpoint.get(field.name, getattr(state, field.name)))
-    rank, same_world = get_rank(), len(state.ranks) == get_world_size()
-    saved = state.ranks[rank if same_world else 0]
-    torch.set_rng_state(saved['rng']['torch'])
-    random.setstate(saved['rng']['python'])
-    device = model_device(parts)
-    if device_rng(device) is not None and device.type in saved['rng']:
-        device_rng(device).set_rng_state(saved['rng'][device.type])
-    if not same_world and rank > 0:
-        torch.manual_seed(data.mix_seed(args.seed, rank, state.epoch, state.step))
-    with torch.no_grad():
-        for module, key in ((parts['model'], 'buffers'), (parts.get('model_ema'), 'ema_buffers')):
-            for name, buffer in module.named_buffers() if same_world and module is not None and key in saved else ():
-                buffer.copy_(saved[key][name])
-    say(f'Resumed from {path}: epoch {state.epoch}, step {state.step}')
-
-
-def check_resumable(path, checkpoint, args, num_classes):
-    required = (
-        'model',
-        'optimizer',
-        'scaler',
-        'epoch',
-        'step',
-        'num_updates',
-        'best_metric',
-        'best_epoch',
-        'loss_sum',
-        'loss_count',
-        'ranks',
-        'arch',
-        'num_classes',
-    )
-    missing = [key for key in required if key not in checkpoint] if isinstance(checkpoint, dict) else ['state']
-    if missing:
-        raise CheckpointError(
-            f'{path} is not a train.py checkpoint (no {", ".join(missing[:3])}); '
-            f'to start from its weights use --pretrained {path}'
-        )
-    saved = checkpoint.get('args') or {}
-    own_run = os.path.abspath(path) == os.path.abspath(os.path.join(args.output, 'last.pth.tar'))
-    elsewhere = 'or choose another --output' if own_run else f'or start from its weights with --pretrained {path}'
-    if checkpoint['arch'] != args.model or checkpoint['num_classes'] != num_classes:
-        raise UsageError(
-            f'{path} holds {checkpoint["arch"]} with {checkpoint["num_classes"]} classes, this run is '
-            f'{args.model} with {num_classes}; resume with --model {checkpoint["arch"]} and the same '
-            f'data, {elsewhere}'
-        )
-    if saved.get('opt', args.opt) != args.opt:
-        raise UsageError(
-            f'{path} holds {saved["opt"]} optimizer state, this run uses --opt {args.opt}; '
-            f'resume with --opt {saved["opt"]}, {elsewhere}'
-        )
-    changed = [
-        f'{key} {value!r} (checkpoint: {saved[key]!r})'
-        for key, value in plain_args(args).items()
-        if key in saved and key not in RESUME_FREE_ARGS and saved[key] != value
-    ]
-    if changed:
-        say(
-            f"warning: resuming with settings that differ from the checkpoint's, so the run will not match an "
-            f'uninterrupted one: {", ".join(changed)}',
-            file=sys.stderr,
-        )
-
-
-def plain_args(args):
-    return {key: (list(value) if isinstance(value, tuple) else value) for key, value in vars(args).items()}
-
-
-def rng_state(device):
-    """Every random stream the training step draws from, as tensors and plain types: the CPU's, Python's and,
-    under the device's name ('cuda', 'npu'), the device's own (dropout, drop path and random erasing draw there)."""
-    state = dict(torch=torch.get_rng_state(), python=random.getstate())
-    if device_rng(device) is not None:
-        state[device.type] = device_rng(device).get_rng_state()
-    return state
-
-
-def device_rng(device):
-    """torch.cuda, torch.npu, ...: the module holding `device`'s random stream (that of the current device);
-    None for the CPU, whose stream is torch's own, and for devices without one."""
-    module = getattr(torch, device.type, None)
-    return module if hasattr(module, 'get_rng_state') else None
-
-
-def model_device(parts):
-    return next(parts['model'].parameters()).device
-
-
-# ----------------------------------------------------------------------------------------------
 # Stopping: on a signal, and on a loss that stays non-finite
 
 
@@ -307,37 +229,35 @@ class StopSignals:
     all stop after the same step, at most two after the signal, whatever --log-interval is."""
 
     def __init__(self):
-        self.received, self.first_time = None, None  # this process's signal
+        self.received = None  # this process's signal
+        self.first_time = None
         self.signal = None  # the one all ranks stop for
         self.round = None  # (flag, work) of the all-reduce started at the last step
+
+    def install(self):
         for job_signal in data.JOB_SIGNALS:
             signal.signal(job_signal, self.on_signal)
 
     def on_signal(self, signum, frame):
         now = time.monotonic()
         if self.first_time is None:
-            self.received, self.first_time = signum, now
+            self.received = signum
+            self.first_time = now
             if is_main_process():  # os.write: a print() here could land inside one the signal interrupted
                 os.write(1, f'{signal.Signals(signum).name}: stopping after this step, with a checkpoint\n'.encode())
         elif now - self.first_time > SIGNAL_REPEAT_SECONDS:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
-    def requested(self):
-        """Every rank, once a step: whether all stop now (with one process: whether it got a signal)."""
+    def agree(self, wait=False):
+        """Every rank: whether all stop now (with one process: whether it got a signal). Once a step the answer is
+        the last step's all-reduce, and this step's starts; between epochs (`wait`) it is waited for."""
         if get_world_size() == 1:
             self.signal = self.received
         elif not self.finish_round():
             self.start_round()
-        return self.signal is not None
-
-    def agree(self):
-        """Every rank, between epochs: as requested(), from a round waited for."""
-        if get_world_size() == 1:
-            self.signal = self.received
-        elif not self.finish_round():
-            self.start_round()
-            self.finish_round()
+            if wait:
+                self.finish_round()
         return self.signal is not None
 
     def start_round(self):
@@ -345,12 +265,13 @@ class StopSignals:
         self.round = flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group(), async_op=True)
 
     def finish_round(self):
-        """Waits for the round in flight, if any; -> whether it agreed on a stop."""
+        """Waits for the round in flight, if any, and returns whether it agreed on a stop."""
         if self.round is None:
             return False
         flag, work = self.round
         work.wait()
-        self.round, self.signal = None, int(flag) or None
+        self.round = None
+        self.signal = int(flag) or None
         return self.signal is not None
 
 
@@ -369,140 +290,12 @@ class NonFiniteGuard:
             self.streak = counted
 
     def check(self, state):
-        """Raises after NONFINITE_LIMIT in a row; -> whether the last loss was finite (checkpoints are written
+        """Raises after NONFINITE_LIMIT in a row. Returns whether the last loss was finite (checkpoints are written
         only then). Every rank agrees: the losses are all-reduced."""
         streak = int(self.streak)
         if streak >= NONFINITE_LIMIT:
             raise FloatingPointError(
-                f'the loss was not finite for {streak} consecutive steps (epoch {state.epoch}, '
-                f'step {state.step}); lower --lr or use --clip-grad; the last good checkpoint '
-                f'is kept'
+                f'the loss was not finite for {streak} consecutive steps (epoch {state.epoch}, step {state.step}); '
+                f'lower --lr or use --clip-grad; the last good checkpoint is kept'
             )
         return streak == 0
-
-
-# ----------------------------------------------------------------------------------------------
-# The run folder, and files written whole
-
-
-def resolve_resume(args):
-    """--resume auto: --output's last.pth.tar where there is one, else a fresh start (None)."""
-    if args.resume != 'auto':
-        return
-    if not args.output:
-        raise UsageError('--resume auto needs --output DIR (the run folder to continue)')
-    last = os.path.join(args.output, 'last.pth.tar')
-    args.resume = last if os.path.exists(last) else None
-
-
-VARIANT_SETTINGS = ('img_size', 'eval_size', 'crop_pct', 'interpolation', 'mean', 'std')
-
-
-def checkpoint_settings(path):
-    """What a train.py checkpoint names of its run: the variant (arch, as --model) and its image settings."""
-    checkpoint = weights.read_checkpoint(path)
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('arch'), str):
-        return {}  # not a train.py checkpoint: check_resumable says so
-    saved = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
-    return dict(model=checkpoint['arch'], **{key: saved[key] for key in VARIANT_SETTINGS if saved.get(key) is not None})
-
-
-def check_output(args):
-    """Before anything is built: the run folder's default name; a folder with a run refused unless resumed."""
-    if not args.output:
-        args.output = os.path.join('output', 'train', f'{time.strftime("%Y%m%d-%H%M%S")}-{args.model}-{args.img_size}')
-    if not args.resume and not args.evaluate and os.path.exists(os.path.join(args.output, 'last.pth.tar')):
-        raise UsageError(
-            f'{args.output} already holds a run; continue it with --resume auto or choose another --output'
-        )
-
-
-def create_output(args):
-    """Rank 0, once the inputs are known good: the folder, args.yaml, and a killed save's temporary files removed."""
-    if not is_main_process():
-        return
-    try:
-        os.makedirs(args.output, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.output).close()  # a unique name: runs may share a folder
-    except OSError as e:
-        raise UsageError(f'cannot write to --output {args.output}: {e.strerror}') from None
-    for stale in glob.glob(os.path.join(glob.escape(args.output), '.*.tmp')):
-        os.remove(stale)
-    atomic_write(
-        os.path.join(args.output, 'args.yaml'),
-        lambda f: f.write(''.join(f'{key}: {json.dumps(value)}\n' for key, value in plain_args(args).items()).encode()),
-    )
-    print(f'Output: {args.output}', flush=True)
-
-
-def atomic_save(obj, path, links=()):
-    """torch.save(obj) into `path` once, and `links` made from it (atomic_write); the size a full disk error
-    names is that of the tensors' storages, most of the file."""
-    storages = {
-        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-        for t in torch.utils._pytree.tree_leaves(obj)
-        if isinstance(t, torch.Tensor)
-    }
-    atomic_write(path, lambda f: torch.save(obj, f), links, size=sum(storages.values()))
-
-
-def atomic_write(path, write, links=(), size=None):
-    """write(binary file) into a temporary file beside `path` (.NAME.PID.tmp), fsync, give each of `links` the same
-    bytes (link_or_copy), rename: a kill leaves the old file or the new one, never half of one. A full disk or
-    quota is a UsageError naming the folder, the bytes needed (`size`, else at least those written) and free."""
-    folder, tmp = os.path.dirname(os.path.abspath(path)), temporary_path(path)
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        for other in links:
-            link_or_copy(tmp, other)
-        os.replace(tmp, path)
-    except Exception as error:
-        if not is_disk_full(error):
-            raise
-        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
-        needs = f'about {size / 1e6:.1f} MB' if size else f'more than {written:,} bytes'
-        if os.path.exists(tmp):
-            os.remove(tmp)  # before asking what is free
-        raise UsageError(
-            f'no space left in {folder} for {os.path.basename(path)}: it needs {needs}, '
-            f'{shutil.disk_usage(folder).free / 1e6:.1f} MB are free; free some space there or '
-            f'choose another --output'
-        ) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the renames themselves durable
-    finally:
-        os.close(dir_fd)
-
-
-def temporary_path(path):
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-
-
-def link_or_copy(source, path):
-    """`path` gets `source`'s bytes atomically: a hard link, or a copy (atomic_write) where the filesystem has none.
-    The names share one file until one is replaced by a rename, which leaves the other's bytes as they were."""
-    tmp = temporary_path(path)
-    if os.path.lexists(tmp):
-        os.remove(tmp)  # link() does not overwrite, and open() would write through a stale link
-    try:
-        os.link(source, tmp)
-    except OSError:  # FAT, some network and FUSE filesystems
-        with open(source, 'rb') as original:
-            return atomic_write(path, lambda f: shutil.copyfileobj(original, f))
-    os.replace(tmp, path)
-
-
-def is_disk_full(error):
-    """ENOSPC or EDQUOT, also behind torch's zip writer's own RuntimeError ('unexpected pos')."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        error = error.__cause__ or error.__context__
-    return False

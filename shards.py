@@ -36,9 +36,14 @@ class BadShard(Exception):
     """A shard that cannot be read as a tar archive (missing, truncated, a damaged header)."""
 
 
+def load(dataset, path, splits, strict_data, keys=(None, None), skip_bad_shards=False, **options):
+    """data.load_datasets' call: load_shards with the label from `keys`' second name, if given."""
+    return load_shards(path, *splits, target_key=keys[1], strict=strict_data, skip_bad_shards=skip_bad_shards)
+
+
 def load_shards(path, train_split=None, val_split=None, target_key=None, strict=False, skip_bad_shards=False):
-    """-> (train_set, val_set, class names '0'...'K-1', K = the largest label + 1). See the module docstring;
-    `target_key`: the label is this field of KEY.json instead of KEY.cls."""
+    """The training set, the validation set and the class names '0' to 'K-1', K the largest label + 1 (the module
+    docstring says more). With `target_key` the label is this field of KEY.json instead of KEY.cls."""
     if not path:
         raise DataError('--dataset wds needs a data path: a folder of shards, a brace pattern or a hub dataset id')
     folder, splits, lengths = _find_splits(path)
@@ -54,7 +59,7 @@ def load_shards(path, train_split=None, val_split=None, target_key=None, strict=
 
 
 def _find_splits(path):
-    """-> (folder, {split: [shard paths]}, {shard path: samples}) from _info.json, or from the shards' names."""
+    """The folder, each split's shard paths and each shard's sample count, from _info.json or the shards' names."""
     if not os.path.exists(path) and '{' not in path and re.fullmatch(r'[\w.-]+/[\w.-]+', path):
         path = _download(path)
     folder = path if os.path.isdir(path) else os.path.dirname(path)
@@ -94,7 +99,9 @@ def expand_braces(pattern):
     start = pattern.find('{')
     if start < 0:
         return [pattern]
-    depth, choices, begin = 0, [], start + 1
+    depth = 0
+    choices = []
+    begin = start + 1
     for end in range(start, len(pattern)):
         depth += {'{': 1, '}': -1}.get(pattern[end], 0)
         if depth == 1 and pattern[end] == ',' or depth == 0:
@@ -133,7 +140,9 @@ class ShardSamples(torch.utils.data.Dataset):
 
     def __init__(self, shards, target_key=None, strict=False, skip_bad_shards=False, lengths=None):
         lengths = lengths or {}
-        self.strict, indexes, kept = strict, [], []
+        self.strict = strict
+        indexes = []
+        kept = []
         try:
             os.makedirs(CACHE, exist_ok=True)
             lock = open(os.path.join(CACHE, 'indexing.lock'), 'w')
@@ -168,7 +177,8 @@ class ShardSamples(torch.utils.data.Dataset):
         self.shard_ids = np.repeat(np.arange(len(kept), dtype=np.int32), [len(index) for index in indexes])
         index = np.concatenate(indexes)
         self.offsets = np.ascontiguousarray(index[:, 0])
-        self.sizes, self.labels = index[:, 1].astype(np.int32), index[:, 2].astype(np.int32)
+        self.sizes = index[:, 1].astype(np.int32)
+        self.labels = index[:, 2].astype(np.int32)
         # Shared between loader workers, so each bad image is reported once per run, not once per worker/epoch.
         self.known_unreadable = torch.zeros(len(self.labels), dtype=torch.bool).share_memory_()
 
@@ -209,7 +219,7 @@ class ShardSamples(torch.utils.data.Dataset):
 
 
 def _cached_index(shard, target_key):
-    """-> int64 (samples, 3) array of (image offset, image size, label), from the cache or made and cached."""
+    """The shard's index (index_shard), from the cache or made and cached."""
     try:
         stat = os.stat(shard)
     except OSError as error:
@@ -225,9 +235,11 @@ def _cached_index(shard, target_key):
 
 
 def index_shard(shard, target_key=None):
-    """-> int64 (samples, 3) array of (image offset, image size, label) read from the tar headers alone (and the
-    label members); raises BadShard for a truncated or damaged tar, DataError for a sample without a label."""
-    samples, key, members = [], None, {}
+    """An int64 (samples, 3) array of image offset, image size and label, read from the tar headers alone (and the
+    label members). Raises BadShard for a truncated or damaged tar, DataError for a sample without a label."""
+    samples = []
+    key = None
+    members = {}
     try:
         with open(shard, 'rb') as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as tar:
             for name, offset, size in _tar_members(tar):
@@ -273,7 +285,8 @@ def _sample(shard, tar, key, members, target_key):
 
 def _tar_members(tar):
     """Yield (name, data offset, size) of each file in a tar (POSIX ustar, pax or GNU long names)."""
-    offset, long_name = 0, None
+    offset = 0
+    long_name = None
     while True:
         header = tar[offset : offset + 512]
         if len(header) < 512:
@@ -281,12 +294,15 @@ def _tar_members(tar):
         if not any(header):
             return
         try:
-            size, checksum = int(header[124:136].strip(b' \0') or 0, 8), int(header[148:156].strip(b' \0'), 8)
+            size = int(header[124:136].strip(b' \0') or 0, 8)
+            checksum = int(header[148:156].strip(b' \0'), 8)
         except ValueError:
-            checksum = size = -1
+            checksum = -1
+            size = -1
         if checksum != sum(header) - sum(header[148:156]) + 8 * 32 or size < 0:
             raise BadShard(f'a damaged tar header at byte {offset}')
-        data_offset, kind = offset + 512, header[156:157]
+        data_offset = offset + 512
+        kind = header[156:157]
         if data_offset + size > len(tar):
             raise BadShard(f'it ends at byte {len(tar)}, inside a member (truncated?)')
         if kind == b'x':  # a pax header: its path= record names the next member

@@ -10,18 +10,16 @@
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST0 --master_port=29500 \
         train.py /data/imagenet ... --lr .224         # 2 nodes: the same on HOST1 with --node_rank=1
     python -m torch.distributed.launch --nproc_per_node=8 train.py ...   # the ModelZoo's launcher
-    srun --ntasks-per-node=8 --gpus-per-node=8 python train.py ...     # Slurm: ranks from SLURM_* variables
-    torchrun --max-restarts 3 ... train.py ... --output DIR --resume auto  # a dead worker: restart, resume
     bash test/train_full_8p.sh --data_path=/data/imagenet    # the ModelZoo's scripts (README)
 
-`-b` is per device, logged images/s are global; a launcher's WORLD_SIZE turns on distributed mode. Top to
-bottom: the three places a copy changes first (datasets, create_optimizer with its schedule, train_loss); main,
-train (the epoch loop), train_one_epoch, train_step, validate; the set-up. The flags are flags.py's; checkpoints,
-resume, stop signals and the non-finite guard run.py's (run.Supervisor); processes and devices distributed.py's.
+`-b` is per device, and the logged images/s are global; a launcher's WORLD_SIZE turns on distributed mode.
+Top to bottom: the three places a copy changes first (datasets, create_optimizer with its schedule, train_loss);
+main; train, the epoch loop; train_one_epoch; train_step; validate; then the set-up. The flags are flags.py's.
+run.Supervisor keeps the run's bookkeeping: resume, checkpoints, stop signals, the non-finite guard.
 """
 
 import contextlib
-import copy
+import functools
 import math
 import sys
 import warnings
@@ -30,28 +28,29 @@ import torch
 import torch.nn.functional as F
 
 import data
+import devices
 import distributed
 import errors
 import flags
 import logs
 import model as models
 import optim
+import precision as mixed_precision
 import run
 import transforms
-import weights
+from checkpoint import plain_args
 
-SMALL_TRAINING_SET_STEPS = 10  # steps per epoch at or below which timm's ImageNet-length defaults are warned of
 # fp16's GradScaler skips the optimizer step when gradients overflow; the schedule moves on all the same.
 warnings.filterwarnings('ignore', message=r'Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`')
 
 
-# ----------------------------------------------------------------------------------------------
 # The three places a copy of this recipe changes first: the data, the optimizer, the loss
 
 
 def datasets(args):
-    """-> (train_set, val_set, class names): any map-style datasets of (image, label), the image a PIL image, a
-    uint8 tensor or array (torchvision.datasets.*, yours, a Hugging Face split); data.Transformed augments them."""
+    """Returns the training set, the validation set and the class names. Any map-style dataset of (image, label)
+    works, the image a PIL image, a uint8 tensor or array: torchvision.datasets.*, yours, a Hugging Face split
+    (hugging_face.Rows(split))."""
     return data.load_datasets(
         args.dataset,
         args.data_path,
@@ -65,8 +64,8 @@ def datasets(args):
 
 
 def create_optimizer(model, args, steps_per_epoch):
-    """-> (optimizer, lr scheduler stepped after every optimizer step). timm's parameter groups (no weight
-    decay on biases and BatchNorm) and its schedules, which change the lr once per epoch (optim.py)."""
+    """Returns the optimizer and its lr scheduler, stepped after every optimizer step: timm's parameter groups (no
+    weight decay on biases and BatchNorm) and its schedules, which change the lr once per epoch (optim.py)."""
     groups = optim.param_groups(model, args.weight_decay)
     if args.opt == 'rmsproptf':  # TensorFlow's RMSprop as timm has it (optim.py says how it differs from torch's)
         optimizer = optim.RMSpropTF(groups, lr=args.lr, alpha=0.9, eps=args.opt_eps, momentum=args.momentum)
@@ -74,17 +73,9 @@ def create_optimizer(model, args, steps_per_epoch):
         optimizer = torch.optim.SGD(groups, args.lr, momentum=args.momentum, nesterov=args.momentum > 0, foreach=True)
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps, foreach=True)
-    scheduler = optim.TimmSchedule(
-        optimizer,
-        steps_per_epoch,
-        args.sched,
-        args.epochs,
-        args.warmup_lr,
-        args.warmup_epochs,
-        args.decay_epochs,
-        args.decay_rate,
-        args.min_lr,
-    )
+    warmup = (args.warmup_lr, args.warmup_epochs)
+    decay = (args.decay_epochs, args.decay_rate)
+    scheduler = optim.TimmSchedule(optimizer, steps_per_epoch, args.sched, args.epochs, warmup, decay, args.min_lr)
     return optimizer, scheduler
 
 
@@ -95,13 +86,12 @@ def train_loss(output, targets, args):
     return F.cross_entropy(output.float(), targets, label_smoothing=smoothing)
 
 
-# ----------------------------------------------------------------------------------------------
 # The recipe
 
 
 def main(argv=None):
     with distributed.one_line_errors(alike_on_every_rank=True):
-        args = flags.resolve_args(flags.parse_args(argv))
+        args = run.parse_command_line(argv)
     with distributed.one_line_errors():
         stopped_by = train(args)
     if not args.evaluate:
@@ -112,86 +102,78 @@ def main(argv=None):
 
 
 def train(args):
-    """Set up, then the epoch loop: train, validate, report, save. -> the signal that stopped it, or None."""
+    """Set up, then the epoch loop: train, validate, report, save. Returns the signal that stopped it, or None."""
     device = setup_processes(args)
     train_set, val_set, classes = datasets(args)
     num_classes = args.num_classes or len(classes)
     steps_per_epoch = count_steps(train_set, args)
     model_without_ddp = build_model(args, device, num_classes)
     optimizer, scheduler = create_optimizer(model_without_ddp, args, steps_per_epoch)
-    precision, model_without_ddp, optimizer = optim.create_precision(
+    precision, model_without_ddp, optimizer = mixed_precision.create_precision(
         device, model_without_ddp, optimizer, args.amp, args.amp_dtype, args.apex_amp, say=distributed.say
     )
     model_ema = optim.ModelEma(model_without_ddp, args.model_ema_decay) if args.model_ema else None
     model = distribute(model_without_ddp, device, precision, args)
     val_loader = make_val_loader(val_set, args)
-    if args.evaluate:
-        return evaluate(model_without_ddp, val_loader, precision, args)
+    if args.evaluate:  # evaluate.py, beside the copy
+        validation = functools.partial(validate, loader=val_loader, precision=precision, args=args)
+        return errors.import_beside('evaluate', '--evaluate').evaluate(model_without_ddp, validation, args)
+    ema_module = model_ema.module if model_ema else None
     parts = dict(
-        model=model_without_ddp,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        scaler=precision,
-        model_ema=model_ema.module if model_ema else None,
+        model=model_without_ddp, optimizer=optimizer, scheduler=scheduler, scaler=precision, model_ema=ema_module
     )
-    meta = dict(arch=args.model, num_classes=num_classes, classes=list(classes), args=run.plain_args(args))
+    meta = dict(arch=args.model, num_classes=num_classes, classes=list(classes), args=plain_args(args))
     progress = run.Supervisor(args, parts, meta, device, logs.EpochLogger(args.output))
+    progress.start()
+    logs.tensorboard = None
     if args.log_tensorboard and distributed.is_main_process():  # a resumed run redraws from its first step
-        logs.open_tensorboard(args.output, first_step=progress.state.num_updates)
+        scalars = errors.import_beside('tensorboard_scalars', '--log-tensorboard')
+        logs.tensorboard = scalars.Scalars(args.output, first_step=progress.state.num_updates)
     distributed.say(
-        describe_run(args, model_without_ddp, train_set, val_set, meta, steps_per_epoch, optimizer, scheduler)
+        describe_run(args, model_without_ddp, train_set, val_set, num_classes, steps_per_epoch, optimizer, scheduler)
     )
     for epoch in range(progress.state.epoch, args.epochs):
-        distributed.reset_peak_memory(device)  # the Epoch line's peak_memory_mib is this epoch's
-        settings = optim.stage_settings(args, epoch)
-        if args.progressive and epoch in (progress.first_epoch, settings['epochs'][0]):
-            distributed.say(optim.describe_stage(settings, args))
-        sampler = train_sampler(train_set, args, epoch, start_batch=progress.state.step * args.grad_accum_steps)
+        devices.reset_peak_memory(device)  # the Epoch line's peak_memory_mib is this epoch's
+        settings = epoch_settings(args, epoch, progress.first_epoch)
+        sampler = train_sampler(train_set, args, epoch, start_batch=progress.batches_done())
         loader = make_loader(train_set, train_transform(settings, args), sampler, args)
-        mixup = (
-            transforms.MixupCutmix(settings['mixup'], args.cutmix, args.smoothing, num_classes)
-            if settings['mixup'] > 0 or args.cutmix > 0
-            else None
-        )
+        mixup = transforms.mixup_cutmix(settings['mixup'], args.cutmix, args.smoothing, num_classes)
         model_without_ddp.drop_rate = settings['drop']
         images_per_sec = train_one_epoch(
             model, optimizer, scheduler, precision, loader, args, progress, model_ema, mixup
         )
-        if progress.ends_before_validation():  # a stop signal (saved, said how to go on), or --perf-steps done
+        if progress.should_stop_before_validation():
             return progress.stop.signal
         evaluation, ema_evaluation = evaluate_epoch(model_without_ddp, model_ema, val_loader, precision, args)
-        if not progress.end_epoch(evaluation, ema_evaluation, images_per_sec):  # a stop signal while validating
+        if progress.should_stop_after_epoch(evaluation, ema_evaluation, images_per_sec):
             return progress.stop.signal
     progress.report_best()
 
 
 def train_one_epoch(model, optimizer, scheduler, precision, loader, args, progress, model_ema=None, mixup=None):
     """The epoch from optimizer step progress.state.step (0 unless resumed mid-epoch), timm's `Train:` line every
-    --log-interval steps; progress (run.Supervisor) counts, guards, saves and stops. -> the epoch's images/s."""
+    --log-interval steps; progress (run.Supervisor) counts, guards, saves and stops. Returns the images/s."""
     model.train()
     if args.freeze_bn:
-        models.freeze_batchnorm(model)
+        errors.import_beside('weights', '--freeze-bn').freeze_batchnorm(model)
     state = progress.state
-    if state.step == 0 or state.epoch_lr is None:  # the lr the epoch begins with (None: an older checkpoint)
-        state.epoch_lr = optimizer.param_groups[0]['lr']
     num_steps = len(loader.batch_sampler) // args.grad_accum_steps
-    last_step = num_steps - 1
-    if args.perf_steps:  # the ModelZoo's throughput runs stop after --perf-steps steps
-        last_step = min(last_step, state.step + args.perf_steps - state.num_updates - 1)
+    last_step = progress.begin_epoch(optimizer.param_groups[0]['lr'], num_steps)
     logger = logs.TrainLogger(state.epoch, num_steps, last_step, args.log_interval, state, progress.device)
     for batches in logger.log_every(loader, args.grad_accum_steps):
         loss, skipped = train_step(model, optimizer, precision, batches, args, model_ema, mixup)
         state.count_step(loss, bad_images=sum(int(bad.sum()) for *_, bad in batches))
         at_log_step = logger.update(loss, sum(len(labels) for _, labels, _ in batches), optimizer.param_groups[0]['lr'])
         scheduler.step()
-        if progress.after_step(loss, skipped, at_log_step, last_of_epoch=state.step == num_steps):
+        if progress.should_stop_after_step(loss, skipped, at_log_step, last_of_epoch=state.step == num_steps):
             break
     return logger.images_per_sec
 
 
 def train_step(model, optimizer, precision, batches, args, model_ema=None, mixup=None):
-    """One optimizer step over --grad-accum-steps micro-batches: forward, loss, backward each; step; EMA update.
-    -> (the global batch's mean loss, the same on every rank: one all-reduce, no sync; whether fp16 skipped it)."""
+    """One optimizer step over --grad-accum-steps micro-batches: forward, loss and backward for each, then the
+    step and the EMA's update. Returns the global batch's mean loss, the same on every rank (one all-reduce, no
+    sync), and whether float16's loss scaling skipped the step."""
     optimizer.zero_grad(set_to_none=True)  # frees the last step's gradients before the activations
     losses = []
     for index, (images, labels, _) in enumerate(batches):
@@ -200,7 +182,7 @@ def train_step(model, optimizer, precision, batches, args, model_ema=None, mixup
         if mixup is not None:
             images, targets = mixup(images, labels)
         if args.reprob > 0:
-            images = transforms.random_erase(images, args.reprob)
+            images = errors.import_beside('random_erasing', '--reprob').random_erase(images, args.reprob)
         with gradients_stay_local(model, accumulating=index < len(batches) - 1):
             with precision.autocast():
                 output = model(images)
@@ -210,7 +192,8 @@ def train_step(model, optimizer, precision, batches, args, model_ema=None, mixup
     skipped = precision.step(optimizer, args.clip_grad)
     if model_ema is not None:
         model_ema.update_parameters(model)
-    return distributed.mean_over_ranks(torch.stack(losses).mean()), skipped
+    mean_loss = distributed.all_reduce_sum(torch.stack(losses).mean()) / distributed.get_world_size()
+    return mean_loss, skipped
 
 
 def gradients_stay_local(model, accumulating):
@@ -222,13 +205,9 @@ def gradients_stay_local(model, accumulating):
 def validate(model, loader, precision, args, log_suffix=''):
     """Loss, top-1, top-5 over the validation set, each image once over all ranks; timm's `Test:` lines."""
     model.eval()
-    device = next(model.parameters()).device
-    logger = logs.EvalLogger(args.log_interval, device, 'Test' + log_suffix)
-    empty_batch = (
-        torch.zeros(0, 3, args.eval_size, args.eval_size, dtype=torch.uint8),
-        torch.zeros(0, dtype=torch.long),
-    )
-    for images, labels, *_ in logger.log_every(loader, empty_batch):
+    logger = logs.EvalLogger(args.log_interval, next(model.parameters()).device, 'Test' + log_suffix)
+    no_images = torch.zeros(0, 3, args.eval_size, args.eval_size, dtype=torch.uint8)
+    for images, labels, *_ in logger.log_every(loader, (no_images, torch.zeros(0, dtype=torch.long))):
         images, labels = to_device(images, labels, model, args)
         with precision.autocast():
             output = model(images)
@@ -247,29 +226,19 @@ def evaluate_epoch(model, model_ema, val_loader, precision, args):
     return evaluation, validate(model_ema.module, val_loader, precision, args, ' (EMA)')
 
 
-def evaluate(model, val_loader, precision, args):
-    """--evaluate: validate the weights of --pretrained, or of --resume (and its EMA, if it has one)."""
-    nets = {'': model}
-    if args.resume:
-        checkpoint = weights.read_checkpoint(args.resume)
-        arch = checkpoint.get('arch')
-        if isinstance(arch, str) and arch.split('.')[0] != args.model.split('.')[0]:
-            raise errors.UsageError(
-                f'{args.resume} holds {arch}, not --model {args.model}: leave --model out to '
-                f"evaluate it as the checkpoint's, or give --model {arch}"
-            )
-        load_weights(model, checkpoint, use_ema=False)
-        if checkpoint.get('model_ema'):
-            nets[' (EMA)'] = load_weights(copy.deepcopy(model), checkpoint)
-    for suffix, net in nets.items():
-        result = validate(net, val_loader, precision, args, suffix)
-        distributed.say(
-            f'Evaluation{suffix}: loss {result["loss"]:.4f}  top1 {result["top1"]:.4f}  top5 {result["top5"]:.4f}'
-        )
-
-
-# ----------------------------------------------------------------------------------------------
 # Set-up
+
+
+def epoch_settings(args, epoch, first_epoch):
+    """What the epoch trains with: the flags' image size, RandAugment magnitude, mixup and dropout, or with
+    --progressive the stage's, said at each stage's first epoch (progressive.py, beside the copy)."""
+    if not args.progressive:
+        magnitude = args.rand_augment['magnitude'] if args.rand_augment else None
+        return dict(size=args.img_size, magnitude=magnitude, mixup=args.mixup, drop=args.drop)
+    settings = errors.import_beside('progressive', '--progressive').stage_settings(args, epoch, first_epoch)
+    if settings['line']:
+        distributed.say(settings['line'])
+    return settings
 
 
 def count_steps(train_set, args):
@@ -288,73 +257,46 @@ def count_steps(train_set, args):
     return max(steps, 1)  # --evaluate trains no step
 
 
-def describe_run(args, model, train_set, val_set, meta, steps_per_epoch, optimizer, scheduler):
-    """The run in two lines (three when drop_last leaves images out), with a warning when timm's ImageNet-length
-    defaults meet a small training set, and when timm's warm-up never ends (not for a copy's own schedule)."""
+def describe_run(args, model, train_set, val_set, num_classes, steps_per_epoch, optimizer, scheduler):
+    """The run in two lines, after advice.py's warnings and with its line on what drop_last leaves out, where they
+    apply (beside the copy)."""
+    try:
+        import advice  # beside the copy
+    except ImportError:
+        advice = None
+    left_out = advice.advise(args, len(train_set), steps_per_epoch, scheduler) if advice else ''
     world_size = distributed.get_world_size()
-    timm_length = (args.epochs, args.batch_size) == (flags.TIMM_DEFAULTS['epochs'], flags.TIMM_DEFAULTS['batch_size'])
-    if timm_length and not args.pretrained and steps_per_epoch <= SMALL_TRAINING_SET_STEPS:
-        distributed.say(
-            f"warning: timm's ImageNet defaults on {len(train_set)} images: {args.epochs} epochs of "
-            f'{steps_per_epoch} step{"s" * (steps_per_epoch > 1)} (batch {args.batch_size}) from random '
-            f"weights; a small folder learns far more from published weights: see the README's recipe "
-            f'(Training on your own images: --pretrained --epochs 15 -b 64 ...)',
-            file=sys.stderr,
-        )
-    lr = f'lr {args.lr:.4g}' + (
-        f' (--lr-base {args.lr_base:g} per {args.lr_base_size} images, {args.lr_base_scale})'
-        if args.lr_base is not None
-        else ''
-    )
+    lr = f'lr {args.lr:.4g}'
+    if args.lr_base is not None:
+        lr += f' (--lr-base {args.lr_base:g} per {args.lr_base_size} images, {args.lr_base_scale})'
     accumulated = f' x {args.grad_accum_steps} accumulated' if args.grad_accum_steps > 1 else ''
-    if isinstance(scheduler, optim.TimmSchedule) and 0 < args.epochs <= args.warmup_epochs:
-        distributed.say(
-            f'warning: the warm-up (--warmup-epochs {args.warmup_epochs}) covers the whole run (--epochs '
-            f'{args.epochs}): the lr rises from --warmup-lr {args.warmup_lr:g} and never reaches '
-            f'{args.lr:g}; give --warmup-epochs 0, or fewer than --epochs',
-            file=sys.stderr,
-        )
+    source = getattr(train_set, 'source', type(train_set).__name__)
+    schedule = getattr(scheduler, 'sched', type(scheduler).__name__)
     return (
         f'Training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters) on '
-        f'{args.data_path or args.dataset}: {len(train_set)} train / {len(val_set)} val images '
-        f'({getattr(train_set, "source", type(train_set).__name__)}), {meta["num_classes"]} classes; '
-        f'{args.device}, {world_size} process{"es" * (world_size > 1)}\n'
+        f'{args.data_path or args.dataset}: {len(train_set)} train / {len(val_set)} val images ({source}), '
+        f'{num_classes} classes; {args.device}, {world_size} process{"es" * (world_size > 1)}\n'
         f'{args.epochs} epoch{"s" * (args.epochs != 1)} of {steps_per_epoch} step{"s" * (steps_per_epoch != 1)}, '
         f'batch {flags.global_batch(args)} ({args.batch_size} per process{accumulated}), {lr}, '
-        f'{type(optimizer).__name__}, {getattr(scheduler, "sched", type(scheduler).__name__)} schedule'
-        f'{left_out_images(len(train_set), steps_per_epoch, args)}'
+        f'{type(optimizer).__name__}, {schedule} schedule{left_out}'
     )
-
-
-def left_out_images(dataset_len, steps_per_epoch, args):
-    """A start line counting the images drop_last leaves out of each epoch, with the -b that would use them all."""
-    left_out = dataset_len - steps_per_epoch * flags.global_batch(args)
-    if left_out <= 0 or args.evaluate:
-        return ''
-    per_process = math.ceil(dataset_len / distributed.get_world_size())
-    fits = [
-        b for b in range(args.batch_size // 2, args.batch_size + 1) if per_process % (b * args.grad_accum_steps) == 0
-    ]
-    hint = f'-b {fits[-1]} uses them all' if fits else 'the next epoch leaves out others'
-    return f'\n{left_out} of {dataset_len} training images are left out of each epoch (drop_last): {hint}'
 
 
 def setup_processes(args):
-    """This process's device and, under a launcher, the process group; seeds the initialization."""
-    rank, world_size, local_rank = distributed.distributed_env()
-    device = distributed.select_device(args.device, local_rank)
+    """This process's device and, under a launcher, the process group; then --seed seeds the initial weights."""
+    _, world_size, local_rank = distributed.distributed_env()
+    device = devices.select_device(args.device, local_rank)
     if world_size > 1:
         distributed.init_distributed(device, timeout_minutes=args.dist_timeout)
-    torch.manual_seed(args.seed)
+    data.seed_torch(args.seed)
     return device
 
 
 def build_model(args, device, num_classes):
     """The network on its device, from --pretrained weights if given: what checkpoints and the EMA hold."""
     model = models.create_model(args.model, num_classes=num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path)
-    if args.pretrained:
-        path = weights.published().fetch(args.model) if args.pretrained is True else args.pretrained
-        load_weights(model, weights.read_checkpoint(path))
+    if args.pretrained:  # weights.py, beside the copy
+        errors.import_beside('weights', '--pretrained').load_for_training(model, args.model, args.pretrained)
     if args.sync_bn and distributed.get_world_size() > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -365,38 +307,21 @@ def build_model(args, device, num_classes):
 
 
 def distribute(model_without_ddp, device, precision, args):
-    """The module that trains: DDP with several processes, compiled with --compile."""
+    """The module that trains: DDP with several processes, compiled with --compile. From here on each rank draws its
+    own dropout, drop path, mixup and random erasing (timm seeds seed + rank), or the ranks would repeat each other."""
     model = model_without_ddp
     if distributed.get_world_size() > 1:
         ids = [device.index] if device.type in ('cuda', 'npu') else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if args.compile:
-        model = compile_model(model, precision, args)
-    if distributed.get_rank() > 0:  # the same initial weights above; from here on dropout, drop path, mixup and
-        # random erasing draw per rank (timm seeds seed + rank), or the ranks would repeat one another
-        torch.manual_seed(data.mix_seed(args.seed, distributed.get_rank()))
+    if args.compile:  # compiling.py, beside the copy
+        model = errors.import_beside('compiling', '--compile').compile_model(model, precision, args)
+    if distributed.get_rank() > 0:
+        data.seed_torch(args.seed, distributed.get_rank())
     return model
 
 
-def load_weights(net, checkpoint, use_ema=True):
-    """weights.load_pretrained; rank 0 says its notes (a torchvision conversion, a new classifier)."""
-    for note in weights.load_pretrained(net, checkpoint, use_ema):
-        distributed.say(note)
-    return net
-
-
-def compile_model(model, precision, args):
-    """Only the training forward/backward is compiled: EMA, evaluation and checkpoints use the plain
-    module (no `_orig_mod.` in saved keys). Static shapes: --progressive recompiles once per stage."""
-    if precision.apex_optimizer is not None:
-        raise errors.UsageError("--compile does not work with apex's patched functions; use --amp")
-    config = torch._dynamo.config
-    limit = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'  # torch < 2.7
-    setattr(config, limit, max(getattr(config, limit), args.prog_stages + 1))
-    return torch.compile(model, dynamic=False)
-
-
-def train_transform(settings, args):  # progressive learning: the stage's size and RandAugment magnitude
+def train_transform(settings, args):
+    """The epoch's train transform: the flags', at the size and RandAugment magnitude of epoch_settings."""
     return transforms.train_transform(
         settings['size'],
         scale=tuple(args.scale),
@@ -411,15 +336,7 @@ def train_transform(settings, args):  # progressive learning: the stage's size a
 
 
 def train_sampler(dataset, args, epoch=0, start_batch=0):
-    sampler = data.EpochBatchSampler(
-        len(dataset),
-        args.batch_size,
-        shuffle=True,
-        seed=args.seed,
-        drop_last=True,
-        rank=distributed.get_rank(),
-        world_size=distributed.get_world_size(),
-    )
+    sampler = data.EpochBatchSampler(len(dataset), args.batch_size, shuffle=True, drop_last=True, seed=args.seed)
     sampler.set_epoch(epoch, start_batch)
     return sampler
 
@@ -427,21 +344,15 @@ def train_sampler(dataset, args, epoch=0, start_batch=0):
 def make_val_loader(dataset, args):
     """Every image once over all ranks (rank r takes r, r + world_size, ...; no padding)."""
     transform = transforms.eval_transform(args.eval_size, crop_pct=args.crop_pct, interpolation=args.interpolation)
-    sampler = data.EpochBatchSampler(
-        len(dataset),
-        args.batch_size,
-        shuffle=False,
-        rank=distributed.get_rank(),
-        world_size=distributed.get_world_size(),
-        drop_last=False,
-    )
+    sampler = data.EpochBatchSampler(len(dataset), args.batch_size, shuffle=False, drop_last=False)
     return make_loader(dataset, transform, sampler, args)
 
 
 def make_loader(dataset, transform, sampler, args):
+    pin_memory = args.device != 'cpu'  # page-locked: copies to a GPU or NPU overlap with its work
     return data.create_loader(
-        data.transformed(dataset, transform), sampler, workers=args.workers, pin_memory=args.device != 'cpu'
-    )  # page-locked: copies to a GPU/NPU overlap
+        data.transformed(dataset, transform), sampler, workers=args.workers, pin_memory=pin_memory
+    )
 
 
 def to_device(images, labels, model, args):

@@ -1,54 +1,30 @@
-"""Weight files: checkpoints read without running their code; timm's, torchvision's and train.py's weights
-loaded into a model (published.py, beside the copy, downloads the published ones by tag).
+"""Weights from elsewhere, beside the copy: timm's and torchvision's files, and train.py's checkpoints, loaded into a
+model for --pretrained PATH (fine-tuning: a new classifier where the classes differ), predict.py and the tests; the
+published weights by tag through published.py; --freeze-bn. train.py imports this only for --pretrained and
+--freeze-bn.
 
-    load_pretrained(net, read_checkpoint('output/train/RUN/model_best.pth.tar'))  # or a .safetensors file
+    load_pretrained(net, read_checkpoint('output/train/RUN/model_best.pth.tar'))  # or timm's .safetensors file
 """
 
-import argparse
-import contextlib
-
-import safetensors.torch
 import torch
 
 import model as models
-from errors import CheckpointError, import_beside, one_line
-
-# timm's train.py stores its arguments, an argparse.Namespace (a plain attribute bag), in every
-# checkpoint; allow that one class as timm does. torch < 2.5 has no allow-list and refuses them.
-_allow_globals = getattr(torch.serialization, 'safe_globals', lambda _: contextlib.nullcontext())
-
-
-def read_checkpoint(path):
-    """A checkpoint file's dict, tensors and plain Python types only, never code: torch.load with
-    weights_only=True, or the safetensors package for a .safetensors file (timm's hub). A missing,
-    broken or unsafe file is a CheckpointError of one line."""
-    is_safetensors = str(path).endswith('.safetensors')
-    try:
-        if is_safetensors:
-            return safetensors.torch.load_file(path)
-        with _allow_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f'checkpoint not found: {path}') from None
-    except Exception as e:  # unpickling errors, truncated files, foreign formats
-        if is_safetensors:
-            raise CheckpointError(f'cannot read {path} as a safetensors file: {one_line(e)}') from None
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        if lines[0].startswith('Weights only load failed'):  # torch names the refused callable
-            detail = next((line for line in lines if 'GLOBAL' in line), lines[-1])
-            raise CheckpointError(
-                f'refused to load {path}: it holds Python objects beyond tensors and plain types, which '
-                f'unpickling could run as code ({detail.rstrip(".")}); load it with '
-                f'torch.load(weights_only=False) only if you trust its source'
-            ) from None
-        raise CheckpointError(
-            f'cannot read checkpoint {path} as a weights-only file (tensors and plain types): {lines[0]}'
-        ) from None
+from checkpoint import read_checkpoint  # the one reader of weight files, also for this file's callers
+from distributed import say
+from errors import CheckpointError, import_beside
 
 
 def published():
     """published.py: the published weights by tag (beside the copy)."""
     return import_beside('published', 'the published weights by tag (--model VARIANT.TAG, --pretrained alone)')
+
+
+def load_for_training(model, name, pretrained):
+    """--pretrained: the weights file `pretrained`, or (True) --model NAME's published weights, into `model`; what
+    was converted or left out (a new classifier) is said."""
+    path = published().fetch(name) if pretrained is True else pretrained
+    for note in load_pretrained(model, read_checkpoint(path)):
+        say(note)
 
 
 def model_config(name, published_weights=False):
@@ -90,8 +66,9 @@ def _torchvision_names(state, model):
 def load_pretrained(model, checkpoint, use_ema=True):
     """Load timm, torchvision or own weights (a state dict, or a checkpoint dict holding one, its EMA
     weights when present and use_ema; read_checkpoint reads files) into `model`, in place. Only
-    a classifier of another shape is skipped (fine-tuning); any other mismatch raises. -> notes to log."""
-    state, notes = _unwrap(checkpoint, use_ema), []
+    a classifier of another shape is skipped (fine-tuning); any other mismatch raises. Returns notes to log."""
+    state = _unwrap(checkpoint, use_ema)
+    notes = []
     if 'features.0.0.weight' in state:
         state = _torchvision_names(state, model)
         notes.append('converted torchvision weights; BatchNorm eps set to 1e-3')
@@ -118,3 +95,11 @@ def load_pretrained(model, checkpoint, use_ema=True):
         state.update({k: expected[k] for k in skipped})
     model.load_state_dict(state)
     return notes
+
+
+def freeze_batchnorm(model):
+    """--freeze-bn, for fine-tuning with small batches: BatchNorm in eval mode uses and keeps its running
+    statistics; its scale and shift still train."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()

@@ -15,21 +15,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # What a copy of the recipe takes (README, "What to copy"): train.py and the files it imports.
-RUNTIME_FILES = (
-    'train.py',
-    'flags.py',
-    'model.py',
-    'data.py',
-    'transforms.py',
-    'randaugment.py',
-    'optim.py',
-    'run.py',
-    'logs.py',
-    'distributed.py',
-    'weights.py',
-    'errors.py',
+RUNTIME_FILES = tuple(
+    'train.py flags.py model.py data.py transforms.py randaugment.py optim.py precision.py run.py checkpoint.py '
+    'logs.py distributed.py devices.py errors.py'.split()
+)
+# Beside the copy, each imported only for its feature (README, "What to copy").
+BESIDE_FILES = tuple(
+    'published.py weights.py evaluate.py config.py demo_data.py cifar.py hugging_face.py shards.py progressive.py '
+    'random_erasing.py tensorboard_scalars.py curves.py cluster.py apex_amp.py npu.py compiling.py advice.py'.split()
 )
 COLOURS = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 200, 40)]
+# Every random stream a training step draws from, over two epochs: test_resume.py's and test_elastic.py's bitwise
+# comparisons of an interrupted run with an uninterrupted one (each adds its batch size and how it is interrupted).
+EVERY_RANDOM_STREAM = (
+    '--model tf_efficientnetv2_b0 --img-size 32 --epochs 2 --opt adamw --lr 1e-3 --warmup-epochs 1 --seed 7 '
+    '--aa rand-m9-mstd0.5 --mixup 0.2 --cutmix 1.0 --reprob 0.25 --drop 0.2 --drop-path 0.2 --model-ema '
+    '--model-ema-decay 0.9 --log-interval 1 --checkpoint-interval 1'
+).split()
 
 
 def pytest_configure(config):
@@ -55,6 +57,12 @@ def make_image_folder(root, classes=2, train_per_class=8, val_per_class=3, size=
                 image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
                 image.save(os.path.join(folder, f'{i}.{ext}'), fmt)
     return str(root)
+
+
+@pytest.fixture(scope='module')
+def resume_folder(tmp_path_factory):
+    """2 classes x 8 training images, 2 x 3 validation images: the interrupted-and-resumed runs' folder."""
+    return make_image_folder(tmp_path_factory.mktemp('resume') / 'data', classes=2, train_per_class=8, val_per_class=3)
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 A meta tensor has a shape and a dtype but no data, and an operation that mixes it with a CPU tensor
 raises, as CUDA does when a tensor was left on the CPU. So train.train() with the model on `meta`
-(distributed.select_device patched to return it; autocast, which has no meta kernels, left out) shows
+(devices.select_device patched to return it; autocast, which has no meta kernels, left out) shows
 that every tensor the loop makes follows the model. HostReads answers each read of a meta tensor by
 the host (.item(), .tolist(), a copy to the CPU) with zeros and records where it happened: each is a
 place where a GPU would make the host wait. The tests pin those places: a training step reads nothing
@@ -17,36 +17,22 @@ import traceback
 
 import pytest
 import torch
-from conftest import ROOT, make_image_folder
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import distributed
-import flags
-import optim
+import devices
+import precision as mixed_precision
 import predict
+import run
 import train
+from conftest import ROOT, make_image_folder
 
 # load_state_dict into a meta model warns for every tensor that the copy does nothing
 pytestmark = pytest.mark.filterwarnings('ignore:.*to a meta parameter in the current model')
 
 aten = torch.ops.aten
 META = torch.device('meta')
-TINY = [
-    '--model',
-    'tf_efficientnetv2_b0',
-    '--img-size',
-    '32',
-    '-b',
-    '2',
-    '-j',
-    '0',
-    '--epochs',
-    '2',
-    '--warmup-epochs',
-    '0',
-    '--log-interval',
-    '100',
-]  # 4 steps an epoch, 3 validation batches
+# 4 steps an epoch, 3 validation batches
+TINY = '--model tf_efficientnetv2_b0 --img-size 32 -b 2 -j 0 --epochs 2 --warmup-epochs 0 --log-interval 100'.split()
 
 
 class HostReads(TorchDispatchMode):
@@ -91,8 +77,8 @@ def data_dir(tmp_path_factory):
 @pytest.fixture
 def on_meta(monkeypatch):
     """train.py and predict.py put their model on the meta device; -> a counter of train_step's calls."""
-    monkeypatch.setattr(distributed, 'select_device', lambda name, local_rank: META)
-    monkeypatch.setattr(optim.Precision, 'autocast', lambda self: contextlib.nullcontext())
+    monkeypatch.setattr(devices, 'select_device', lambda name, local_rank: META)
+    monkeypatch.setattr(mixed_precision.Precision, 'autocast', lambda self: contextlib.nullcontext())
     steps, train_step = [], train.train_step
 
     def counted_train_step(*args, **kwargs):
@@ -105,7 +91,7 @@ def on_meta(monkeypatch):
 
 def train_on_meta(*argv):
     """train.train() with the given flags under HostReads; -> the HostReads."""
-    args = flags.resolve_args(flags.get_args_parser().parse_args([str(arg) for arg in argv]))
+    args = run.parse_command_line([str(arg) for arg in argv])
     reads = HostReads()
     with reads:
         train.train(args)
@@ -117,40 +103,17 @@ def count_test_lines(output):
 
 
 FLAG_SETS = {
-    'plain': [],
-    'ema, mixup, cutmix, random erasing, drop path': [
-        '--model-ema',
-        '--model-ema-decay',
-        '0.9',
-        '--mixup',
-        '0.2',
-        '--cutmix',
-        '1.0',
-        '--reprob',
-        '0.5',
-        '--drop-path',
-        '0.2',
-        '--drop',
-        '0.3',
-    ],
-    'accumulation, clipping, rmsproptf': [
-        '--grad-accum-steps',
-        '2',
-        '--clip-grad',
-        '1',
-        '--opt',
-        'rmsproptf',
-        '--opt-eps',
-        '1e-3',
-        '--sched',
-        'step',
-        '--aa',
-        'rand-m9-mstd0.5',
-    ],
-    'bf16': ['--amp', '--amp-dtype', 'bfloat16'],
-    'fp16 scaler, checkpoint interval': ['--amp', '--amp-dtype', 'float16', '--checkpoint-interval', '3'],
-    'freeze-bn, NCHW': ['--freeze-bn', '--no-channels-last'],
-    'progressive': ['--progressive', '--prog-stages', '2', '--img-size', '64', '--prog-min-size', '32'],
+    'plain': '',
+    'ema, mixup, cutmix, random erasing, drop path': (
+        '--model-ema --model-ema-decay 0.9 --mixup 0.2 --cutmix 1.0 --reprob 0.5 --drop-path 0.2 --drop 0.3'
+    ),
+    'accumulation, clipping, rmsproptf': (
+        '--grad-accum-steps 2 --clip-grad 1 --opt rmsproptf --opt-eps 1e-3 --sched step --aa rand-m9-mstd0.5'
+    ),
+    'bf16': '--amp --amp-dtype bfloat16',
+    'fp16 scaler, checkpoint interval': '--amp --amp-dtype float16 --checkpoint-interval 3',
+    'freeze-bn, NCHW': '--freeze-bn --no-channels-last',
+    'progressive': '--progressive --prog-stages 2 --img-size 64 --prog-min-size 32',
 }
 
 
@@ -161,8 +124,8 @@ def test_training_on_the_meta_device_keeps_every_tensor_there_and_reads_back_onl
     """The whole loop runs (a tensor left on the CPU raises), a step reads nothing back but fp16's GradScaler
     check (once a step), and validation reads once per `Test:` line however many batches it has."""
     output = tmp_path / 'run'
-    reads = train_on_meta(data_dir, *TINY, *FLAG_SETS[flag_set], '--output', output)
-    fp16 = 'float16' in FLAG_SETS[flag_set]
+    reads = train_on_meta(data_dir, *TINY, *FLAG_SETS[flag_set].split(), '--output', output)
+    fp16 = 'float16' in FLAG_SETS[flag_set].split()
     assert (output / 'last.pth.tar').exists()
     assert len(on_meta) == 8 // (2 if '--grad-accum-steps' in FLAG_SETS[flag_set] else 1)
     assert reads.count('train_step') == len(on_meta) * fp16, reads.where()
@@ -174,13 +137,11 @@ def test_a_resume_on_the_device_from_a_checkpoint_written_on_the_cpu_moves_the_o
 ):
     """The CPU run's RMSpropTF buffers, EMA and fp16 loss scale are loaded onto the meta device (a buffer left on
     the CPU would make the first step raise), and the resumed epoch reads no more than a fresh one."""
-    output, recipe = tmp_path / 'run', ['--opt', 'rmsproptf', '--model-ema', '--amp', '--amp-dtype', 'float16']
-    monkeypatch.setattr(distributed, 'select_device', lambda name, local_rank: torch.device('cpu'))
-    args = flags.resolve_args(
-        flags.get_args_parser().parse_args([data_dir, *TINY, *recipe, '--epochs', '1', '--output', str(output)])
-    )
-    train.train(args)
-    monkeypatch.setattr(distributed, 'select_device', lambda name, local_rank: META)
+    output = tmp_path / 'run'
+    recipe = '--opt rmsproptf --model-ema --amp --amp-dtype float16'.split()
+    monkeypatch.setattr(devices, 'select_device', lambda name, local_rank: torch.device('cpu'))
+    train.train(run.parse_command_line([data_dir, *TINY, *recipe, '--epochs', '1', '--output', str(output)]))
+    monkeypatch.setattr(devices, 'select_device', lambda name, local_rank: META)
     optimizers, create_optimizer = [], train.create_optimizer
     monkeypatch.setattr(train, 'create_optimizer', lambda *a: optimizers.append(create_optimizer(*a)) or optimizers[-1])
     capfd.readouterr()

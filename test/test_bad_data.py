@@ -9,6 +9,7 @@ import os
 import re
 
 import torch
+
 from conftest import make_image_folder, run_train
 
 TINY = ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '-b', '4']

@@ -16,10 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import ROOT, make_image_folder
 
+import devices
 import distributed
 import errors
+from conftest import ROOT, make_image_folder
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
 BASE = ['--model', 'tf_efficientnetv2_b0', '--img-size', '32', '-b', '2', '-j', '0', '--epochs', '1']
@@ -45,6 +46,7 @@ def fake_checkpoint(arch='tf_efficientnetv2_b0', num_classes=2):
         epoch=1,
         step=0,
         num_updates=8,
+        epoch_lr=None,
         best_metric=50.0,
         best_epoch=0,
         loss_sum=0.0,
@@ -286,11 +288,11 @@ def test_a_training_set_smaller_than_the_batch_of_all_processes_is_said_once(mon
 
 
 def test_more_processes_on_a_node_than_gpus_is_a_usage_error(monkeypatch):
-    """distributed.select_device's per-node check (no GPU here: the device count is faked)."""
+    """devices.select_device's per-node check (no GPU here: the device count is faked)."""
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     with pytest.raises(errors.UsageError, match='process 2 has no GPU: 2 visible'):
-        distributed.select_device('cuda', local_rank=2)
+        devices.select_device('cuda', local_rank=2)
 
 
 def broken_package(tmp_path, name, error):

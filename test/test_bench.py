@@ -10,6 +10,7 @@ import torch
 
 import model as models
 import optim
+import precision as mixed_precision
 
 SUMMARY = re.compile(r'summary: step ours/timm (\d+\.\d\d), pipeline ours/timm (\d+\.\d\d)')
 TINY = [
@@ -116,7 +117,7 @@ def build(*extra):
         )
     )
     model_without_ddp = train.build_model(args, torch.device('cpu'), num_classes=10)
-    precision = optim.Precision('cpu')
+    precision = mixed_precision.Precision('cpu')
     model_ema = optim.ModelEma(model_without_ddp, 0.99)
     model = train.distribute(model_without_ddp, torch.device('cpu'), precision, args)
     return args, model_without_ddp, model, model_ema

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import ROOT, make_image_folder
 
 SCRIPT = os.path.join(ROOT, 'tools', 'compare_timm.py')

@@ -31,6 +31,7 @@ import tempfile
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import ROOT, make_image_folder, train_command
 
 pytestmark = [

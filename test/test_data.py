@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import model  # noqa: E402
 import randaugment  # noqa: E402
+import random_erasing  # noqa: E402
 import transforms  # noqa: E402
 from data import DataError  # noqa: E402
 
@@ -580,11 +581,13 @@ def test_any_dataset_of_pil_images_or_uint8_tensors_loads_as_uint8_rgb_with_seed
 
 
 def test_hugging_face_rows_load_by_their_image_and_label_columns_and_others_say_what_to_rename():
+    import hugging_face
+
     rows = [dict(image=Image.fromarray(natural_image(20, 20, seed=1)), label=1)]
-    image, label, _ = data.Transformed(rows)[0]
+    image, label, _ = data.Transformed(hugging_face.Rows(rows))[0]
     assert image.shape == (3, 20, 20) and label == 1
     with pytest.raises(DataError, match='rename_columns') as error:
-        data.Transformed([dict(img=rows[0]['image'], label=1)])[0]
+        data.Transformed(hugging_face.Rows([dict(img=rows[0]['image'], label=1)]))[0]
     assert "'image' and 'label'" in str(error.value)
 
 
@@ -630,13 +633,13 @@ def test_normalize_is_timms_prefetcher_normalisation_in_either_memory_format():
 
 def test_random_erase_with_prob_zero_leaves_the_batch_alone():
     images = torch.randn(4, 3, 16, 16)
-    assert transforms.random_erase(images, 0.0) is images
+    assert random_erasing.random_erase(images, 0.0) is images
 
 
 def test_random_erase_with_prob_one_replaces_exactly_one_rectangle_per_sample():
     torch.manual_seed(0)
     images = torch.full((64, 3, 32, 40), 7.0)
-    erased = transforms.random_erase(images, 1.0)
+    erased = random_erasing.random_erase(images, 1.0)
     for sample in erased != images:
         changed = sample.all(dim=0)
         assert torch.equal(changed, sample.any(dim=0))  # all channels
@@ -676,13 +679,12 @@ def test_cutmix_pastes_a_box_and_weights_targets_by_its_area():
     assert torch.allclose(targets.sum(dim=1), torch.ones(2))
 
 
-def test_mixup_cutmix_refuses_both_off_and_picks_one_per_batch_when_both_are_on():
-    """Both off means no mixer at all (callers hold None), never a mixer that silently does nothing."""
+def test_mixup_cutmix_is_none_when_both_are_off_and_picks_one_per_batch_when_both_are_on():
+    """Both off means no mixer at all, never a mixer that silently does nothing."""
     for mixup, cutmix in ((0, 0), (0.0, -1.0)):
-        with pytest.raises(ValueError, match='mixup > 0 or cutmix > 0'):
-            transforms.MixupCutmix(mixup, cutmix, 0.1, 10)
+        assert transforms.mixup_cutmix(mixup, cutmix, 0.1, 10) is None
     torch.manual_seed(3)
-    mix = transforms.MixupCutmix(0.2, 1.0, 0.0, 10)
+    mix = transforms.mixup_cutmix(0.2, 1.0, 0.0, 10)
     images, labels = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)]), torch.tensor([0, 1])
     kinds = set()
     for _ in range(20):

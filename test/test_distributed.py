@@ -35,10 +35,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, RUNTIME_FILES, make_image_folder, run_train, summary_rows
 
+import cluster
+import devices
 import distributed
 import errors
+from conftest import BESIDE_FILES, ROOT, RUNTIME_FILES, make_image_folder, run_train, summary_rows
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
 TINY = ['--img-size', '32', '-j', '0']
@@ -368,59 +370,60 @@ def srun_env(procid, ntasks, job_id, **extra):
     ],
 )
 def test_the_master_is_the_first_host_of_slurms_compressed_host_list(nodelist, first):
-    assert distributed.first_host(nodelist) == first
+    assert cluster.first_host(nodelist) == first
+
+
+def clear_launcher_variables(monkeypatch):
+    """No launcher's variables, each set and deleted through monkeypatch: what the code sets is undone too."""
+    for key in [*LAUNCHER_VARIABLES, *(key for key in os.environ if key.startswith('SLURM_'))]:
+        monkeypatch.setenv(key, '')
+        monkeypatch.delenv(key)
 
 
 def test_srun_variables_give_rank_world_size_and_the_master_torchruns_win(monkeypatch):
-    for key in [*LAUNCHER_VARIABLES, *(key for key in os.environ if key.startswith('SLURM_'))]:
-        monkeypatch.delenv(key, raising=False)
+    clear_launcher_variables(monkeypatch)
     for key, value in srun_env(3, 8, 123456, SLURM_STEP_NODELIST='gpu[4-5]').items():
         monkeypatch.setenv(key, value)
     assert distributed.distributed_env() == (3, 8, 3)
-    assert distributed.master_address() == ('gpu4', 10000 + 123456 % 20000)
+    assert (os.environ['MASTER_ADDR'], os.environ['MASTER_PORT']) == ('gpu4', str(10000 + 123456 % 20000))
     monkeypatch.setenv('MASTER_PORT', '29400')
-    assert distributed.master_address() == ('gpu4', 29400)
+    distributed.distributed_env()
+    assert os.environ['MASTER_PORT'] == '29400'  # given: kept
     for key, value in dict(RANK='1', WORLD_SIZE='2', LOCAL_RANK='1', MASTER_ADDR='host0').items():
         monkeypatch.setenv(key, value)  # torchrun started inside an salloc or srun shell
-    assert distributed.distributed_env() == (1, 2, 1) and distributed.master_address() == ('host0', 29400)
+    assert distributed.distributed_env() == (1, 2, 1) and os.environ['MASTER_ADDR'] == 'host0'
 
 
 def test_a_batch_script_without_srun_is_one_process(monkeypatch):
     """sbatch --ntasks=4 gives the script SLURM_PROCID=0 and SLURM_NTASKS=4 too, but no step."""
-    for key in [*LAUNCHER_VARIABLES, *(key for key in os.environ if key.startswith('SLURM_'))]:
-        monkeypatch.delenv(key, raising=False)
+    clear_launcher_variables(monkeypatch)
     for key, value in dict(SLURM_JOB_ID='7', SLURM_PROCID='0', SLURM_LOCALID='0', SLURM_NTASKS='4').items():
         monkeypatch.setenv(key, value)
     assert distributed.distributed_env() == (0, 1, 0)
 
 
-def test_srun_tasks_bound_to_gpus_of_their_own_each_take_one_they_see(monkeypatch):
-    """srun --gpus-per-task=1: each of 8 tasks sees one GPU, its own, while SLURM_LOCALID runs 0-7 (so a task
-    would ask for a GPU it cannot see). Bound tasks take the local rank modulo what they see; unbound, or under
-    torchrun, a local rank beyond the visible GPUs stays a usage error."""
-    for key in [*LAUNCHER_VARIABLES, *(key for key in os.environ if key.startswith('SLURM_'))]:
-        monkeypatch.delenv(key, raising=False)
+def test_srun_tasks_bound_to_gpus_of_their_own_each_take_the_first_they_see(monkeypatch):
+    """srun --gpus-per-task=1 (or --ntasks-per-gpu=1): each of 8 tasks sees one GPU, its own, while SLURM_LOCALID
+    runs 0-7, so a task would ask for a GPU it cannot see; bound tasks take local rank 0. Unbound, a local rank
+    beyond the visible GPUs stays a usage error."""
+    clear_launcher_variables(monkeypatch)
     for key, value in srun_env(5, 8, 1).items():
         monkeypatch.setenv(key, value)
+    assert distributed.distributed_env() == (5, 8, 5)
+    for binding in ('SLURM_GPUS_PER_TASK', 'SLURM_NTASKS_PER_GPU'):
+        monkeypatch.setenv(binding, '1')
+        assert distributed.distributed_env() == (5, 8, 0)
+        monkeypatch.delenv(binding)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setattr(torch.cuda, 'set_device', lambda index: None)
+    assert devices.select_device('cuda', 0) == torch.device('cuda', 0)
     with pytest.raises(errors.UsageError, match='process 5 has no GPU: 1 visible'):
-        distributed.select_device('cuda', 5)
-    for binding in ('SLURM_GPUS_PER_TASK', 'SLURM_NTASKS_PER_GPU'):
-        monkeypatch.setenv(binding, '1')
-        assert distributed.select_device('cuda', 5) == torch.device('cuda', 0)
-        monkeypatch.delenv(binding)
-    monkeypatch.setenv('SLURM_GPUS_PER_TASK', '2')
-    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
-    assert distributed.select_device('cuda', 5) == torch.device('cuda', 1)
-    monkeypatch.setenv('RANK', '5')  # torchrun's ranks: its local ranks must each have a GPU
-    with pytest.raises(errors.UsageError, match='process 5 has no GPU: 2 visible'):
-        distributed.select_device('cuda', 5)
+        devices.select_device('cuda', 5)
 
 
 def free_slurm_job_id():
-    """A job id whose port (10000 + id % 20000, distributed.master_address) is free now."""
+    """A job id whose port (10000 + id % 20000, cluster.slurm_env) is free now."""
     for port in random.Random().sample(range(10000, 30000), 200):
         with socket.socket() as s:
             try:
@@ -467,7 +470,7 @@ def test_two_processes_started_with_only_slurm_variables_train_together(slurm_pr
 @pytest.fixture(scope='module')
 def repo_copy(tmp_path_factory):
     root = tmp_path_factory.mktemp('repo')
-    for name in RUNTIME_FILES:
+    for name in RUNTIME_FILES + BESIDE_FILES:  # the project's scripts: random images without --data_path
         shutil.copy(os.path.join(ROOT, name), root)
     shutil.copytree(
         os.path.join(ROOT, 'test'), root / 'test', ignore=shutil.ignore_patterns('output', '__pycache__', '*.py')

@@ -3,7 +3,7 @@ collectives time out after --dist-timeout) takes its group down, torchrun starts
 --resume auto the run goes on from the last checkpoint and ends as if nothing had happened
 (2 processes on the CPU, about 85 s for both tests).
 
-Why three kills: before distributed.rendezvous_store gave each group keys of its own, a restarted group
+Why three kills: before cluster.restart_safe_store gave each group keys of its own, a restarted group
 read the dead group's addresses from torchrun's store and failed or hung in about half the tries
 (8 of 14 in a minimal script), so one restart passed now and then; with three this test failed 8 of 8
 times (5 ran out of restarts on 'Connection refused', 3 hung in gloo's connect past --dist-timeout).
@@ -25,54 +25,13 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, load, make_image_folder, summary_rows
+
+from conftest import EVERY_RANDOM_STREAM, ROOT, load, summary_rows
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-# test_resume.py's recipe (every random stream a step uses), 2 processes x batch 2 over 16 images:
+# Every random stream a step uses (as test_resume.py), 2 processes x batch 2 over 16 images:
 # 4 steps an epoch, a checkpoint after each.
-RECIPE = [
-    '--model',
-    'tf_efficientnetv2_b0',
-    '-b',
-    '2',
-    '--img-size',
-    '32',
-    '--epochs',
-    '2',
-    '-j',
-    '0',
-    '--opt',
-    'adamw',
-    '--lr',
-    '1e-3',
-    '--warmup-epochs',
-    '1',
-    '--seed',
-    '7',
-    '--aa',
-    'rand-m9-mstd0.5',
-    '--mixup',
-    '0.2',
-    '--cutmix',
-    '1.0',
-    '--reprob',
-    '0.25',
-    '--drop',
-    '0.2',
-    '--drop-path',
-    '0.2',
-    '--model-ema',
-    '--model-ema-decay',
-    '0.9',
-    '--log-interval',
-    '1',
-    '--checkpoint-interval',
-    '1',
-    '--resume',
-    'auto',
-    '--dist-timeout',
-    '1',
-]
+RECIPE = [*EVERY_RANDOM_STREAM, *'-b 2 -j 0 --resume auto --dist-timeout 1'.split()]
 STEPS_PER_EPOCH = 4
 KILLS = 3
 TIMEOUT = 300  # a deadline for hangs only, with room for a busy machine (the SIGSTOP run idles 42 s by itself)
@@ -84,7 +43,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_torchrun(data_dir, output, max_restarts, *extra):
+def start_torchrun(resume_folder, output, max_restarts, *extra):
     """torchrun with 2 CPU processes, its output collected by a thread -> (Popen, list of lines)."""
     process = subprocess.Popen(
         [
@@ -96,7 +55,7 @@ def start_torchrun(data_dir, output, max_restarts, *extra):
             '--monitor-interval=0.1',
             f'--master_port={free_port()}',
             'train.py',
-            data_dir,
+            resume_folder,
             *RECIPE,
             '--output',
             output,
@@ -186,24 +145,19 @@ def wait_for_new_mid_epoch_checkpoint(path, after, process, deadline):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('elastic') / 'data', classes=2, train_per_class=8, val_per_class=3)
-
-
-@pytest.fixture(scope='module')
-def uninterrupted(data_dir, tmp_path_factory):
+def uninterrupted(resume_folder, tmp_path_factory):
     output = str(tmp_path_factory.mktemp('uninterrupted') / 'out')
-    code, text = finish(*start_torchrun(data_dir, output, max_restarts=0), time.monotonic() + TIMEOUT)
+    code, text = finish(*start_torchrun(resume_folder, output, max_restarts=0), time.monotonic() + TIMEOUT)
     assert code == 0, text[-4000:]
     return output
 
 
 @pytest.fixture(scope='module')
-def killed_three_times(data_dir, tmp_path_factory):
+def killed_three_times(resume_folder, tmp_path_factory):
     """SIGKILL to one worker (rank 1, 0, 1) each time a new mid-epoch checkpoint appeared."""
     output = str(tmp_path_factory.mktemp('killed') / 'out')
     last = os.path.join(output, 'last.pth.tar')
-    process, lines = start_torchrun(data_dir, output, max_restarts=KILLS)
+    process, lines = start_torchrun(resume_folder, output, max_restarts=KILLS)
     deadline = time.monotonic() + TIMEOUT
     kills, resumed, problem = [], [], ''
     try:
@@ -221,10 +175,10 @@ def killed_three_times(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def hung(data_dir, tmp_path_factory):
+def hung(resume_folder, tmp_path_factory):
     """SIGSTOP to rank 1 after a mid-epoch checkpoint: alive but silent, as a hung process is."""
     output = str(tmp_path_factory.mktemp('hung') / 'out')
-    process, lines = start_torchrun(data_dir, output, 1, '--dist-timeout', '0.2')  # 12 s
+    process, lines = start_torchrun(resume_folder, output, 1, '--dist-timeout', '0.2')  # 12 s
     deadline = time.monotonic() + TIMEOUT
     problem = ''
     try:
@@ -241,7 +195,7 @@ SIGTERM_AT_STEP = 2  # of epoch 0's 4
 
 
 @pytest.fixture(scope='module')
-def signalled_job(data_dir, tmp_path_factory):
+def signalled_job(resume_folder, tmp_path_factory):
     """SIGTERM to every process of the job (tools/faults.py: rank 0 signals its own process group, loader workers
     included, and torchrun's, which relays it to each rank's group) during rank 0's second step, with a log
     interval longer than the epoch and no step checkpoints; then the same command again, to the end."""
@@ -258,7 +212,7 @@ def signalled_job(data_dir, tmp_path_factory):
         '--sigterm-group-at-loss',
         str(SIGTERM_AT_STEP),
         '--',
-        data_dir,
+        resume_folder,
         *RECIPE,
         *stop,
         '--output',
@@ -268,7 +222,7 @@ def signalled_job(data_dir, tmp_path_factory):
         command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT, start_new_session=True
     )
     position = checkpoint_position(os.path.join(output, 'last.pth.tar'))
-    code, text = finish(*start_torchrun(data_dir, output, 0, *stop), time.monotonic() + TIMEOUT)
+    code, text = finish(*start_torchrun(resume_folder, output, 0, *stop), time.monotonic() + TIMEOUT)
     return dict(output=output, stopped=stopped, position=position, code=code, text=text)
 
 

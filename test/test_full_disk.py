@@ -14,30 +14,14 @@ import subprocess
 
 import pytest
 import torch
-from conftest import load, make_image_folder, run_train, summary_rows
+
+from conftest import load, run_train, summary_rows
 
 ENV = {'OMP_NUM_THREADS': '1'}  # bitwise resume needs a fixed thread count
 # 4 steps an epoch and a save at each epoch's end, of 71 MB (the weights and AdamW's two averages)
-RECIPE = [
-    '--model',
-    'tf_efficientnetv2_b0',
-    '-b',
-    '4',
-    '--img-size',
-    '32',
-    '-j',
-    '0',
-    '--epochs',
-    '2',
-    '--opt',
-    'adamw',
-    '--lr',
-    '1e-3',
-    '--warmup-epochs',
-    '0',
-    '--seed',
-    '3',
-]
+RECIPE = (
+    '--model tf_efficientnetv2_b0 -b 4 --img-size 32 -j 0 --epochs 2 --opt adamw --lr 1e-3 --warmup-epochs 0 --seed 3'
+).split()
 ERROR = re.compile(
     r'^error: no space left in (\S+) for last\.pth\.tar: it needs about ([\d.]+) MB, ([\d.]+) MB are '
     r'free; free some space there or choose another --output$'
@@ -45,16 +29,9 @@ ERROR = re.compile(
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    return make_image_folder(
-        tmp_path_factory.mktemp('full_disk') / 'data', classes=2, train_per_class=8, val_per_class=3
-    )
-
-
-@pytest.fixture(scope='module')
-def uninterrupted(data_dir, tmp_path_factory):
+def uninterrupted(resume_folder, tmp_path_factory):
     output = tmp_path_factory.mktemp('uninterrupted') / 'out'
-    run_train(data_dir, *RECIPE, '--output', output, env=ENV)
+    run_train(resume_folder, *RECIPE, '--output', output, env=ENV)
     return output
 
 
@@ -85,14 +62,16 @@ def assert_same_run(output, reference):
 
 
 def test_a_disk_that_fills_at_the_second_save_ends_in_one_line_and_the_run_resumes_from_the_first(
-    data_dir, uninterrupted, tmp_path
+    resume_folder, uninterrupted, tmp_path
 ):
     output = tmp_path / 'out'
-    full = run_train(data_dir, *RECIPE, '--output', output, env=ENV, check=False, faults=['--disk-full-at-save', '2'])
+    full = run_train(
+        resume_folder, *RECIPE, '--output', output, env=ENV, check=False, faults=['--disk-full-at-save', '2']
+    )
     needed, _ = assert_one_line_error(full, output)
     assert_epoch_0_checkpoint_kept(output)
     assert abs(needed * 1e6 - os.path.getsize(output / 'last.pth.tar')) < 0.01 * needed * 1e6  # its tensors
-    resumed = run_train(data_dir, *RECIPE, '--output', output, '--resume', 'auto', env=ENV)
+    resumed = run_train(resume_folder, *RECIPE, '--output', output, '--resume', 'auto', env=ENV)
     assert f'Resumed from {output / "last.pth.tar"}: epoch 1, step 0' in resumed.stdout
     assert_same_run(output, uninterrupted)
 
@@ -115,15 +94,15 @@ def small_filesystem(tmp_path):
 
 
 def test_a_run_on_a_100_mb_filesystem_saves_one_checkpoint_and_resumes_from_it_elsewhere(
-    data_dir, uninterrupted, small_filesystem, tmp_path
+    resume_folder, uninterrupted, small_filesystem, tmp_path
 ):
     output = small_filesystem / 'out'
-    full = run_train(data_dir, *RECIPE, '--output', output, env=ENV, check=False)
+    full = run_train(resume_folder, *RECIPE, '--output', output, env=ENV, check=False)
     needed, free = assert_one_line_error(full, output)
     assert free < needed
     assert_epoch_0_checkpoint_kept(output)
     elsewhere = tmp_path / 'elsewhere'
-    resumed = run_train(data_dir, *RECIPE, '--output', elsewhere, '--resume', output / 'last.pth.tar', env=ENV)
+    resumed = run_train(resume_folder, *RECIPE, '--output', elsewhere, '--resume', output / 'last.pth.tar', env=ENV)
     assert 'epoch 1, step 0' in resumed.stdout
     ours, theirs = load(elsewhere / 'last.pth.tar'), load(uninterrupted / 'last.pth.tar')
     assert all(torch.equal(ours['model'][name], tensor) for name, tensor in theirs['model'].items())
@@ -135,7 +114,7 @@ def test_a_save_under_several_names_gives_each_the_same_bytes_and_leaves_no_temp
 ):
     """model_best and checkpoint-E are hard links of last.pth.tar's bytes, or copies on a filesystem without
     links (FAT, some network and FUSE filesystems); replacing one later leaves the others' bytes as they were."""
-    import run
+    import checkpoint
 
     if links == 'no links':
 
@@ -145,10 +124,10 @@ def test_a_save_under_several_names_gives_each_the_same_bytes_and_leaves_no_temp
         monkeypatch.setattr(os, 'link', refuse)
     (tmp_path / 'model_best.pth.tar').write_bytes(b'an older best')
     names = [tmp_path / name for name in ('model_best.pth.tar', 'checkpoint-3.pth.tar', 'last.pth.tar')]
-    run.atomic_save({'step': torch.arange(5)}, names[-1], links=names[:-1])
+    checkpoint.atomic_save({'step': torch.arange(5)}, names[-1], links=names[:-1])
     assert {name.read_bytes() for name in names} == {names[-1].read_bytes()}
     assert torch.equal(torch.load(names[0], weights_only=True)['step'], torch.arange(5))
     assert (names[0].stat().st_ino == names[-1].stat().st_ino) == (links == 'hard links')
-    run.atomic_write(names[-1], lambda f: f.write(b'the next epoch'))
+    checkpoint.atomic_write(names[-1], lambda f: f.write(b'the next epoch'))
     assert names[-1].read_bytes() == b'the next epoch' and torch.load(names[1], weights_only=True)['step'].numel() == 5
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(name.name for name in names)

@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import COLOURS, ROOT, summary_rows, train_command
 from PIL import Image
+
+from conftest import COLOURS, ROOT, summary_rows, train_command
 
 datasets = pytest.importorskip('datasets')
 
@@ -124,7 +125,7 @@ def test_a_dataset_saved_to_disk_loads_its_class_names_and_images_through_the_sa
     datasets.DatasetDict(train=make_split(6, 0), val=make_split(3, 1)).save_to_disk(str(tmp_path / 'saved'))
     train_set, val_set, classes = data.load_datasets('hf', str(tmp_path / 'saved'))
     assert classes == CLASSES and (len(train_set), len(val_set)) == (6, 3)
-    assert train_set.column_names == ['image', 'label']
+    assert train_set.split.column_names == ['image', 'label']
     image, label, bad_count = data.Transformed(train_set, transforms.train_transform(24, aa='rand-m9'))[(4, 9)]
     assert image.shape == (3, 24, 24) and image.dtype == torch.uint8 and (label, bad_count) == (1, 0)
     assert torch.equal(
@@ -204,7 +205,7 @@ def test_datasets_without_the_splits_or_columns_train_py_needs_say_what_is_missi
     assert 'fine_label (Value)' in one_line_error(tmp_path / 'no_labels')
     assert 'name the one to use with --target-key' in one_line_error(tmp_path / 'no_labels')
     train_set, _, classes = data.load_datasets('hf', str(tmp_path / 'no_labels'), keys=(None, 'fine_label'))
-    assert classes == ['0', '1', '2'] and train_set[2]['label'] == 2  # plain integers: classes 0 .. max
+    assert classes == ['0', '1', '2'] and train_set[2][1] == 2  # plain integers: classes 0 .. max
     (tmp_path / 'empty').mkdir()
     assert 'cannot read' in one_line_error(tmp_path / 'empty')
 

@@ -173,7 +173,7 @@ def test_stochastic_depth_and_dropout_draw_the_same_samples_as_timm_given_the_sa
             torch.manual_seed(123)
             outputs.append(net(x))
         assert_same(*outputs)
-        ours.apply(lambda m: setattr(m, 'rate', 0.0) if isinstance(m, model.DropPath) else None)
+        ours.apply(lambda m: setattr(m, 'p', 0.0) if isinstance(m, model.StochasticDepth) else None)
         ours.drop_rate = 0.0
         assert not torch.allclose(ours(x), outputs[0])  # something was dropped
 
@@ -226,14 +226,15 @@ def test_channel_rounding_matches_timm():
 
 
 def test_drop_path_is_the_identity_in_eval_mode():
+    """The blocks' drop path is torchvision's StochasticDepth in 'row' mode: timm's DropPath."""
     x = torch.randn(64, 8, 4, 4)
-    assert torch.equal(model.DropPath(0.5).eval()(x), x)
+    assert torch.equal(model.StochasticDepth(0.5, 'row').eval()(x), x)
 
 
 def test_drop_path_keeps_each_sample_with_probability_one_minus_rate_and_scales_it_by_1_over_keep():
     rate, samples = 0.3, 20000
     torch.manual_seed(0)
-    out = model.DropPath(rate).train()(torch.ones(samples, 4, 2, 2))
+    out = model.StochasticDepth(rate, 'row').train()(torch.ones(samples, 4, 2, 2))
     per_sample = out.flatten(1)
     kept = per_sample[:, 0] != 0
     assert torch.equal(per_sample, per_sample[:, :1].expand_as(per_sample))  # whole samples only
@@ -247,10 +248,10 @@ def test_drop_path_rate_grows_linearly_over_all_blocks_as_in_timm():
         ours = create_model('efficientnetv2_rw_t', drop_path_rate=0.2)
         reference = timm.create_model('efficientnetv2_rw_t', drop_path_rate=0.2)
     blocks = [block for stage in ours.blocks for block in stage]
-    assert [b.drop_path.rate for b in blocks] == [0.2 * i / len(blocks) for i in range(len(blocks))]
+    assert [b.drop_path.p for b in blocks] == [0.2 * i / len(blocks) for i in range(len(blocks))]
     timm_blocks = [block for stage in reference.blocks for block in stage]
     assert [getattr(b.drop_path, 'drop_prob', 0.0) for b in timm_blocks] == pytest.approx(
-        [b.drop_path.rate for b in blocks]
+        [b.drop_path.p for b in blocks]
     )
 
 

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_image_folder, run_train
 
 import data
 import model as models
 import predict
 import transforms
+from conftest import ROOT, make_image_folder, run_train
 
 # torchvision 0.29 deprecates its decoders and warns on every call; data.py silences that, pytest re-enables it.
 pytestmark = pytest.mark.filterwarnings('ignore:The image decoding and encoding capabilities:DeprecationWarning')

@@ -30,15 +30,15 @@ import safetensors.torch
 import timm
 import torch
 import torchvision
-from conftest import ROOT, make_image_folder, run_train
 from huggingface_hub import constants as hub_constants
-from test_model import assert_same, images, timm_reference
 
 import errors
 import model
 import predict
 import published
 import weights
+from conftest import ROOT, make_image_folder, run_train
+from test_model import assert_same, images, timm_reference
 
 ARCH, HUB_ID = 'tf_efficientnetv2_b0', 'tf_efficientnetv2_b0.in1k'
 REPO, HUB_PATH, CDN_PATH = f'timm/{HUB_ID}', f'/timm/{HUB_ID}/resolve/main/model.safetensors', '/cdn/blob'

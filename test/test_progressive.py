@@ -14,12 +14,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, make_image_folder, run_train, summary_rows
 
 import curves
 import errors
 import flags  # tests reuse train.py's parser (torchvision references' habit)
-import optim
+import progressive
+from conftest import ROOT, make_image_folder, run_train, summary_rows
 
 
 def resolved(*argv):
@@ -27,7 +27,7 @@ def resolved(*argv):
 
 
 def schedule(args):
-    return [optim.stage_settings(args, epoch) for epoch in range(args.epochs)]
+    return [progressive.stage_settings(args, epoch) for epoch in range(args.epochs)]
 
 
 def stage_rows(args):
@@ -105,21 +105,11 @@ def test_minimums_above_the_final_values_are_capped_so_regularization_never_fall
 
 
 def test_without_progressive_every_epoch_trains_with_the_flags():
-    args = resolved(
-        '--dataset',
-        'synthetic',
-        '--img-size',
-        '64',
-        '--aa',
-        'rand-m9',
-        '--mixup',
-        '0.2',
-        '--drop',
-        '0.3',
-        '--epochs',
-        '3',
-    )
-    assert {(s['size'], s['magnitude'], s['mixup'], s['drop']) for s in schedule(args)} == {(64, 9, 0.2, 0.3)}
+    import train
+
+    args = resolved(*'--dataset synthetic --img-size 64 --aa rand-m9 --mixup 0.2 --drop 0.3 --epochs 3'.split())
+    settings = [train.epoch_settings(args, epoch, 0) for epoch in range(args.epochs)]
+    assert {(s['size'], s['magnitude'], s['mixup'], s['drop']) for s in settings} == {(64, 9, 0.2, 0.3)}
 
 
 def test_progressive_evaluates_at_the_models_test_size_unless_a_size_is_given():

@@ -30,58 +30,21 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, load, make_image_folder, run_train, summary_rows, train_command
+
+from conftest import EVERY_RANDOM_STREAM, ROOT, load, make_image_folder, run_train, summary_rows, train_command
 
 ENV = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')  # bitwise needs a fixed thread count
-RECIPE = [
-    '--model',
-    'tf_efficientnetv2_b0',
-    '-b',
-    '4',
-    '--img-size',
-    '32',
-    '--epochs',
-    '2',
-    '--opt',
-    'adamw',
-    '--lr',
-    '1e-3',
-    '--warmup-epochs',
-    '1',
-    '--seed',
-    '7',
-    '--aa',
-    'rand-m9-mstd0.5',
-    '--mixup',
-    '0.2',
-    '--cutmix',
-    '1.0',
-    '--reprob',
-    '0.25',
-    '--drop',
-    '0.2',
-    '--drop-path',
-    '0.2',
-    '--model-ema',
-    '--model-ema-decay',
-    '0.9',
-    '--log-interval',
-    '1',
-    '--checkpoint-interval',
-    '1',
-    '--checkpoint-hist',
-    '1',
-]
+RECIPE = [*EVERY_RANDOM_STREAM, '-b', '4', '--checkpoint-hist', '1']
 STEPS = 2 * 4  # 2 epochs x (16 train images / batch 4)
 TIMEOUT = 300
 CHOOSE = random.Random(5)  # the interruption points: random, but the same on every run of the suite
 
 
-def command(data_dir, output, workers, *extra):
+def command(resume_folder, output, workers, *extra):
     return [
         sys.executable,
         os.path.join(ROOT, 'train.py'),
-        data_dir,
+        resume_folder,
         *RECIPE,
         '-j',
         str(workers),
@@ -91,20 +54,25 @@ def command(data_dir, output, workers, *extra):
     ]
 
 
-def run_to_end(data_dir, output, workers, *extra):
+def run_to_end(resume_folder, output, workers, *extra):
     result = subprocess.run(
-        command(data_dir, output, workers, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT
+        command(resume_folder, output, workers, *extra),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert 'Traceback' not in result.stderr
     return result
 
 
-def run_and_interrupt(data_dir, output, workers, when, interrupt, *extra):
+def run_and_interrupt(resume_folder, output, workers, when, interrupt, *extra):
     """Start a run, call when(line) on each stdout line until it returns True, then
     interrupt(process); -> (return code, stdout, stderr) of the stopped run."""
     process = subprocess.Popen(
-        command(data_dir, output, workers, *extra),
+        command(resume_folder, output, workers, *extra),
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -153,25 +121,20 @@ def resumed_step(stdout):
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp('resume') / 'data', classes=2, train_per_class=8, val_per_class=3)
-
-
-@pytest.fixture(scope='module')
-def reference(data_dir, tmp_path_factory):
+def reference(resume_folder, tmp_path_factory):
     """The uninterrupted run; started with --resume auto on an empty folder, which starts fresh."""
     output = str(tmp_path_factory.mktemp('reference') / 'out')
-    result = run_to_end(data_dir, output, 0, '--resume', 'auto')
+    result = run_to_end(resume_folder, output, 0, '--resume', 'auto')
     return dict(output=output, stdout=result.stdout)
 
 
 @pytest.fixture(scope='module')
-def killed(data_dir, tmp_path_factory):
+def killed(resume_folder, tmp_path_factory):
     output = str(tmp_path_factory.mktemp('killed') / 'out')
     kill_at = CHOOSE.randint(2, STEPS - 1)
     print(f'SIGKILL after Train line {kill_at} of {STEPS}')
     code, stdout, _ = run_and_interrupt(
-        data_dir, output, 0, after_train_lines(kill_at), lambda p: os.kill(p.pid, signal.SIGKILL)
+        resume_folder, output, 0, after_train_lines(kill_at), lambda p: os.kill(p.pid, signal.SIGKILL)
     )
     assert code == -signal.SIGKILL
     first = load(os.path.join(output, 'last.pth.tar'))
@@ -191,12 +154,12 @@ def killed(data_dir, tmp_path_factory):
         raise AssertionError('no checkpoint write began within 60 s of a step')
 
     code, stdout_2, _ = run_and_interrupt(
-        data_dir, output, 0, temporary_file_appears, lambda p: os.kill(p.pid, signal.SIGKILL), '--resume', 'auto'
+        resume_folder, output, 0, temporary_file_appears, lambda p: os.kill(p.pid, signal.SIGKILL), '--resume', 'auto'
     )
     assert code == -signal.SIGKILL
     partial = glob.glob(os.path.join(output, '.last.pth.tar.*.tmp'))
     after_write_kill = load(os.path.join(output, 'last.pth.tar'))  # weights_only: a whole file
-    result = run_to_end(data_dir, output, 0, '--resume', 'auto')
+    result = run_to_end(resume_folder, output, 0, '--resume', 'auto')
     return dict(
         output=output,
         kill_at=kill_at,
@@ -210,19 +173,25 @@ def killed(data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def signalled(data_dir, tmp_path_factory):
+def signalled(resume_folder, tmp_path_factory):
     output = str(tmp_path_factory.mktemp('signalled') / 'out')
     term_at = CHOOSE.randint(1, STEPS - 3)
     print(f'SIGTERM to the process group after Train line {term_at} of {STEPS}')
-    term = run_and_interrupt(data_dir, output, 2, after_train_lines(term_at), sigterm_to_the_job)
+    term = run_and_interrupt(resume_folder, output, 2, after_train_lines(term_at), sigterm_to_the_job)
     term_checkpoint = load(os.path.join(output, 'last.pth.tar'))
     int_after = CHOOSE.randint(1, STEPS - 1 - (term_checkpoint['epoch'] * 4 + term_checkpoint['step']))
     print(f'SIGINT to the process group after Train line {int_after} of the resumed run')
     interrupt = run_and_interrupt(
-        data_dir, output, 2, after_train_lines(int_after), lambda p: os.killpg(p.pid, signal.SIGINT), '--resume', 'auto'
+        resume_folder,
+        output,
+        2,
+        after_train_lines(int_after),
+        lambda p: os.killpg(p.pid, signal.SIGINT),
+        '--resume',
+        'auto',
     )
     int_checkpoint = load(os.path.join(output, 'last.pth.tar'))
-    result = run_to_end(data_dir, output, 2, '--resume', 'auto')
+    result = run_to_end(resume_folder, output, 2, '--resume', 'auto')
     return dict(
         output=output,
         term=term,
@@ -323,11 +292,11 @@ def test_checkpoint_hist_keeps_the_last_k_epoch_files(reference):
     assert names == ['checkpoint-1.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
 
 
-def test_resuming_with_other_flags_warns_which_differ(reference, data_dir, tmp_path):
+def test_resuming_with_other_flags_warns_which_differ(reference, resume_folder, tmp_path):
     """A finished run resumed with other flags: nothing left to train, only the warning."""
     result = subprocess.run(
         command(
-            data_dir,
+            resume_folder,
             str(tmp_path / 'out'),
             2,
             '--resume',
@@ -347,12 +316,12 @@ def test_resuming_with_other_flags_warns_which_differ(reference, data_dir, tmp_p
     assert 'workers' not in warning[0]  # -j 2, not 0: it does not change the numbers, not listed
 
 
-def test_resuming_a_finished_run_with_more_epochs_trains_at_the_new_schedules_lr(reference, data_dir, tmp_path):
+def test_resuming_a_finished_run_with_more_epochs_trains_at_the_new_schedules_lr(reference, resume_folder, tmp_path):
     """The reference's cosine over 2 epochs ends at --min-lr; run for 3, epoch 2 begins at the 3-epoch cosine's
     lr from its first step, and its summary row says so (the old schedule's last lr would be 1e-06)."""
     output = tmp_path / 'out'
     shutil.copytree(reference['output'], output)
-    result = run_to_end(data_dir, str(output), 0, '--resume', 'auto', '--epochs', '3')
+    result = run_to_end(resume_folder, str(output), 0, '--resume', 'auto', '--epochs', '3')
     new_lr = 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * 2 / 3))  # timm's cosine at epoch 2 of 3
     assert {float(lr) for lr in re.findall(r'^Train: 2 .*LR: (\S+)', result.stdout, re.M)} == {float(f'{new_lr:.3e}')}
     assert float(summary_rows(output)[2]['lr']) == float(f'{new_lr:.6g}')
@@ -362,10 +331,10 @@ def test_resuming_an_fp16_run_restores_the_grad_scalers_loss_scale(tmp_path):
     """Native float16 on the CPU: tools/faults.py makes every step's loss infinite (2 steps an epoch), so
     the GradScaler skips each and halves its scale: 65536 -> 16384 in the first run, whose checkpoint
     holds that scale; the resumed run goes on from it to 4096 (a new scaler would end at 16384)."""
-    data_dir = make_image_folder(tmp_path / 'data', classes=2, train_per_class=4, val_per_class=1)
+    resume_folder = make_image_folder(tmp_path / 'data', classes=2, train_per_class=4, val_per_class=1)
     output = tmp_path / 'out'
     args = [
-        data_dir,
+        resume_folder,
         '--model',
         'tf_efficientnetv2_b0',
         '-b',
@@ -393,13 +362,13 @@ def test_resuming_an_fp16_run_restores_the_grad_scalers_loss_scale(tmp_path):
     assert final['scaler']['scale'] == 2.0**12
 
 
-def test_a_run_stopped_after_an_epochs_last_step_resumes_into_the_same_summary_row(data_dir, reference, tmp_path):
+def test_a_run_stopped_after_an_epochs_last_step_resumes_into_the_same_summary_row(resume_folder, reference, tmp_path):
     """SIGTERM during the last step of epoch 0: the checkpoint holds all 4 steps but not the epoch's end, so the
     resumed run validates at once; its summary row (the lr the epoch began with, its loss) is the uninterrupted
     run's, although the schedule already moved on to epoch 1's lr."""
     output = str(tmp_path / 'out')
     stopped = subprocess.run(
-        train_command(data_dir, *RECIPE, '-j', '0', '--output', output, faults=['--sigterm-at-loss', '4']),
+        train_command(resume_folder, *RECIPE, '-j', '0', '--output', output, faults=['--sigterm-at-loss', '4']),
         cwd=ROOT,
         env=ENV,
         capture_output=True,
@@ -407,7 +376,7 @@ def test_a_run_stopped_after_an_epochs_last_step_resumes_into_the_same_summary_r
         timeout=TIMEOUT,
     )
     assert stopped.returncode == 143 and 'Stopped by SIGTERM at epoch 0, step 4' in stopped.stdout
-    run_to_end(data_dir, output, 0, '--resume', 'auto')
+    run_to_end(resume_folder, output, 0, '--resume', 'auto')
     assert_same_run(output, reference['output'])
 
 
@@ -418,14 +387,14 @@ def test_a_run_stopped_after_an_epochs_last_step_resumes_into_the_same_summary_r
 ACCUMULATING = ['--grad-accum-steps', '2', '-b', '2']  # after RECIPE's -b 4: 2 micro-batches of 2 per step
 
 
-def test_an_accumulating_run_killed_between_micro_batches_resumes_bitwise(data_dir, tmp_path):
+def test_an_accumulating_run_killed_between_micro_batches_resumes_bitwise(resume_folder, tmp_path):
     whole, cut = str(tmp_path / 'whole'), str(tmp_path / 'cut')
-    reference = run_to_end(data_dir, whole, 0, *ACCUMULATING)
+    reference = run_to_end(resume_folder, whole, 0, *ACCUMULATING)
     assert reference.stdout.count('Train:') == STEPS  # optimizer steps: 16 images / (2 x 2) per epoch
     assert 'batch 4 (2 per process x 2 accumulated)' in reference.stdout
     kill = subprocess.run(
         train_command(
-            data_dir, *RECIPE, *ACCUMULATING, '-j', '0', '--output', cut, faults=['--kill-at-loss', '12']
+            resume_folder, *RECIPE, *ACCUMULATING, '-j', '0', '--output', cut, faults=['--kill-at-loss', '12']
         ),  # micro-batch 2 of step 6
         cwd=ROOT,
         env=ENV,
@@ -435,23 +404,24 @@ def test_an_accumulating_run_killed_between_micro_batches_resumes_bitwise(data_d
     )
     assert kill.returncode == -signal.SIGKILL and kill.stdout.count('Train:') == 5
     assert load(os.path.join(cut, 'last.pth.tar'))['num_updates'] == 5
-    resumed = run_to_end(data_dir, cut, 0, *ACCUMULATING, '--resume', 'auto')
+    resumed = run_to_end(resume_folder, cut, 0, *ACCUMULATING, '--resume', 'auto')
     assert resumed_step(resumed.stdout) == (1, 1)
     assert_same_run(cut, whole)
 
 
 def test_a_checkpoint_holds_the_random_stream_of_whatever_accelerator_trains(monkeypatch):
-    """Dropout, drop path and random erasing draw from the device's own stream: run.rng_state saves it under
+    """Dropout, drop path and random erasing draw from the device's own stream: checkpoint.rng_state saves it under
     the device's name ('npu' as 'cuda', through torch.npu as torch.cuda); the CPU and meta devices have none
     beyond torch's own."""
     import types
 
-    import run
+    import checkpoint
+    import devices
 
     npu = types.SimpleNamespace(get_rng_state=lambda: torch.tensor([7, 8], dtype=torch.uint8))
     monkeypatch.setattr(torch, 'npu', npu, raising=False)
-    saved = run.rng_state(types.SimpleNamespace(type='npu'))
+    saved = checkpoint.rng_state(types.SimpleNamespace(type='npu'))
     assert set(saved) == {'torch', 'python', 'npu'} and saved['npu'].tolist() == [7, 8]
-    assert run.device_rng(types.SimpleNamespace(type='npu')) is npu
+    assert devices.accelerator_module(types.SimpleNamespace(type='npu')) is npu
     for device in ('cpu', 'meta'):
-        assert set(run.rng_state(torch.device(device))) == {'torch', 'python'}
+        assert set(checkpoint.rng_state(torch.device(device))) == {'torch', 'python'}

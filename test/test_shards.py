@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import load, make_image_folder, run_train, summary_rows
 from test_distributed import EXACT, losses, torchrun
 

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 import torch
+
 from conftest import run_train
 
 # The Ascend ModelZoo recipe's command (README), verbatim, with CPU-sized overrides appended (argparse: last wins).
@@ -288,12 +289,18 @@ def test_a_runs_args_yaml_given_to_c_repeats_the_run(b0_run, tmp_path):
 
 
 def test_flags_on_the_command_line_override_the_config_file(tmp_path):
-    import flags
+    """-c FILE's flags become the parser's defaults; its output (a run's own) is not taken."""
+    import run
 
     config = tmp_path / 'recipe.yaml'
     config.write_text('model: tf_efficientnetv2_b0\nlr: 0.5\nmodel_ema: true\noutput: somewhere\n')
-    args = flags.parse_args(['-c', str(config), '--lr', '0.25'])
-    assert (args.model, args.lr, args.model_ema, args.output) == ('tf_efficientnetv2_b0', 0.25, True, None)
+    args = run.parse_command_line(['-c', str(config), '--lr', '0.25', '--output', str(tmp_path / 'run')])
+    assert (args.model, args.lr, args.model_ema, args.output) == (
+        'tf_efficientnetv2_b0',
+        0.25,
+        True,
+        str(tmp_path / 'run'),
+    )
 
 
 def test_timms_defaults_on_a_small_folder_warn_and_the_start_lines_count_what_drop_last_leaves_out(

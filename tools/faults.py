@@ -12,7 +12,7 @@ launcher's (torchrun, which relays it to every rank's group) at its N-th loss co
 every process of a job.
 --kill-at-loss N: the process SIGKILLs itself at its N-th loss computation (train.train_loss runs once per
 micro-batch: with --grad-accum-steps 2 an even N dies between a step's two micro-batches).
---disk-full-at-save N: the process's N-th checkpoint write (run.atomic_write of a .pth.tar) fails as on a full
+--disk-full-at-save N: the process's N-th checkpoint write (checkpoint.atomic_write of a .pth.tar) fails as on a full
 disk: once 1 MB is in the file, its write() raises OSError(ENOSPC), as the kernel's does.
 --fail-rank R: the process of rank R raises a RuntimeError after its first training step.
 --record-dtypes PREFIX: at exit, PREFIX.rankR.json lists the dtypes of every tensor made while
@@ -34,13 +34,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoint  # noqa: E402
 import distributed  # noqa: E402
-import run  # noqa: E402
 import train  # noqa: E402
 
 
 def inject_infinite_losses(steps):
-    original, calls = train.train_loss, itertools.count(1)
+    original = train.train_loss
+    calls = itertools.count(1)
 
     def train_loss(*args, **kwargs):
         loss = original(*args, **kwargs)
@@ -50,7 +51,8 @@ def inject_infinite_losses(steps):
 
 
 def signal_at_loss(count, signum, whole_group=False):
-    original, calls = train.train_loss, itertools.count(1)
+    original = train.train_loss
+    calls = itertools.count(1)
 
     def train_loss(*args, **kwargs):
         call = next(calls)
@@ -65,13 +67,15 @@ def signal_at_loss(count, signum, whole_group=False):
 
 
 def fill_disk_at_save(count, capacity=1 << 20):
-    original, calls = run.atomic_write, itertools.count(1)
+    original = checkpoint.atomic_write
+    calls = itertools.count(1)
 
     class FullDisk:
         """The file as a full disk has it: what fits is written, then ENOSPC."""
 
         def __init__(self, file):
-            self.file, self.written = file, 0
+            self.file = file
+            self.written = 0
 
         def write(self, data):
             room = capacity - self.written
@@ -89,7 +93,7 @@ def fill_disk_at_save(count, capacity=1 << 20):
             return original(path, lambda f: write(FullDisk(f)), *args, **kwargs)
         return original(path, write, *args, **kwargs)
 
-    run.atomic_write = atomic_write
+    checkpoint.atomic_write = atomic_write
 
 
 def inject_failure(rank):

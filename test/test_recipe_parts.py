@@ -1,11 +1,11 @@
-"""utils.py against timm, the oracle: RMSpropTF, the lr schedules, EMA, meters, atomic saves."""
+"""The recipe's parts against timm, the oracle: RMSpropTF, the lr schedules, EMA, mixed precision (native and
+apex's), the non-finite guard, meters, atomic saves."""
 
 import copy
 import errno
 import math
 import os
 import shutil
-import sys
 import types
 from contextlib import contextmanager
 
@@ -13,9 +13,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+import apex_amp
+import checkpoint
 import errors
 import logs
 import optim
+import precision as mixed_precision
 import run
 
 timm = pytest.importorskip('timm')
@@ -64,24 +67,8 @@ def test_create_optimizer_rmsproptf_is_timms_configuration():
     import train
 
     ours, theirs = small_net(), small_net()
-    args = flags.get_args_parser().parse_args(
-        [
-            '--opt',
-            'rmsproptf',
-            '--lr',
-            '0.016',
-            '--weight-decay',
-            '1e-5',
-            '--opt-eps',
-            '1e-3',
-            '--sched',
-            'step',
-            '--epochs',
-            '3',
-            '--warmup-epochs',
-            '0',
-        ]
-    )
+    argv = '--opt rmsproptf --lr 0.016 --weight-decay 1e-5 --opt-eps 1e-3 --sched step --epochs 3 --warmup-epochs 0'
+    args = flags.resolve_args(flags.get_args_parser().parse_args(argv.split()))
     run_steps(ours, train.create_optimizer(ours, args, steps_per_epoch=100)[0])
     run_steps(theirs, create_optimizer_v2(theirs, 'rmsproptf', lr=0.016, weight_decay=1e-5, eps=1e-3))
     for a, b in zip(ours.parameters(), theirs.parameters()):
@@ -176,7 +163,7 @@ def test_accuracy_counts_topk_hits():
 
 def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
     path = tmp_path / 'last.pth.tar'
-    run.atomic_save({'epoch': 1}, str(path))
+    checkpoint.atomic_save({'epoch': 1}, str(path))
 
     def broken_save(obj, f):
         f.write(b'half a checkpoint')
@@ -184,16 +171,16 @@ def test_atomic_save_leaves_old_file_when_write_fails(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, 'save', broken_save)
     with pytest.raises(OSError):
-        run.atomic_save({'epoch': 2}, str(path))
+        checkpoint.atomic_save({'epoch': 2}, str(path))
     assert torch.load(path, weights_only=True) == {'epoch': 1}
     assert os.listdir(tmp_path) == ['last.pth.tar']
 
 
 def test_atomic_save_writes_once_and_links_the_other_names_which_a_later_save_leaves_alone(tmp_path):
     last, best = str(tmp_path / 'last.pth.tar'), str(tmp_path / 'model_best.pth.tar')
-    run.atomic_save({'epoch': 1}, last, links=[best])
+    checkpoint.atomic_save({'epoch': 1}, last, links=[best])
     assert os.stat(last).st_ino == os.stat(best).st_ino and os.stat(last).st_nlink == 2
-    run.atomic_save({'epoch': 2}, last)  # a new file renamed over last.pth.tar: best keeps its bytes
+    checkpoint.atomic_save({'epoch': 2}, last)  # a new file renamed over last.pth.tar: best keeps its bytes
     assert torch.load(last, weights_only=True) == {'epoch': 2}
     assert torch.load(best, weights_only=True) == {'epoch': 1}
     assert os.stat(best).st_nlink == 1 and sorted(os.listdir(tmp_path)) == ['last.pth.tar', 'model_best.pth.tar']
@@ -205,7 +192,7 @@ def test_atomic_save_copies_where_the_filesystem_has_no_hard_links(tmp_path, mon
 
     monkeypatch.setattr(os, 'link', no_links)
     last, best = str(tmp_path / 'last.pth.tar'), str(tmp_path / 'model_best.pth.tar')
-    run.atomic_save({'epoch': 1}, last, links=[best])
+    checkpoint.atomic_save({'epoch': 1}, last, links=[best])
     assert os.stat(last).st_ino != os.stat(best).st_ino
     assert torch.load(best, weights_only=True) == {'epoch': 1}
     assert sorted(os.listdir(tmp_path)) == ['last.pth.tar', 'model_best.pth.tar']
@@ -215,7 +202,7 @@ def test_atomic_save_copies_where_the_filesystem_has_no_hard_links(tmp_path, mon
 def test_a_full_disk_or_quota_while_saving_says_the_folder_the_bytes_needed_and_free(tmp_path, monkeypatch, code):
     """The OSError as torch's zip writer passes it on: a RuntimeError raised while handling it."""
     path = tmp_path / 'last.pth.tar'
-    run.atomic_save({'epoch': 1}, str(path))
+    checkpoint.atomic_save({'epoch': 1}, str(path))
     save = torch.save
 
     def filling_save(obj, f):
@@ -233,7 +220,7 @@ def test_a_full_disk_or_quota_while_saving_says_the_folder_the_bytes_needed_and_
         lambda folder: asked.append(folder) or shutil._ntuple_diskusage(10**9, 10**9 - 1_234_567, 1_234_567),
     )
     with pytest.raises(errors.UsageError) as error:
-        run.atomic_save({'epoch': 2, 'weights': torch.zeros(500_000)}, str(path))
+        checkpoint.atomic_save({'epoch': 2, 'weights': torch.zeros(500_000)}, str(path))
     assert str(error.value) == (
         f'no space left in {tmp_path} for last.pth.tar: it needs about 2.0 MB, 1.2 MB are '
         f'free; free some space there or choose another --output'
@@ -251,7 +238,7 @@ def test_the_per_epoch_schedule_as_a_torch_scheduler_steps_per_step_and_keeps_gr
     optimizer = torch.optim.SGD(
         [dict(params=net[0].parameters()), dict(params=net[4].parameters(), lr=0.007)], lr=0.014
     )
-    scheduler = optim.TimmSchedule(optimizer, 3, 'step', 10, 4e-6, 2, 2.4, 0.97, 0.0)
+    scheduler = optim.TimmSchedule(optimizer, 3, 'step', 10, (4e-6, 2), (2.4, 0.97), 0.0)
     seen = []
     for _ in range(3 * 6):
         seen.append([group['lr'] for group in optimizer.param_groups])
@@ -266,7 +253,7 @@ def test_an_unknown_schedule_name_is_an_error_not_a_constant_lr():
     with pytest.raises(errors.UsageError, match="unknown schedule 'onecycle'"):
         optim.learning_rate(0, 'onecycle', 0.1, 10, 0.0, 0, 0, 0, 0)
     with pytest.raises(errors.UsageError):
-        optim.TimmSchedule(torch.optim.SGD(small_net().parameters(), lr=0.1), 5, 'linear', 10, 0, 0, 0, 0, 0)
+        optim.TimmSchedule(torch.optim.SGD(small_net().parameters(), lr=0.1), 5, 'linear', 10, (0, 0), (0, 0), 0)
 
 
 def test_learning_rate_is_constant_lr_after_warmup_for_const():
@@ -288,25 +275,25 @@ def test_precision_fp16_skips_a_non_finite_step_halves_the_scale_and_saves_it():
     untouched, the scale halves; state_dict/load_state_dict carry the scale into a new run."""
     net = small_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    precision = optim.Precision('cpu', torch.float16)
+    precision = mixed_precision.Precision('cpu', torch.float16)
     skipped = fp16_step(precision, net, optimizer)
     assert isinstance(skipped, torch.Tensor) and skipped.device == torch.device('cpu')  # not read back: no sync
     assert not skipped
     before = copy.deepcopy(list(net.parameters()))
     assert fp16_step(precision, net, optimizer, loss_factor=float('inf'))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    assert precision.loss_scale() == 2.0**15
-    restored = optim.Precision('cpu', torch.float16)
+    assert precision.scaler.get_scale() == 2.0**15
+    restored = mixed_precision.Precision('cpu', torch.float16)
     restored.load_state_dict(precision.state_dict())
-    assert restored.loss_scale() == 2.0**15
+    assert restored.scaler.get_scale() == 2.0**15
     restored.load_state_dict({})  # a checkpoint saved without fp16: the scale starts afresh
-    assert restored.loss_scale() == 2.0**15
+    assert restored.scaler.get_scale() == 2.0**15
 
 
 def test_precision_clips_the_unscaled_gradients_under_fp16():
     net = small_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
-    precision = optim.Precision('cpu', torch.float16)
+    precision = mixed_precision.Precision('cpu', torch.float16)
     assert not fp16_step(precision, net, optimizer, clip_grad=1e-3)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters()]))
     assert norm == pytest.approx(1e-3, rel=1e-3)  # clipped once unscaled (scaled, it would end 65536x smaller)
@@ -314,8 +301,8 @@ def test_precision_clips_the_unscaled_gradients_under_fp16():
 
 def test_precision_without_mixed_precision_is_a_plain_backward_and_step():
     net, reference = small_net(), small_net()
-    precision = optim.Precision('cpu', None)
-    assert precision.state_dict() == {} and precision.loss_scale() is None
+    precision = mixed_precision.Precision('cpu')
+    assert precision.state_dict() == {} and not precision.scaler.is_enabled()
     torch.manual_seed(3)
     fp16_step(precision, net, torch.optim.SGD(net.parameters(), lr=0.1))
     torch.manual_seed(3)
@@ -328,7 +315,7 @@ def test_precision_without_mixed_precision_is_a_plain_backward_and_step():
 def apex_stand_in(initial_scale=2.0**16):
     """apex.amp's loss scaling as apex/amp/handle.py does it (O1, dynamic scale): scale_loss yields loss * scale;
     as it exits, gradients with an inf or NaN halve the scale and turn the next optimizer.step() into a no-op,
-    others are unscaled. -> (the apex package, its amp module) to put in sys.modules."""
+    others are unscaled. -> the amp module."""
     scaler = types.SimpleNamespace(scale=initial_scale)
     scaler.loss_scale = lambda: scaler.scale
 
@@ -351,21 +338,16 @@ def apex_stand_in(initial_scale=2.0**16):
     amp = types.ModuleType('apex.amp')
     amp.scale_loss, amp._amp_state = scale_loss, types.SimpleNamespace(loss_scalers=[scaler])
     amp.state_dict = lambda: {'loss_scaler0': {'loss_scale': scaler.scale}}
-    apex = types.ModuleType('apex')
-    apex.amp = amp
-    return apex, amp
+    return amp
 
 
-def test_apex_steps_skipped_for_overflow_never_count_as_non_finite_losses(monkeypatch):
+def test_apex_steps_skipped_for_overflow_never_count_as_non_finite_losses():
     """Six overflowing steps in a row, one more than run.py's limit: apex lowers its scale as scale_loss exits
     and skips each optimizer step; Precision.step reports each as skipped, so the run goes on with the weights
     untouched. Then a finite step trains and ends the streak."""
-    apex, amp = apex_stand_in()
-    monkeypatch.setitem(sys.modules, 'apex', apex)
-    monkeypatch.setitem(sys.modules, 'apex.amp', amp)
     net = small_net()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    precision = optim.Precision('cpu', torch.float16, apex_optimizer=optimizer)
+    precision = apex_amp.ApexPrecision(apex_stand_in(), optimizer, 'cpu')
     guard, state = run.NonFiniteGuard(torch.device('cpu')), run.TrainState()
     before = copy.deepcopy(list(net.parameters()))
     for step in range(run.NONFINITE_LIMIT + 1):
