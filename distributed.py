@@ -8,6 +8,7 @@ ends: bad input in one line, a lost peer in one line, a bug with its traceback.
 
 import contextlib
 import datetime
+import gc
 import os
 import re
 import sys
@@ -57,9 +58,11 @@ def cpu_group():
 
 def destroy_distributed():
     """After success only: with a rank gone, tearing the group down can block. No reference to a group may outlive
-    this: gloo's threads would then end with the interpreter and abort it."""
+    this: gloo's threads would then end with the interpreter and abort it. The DDP module can: matplotlib keeps
+    frames in a reference cycle (curves.png is drawn from train()'s callees), so cycles are collected first."""
     global _cpu_group
     _cpu_group = None
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -17,11 +17,14 @@ disk: once 1 MB is in the file, its write() raises OSError(ENOSPC), as the kerne
 --fail-rank R: the process of rank R raises a RuntimeError after its first training step.
 --record-dtypes PREFIX: at exit, PREFIX.rankR.json lists the dtypes of every tensor made while
 validating (train.validate) and of every tensor given to a collective (all_reduce, all_gather).
+--record-teardown PREFIX: PREFIX.rankR.txt gets the number of DistributedDataParallel modules still alive when the
+process group is destroyed (one that outlives it ends with the interpreter, whose gloo threads can then abort it).
 """
 
 import argparse
 import atexit
 import errno
+import gc
 import itertools
 import json
 import os
@@ -141,6 +144,18 @@ def record_dtypes(prefix):
     atexit.register(write)
 
 
+def record_teardown(prefix):
+    destroy = dist.destroy_process_group
+
+    def recorded_destroy(*args, **kwargs):
+        alive = sum(isinstance(o, torch.nn.parallel.DistributedDataParallel) for o in gc.get_objects())
+        with open(f'{prefix}.rank{dist.get_rank()}.txt', 'w') as f:
+            f.write(str(alive))
+        return destroy(*args, **kwargs)
+
+    dist.destroy_process_group = recorded_destroy
+
+
 def main():
     split = sys.argv.index('--')
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -151,10 +166,13 @@ def main():
     parser.add_argument('--disk-full-at-save', type=int)
     parser.add_argument('--fail-rank', type=int)
     parser.add_argument('--record-dtypes', metavar='PREFIX')
+    parser.add_argument('--record-teardown', metavar='PREFIX')
     faults, launcher_args = parser.parse_known_args(sys.argv[1:split])  # torch.distributed.launch
     # puts its --local-rank=K right after the script's name: it goes on to train.py
     if faults.record_dtypes:
         record_dtypes(faults.record_dtypes)
+    if faults.record_teardown:
+        record_teardown(faults.record_teardown)
     if faults.inf_loss_steps:
         inject_infinite_losses(faults.inf_loss_steps)
     if faults.kill_at_loss:
