@@ -241,7 +241,8 @@ def test_no_line_of_the_project_assigns_several_names_unless_it_unpacks_one_valu
     import ast
 
     packed = []
-    for name in sorted(os.listdir(ROOT)):
+    tools = [os.path.join('tools', name) for name in os.listdir(os.path.join(ROOT, 'tools'))]
+    for name in sorted([*os.listdir(ROOT), *tools]):
         if name.endswith('.py'):
             for node in ast.walk(ast.parse(open(os.path.join(ROOT, name)).read())):
                 several_targets = isinstance(node, ast.Assign) and len(node.targets) > 1

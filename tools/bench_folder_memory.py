@@ -139,7 +139,8 @@ def measure_train_py(root, images, workers, batch):
         ]
         start = time.perf_counter()
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        samples, listed_after = [], None
+        samples = []
+        listed_after = None
         for line in process.stdout:
             if line.startswith('Training ') and listed_after is None:
                 listed_after = time.perf_counter() - start
@@ -152,7 +153,8 @@ def measure_train_py(root, images, workers, batch):
                     pass
                 rate = float(line.split('/s')[1].split()[1])  # the running average, as the ModelZoo parser reads it
         process.wait()
-    first, last = samples[0], samples[-1]
+    first = samples[0]
+    last = samples[-1]
     assert process.returncode == 0 and len(first) == len(last) == workers + 1, (process.returncode, samples)
     return dict(
         implementation='train.py',

@@ -115,7 +115,8 @@ def rates(root, images, workers, batch, rounds):
             loader = data.create_loader(
                 data.transformed(train_set, transforms.eval_transform(32)), sampler, workers=workers
             )
-            batches, read = iter(loader), 0
+            batches = iter(loader)
+            read = 0
             next(batches)  # the workers have started
             start = time.perf_counter()
             while read < images:

@@ -75,7 +75,8 @@ def export_mnist(out_dir):
     images, labels = mnist_data()  # (5000, 784) float 0..255, (5000,) int: 500 per digit
     seen = {}
     for index, (pixels, label) in enumerate(zip(images, labels)):
-        count = seen[label] = seen.get(label, -1) + 1
+        seen[label] = seen.get(label, -1) + 1
+        count = seen[label]
         split = 'val' if count % VAL_EVERY == VAL_EVERY - 1 else 'train'
         folder = os.path.join(out_dir, split, str(label))
         os.makedirs(folder, exist_ok=True)
@@ -202,10 +203,12 @@ def train_timm(args, seed):
 def evaluate(net, loader, accuracy):
     """timm's validate(): the batch top-1 averaged, weighted by batch size."""
     net.eval()
-    total, count = 0.0, 0
+    total = 0.0
+    count = 0
     for images, labels in loader:
         (top1,) = accuracy(net(images.contiguous(memory_format=torch.channels_last)), labels)
-        total, count = total + top1.item() * len(labels), count + len(labels)
+        total += top1.item() * len(labels)
+        count += len(labels)
     return total / count
 
 
@@ -367,7 +370,8 @@ def speed_timm(args, channels_last):
     std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
     loss_fn = SoftTargetCrossEntropy()
     net.train()
-    times, end = [], time.perf_counter()
+    times = []
+    end = time.perf_counter()
     for step, (images, target) in enumerate(loader):
         images = images.float().sub_(mean).div_(std).contiguous(memory_format=memory_format)
         loss = loss_fn(net(images), target)

@@ -218,7 +218,8 @@ print(json.dumps(info))
         found = re.search(r'CUDA Version: (\S+)', header)
         info['driver_cuda'] = found.group(1) if found else None
     except (OSError, subprocess.SubprocessError, IndexError):
-        info['driver'] = info['driver_cuda'] = None
+        info['driver'] = None
+        info['driver_cuda'] = None
     return info
 
 
@@ -286,7 +287,8 @@ def stage_train(name, timeout, setup, amp_dtype, compile_model=False, data=('--d
     result['images_per_sec'] = float(fps) if fps else None
     found = re.search(r'\((\d+\.\d+)s, +[\d.]+/s\).*Data: [\d.]+ \(([\d.]+)\)', line)
     if found:
-        result['step_seconds'], result['data_seconds'] = float(found.group(1)), float(found.group(2))
+        result['step_seconds'] = float(found.group(1))
+        result['data_seconds'] = float(found.group(2))
     memory = re.search(r'^gpu_check: peak memory (\d+) MiB \((.+)\)$', last_line(log, 'gpu_check:'))
     result['peak_mib'], result['peak_kind'] = (int(memory.group(1)), memory.group(2)) if memory else (None, None)
     result['compiled'] = compile_model and setup['compile']
@@ -381,8 +383,10 @@ def make_jpeg(job):
     name = ('china.jpg', 'flower.jpg')[index % 2]
     photo = Image.open(os.path.join(sklearn_dir, 'datasets', 'images', name)).convert('RGB')  # 640x427
     rng = random.Random(index)
-    width, height = rng.randint(200, 640), rng.randint(150, 427)
-    left, top = rng.randint(0, 640 - width), rng.randint(0, 427 - height)
+    width = rng.randint(200, 640)
+    height = rng.randint(150, 427)
+    left = rng.randint(0, 640 - width)
+    top = rng.randint(0, 427 - height)
     image = photo.crop((left, top, left + width, top + height))
     image = image.resize((500, 375) if index % 4 else (375, 500), Image.BICUBIC)
     if rng.random() < 0.5:
@@ -542,8 +546,10 @@ def summary_rows(results, setup, smoke):
         rows.append(('CUDA tests (pytest -m cuda)', status('tests'), '-', 'all pass', 'not met'))
 
     for dtype in ('bf16', 'fp16'):
-        eager, compiled = f'train_synthetic_{dtype}_eager', f'train_synthetic_{dtype}_compiled'
-        goal, met = '-', None
+        eager = f'train_synthetic_{dtype}_eager'
+        compiled = f'train_synthetic_{dtype}_compiled'
+        goal = '-'
+        met = None
         if dtype == 'bf16':
             goal = f'>= {GOAL_BF16_EAGER_IMAGES_PER_SEC:,} (H100-class)'
             met = images(eager) >= GOAL_BF16_EAGER_IMAGES_PER_SEC if images(eager) else None
@@ -569,7 +575,8 @@ def summary_rows(results, setup, smoke):
             )
         )
 
-    jpeg, synthetic = 'train_jpeg_bf16_eager', 'train_synthetic_bf16_eager'
+    jpeg = 'train_jpeg_bf16_eager'
+    synthetic = 'train_synthetic_bf16_eager'
     ratio = images(jpeg) / images(synthetic) if images(jpeg) and images(synthetic) else None
     text = status(jpeg)
     if ratio:
@@ -591,7 +598,9 @@ def summary_rows(results, setup, smoke):
     )
 
     for name, label in (('bench_eager', 'eager'), ('bench_compiled', compiled_label)):
-        result, text, met = results.get(name, {}), status(name), None
+        result = results.get(name, {})
+        text = status(name)
+        met = None
         if ok(name) and result.get('ratio'):
             text = f'{result["ratio"]:.2f} ({result["ours"]:,.0f} vs {result["timm"]:,.0f} images/s)'
             met = result['ratio'] >= GOAL_STEP_OVER_TIMM
@@ -604,7 +613,8 @@ def summary_rows(results, setup, smoke):
                 verdict(met, smoke),
             )
         )
-    eager, compiled = results.get('bench_eager', {}), results.get('bench_compiled', {})
+    eager = results.get('bench_eager', {})
+    compiled = results.get('bench_compiled', {})
     if eager.get('ours') and compiled.get('ours'):
         speedup = compiled['ours'] / eager['ours']
         rows.append(
