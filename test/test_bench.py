@@ -13,20 +13,9 @@ import optim
 import precision as mixed_precision
 
 SUMMARY = re.compile(r'summary: step ours/timm (\d+\.\d\d), pipeline ours/timm (\d+\.\d\d)')
-TINY = [
-    '--device',
-    'cpu',
-    '--img-size',
-    '32',
-    '-b',
-    '2',
-    '--steps',
-    '1',
-    '--warmup',
-    '1',
-    '--threads',
-    '1',
-]  # one thread: on a busy 2-core machine parallel regions wait for descheduled peers
+TINY = (
+    '--device cpu --img-size 32 -b 2 --steps 1 --warmup 1 --threads 1'.split()
+)  # one thread: on a busy 2-core machine parallel regions wait for descheduled peers
 
 
 def run_bench(argv):
@@ -46,17 +35,7 @@ def test_tiny_bench_against_timm_ends_with_summary_line_and_writes_json(tmp_path
     run_bench(
         TINY
         + [
-            '--windows',
-            '2',
-            '--workers',
-            '0',
-            '--pipeline-size',
-            '32',
-            '--pipeline-batch',
-            '2',
-            '--pipeline-batches',
-            '1',
-            '--jpeg-dir',
+            *'--windows 2 --workers 0 --pipeline-size 32 --pipeline-batch 2 --pipeline-batches 1 --jpeg-dir'.split(),
             str(tmp_path / 'jpegs'),
             '--compare-timm',
             '--json',
@@ -103,15 +82,7 @@ def build(*extra):
     args = flags.resolve_args(
         flags.get_args_parser().parse_args(
             [
-                '--model',
-                'tf_efficientnetv2_b0',
-                '--img-size',
-                '32',
-                '--device',
-                'cpu',
-                '--model-ema',
-                '--num-classes',
-                '10',
+                *'--model tf_efficientnetv2_b0 --img-size 32 --device cpu --model-ema --num-classes 10'.split(),
                 *extra,
             ]
         )

@@ -39,20 +39,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (torch.cuda.is_available() is False)'),
 ]
 
-TINY = [
-    '--model',
-    'tf_efficientnetv2_b0',
-    '--img-size',
-    '32',
-    '-b',
-    '4',
-    '-j',
-    '0',
-    '--device',
-    'cuda',
-    '--log-interval',
-    '1',
-]
+TINY = '--model tf_efficientnetv2_b0 --img-size 32 -b 4 -j 0 --device cuda --log-interval 1'.split()
 TIMEOUT = 300
 FP16_INITIAL_SCALE = 2.0**16  # torch.amp.GradScaler's and apex's first loss scale
 # Run against run (eager/compiled, plain/torchrun, resumed/uninterrupted): per-step losses (printed
@@ -168,20 +155,7 @@ def constant_model(tmp_path_factory):
 # warm-up, so the weights move enough in 8 steps for a difference to show.
 COMPARABLE = [
     *TINY,
-    '--epochs',
-    '1',
-    '--seed',
-    '5',
-    '--opt',
-    'sgd',
-    '--lr',
-    '0.05',
-    '--warmup-epochs',
-    '0',
-    '--drop',
-    '0',
-    '--drop-path',
-    '0',
+    *'--epochs 1 --seed 5 --opt sgd --lr 0.05 --warmup-epochs 0 --drop 0 --drop-path 0'.split(),
 ]
 
 # test_resume.py's recipe (every random stream a step draws from; here dropout, drop path and random
@@ -190,34 +164,9 @@ COMPARABLE = [
 # lost it would go on at 2**16. 2 epochs x 8 steps.
 RESUME = [
     *TINY,
-    '--epochs',
-    '2',
-    '--seed',
-    '7',
-    '--opt',
-    'rmsproptf',
-    '--opt-eps',
-    '.001',
-    '--lr',
-    '0.01',
-    '--warmup-epochs',
-    '0',
-    '--aa',
-    'rand-m9-mstd0.5',
-    '--mixup',
-    '0.2',
-    '--reprob',
-    '0.25',
-    '--drop',
-    '0.2',
-    '--drop-path',
-    '0.2',
-    '--model-ema',
-    '--model-ema-decay',
-    '0.9',
-    '--amp',
-    '--amp-dtype',
-    'float16',
+    *'--epochs 2 --seed 7 --opt rmsproptf --opt-eps .001 --lr 0.01 --warmup-epochs 0 --aa rand-m9-mstd0.5'.split(),
+    *'--mixup 0.2 --reprob 0.25 --drop 0.2 --drop-path 0.2 --model-ema --model-ema-decay 0.9 --amp'.split(),
+    *'--amp-dtype float16'.split(),
 ]
 RESUME_FAULTS = ['--inf-loss-steps', '2,3']
 
@@ -272,11 +221,7 @@ def runs(data_dir, constant_model, tmp_path_factory):
             'fp16_inf',
             data_dir,
             *TINY,
-            '--amp',
-            '--amp-dtype',
-            'float16',
-            '--epochs',
-            '1',
+            *'--amp --amp-dtype float16 --epochs 1'.split(),
             faults=['--inf-loss-steps', '2,3,4,5,6,7'],
         ),
         bf16=train('bf16', data_dir, *TINY, '--amp', '--amp-dtype', 'bfloat16', '--epochs', '1'),

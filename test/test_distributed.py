@@ -47,24 +47,8 @@ TINY = ['--img-size', '32', '-j', '0']
 # A recipe whose result does not depend on how a batch is split over processes (module docstring).
 EXACT = [
     *TINY,
-    '--epochs',
-    '2',
-    '--log-interval',
-    '1',
-    '--freeze-bn',
-    '--warmup-epochs',
-    '0',
-    '--opt',
-    'sgd',
-    '--lr',
-    '3e-5',
-    '--model-ema',
-    '--model-ema-decay',
-    '0.5',
-    '--seed',
-    '3',
-    '--color-jitter',
-    '0',
+    *'--epochs 2 --log-interval 1 --freeze-bn --warmup-epochs 0 --opt sgd --lr 3e-5 --model-ema'.split(),
+    *'--model-ema-decay 0.5 --seed 3 --color-jitter 0'.split(),
 ]
 TIMEOUT = 300
 
@@ -195,23 +179,8 @@ def test_lr_base_scales_the_lr_with_the_global_batch_and_says_so(data_dir, tmp_p
         [
             data_dir,
             *TINY,
-            '--epochs',
-            '1',
-            '--warmup-epochs',
-            '0',
-            '--perf-steps',
-            '1',
-            '-b',
-            '2',
-            '--grad-accum-steps',
-            '3',
-            '--opt',
-            'sgd',
-            '--lr-base',
-            '0.1',
-            '--lr-base-size',
-            '4',
-            '--output',
+            *'--epochs 1 --warmup-epochs 0 --perf-steps 1 -b 2 --grad-accum-steps 3 --opt sgd --lr-base 0.1'.split(),
+            *'--lr-base-size 4 --output'.split(),
             tmp_path / 'run',
         ],
     )
@@ -339,15 +308,8 @@ def test_a_failing_rank_stops_the_run_with_its_error_said_once(data_dir, tmp_pat
 # Slurm without torchrun: `srun python train.py ...` starts every process itself
 
 LAUNCHER_VARIABLES = (
-    'RANK',
-    'WORLD_SIZE',
-    'LOCAL_RANK',
-    'LOCAL_WORLD_SIZE',
-    'MASTER_ADDR',
-    'MASTER_PORT',
-    'GROUP_RANK',
-    'TORCHELASTIC_USE_AGENT_STORE',
-    'TORCHELASTIC_RESTART_COUNT',
+    *'RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT GROUP_RANK'.split(),
+    *'TORCHELASTIC_USE_AGENT_STORE TORCHELASTIC_RESTART_COUNT'.split(),
 )
 
 

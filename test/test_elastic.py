@@ -203,10 +203,7 @@ def signalled_job(resume_folder, tmp_path_factory):
     stop = ['-j', '2', '--log-interval', '100', '--checkpoint-interval', '0']
     command = [
         sys.executable,
-        '-m',
-        'torch.distributed.run',
-        '--nproc_per_node=2',
-        '--monitor-interval=0.1',
+        *'-m torch.distributed.run --nproc_per_node=2 --monitor-interval=0.1'.split(),
         f'--master_port={free_port()}',
         'tools/faults.py',
         '--sigterm-group-at-loss',

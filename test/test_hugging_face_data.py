@@ -24,33 +24,8 @@ import transforms  # noqa: E402
 CLASSES = ['red', 'blue', 'green']
 COARSE = ['warm', 'cool']  # blue is cool
 RECIPE = [
-    '--dataset',
-    'hf',
-    '--model',
-    'tf_efficientnetv2_b0',
-    '--img-size',
-    '32',
-    '-b',
-    '4',
-    '--epochs',
-    '2',
-    '--warmup-epochs',
-    '0',
-    '--opt',
-    'adamw',
-    '--lr',
-    '1e-3',
-    '--aa',
-    'rand-m9',
-    '--mixup',
-    '0.2',
-    '--model-ema',
-    '--log-interval',
-    '1',
-    '--checkpoint-interval',
-    '1',
-    '-j',
-    '0',
+    *'--dataset hf --model tf_efficientnetv2_b0 --img-size 32 -b 4 --epochs 2 --warmup-epochs 0 --opt adamw'.split(),
+    *'--lr 1e-3 --aa rand-m9 --mixup 0.2 --model-ema --log-interval 1 --checkpoint-interval 1 -j 0'.split(),
 ]
 
 
@@ -145,20 +120,7 @@ def test_train_and_test_splits_train_with_no_flag_and_the_flags_pick_other_split
     datasets.DatasetDict(train=make_split(8, 0), test=make_split(4, 1)).save_to_disk(str(tmp_path / 'cifar'))
     args = [
         tmp_path / 'cifar',
-        '--dataset',
-        'hf',
-        '--model',
-        'tf_efficientnetv2_b0',
-        '--img-size',
-        '32',
-        '-b',
-        '4',
-        '--epochs',
-        '1',
-        '-j',
-        '0',
-        '--warmup-epochs',
-        '0',
+        *'--dataset hf --model tf_efficientnetv2_b0 --img-size 32 -b 4 --epochs 1 -j 0 --warmup-epochs 0'.split(),
     ]
     fine = run([*args, '--output', tmp_path / 'fine'], hf_home)
     assert fine.returncode == 0, fine.stderr[-3000:]
@@ -171,12 +133,7 @@ def test_train_and_test_splits_train_with_no_flag_and_the_flags_pick_other_split
             *args,
             '--output',
             tmp_path / 'coarse',
-            '--train-split',
-            'test',
-            '--val-split',
-            'train',
-            '--target-key',
-            'coarse_label',
+            *'--train-split test --val-split train --target-key coarse_label'.split(),
         ],
         hf_home,
     )

@@ -697,14 +697,7 @@ def test_train_pretrained_with_an_unreachable_hub_is_one_error_line_and_leaves_n
         data_dir,
         '--model',
         ARCH,
-        '--pretrained',
-        '--img-size',
-        '32',
-        '-b',
-        '2',
-        '-j',
-        '0',
-        '--output',
+        *'--pretrained --img-size 32 -b 2 -j 0 --output'.split(),
         tmp_path / 'run',
         check=False,
     )
@@ -734,15 +727,7 @@ def test_python_published_py_lists_every_tag_with_its_classes_sizes_and_top1():
         ]
         top1_words = [f'{top1:.3f}', f'@{config["test_size"]}'] if top1 else ['none:', '21k', 'classes']
         assert rows[tag][1:] == [*settings, *top1_words, f'({publisher})'], rows[tag]
-    assert rows['tf_efficientnetv2_s.in21k_ft_in1k'][1:8] == [
-        '1,000',
-        '300',
-        '384',
-        '1.000',
-        '0.5',
-        'bicubic',
-        '84.332',
-    ]
+    assert rows['tf_efficientnetv2_s.in21k_ft_in1k'][1:8] == '1,000 300 384 1.000 0.5 bicubic 84.332'.split()
     assert rows['tf_efficientnetv2_l.in21k'][1:8] == ['21,843', '384', '480', '1.000', '0.5', 'bicubic', 'none:']
     # the variants' own table names each variant's default weights
     assert rows['tf_efficientnetv2_s'][-3:] == ['83.900', '@384', 'tf_efficientnetv2_s.in1k']
@@ -825,16 +810,7 @@ def test_an_in21k_start_fine_tunes_with_a_new_classifier_and_predict_numbers_its
         data_dir,
         '--model',
         tag,
-        '--pretrained',
-        '--img-size',
-        '32',
-        '-b',
-        '2',
-        '-j',
-        '0',
-        '--perf-steps',
-        '1',
-        '--output',
+        *'--pretrained --img-size 32 -b 2 -j 0 --perf-steps 1 --output'.split(),
         tmp_path / 'run',
     )
     assert re.search(

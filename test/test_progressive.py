@@ -46,21 +46,8 @@ def test_v2_s_like_schedule_is_the_papers_four_stages():
     # The paper's S at 300 px: sizes 128 + 172 (i + 1) / 4, magnitude 5 -> 10; an M-like mixup
     # 0 -> 0.2 and dropout 0.1 -> 0.3 over 350 epochs.
     args = resolved(
-        '--dataset',
-        'synthetic',
-        '--model',
-        'efficientnetv2_s',
-        '--progressive',
-        '--img-size',
-        '300',
-        '--aa',
-        'rand-m10-mstd0.5',
-        '--mixup',
-        '0.2',
-        '--drop',
-        '0.3',
-        '--epochs',
-        '350',
+        *'--dataset synthetic --model efficientnetv2_s --progressive --img-size 300 --aa rand-m10-mstd0.5'.split(),
+        *'--mixup 0.2 --drop 0.3 --epochs 350'.split(),
     )
     rows = stage_rows(args)
     assert [row[:3] for row in rows] == [(0, 87, 171), (88, 174, 214), (175, 262, 257), (263, 349, 300)]
@@ -85,21 +72,8 @@ def test_digits_demo_schedule_rises_from_24_to_32_pixels():
 
 def test_minimums_above_the_final_values_are_capped_so_regularization_never_falls():
     args = resolved(
-        '--dataset',
-        'synthetic',
-        '--progressive',
-        '--img-size',
-        '64',
-        '--prog-min-size',
-        '32',
-        '--aa',
-        'rand-m3',
-        '--drop',
-        '0.05',
-        '--epochs',
-        '8',
-        '--prog-stages',
-        '2',
+        *'--dataset synthetic --progressive --img-size 64 --prog-min-size 32 --aa rand-m3 --drop 0.05'.split(),
+        *'--epochs 8 --prog-stages 2'.split(),
     )
     assert stage_rows(args) == [(0, 3, 48, 3.0, 0.0, 0.05), (4, 7, 64, 3.0, 0.0, 0.05)]
 
@@ -127,34 +101,9 @@ def test_a_minimum_size_above_the_image_size_is_a_usage_error():
 # Runs: one uninterrupted, one resumed at a stage boundary (and without matplotlib)
 
 RUN = (
-    '--model',
-    'tf_efficientnetv2_b0',
-    '--progressive',
-    '--img-size',
-    '64',
-    '--prog-min-size',
-    '32',
-    '--aa',
-    'rand-m9-mstd0.5',
-    '--mixup',
-    '0.2',
-    '--drop',
-    '0.2',
-    '--model-ema',
-    '--model-ema-decay',
-    '0.9',
-    '-b',
-    '4',
-    '--epochs',
-    '4',
-    '-j',
-    '0',
-    '--opt',
-    'adamw',
-    '--lr',
-    '1e-3',
-    '--warmup-epochs',
-    '1',
+    *'--model tf_efficientnetv2_b0 --progressive --img-size 64 --prog-min-size 32 --aa rand-m9-mstd0.5'.split(),
+    *'--mixup 0.2 --drop 0.2 --model-ema --model-ema-decay 0.9 -b 4 --epochs 4 -j 0 --opt adamw --lr 1e-3'.split(),
+    *'--warmup-epochs 1'.split(),
 )
 
 
@@ -254,34 +203,9 @@ def test_two_processes_of_batch_b_follow_the_stages_like_one_process_of_batch_2b
     # test/test_distributed.py explains the exact recipe: BN frozen, no per-rank random draws but
     # RandAugment's, which is seeded per image.
     exact = (
-        '--model',
-        'tf_efficientnetv2_b0',
-        '--progressive',
-        '--prog-stages',
-        '2',
-        '--img-size',
-        '64',
-        '--prog-min-size',
-        '32',
-        '--aa',
-        'rand-m9-mstd0.5',
-        '--epochs',
-        '2',
-        '-j',
-        '0',
-        '--log-interval',
-        '1',
-        '--freeze-bn',
-        '--warmup-epochs',
-        '0',
-        '--opt',
-        'sgd',
-        '--lr',
-        '0.01',
-        '--clip-grad',
-        '1',
-        '--seed',
-        '3',
+        *'--model tf_efficientnetv2_b0 --progressive --prog-stages 2 --img-size 64 --prog-min-size 32'.split(),
+        *'--aa rand-m9-mstd0.5 --epochs 2 -j 0 --log-interval 1 --freeze-bn --warmup-epochs 0 --opt sgd'.split(),
+        *'--lr 0.01 --clip-grad 1 --seed 3'.split(),
     )
     data_dir = runs['root'] / 'data'
     one = run_train(data_dir, *exact, '-b', '4', '--output', tmp_path / 'one', env={'OMP_NUM_THREADS': '1'})

@@ -335,20 +335,8 @@ def test_resuming_an_fp16_run_restores_the_grad_scalers_loss_scale(tmp_path):
     output = tmp_path / 'out'
     args = [
         resume_folder,
-        '--model',
-        'tf_efficientnetv2_b0',
-        '-b',
-        '4',
-        '--img-size',
-        '32',
-        '-j',
-        '0',
-        '--amp',
-        '--amp-dtype',
-        'float16',
-        '--log-interval',
-        '1',
-        '--output',
+        *'--model tf_efficientnetv2_b0 -b 4 --img-size 32 -j 0 --amp --amp-dtype float16 --log-interval 1'.split(),
+        *'--output'.split(),
         output,
     ]
     run_train(*args, '--epochs', '1', faults=['--inf-loss-steps', '1,2'], env={'OMP_NUM_THREADS': '1'})

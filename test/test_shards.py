@@ -157,14 +157,7 @@ def damaged(folder, cache, tmp_path_factory):
     skipped = run_train(
         shard_dir,
         *RECIPE,
-        '-b',
-        '2',
-        '--epochs',
-        '1',
-        '-j',
-        '2',
-        '--skip-bad-shards',
-        '--output',
+        *'-b 2 --epochs 1 -j 2 --skip-bad-shards --output'.split(),
         root / 'run',
         env=cache,
     )

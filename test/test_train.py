@@ -94,12 +94,7 @@ def test_evaluate_reproduces_the_logged_best_metric(modelzoo_run):
         '--evaluate',
         '--resume',
         modelzoo_run['output'] / 'model_best.pth.tar',
-        '--img-size',
-        '32',
-        '-j',
-        '0',
-        '-b',
-        '4',
+        *'--img-size 32 -j 0 -b 4'.split(),
     )
     ema_top1 = re.search(r'Evaluation \(EMA\): .*top1 (\d+\.\d+)', result.stdout).group(1)
     assert float(ema_top1) == pytest.approx(best, abs=1e-3)
@@ -113,15 +108,7 @@ def test_pretrained_timm_weights_load_with_a_new_classifier(tmp_path, image_fold
         image_folder,
         '--pretrained',
         weights,
-        '--perf-steps',
-        '1',
-        '-b',
-        '4',
-        '--img-size',
-        '32',
-        '-j',
-        '0',
-        '--output',
+        *'--perf-steps 1 -b 4 --img-size 32 -j 0 --output'.split(),
         tmp_path / 'out',
     )
     assert 'classifier left as initialised (checkpoint has 1000 classes, model 2)' in result.stdout
@@ -129,17 +116,7 @@ def test_pretrained_timm_weights_load_with_a_new_classifier(tmp_path, image_fold
 
 def test_synthetic_dataset_runs_without_any_data(tmp_path):
     result = run_train(
-        '--dataset',
-        'synthetic',
-        '--perf-steps',
-        '2',
-        '-b',
-        '2',
-        '--img-size',
-        '32',
-        '-j',
-        '0',
-        '--output',
+        *'--dataset synthetic --perf-steps 2 -b 2 --img-size 32 -j 0 --output'.split(),
         tmp_path / 'out',
     )
     assert result.stdout.count('Train:') == 2
@@ -191,19 +168,7 @@ def test_the_demos_first_lines_say_the_model_the_data_the_device_and_the_epochs(
 def test_a_short_run_on_a_folder_warns_that_the_warm_up_covers_it(tmp_path, image_folder):
     result = run_train(
         image_folder,
-        '--epochs',
-        '1',
-        '--model',
-        'tf_efficientnetv2_b0',
-        '--img-size',
-        '32',
-        '-b',
-        '4',
-        '-j',
-        '0',
-        '--perf-steps',
-        '1',
-        '--output',
+        *'--epochs 1 --model tf_efficientnetv2_b0 --img-size 32 -b 4 -j 0 --perf-steps 1 --output'.split(),
         tmp_path / 'out',
     )
     assert result.stderr.count('warning: the warm-up (--warmup-epochs 3) covers the whole run (--epochs 1)') == 1
@@ -214,19 +179,7 @@ def test_a_folder_with_train_and_valid_trains_with_no_flag_and_names_its_folders
     os.rename(os.path.join(image_folder, 'val'), os.path.join(image_folder, 'valid'))
     result = run_train(
         image_folder,
-        '--epochs',
-        '1',
-        '--model',
-        'tf_efficientnetv2_b0',
-        '--img-size',
-        '32',
-        '-b',
-        '4',
-        '-j',
-        '0',
-        '--warmup-epochs',
-        '0',
-        '--output',
+        *'--epochs 1 --model tf_efficientnetv2_b0 --img-size 32 -b 4 -j 0 --warmup-epochs 0 --output'.split(),
         tmp_path / 'out',
     )
     assert ': 16 train / 6 val images (folders train/ and valid/), 2 classes; cpu, 1 process' in result.stdout
@@ -251,21 +204,7 @@ def b0_run(tmp_path_factory):
     output = root / 'out'
     result = run_train(
         data_dir,
-        '--model',
-        'tf_efficientnetv2_b0',
-        '--img-size',
-        '32',
-        '-b',
-        '4',
-        '-j',
-        '0',
-        '--epochs',
-        '1',
-        '--warmup-epochs',
-        '0',
-        '--lr',
-        '1e-3',
-        '--output',
+        *'--model tf_efficientnetv2_b0 --img-size 32 -b 4 -j 0 --epochs 1 --warmup-epochs 0 --lr 1e-3 --output'.split(),
         output,
     )
     return dict(data=data_dir, output=output, stdout=result.stdout)
