@@ -175,15 +175,19 @@ def resolve_args(args):
     return args
 
 
+def model_config(name, published_weights=False):
+    """--model NAME's settings: a tag's (with its weights or not, as timm's create_model), else the variant's."""
+    if published_weights or '.' in name:  # the default weights' settings for a bare name
+        return errors.import_beside('published', 'the published weights').published_config(name)
+    return models.VARIANTS[name]['config']
+
+
 def resolve_image_settings(args, size_chosen):
     """Sizes, crop, interpolation and normalization left unset: the variant's (published weights are evaluated and
     fine-tuned with the settings they were measured with). Progressive learning trains up to the train size and
     evaluates at the test size, as does --evaluate --pretrained (to compare with the published top-1)."""
     published = args.pretrained is True
-    if published or '.' in args.model:  # a tag's settings, or the default published weights' (published.py)
-        config = errors.import_beside('published', 'the published weights').published_config(args.model)
-    else:
-        config = models.VARIANTS[args.model]['config']
+    config = model_config(args.model, published)
     args.img_size = args.img_size or config['train_size']
     test_size = args.progressive or (args.evaluate and published)
     args.eval_size = args.eval_size or (config['test_size'] if test_size and not size_chosen else args.img_size)

@@ -30,6 +30,7 @@ import data  # first: it checks that torchvision fits this torch (errors.check_t
 import devices
 import distributed
 import errors
+import flags
 import model as models
 import published
 import transforms
@@ -51,7 +52,7 @@ def load_model(path, model_name=None):
     net = models.create_model(arch, num_classes=num_classes)
     for note in weights.load_pretrained(net, checkpoint, use_ema=True):
         print(note, file=sys.stderr)  # stdout is for results
-    config = weights.model_config(arch)  # a VARIANT.TAG run (train.py --model): that tag's
+    config = flags.model_config(arch)  # a VARIANT.TAG run (train.py --model): that tag's
     classes = checkpoint.get('classes') or [str(i) for i in range(num_classes)]
     info = dict(
         arch=arch,

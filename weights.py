@@ -8,7 +8,6 @@ published weights by tag through published.py; --freeze-bn. train.py imports thi
 
 import torch
 
-import model as models
 from checkpoint import read_checkpoint  # the one reader of weight files, also for this file's callers
 from distributed import say
 from errors import CheckpointError, import_beside
@@ -25,13 +24,6 @@ def load_for_training(model, name, pretrained):
     path = published().fetch(name) if pretrained is True else pretrained
     for note in load_pretrained(model, read_checkpoint(path)):
         say(note)
-
-
-def model_config(name, published_weights=False):
-    """--model NAME's settings: a tag's (with its weights or not, as timm's create_model), else the variant's."""
-    if published_weights or '.' in name:  # the default weights' settings for a bare name
-        return published().published_config(name)
-    return models.VARIANTS[name]['config']
 
 
 # ----------------------------------------------------------------------------------------------
