@@ -5,10 +5,9 @@ native mixed precision and says so.
     precision, model, optimizer = initialize(model, optimizer, 'cuda')   # None without apex.amp
 """
 
-import contextlib
 import importlib
 
-from precision import Precision, clip_gradients
+from precision import Precision
 
 
 def initialize(model, optimizer, device_type):
@@ -23,10 +22,10 @@ def initialize(model, optimizer, device_type):
 
 
 class ApexPrecision(Precision):
-    """apex's O1: it casts by itself (no autocast), scales the loss, and skips a step whose gradients overflow.
-    It checks them as scale_loss exits: after an overflow it has already lowered its scale and made the next
-    optimizer.step() a no-op, so only the scale before and after tells a skipped step. step() answers a bool
-    (apex has read the check back already)."""
+    """apex's O1: it casts by itself (no autocast: Precision without a dtype), scales the loss, and skips a step
+    whose gradients overflow. It checks them as scale_loss exits: after an overflow it has already lowered its scale
+    and made the next optimizer.step() a no-op, so only the scale before and after tells a skipped step. step()
+    answers a bool (apex has read the check back already)."""
 
     compiles = False  # apex patches torch's functions
 
@@ -36,9 +35,6 @@ class ApexPrecision(Precision):
         self.optimizer = optimizer
         self.overflowed = False
 
-    def autocast(self):
-        return contextlib.nullcontext()
-
     def backward(self, loss):
         scale = self.loss_scale()
         with self.amp.scale_loss(loss, self.optimizer) as scaled_loss:
@@ -46,9 +42,7 @@ class ApexPrecision(Precision):
         self.overflowed |= self.loss_scale() < scale
 
     def step(self, optimizer, clip_grad=None):
-        if clip_grad:
-            clip_gradients(optimizer, clip_grad, self.scaler)
-        optimizer.step()
+        super().step(optimizer, clip_grad)  # clips and steps, a no-op after apex saw an overflow
         skipped = self.overflowed
         self.overflowed = False
         return skipped

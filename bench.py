@@ -136,11 +136,6 @@ def resolve_args(args):
     return args
 
 
-def accelerator(device):
-    """torch.cuda or torch.npu (their memory statistics have the same names); None on the CPU."""
-    return getattr(torch, device.type) if device.type in ('cuda', 'npu') else None
-
-
 # ----------------------------------------------------------------------------------------------
 # The training step
 
@@ -245,7 +240,7 @@ def synthetic_batch(impl, args):
 def build_and_warm_up(impl, args, images, labels, steps=None):
     """Build one implementation and run its warm-up steps; on an accelerator also return its peak
     memory (MiB) counted from just before it was built."""
-    backend = accelerator(args.device)
+    backend = devices.accelerator_module(args.device)  # torch.cuda, torch.npu: the same memory statistics
     if backend is not None:
         devices.synchronize(args.device)
         backend.reset_peak_memory_stats(args.device)
@@ -333,11 +328,11 @@ def _memory_child(impl, args, sender):
         import timm.optim  # noqa: F401
         import timm.utils  # noqa: F401
     images, labels = synthetic_batch(impl, args)
-    with open('/proc/self/clear_refs', 'w') as f:
-        f.write('5')
+    cpu = torch.device('cpu')
+    devices.reset_peak_memory(cpu)
     base = status_kib('VmRSS')
     build_and_warm_up(impl, args, images, labels, steps=max(args.warmup, 2))
-    sender.send((status_kib('VmHWM') - base) / 1024)
+    sender.send(devices.peak_memory_mib(cpu) - base / 1024)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ devices.py and precision.py import this only where an NPU is used; the rest of t
 """
 
 import importlib
-import importlib.util
 
 import torch
 
@@ -12,9 +11,8 @@ from errors import UsageError
 
 
 def available():
-    """Whether torch_npu imports (which registers the device) and sees an NPU."""
-    if importlib.util.find_spec('torch_npu') is None:
-        return False
+    """Whether torch_npu, installed (devices.device_type checks before it imports this file), sees an NPU once
+    imported (which registers the device)."""
     importlib.import_module('torch_npu')
     return torch.npu.is_available()
 

@@ -11,7 +11,7 @@ with why it is kept (times: docs/measurements.md, RandAugment's ops).
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ def parse_rand_augment(spec):
     sections = str(spec).split('-')
     if sections[0] != 'rand':
         raise DataError(f'RandAugment spec {spec!r} must start with "rand"; {example}')
-    options = dict(magnitude=10, num_ops=2, magnitude_std=0.0, magnitude_max=10, prob=0.5, increasing=False)
+    options = {field.name: field.default for field in fields(RandAugment) if field.name in SPEC_SECTIONS.values()}
     for section in sections[1:]:
         key = next((key for key in SPEC_SECTIONS if section.startswith(key)), None)
         if key is None:
