@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import sys
+import zipfile
 from dataclasses import fields
 
 import torch
@@ -36,10 +37,10 @@ VARIANT_SETTINGS = ('img_size', 'eval_size', 'crop_pct', 'interpolation', 'mean'
 _allow_globals = getattr(torch.serialization, 'safe_globals', lambda _: contextlib.nullcontext())
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, mmap=False):
     """A checkpoint file's dict, tensors and plain Python types only, never code: torch.load with
     weights_only=True, or the safetensors package for a .safetensors file (timm's hub). A missing,
-    broken or unsafe file is a CheckpointError of one line."""
+    broken or unsafe file is a CheckpointError of one line. mmap: tensors read only where used."""
     is_safetensors = str(path).endswith('.safetensors')
     try:
         if is_safetensors:
@@ -47,7 +48,7 @@ def read_checkpoint(path):
 
             return safetensors.torch.load_file(path)
         with _allow_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f'checkpoint not found: {path}') from None
     except Exception as e:  # unpickling errors, truncated files, foreign formats
@@ -161,7 +162,7 @@ def check_resumable(path, checkpoint, args, num_classes, state):
 
 def checkpoint_settings(path):
     """What a train.py checkpoint names of its run: the variant (arch, as --model) and its image settings."""
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, mmap=zipfile.is_zipfile(path))  # train.py's (a zip): tensors left unread
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get('arch'), str):
         return {}  # not a train.py checkpoint: check_resumable says so
     saved = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}

@@ -51,8 +51,8 @@ def parse_command_line(argv=None):
         last = os.path.join(args.output, 'last.pth.tar')
         args.resume = last if os.path.exists(last) else None
     if args.model is None and args.resume:
-        for key, value in checkpoint_settings(args.resume).items():
-            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+        saved = checkpoint_settings(args.resume)  # what the command line left unset
+        vars(args).update({key: value for key, value in saved.items() if getattr(args, key) is None})
     flags.resolve_args(args)
     if not args.output:
         args.output = os.path.join('output', 'train', f'{time.strftime("%Y%m%d-%H%M%S")}-{args.model}-{args.img_size}')
@@ -203,7 +203,7 @@ class TrainState:
         self.loss_count += 1
         self.bad_images += bad_images
 
-    def finish_epoch(self, top1, finite=True):
+    def finish_epoch(self, top1, finite):
         """Moves on to the next epoch. Returns whether `top1` is the best so far (never after a non-finite loss)."""
         is_best = finite and (self.best_metric is None or top1 > self.best_metric)
         if is_best:
@@ -281,7 +281,7 @@ class NonFiniteGuard:
     def __init__(self, device):
         self.streak = torch.zeros((), device=device, dtype=torch.long)
 
-    def update(self, loss, skipped=False):
+    def update(self, loss, skipped):
         """`skipped`: Precision.step's answer, a bool or (fp16's GradScaler) a bool tensor on the device."""
         counted = (self.streak + 1) * (~torch.isfinite(loss))
         if isinstance(skipped, torch.Tensor):
