@@ -38,7 +38,7 @@ def advise(args, dataset_len, steps_per_epoch, scheduler):
 def left_out_images(dataset_len, steps_per_epoch, args):
     """A start line counting the images drop_last leaves out of each epoch, with the -b that would use them all."""
     left_out = dataset_len - steps_per_epoch * flags.global_batch(args)
-    if left_out <= 0 or args.evaluate:
+    if left_out <= 0:
         return ''
     per_process = math.ceil(dataset_len / get_world_size())
     sizes = range(args.batch_size // 2, args.batch_size + 1)

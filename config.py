@@ -28,9 +28,10 @@ def read_config(path, flag_names):
         raise UsageError(f'-c {path} is not YAML: {one_line(error)}') from None
     if not isinstance(config, dict):
         raise UsageError(f"-c {path} holds no flags: give one per line, e.g. 'lr: 0.014'")
-    unknown = sorted(set(config) - set(flag_names) - {'rand_augment'})  # args.yaml's --aa, parsed
+    config.pop('rand_augment', None)  # args.yaml's --aa, parsed: --aa gives it again
+    unknown = sorted(set(config) - flag_names)
     if unknown:
         raise UsageError(f'-c {path}: unknown flags {", ".join(unknown)} (python train.py --help lists them)')
     if config.get('lr_base') is not None:
         config.pop('lr', None)  # args.yaml's lr is the one --lr-base gave: --lr-base gives it again
-    return {key: value for key, value in config.items() if key in flag_names and key not in NOT_FROM_CONFIG}
+    return {key: value for key, value in config.items() if key not in NOT_FROM_CONFIG}

@@ -240,10 +240,9 @@ def _scan_class_folders(folder):
     if not classes:
         raise DataError(f'{folder} has no class folders; expected {folder}/<class>/*.jpg')
 
-    def is_image(path):
+    def is_image(path):  # below a class folder (not hidden), so a hidden entry's name follows a separator
         relative = path[len(folder) + 1 :]
-        hidden = relative.startswith('.') or os.sep + '.' in relative
-        return relative.lower().endswith(IMAGE_EXTENSIONS) and not hidden
+        return relative.lower().endswith(IMAGE_EXTENSIONS) and os.sep + '.' not in relative
 
     class_index = {name: label for label, name in enumerate(classes)}
     samples = make_dataset(folder, class_index, is_valid_file=is_image, allow_empty=True)

@@ -158,19 +158,20 @@ class EpochLogger:
         if not is_main_process():
             return
         log_scalars(state.num_updates, 'eval', **evaluation)
-        log_scalars(state.num_updates, 'eval_ema', **(ema_evaluation or {}))
-        ema = ema_evaluation or {}
+        if ema_evaluation:
+            log_scalars(state.num_updates, 'eval_ema', **ema_evaluation)
         row = dict(epoch=state.epoch, train_loss=f'{float(state.loss_sum) / max(state.loss_count, 1):.6g}')
         row['eval_loss'] = f'{evaluation["loss"]:.6g}'
         row |= {f'eval_{key}': f'{evaluation[key]:.4f}' for key in ('top1', 'top5')}
-        row |= {f'ema_{key}': f'{ema[key]:.4f}' if ema else '' for key in ('top1', 'top5')}
+        row |= {f'ema_{key}': f'{ema_evaluation[key]:.4f}' if ema_evaluation else '' for key in ('top1', 'top5')}
         row |= dict(lr=f'{state.epoch_lr:.6g}', images_per_sec=f'{images_per_sec:.2f}', bad_images=state.bad_images)
         row['peak_memory_mib'] = f'{peak_memory_mib:.0f}'
-        ema = f'  ema_top1 {row["ema_top1"]}' if ema_evaluation else ''
+        ema_text = f'  ema_top1 {row["ema_top1"]}' if ema_evaluation else ''
         say(
             f'Epoch {state.epoch}: train_loss {row["train_loss"]}  eval_loss {row["eval_loss"]}  '
-            f'top1 {row["eval_top1"]}  top5 {row["eval_top5"]}{ema}  lr {row["lr"]}  images/s {row["images_per_sec"]}  '
-            f'peak_memory_mib {row["peak_memory_mib"]}  skipped_images {state.bad_images}'
+            f'top1 {row["eval_top1"]}  top5 {row["eval_top5"]}{ema_text}  lr {row["lr"]}  '
+            f'images/s {row["images_per_sec"]}  peak_memory_mib {row["peak_memory_mib"]}  '
+            f'skipped_images {state.bad_images}'
         )
         write_summary(os.path.join(self.output, 'summary.csv'), row)
         if self.draw_curves:

@@ -66,8 +66,9 @@ class RMSpropTF(torch.optim.Optimizer):
 def param_groups(model, weight_decay):
     """timm's grouping: biases and 1-D parameters (BN) get no weight decay."""
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    no_decay = [p for name, p in trained if p.ndim <= 1 or name.endswith('.bias')]
-    decay = [p for name, p in trained if not (p.ndim <= 1 or name.endswith('.bias'))]
+    undecayed = {name for name, p in trained if p.ndim <= 1 or name.endswith('.bias')}
+    no_decay = [p for name, p in trained if name in undecayed]
+    decay = [p for name, p in trained if name not in undecayed]
     return [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=weight_decay)]
 
 

@@ -20,6 +20,7 @@ run.Supervisor keeps the run's bookkeeping: resume, checkpoints, stop signals, t
 
 import contextlib
 import functools
+import importlib.util
 import math
 import sys
 import warnings
@@ -260,10 +261,7 @@ def count_steps(train_set, args):
 def describe_run(args, model, train_set, val_set, num_classes, steps_per_epoch, optimizer, scheduler):
     """The run in two lines, after advice.py's warnings and with its line on what drop_last leaves out, where they
     apply (beside the copy)."""
-    try:
-        import advice  # beside the copy
-    except ImportError:
-        advice = None
+    advice = importlib.import_module('advice') if importlib.util.find_spec('advice') else None  # beside the copy
     left_out = advice.advise(args, len(train_set), steps_per_epoch, scheduler) if advice else ''
     world_size = distributed.get_world_size()
     lr = f'lr {args.lr:.4g}'
